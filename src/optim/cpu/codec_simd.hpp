@@ -1,0 +1,217 @@
+// AVX2 versions of the block codecs of src/math/codebook.hpp: eight values per instruction with
+// the same float formulas in the same order, so codes and decoded values are bit-identical to the
+// scalar functions (tests compare them). No gathers: the per-decade constants come from registers.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "math/codebook.hpp"
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#define NIBBLE_CODEC_AVX2 1
+#endif
+
+namespace nibble::cpu {
+
+#if defined(NIBBLE_CODEC_AVX2)
+
+// The codebook's constants in registers, built once per block. The shape of the map (signed,
+// zero, one, positions) is a template parameter so the decade search unrolls; the constants are
+// taken from the Codebook, the single source of the numbers.
+template <math::CodebookId kId>
+struct SimdCodebook {
+  static constexpr bool kSigned = kId == math::CodebookId::kDynamicSigned8 || kId == math::CodebookId::kDynamicSigned4;
+  static constexpr bool kZeroAndOne = kId != math::CodebookId::kLinearUnsigned4;
+  static constexpr int kPMin = kId == math::CodebookId::kDynamicUnsigned8 ? 1 : (kId == math::CodebookId::kLinearUnsigned4 ? 4 : 0);
+  static constexpr int kPMax = kId == math::CodebookId::kDynamicSigned8 ? 6
+                               : kId == math::CodebookId::kDynamicUnsigned8 ? 7
+                               : kId == math::CodebookId::kDynamicSigned4 ? 2 : 4;
+  static constexpr int kSize = kId == math::CodebookId::kDynamicSigned8 || kId == math::CodebookId::kDynamicUnsigned8 ? 256 : 16;
+  static constexpr int kZeroIndex = kSigned ? kSize / 2 - 1 : 0;
+
+  __m256 lo, width, inv_width, zero_threshold, one_threshold;
+  __m256 boundary[8];
+
+  explicit SimdCodebook(const math::Codebook& cb)
+      : lo(_mm256_loadu_ps(cb.lo)),
+        width(_mm256_loadu_ps(cb.width)),
+        inv_width(_mm256_loadu_ps(cb.inv_width)),
+        zero_threshold(_mm256_set1_ps(cb.zero_threshold)),
+        one_threshold(_mm256_set1_ps(cb.one_threshold)) {
+    for (int q = 0; q < 8; ++q) boundary[q] = _mm256_set1_ps(cb.boundary[q]);
+  }
+
+  // Codes of eight values y as int32 lanes; mirrors math::codebook_encode step by step.
+  __m256i encode(__m256 y) const {
+    // Signed maps code |y| with a sign; unsigned maps clamp y < 0 and NaN to 0 (max_ps returns
+    // its second operand for NaN and for -0 vs +0), as the scalar encoder.
+    const __m256 a = kSigned ? _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))
+                             : _mm256_max_ps(y, _mm256_setzero_ps());
+    const __m256i negative = kSigned ? _mm256_srai_epi32(_mm256_castps_si256(y), 31) : _mm256_setzero_si256();
+    __m256i p = _mm256_set1_epi32(kPMax);
+    for (int q = kPMin + 1; q <= kPMax; ++q)
+      p = _mm256_add_epi32(p, _mm256_castps_si256(_mm256_cmp_ps(a, boundary[q], _CMP_LE_OQ)));
+    const __m256 lo_b = _mm256_permutevar8x32_ps(lo, p);
+    const __m256 width_b = _mm256_permutevar8x32_ps(width, p);
+    const __m256 inv_width_b = _mm256_permutevar8x32_ps(inv_width, p);
+    const __m256i one = _mm256_set1_epi32(1);
+    const __m256i pow_p = _mm256_sllv_epi32(one, p);
+    const __m256i top = _mm256_sub_epi32(pow_p, one);
+    __m256 estimate = _mm256_mul_ps(_mm256_sub_ps(a, lo_b), inv_width_b);
+    estimate = _mm256_max_ps(estimate, _mm256_setzero_ps());  // NaN -> 0, as the scalar code
+    estimate = _mm256_min_ps(estimate, _mm256_cvtepi32_ps(top));
+    __m256i j = _mm256_cvttps_epi32(estimate);
+    const __m256 edge_up = _mm256_add_ps(lo_b, _mm256_mul_ps(width_b, _mm256_cvtepi32_ps(_mm256_add_epi32(j, one))));
+    const __m256i up = _mm256_and_si256(_mm256_cmpgt_epi32(top, j),
+                                        _mm256_castps_si256(_mm256_cmp_ps(a, edge_up, _CMP_GT_OQ)));
+    j = _mm256_sub_epi32(j, up);
+    const __m256 edge_down = _mm256_add_ps(lo_b, _mm256_mul_ps(width_b, _mm256_cvtepi32_ps(j)));
+    const __m256i down = _mm256_and_si256(_mm256_cmpgt_epi32(j, _mm256_setzero_si256()),
+                                          _mm256_castps_si256(_mm256_cmp_ps(a, edge_down, _CMP_LE_OQ)));
+    j = _mm256_add_epi32(j, down);
+    const __m256i rank = _mm256_add_epi32(_mm256_sub_epi32(pow_p, _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0))), j);
+    __m256i code = rank;
+    if constexpr (kSigned)
+      code = _mm256_add_epi32(_mm256_set1_epi32(kZeroIndex), _mm256_sub_epi32(_mm256_xor_si256(rank, negative), negative));
+    if constexpr (kZeroAndOne) {
+      code = _mm256_blendv_epi8(code, _mm256_set1_epi32(kZeroIndex),
+                                _mm256_castps_si256(_mm256_cmp_ps(a, zero_threshold, _CMP_LE_OQ)));
+      code = _mm256_blendv_epi8(code, _mm256_set1_epi32(kSize - 1),
+                                _mm256_andnot_si256(negative, _mm256_castps_si256(_mm256_cmp_ps(a, one_threshold, _CMP_GT_OQ))));
+    }
+    return code;
+  }
+
+  // Values of eight codes (int32 lanes); mirrors codebook_bin_value and the value table.
+  __m256 decode(__m256i code) const {
+    __m256i rank = code;
+    __m256i negative = _mm256_setzero_si256();
+    if constexpr (kSigned) {
+      const __m256i d = _mm256_sub_epi32(code, _mm256_set1_epi32(kZeroIndex));
+      negative = _mm256_cmpgt_epi32(_mm256_setzero_si256(), d);
+      rank = _mm256_abs_epi32(d);
+    }
+    const __m256i m = _mm256_add_epi32(rank, _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0)));
+    const __m256i p = _mm256_sub_epi32(_mm256_srli_epi32(_mm256_castps_si256(_mm256_cvtepi32_ps(m)), 23),
+                                       _mm256_set1_epi32(127));
+    const __m256i j = _mm256_sub_epi32(m, _mm256_sllv_epi32(_mm256_set1_epi32(1), p));
+    const __m256 lo_p = _mm256_permutevar8x32_ps(lo, p);
+    const __m256 width_p = _mm256_permutevar8x32_ps(width, p);
+    __m256 value = _mm256_add_ps(lo_p, _mm256_mul_ps(width_p, _mm256_add_ps(_mm256_cvtepi32_ps(j), _mm256_set1_ps(0.5f))));
+    if constexpr (kZeroAndOne) {
+      value = _mm256_andnot_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(rank, _mm256_setzero_si256())), value);
+      value = _mm256_blendv_ps(value, _mm256_set1_ps(1.0f),
+                               _mm256_castsi256_ps(_mm256_cmpeq_epi32(code, _mm256_set1_epi32(kSize - 1))));
+    }
+    return _mm256_xor_ps(value, _mm256_castsi256_ps(_mm256_slli_epi32(negative, 31)));
+  }
+};
+
+template <class Fn>
+void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
+  switch (cb.id) {
+    case math::CodebookId::kDynamicSigned8: return fn(SimdCodebook<math::CodebookId::kDynamicSigned8>(cb));
+    case math::CodebookId::kDynamicUnsigned8: return fn(SimdCodebook<math::CodebookId::kDynamicUnsigned8>(cb));
+    case math::CodebookId::kDynamicSigned4: return fn(SimdCodebook<math::CodebookId::kDynamicSigned4>(cb));
+    case math::CodebookId::kLinearUnsigned4: return fn(SimdCodebook<math::CodebookId::kLinearUnsigned4>(cb));
+  }
+}
+
+inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i c = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+    }
+    for (; i < n; ++i) codes[i] = math::codebook_encode(cb, x[i] * inv);
+  });
+}
+
+inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                          float* __restrict out, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
+    }
+    for (; i < n; ++i) out[i] = cb.values[codes[i]] * scale;
+  });
+}
+
+// Two codes per byte, element 2k in the low nibble; codes start at an even element.
+inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      const __m256i c = _mm256_sllv_epi32(simd.encode(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)), shifts);
+      const __m256i pairs = _mm256_hadd_epi32(c, c);  // [0+1, 2+3, ., . | 4+5, 6+7, ., .]
+      const __m128i four = _mm_unpacklo_epi64(_mm256_castsi256_si128(pairs), _mm256_extracti128_si256(pairs, 1));
+      const __m128i words = _mm_packus_epi32(four, four);
+      const int bytes = _mm_cvtsi128_si32(_mm_packus_epi16(words, words));
+      std::memcpy(codes + i / 2, &bytes, 4);
+    }
+    for (; i + 1 < n; i += 2)
+      codes[i / 2] = static_cast<std::uint8_t>(math::codebook_encode(cb, x[i] * inv) |
+                                               (math::codebook_encode(cb, x[i + 1] * inv) << 4));
+    if (i < n) codes[i / 2] = math::codebook_encode(cb, x[i] * inv);
+  });
+}
+
+inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                          float* __restrict out, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    const __m256 vscale = _mm256_set1_ps(scale);
+    const __m128i spread = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
+    const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
+    std::int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+      int bytes;
+      std::memcpy(&bytes, codes + i / 2, 4);
+      const __m256i lanes = _mm256_cvtepu8_epi32(_mm_shuffle_epi8(_mm_cvtsi32_si128(bytes), spread));
+      const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), _mm256_set1_epi32(0xf));
+      _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
+    }
+    for (; i < n; ++i) out[i] = cb.values[(codes[i >> 1] >> ((i & 1) * 4)) & 0xfu] * scale;
+  });
+}
+
+#else
+
+inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) codes[i] = math::codebook_encode(cb, x[i] * inv);
+}
+
+inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                          float* __restrict out, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = cb.values[codes[i]] * scale;
+}
+
+inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n) {
+  std::int64_t i = 0;
+  for (; i + 1 < n; i += 2)
+    codes[i / 2] = static_cast<std::uint8_t>(math::codebook_encode(cb, x[i] * inv) |
+                                             (math::codebook_encode(cb, x[i + 1] * inv) << 4));
+  if (i < n) codes[i / 2] = math::codebook_encode(cb, x[i] * inv);
+}
+
+inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                          float* __restrict out, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) out[i] = cb.values[(codes[i >> 1] >> ((i & 1) * 4)) & 0xfu] * scale;
+}
+
+#endif
+
+}  // namespace nibble::cpu

@@ -1,0 +1,655 @@
+// CPU driver of every optimizer: one OpenMP parallel region walks the chunk table of all tensors;
+// each block of state is dequantized into registers-sized local arrays, updated by the rule in
+// src/math/rules.hpp and quantized back. Reductions are summed per chunk or per row in a fixed
+// order, so results do not depend on the thread count.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "math/bf16.hpp"
+#include "math/codebook.hpp"
+#include "math/rules.hpp"
+#include "optim/cpu/codec_simd.hpp"
+#include "optim/impl.hpp"
+
+namespace nibble::cpu {
+namespace {
+
+using math::Codebook;
+
+// NOTE: absmax as the maximum of the magnitude bits. For non-negative floats the integer order is
+// the float order, and an integer max reduction vectorises without -ffast-math.
+float block_absmax(const float* __restrict x, std::int64_t n) {
+  std::uint32_t m = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t u = math::float_bits(x[i]) & 0x7fffffffu;
+    m = u > m ? u : m;
+  }
+  return math::bits_float(m);
+}
+
+std::uint8_t nibble_at(const std::uint8_t* codes, std::int64_t e) {
+  return static_cast<std::uint8_t>((codes[e >> 1] >> ((e & 1) * 4)) & 0xfu);
+}
+
+float rank1_scale(const float* row_max, const float* col_max, std::int64_t e, std::int64_t cols) {
+  return math::min_f(row_max[e / cols], col_max[e % cols]);
+}
+
+// The block's state as floats: the fp32 state itself when `in_place`, else decoded into `local`.
+float* load_block(const TensorState& t, const Slot& s, std::int64_t begin, std::int64_t n,
+                  float* __restrict local, bool in_place) {
+  switch (s.precision) {
+    case Precision::kFp32:
+      if (in_place) return s.f32 + begin;
+      std::memcpy(local, s.f32 + begin, static_cast<std::size_t>(n) * sizeof(float));
+      return local;
+    case Precision::kBf16: {
+      const std::uint16_t* __restrict h = s.bf16 + begin;
+      for (std::int64_t i = 0; i < n; ++i) local[i] = math::bf16_to_float(h[i]);
+      return local;
+    }
+    case Precision::kInt8: {
+      const Codebook& cb = codebook(s.codebook);
+      decode8_block(cb, s.codes + begin, s.absmax[begin / t.block], local, n);
+      return local;
+    }
+    case Precision::kInt4: {
+      const Codebook& cb = codebook(s.codebook);
+      if (s.rank1) {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const std::int64_t e = begin + i;
+          local[i] = cb.values[nibble_at(s.codes, e)] * rank1_scale(s.row_max, s.col_max, e, t.cols);
+        }
+        return local;
+      }
+      decode4_block(cb, s.codes + begin / 2, s.absmax[begin / t.block], local, n);
+      return local;
+    }
+  }
+  return local;
+}
+
+void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::int64_t n,
+                 const float* __restrict x, std::uint64_t rounding_seed, int slot_index,
+                 bool stochastic) {
+  switch (s.precision) {
+    case Precision::kFp32:
+      if (x != s.f32 + begin) std::memcpy(s.f32 + begin, x, static_cast<std::size_t>(n) * sizeof(float));
+      return;
+    case Precision::kBf16: {
+      std::uint16_t* __restrict h = s.bf16 + begin;
+      if (stochastic) {
+        const std::uint64_t base = static_cast<std::uint64_t>(t.offset + begin) * kMaxSlots + slot_index;
+        for (std::int64_t i = 0; i < n; ++i)
+          h[i] = math::bf16_round_stochastic(x[i], math::hash_u32(rounding_seed, base + i * kMaxSlots));
+      } else {
+        for (std::int64_t i = 0; i < n; ++i) h[i] = math::bf16_round_nearest(x[i]);
+      }
+      return;
+    }
+    case Precision::kInt8: {
+      const Codebook& cb = codebook(s.codebook);
+      const float absmax = block_absmax(x, n);
+      const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+      s.absmax[begin / t.block] = absmax;
+      encode8_block(cb, x, inv, s.codes + begin, n);
+      return;
+    }
+    case Precision::kInt4: {
+      const Codebook& cb = codebook(s.codebook);
+      std::uint8_t* __restrict c = s.codes + begin / 2;
+      if (s.rank1) {
+        for (std::int64_t i = 0; i < n; i += 2) {
+          std::uint8_t pair = 0;
+          for (std::int64_t k = 0; k < 2 && i + k < n; ++k) {
+            const std::int64_t e = begin + i + k;
+            const float scale = rank1_scale(s.next_row_max, s.next_col_max, e, t.cols);
+            const float y = scale > 0.0f ? x[i + k] / scale : 0.0f;
+            pair = static_cast<std::uint8_t>(pair | (math::codebook_encode(cb, y) << (4 * k)));
+          }
+          c[i / 2] = pair;
+        }
+        return;
+      }
+      const float absmax = block_absmax(x, n);
+      const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+      s.absmax[begin / t.block] = absmax;
+      encode4_block(cb, x, inv, c, n);
+      return;
+    }
+  }
+}
+
+struct BlockScratch {
+  alignas(64) float state[kMaxSlots][kMaxBlock];
+  alignas(64) float param[kMaxBlock];
+};
+
+// Walks the blocks of t that overlap [lo, hi). `body(block_begin, n, p, g, s)` sees the whole
+// block: p and g point at the tensor's arrays (p at a private copy when !commit), s[k] at the
+// block's state as floats. With commit, updated state is written back for slots in `store_mask`.
+template <class Body>
+void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, std::int64_t hi,
+                bool commit, unsigned store_mask, BlockScratch& scratch, Body&& body) {
+  const StepConstants& k = impl.constants[&t - impl.tensors.data()];
+  const bool stochastic = impl.options.stochastic_rounding;
+  const std::int64_t block = t.block;
+  for (std::int64_t b = (lo / block) * block; b < hi; b += block) {
+    const std::int64_t n = std::min(block, t.numel - b);
+    float* s[kMaxSlots];
+    for (int j = 0; j < kMaxSlots; ++j)
+      s[j] = j < t.slot_count ? load_block(t, t.slots[j], b, n, scratch.state[j], commit) : scratch.state[j];
+    float* p = t.param.data + b;
+    if (!commit) {
+      std::memcpy(scratch.param, p, static_cast<std::size_t>(n) * sizeof(float));
+      p = scratch.param;
+    }
+    body(b, n, p, t.param.grad + b, s);
+    if (commit)
+      for (int j = 0; j < t.slot_count; ++j)
+        if (store_mask & (1u << j)) store_block(t, t.slots[j], b, n, s[j], k.rounding_seed, j, stochastic);
+  }
+}
+
+// Splits rows [0, rows) of a (rows, row_len) view among the threads of the enclosing parallel
+// region; each row is handled by exactly one thread.
+template <class Fn>
+void for_my_rows(std::int64_t rows, Fn&& fn) {
+  const int threads = omp_get_num_threads();
+  const int me = omp_get_thread_num();
+  const std::int64_t r0 = rows * me / threads;
+  const std::int64_t r1 = rows * (me + 1) / threads;
+  if (r0 < r1) fn(r0, r1);
+}
+
+template <class Fn>
+void parallel_chunks(Optimizer::Impl& impl, Fn&& fn) {
+  const std::int64_t count = static_cast<std::int64_t>(impl.chunks.size());
+#pragma omp parallel
+  {
+    BlockScratch scratch;
+#pragma omp for schedule(static)
+    for (std::int64_t c = 0; c < count; ++c) {
+      const Chunk& ch = impl.chunks[c];
+      TensorState& t = impl.tensors[ch.tensor];
+      if (t.param.grad == nullptr) continue;
+      fn(c, ch, t, scratch);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Step constants.
+
+std::int64_t adamp_view_rows(const TensorState& t) {
+  return t.param.shape.empty() ? 1 : t.param.shape[0];
+}
+
+void fill_constants(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
+  const Hyper& h = impl.hyper;
+  const float gm = grad_mul * (h.maximize ? -1.0f : 1.0f);
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    StepConstants& k = impl.constants[i];
+    const double step = static_cast<double>(std::max<std::int64_t>(t.step, 1));
+    const float lr = t.lr * lr_scale;
+    const float wd = t.weight_decay;
+    k.lr = lr;
+    k.rounding_seed = math::hash_u32(impl.options.seed, static_cast<std::uint64_t>(t.step)) |
+                      (static_cast<std::uint64_t>(math::hash_u32(~impl.options.seed, t.step)) << 32);
+    const float bc1 = h.bias_correction ? static_cast<float>(1.0 - std::pow(static_cast<double>(h.beta1), step)) : 1.0f;
+    const float bc2 = h.bias_correction ? static_cast<float>(1.0 - std::pow(static_cast<double>(h.beta2), step)) : 1.0f;
+    const bool decoupled = h.decoupled_weight_decay;
+    switch (impl.options.algorithm) {
+      case Algorithm::kSgd: {
+        const bool first = t.step == 1;
+        k.sgd = {lr,
+                 first ? 0.0f : h.momentum,
+                 first || h.momentum == 0.0f ? 1.0f : 1.0f - h.dampening,
+                 h.momentum,
+                 h.nesterov ? 1.0f : 0.0f,
+                 decoupled ? 0.0f : wd,
+                 decoupled ? 1.0f - lr * wd : 1.0f,
+                 gm};
+        break;
+      }
+      case Algorithm::kAdam:
+      case Algorithm::kAdamW:
+        k.adam = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, lr / bc1,
+                  1.0f / std::sqrt(bc2), h.eps, decoupled ? 0.0f : wd,
+                  decoupled ? 1.0f - lr * wd : 1.0f, gm};
+        break;
+      case Algorithm::kLion:
+        k.lion = {lr, h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, 1.0f - lr * wd, gm};
+        break;
+      case Algorithm::kQhm:
+        k.qhm = {lr, h.momentum, 1.0f - h.momentum, h.nu, 1.0f - h.nu, decoupled ? 0.0f : wd,
+                 decoupled ? 1.0f - lr * wd : 1.0f, gm};
+        break;
+      case Algorithm::kSophiaG:
+        k.sophia = {lr, h.beta1, 1.0f - h.beta1, h.rho * h.batch_tokens, 1.0f - lr * wd, gm};
+        break;
+      case Algorithm::kAdamP:
+        k.adamp = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, lr / bc1, 1.0f / std::sqrt(bc2),
+                   h.eps, h.nesterov ? 1.0f : 0.0f, gm};
+        k.adamp_decay = 1.0f - lr * wd;
+        k.adamp_view = 0;
+        break;
+      case Algorithm::kAdafactor: {
+        const float beta2t = static_cast<float>(1.0 - std::pow(step, static_cast<double>(h.decay_rate)));
+        k.adafactor = {beta2t, 1.0f - beta2t, h.eps, gm, 0.0f, h.beta1, 1.0f - h.beta1, 1.0f};
+        break;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// AdamP: cosine test per view, then the projection's per-row dot products.
+
+void adamp_prepare(Optimizer::Impl& impl) {
+  const Hyper& h = impl.hyper;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    TensorState& t = impl.tensors[i];
+    StepConstants& k = impl.constants[i];
+    k.adamp_view = 0;
+    if (t.param.grad == nullptr || t.param.shape.size() < 2 || t.numel == 0) continue;
+    const std::int64_t rows = adamp_view_rows(t);
+    const std::int64_t len = t.numel / rows;
+    double* gp = t.scratch.data();
+    double* gg = gp + rows;
+    double* pp = gg + rows;
+    double* dot = pp + rows;
+    const float* p = t.param.data;
+    const float* g = t.param.grad;
+#pragma omp parallel
+    for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r) {
+        double a = 0, b = 0, c = 0;
+        const float* pr = p + r * len;
+        const float* gr = g + r * len;
+#pragma omp simd reduction(+ : a, b, c)
+        for (std::int64_t e = 0; e < len; ++e) {
+          a += static_cast<double>(gr[e]) * pr[e];
+          b += static_cast<double>(gr[e]) * gr[e];
+          c += static_cast<double>(pr[e]) * pr[e];
+        }
+        gp[r] = a;
+        gg[r] = b;
+        pp[r] = c;
+      }
+    });
+    const double eps = h.eps;
+    double max_cos = 0, sgp = 0, sgg = 0, spp = 0;
+    for (std::int64_t r = 0; r < rows; ++r) {
+      max_cos = std::max(max_cos, std::fabs(gp[r]) / std::max(std::sqrt(gg[r]) * std::sqrt(pp[r]), eps));
+      sgp += gp[r];
+      sgg += gg[r];
+      spp += pp[r];
+    }
+    const double layer_cos = std::fabs(sgp) / std::max(std::sqrt(sgg) * std::sqrt(spp), eps);
+    if (max_cos < h.delta / std::sqrt(static_cast<double>(len))) {
+      k.adamp_view = 1;
+    } else if (layer_cos < h.delta / std::sqrt(static_cast<double>(t.numel))) {
+      k.adamp_view = 2;
+    } else {
+      continue;
+    }
+    k.adamp_decay = 1.0f - k.lr * t.weight_decay * h.wd_ratio;
+    // inv_norm per view row into gg (reused), dot products of p * inv_norm with the perturbation.
+    const std::int64_t vrows = k.adamp_view == 1 ? rows : 1;
+    const std::int64_t vlen = t.numel / vrows;
+    for (std::int64_t r = 0; r < vrows; ++r)
+      gg[r] = 1.0 / (std::sqrt(k.adamp_view == 1 ? pp[r] : spp) + eps);
+    // Each view row is summed by one thread, in element order: deterministic.
+#pragma omp parallel
+    {
+      BlockScratch scratch;
+      const int threads = omp_get_num_threads();
+      const int me = omp_get_thread_num();
+      if (vrows == 1) {
+        // One row: per-thread partial sums over contiguous ranges, combined in thread order.
+        const std::int64_t lo = t.numel * me / threads, hi = t.numel * (me + 1) / threads;
+        double part = 0;
+        const float inv = static_cast<float>(gg[0]);
+        if (lo < hi)
+          for_blocks(impl, t, lo, hi, false, 0, scratch,
+                     [&](std::int64_t b, std::int64_t n, float* pb, const float* gb, float** s) {
+                       const std::int64_t i0 = std::max(lo, b) - b, i1 = std::min(hi, b + n) - b;
+                       for (std::int64_t e = i0; e < i1; ++e) {
+                         const float perturb = math::adamp_perturb(gb[e], s[0][e], s[1][e], k.adamp);
+                         part += static_cast<double>(pb[e] * inv) * perturb;
+                       }
+                     });
+        dot[me] = part;
+      } else {
+        for_my_rows(vrows, [&](std::int64_t r0, std::int64_t r1) {
+          for (std::int64_t r = r0; r < r1; ++r) dot[r] = 0.0;
+          for_blocks(impl, t, r0 * vlen, r1 * vlen, false, 0, scratch,
+                     [&](std::int64_t b, std::int64_t n, float* pb, const float* gb, float** s) {
+                       const std::int64_t i0 = std::max(r0 * vlen, b) - b;
+                       const std::int64_t i1 = std::min(r1 * vlen, b + n) - b;
+                       for (std::int64_t e = i0; e < i1; ++e) {
+                         const std::int64_t r = (b + e) / vlen;
+                         const float perturb = math::adamp_perturb(gb[e], s[0][e], s[1][e], k.adamp);
+                         dot[r] += static_cast<double>(pb[e] * static_cast<float>(gg[r])) * perturb;
+                       }
+                     });
+        });
+      }
+#pragma omp barrier
+#pragma omp single
+      if (vrows == 1) {
+        double total = 0;
+        for (int th = 0; th < threads; ++th) total += dot[th];
+        dot[0] = total;
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Adafactor: second-moment statistics, update RMS and the per-tensor learning rate.
+
+void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
+  const Hyper& h = impl.hyper;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    TensorState& t = impl.tensors[i];
+    StepConstants& k = impl.constants[i];
+    if (t.param.grad == nullptr || t.numel == 0) continue;
+    const float* p = t.param.data;
+    const float* g = t.param.grad;
+    double sum_pp = 0.0, sum_uu = 0.0;
+    if (t.factored) {
+      const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+      double* row_sum = t.scratch.data();     // [rows]
+      double* row_pp = row_sum + rows;        // [rows]
+      double* row_uu = row_pp + rows;         // [rows]
+      double* col_sum = row_uu + rows;        // [batches * cols]
+      double* r_factor = col_sum + batches * cols;  // [rows]
+      double* c_factor = r_factor + rows;           // [batches * cols]
+#pragma omp parallel
+      {
+        for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
+          for (std::int64_t r = r0; r < r1; ++r) {
+            double a = 0, c = 0;
+            for (std::int64_t e = r * cols; e < (r + 1) * cols; ++e) {
+              a += math::adafactor_square(g[e], k.adafactor);
+              c += static_cast<double>(p[e]) * p[e];
+            }
+            row_sum[r] = a;
+            row_pp[r] = c;
+          }
+        });
+        for_my_rows(batches * cols, [&](std::int64_t c0, std::int64_t c1) {
+          for (std::int64_t bc = c0; bc < c1; ++bc) {
+            const std::int64_t b = bc / cols, c = bc % cols;
+            double a = 0;
+            for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r)
+              a += math::adafactor_square(g[r * cols + c], k.adafactor);
+            col_sum[bc] = a;
+          }
+        });
+      }
+      const float b2 = k.adafactor.beta2t, one_b2 = k.adafactor.one_minus_beta2t;
+      for (std::int64_t r = 0; r < rows; ++r)
+        t.af_row[r] = b2 * t.af_row[r] + one_b2 * static_cast<float>(row_sum[r] / static_cast<double>(cols));
+      for (std::int64_t bc = 0; bc < batches * cols; ++bc)
+        t.af_col[bc] = b2 * t.af_col[bc] + one_b2 * static_cast<float>(col_sum[bc] / static_cast<double>(t.batch_rows));
+      for (std::int64_t b = 0; b < batches; ++b) {
+        double mean = 0;
+        for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r) mean += t.af_row[r];
+        const float row_mean = static_cast<float>(mean / static_cast<double>(t.batch_rows));
+        for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r)
+          r_factor[r] = 1.0f / sqrtf(t.af_row[r] / row_mean);
+      }
+      for (std::int64_t bc = 0; bc < batches * cols; ++bc) c_factor[bc] = 1.0f / sqrtf(t.af_col[bc]);
+#pragma omp parallel
+      for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
+        for (std::int64_t r = r0; r < r1; ++r) {
+          const float rf = static_cast<float>(r_factor[r]);
+          const double* cf = c_factor + (r / t.batch_rows) * cols;
+          double a = 0;
+          for (std::int64_t c = 0; c < cols; ++c) {
+            const float u = math::adafactor_factored(g[r * cols + c], rf, static_cast<float>(cf[c]), k.adafactor);
+            a += static_cast<double>(u) * u;
+          }
+          row_uu[r] = a;
+        }
+      });
+      for (std::int64_t r = 0; r < rows; ++r) {
+        sum_pp += row_pp[r];
+        sum_uu += row_uu[r];
+      }
+    } else {
+      // Unfactored (rank < 2): small tensors; one thread, element order.
+      BlockScratch scratch;
+      for (std::int64_t e = 0; e < t.numel; ++e) sum_pp += static_cast<double>(p[e]) * p[e];
+      for_blocks(impl, t, 0, t.numel, false, 0, scratch,
+                 [&](std::int64_t, std::int64_t n, float*, const float* gb, float** s) {
+                   for (std::int64_t e = 0; e < n; ++e) {
+                     const float u = math::adafactor_unfactored(gb[e], s[0][e], k.adafactor);
+                     sum_uu += static_cast<double>(u) * u;
+                   }
+                 });
+    }
+    const double n = static_cast<double>(t.numel);
+    const double step = static_cast<double>(t.step);
+    double lr = static_cast<double>(t.lr) * lr_scale;
+    if (h.relative_step) lr = std::min(h.warmup_init ? 1e-6 * step : 1e-2, 1.0 / std::sqrt(step));
+    if (h.scale_parameter) lr *= std::max(static_cast<double>(h.eps2), std::sqrt(sum_pp / n));
+    const double rms_u = std::sqrt(sum_uu / n);
+    k.adafactor.scale = static_cast<float>(lr / std::max(1.0, rms_u / h.clip_threshold));
+    k.adafactor.decay = static_cast<float>(1.0 - static_cast<double>(t.weight_decay) * lr);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rank-1 scales: a dry run of the update finds each row's and column's maximum of the new
+// second moment; the apply pass then quantizes with them.
+
+template <class Rule>
+void rank1_prepare(Optimizer::Impl& impl, Rule&& rule) {
+  for (TensorState& t : impl.tensors) {
+    if (t.param.grad == nullptr) continue;
+    for (int j = 0; j < t.slot_count; ++j) {
+      Slot& s = t.slots[j];
+      if (!s.rank1) continue;
+      const std::int64_t cols = t.cols;
+      std::fill(s.next_row_max, s.next_row_max + t.rows, 0.0f);
+      std::fill(s.next_col_max, s.next_col_max + cols, 0.0f);
+#pragma omp parallel
+      {
+        BlockScratch scratch;
+        float* col = impl.thread_scratch.data() + static_cast<std::size_t>(omp_get_thread_num()) * impl.max_cols;
+        std::fill(col, col + cols, 0.0f);
+        for_my_rows(t.rows, [&](std::int64_t r0, std::int64_t r1) {
+          for_blocks(impl, t, r0 * cols, r1 * cols, false, 0, scratch,
+                     [&](std::int64_t b, std::int64_t n, float* pb, const float* gb, float** sv) {
+                       rule(t, b, n, pb, gb, sv);
+                       const std::int64_t i0 = std::max(r0 * cols, b) - b;
+                       const std::int64_t i1 = std::min(r1 * cols, b + n) - b;
+                       for (std::int64_t e = i0; e < i1; ++e) {
+                         const std::int64_t idx = b + e;
+                         const float a = math::abs_f(sv[j][e]);
+                         float& rm = s.next_row_max[idx / cols];
+                         rm = math::max_f(rm, a);
+                         float& cm = col[idx % cols];
+                         cm = math::max_f(cm, a);
+                       }
+                     });
+        });
+#pragma omp critical(nibble_rank1)
+        for (std::int64_t c = 0; c < cols; ++c) s.next_col_max[c] = math::max_f(s.next_col_max[c], col[c]);
+      }
+    }
+  }
+}
+
+void rank1_commit(Optimizer::Impl& impl) {
+  for (TensorState& t : impl.tensors) {
+    if (t.param.grad == nullptr) continue;
+    for (int j = 0; j < t.slot_count; ++j) {
+      Slot& s = t.slots[j];
+      if (!s.rank1) continue;
+      std::copy(s.next_row_max, s.next_row_max + t.rows, s.row_max);
+      std::copy(s.next_col_max, s.next_col_max + t.cols, s.col_max);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The elementwise part of every algorithm, over one block.
+
+struct BlockRule {
+  const Optimizer::Impl& impl;
+  void operator()(const TensorState& t, std::int64_t b, std::int64_t n, float* __restrict p,
+                  const float* __restrict g, float** s) const {
+    const StepConstants& k = impl.constants[&t - impl.tensors.data()];
+    float* __restrict s0 = s[0];
+    float* __restrict s1 = s[1];
+    float* __restrict s2 = s[2];
+    switch (impl.options.algorithm) {
+      case Algorithm::kSgd:
+        for (std::int64_t i = 0; i < n; ++i) math::sgd_update(p[i], g[i], s0[i], k.sgd);
+        break;
+      case Algorithm::kAdam:
+      case Algorithm::kAdamW:
+        if (impl.hyper.amsgrad) {
+          for (std::int64_t i = 0; i < n; ++i) math::adam_update<true>(p[i], g[i], s0[i], s1[i], s2[i], k.adam);
+        } else {
+          for (std::int64_t i = 0; i < n; ++i) math::adam_update<false>(p[i], g[i], s0[i], s1[i], s2[i], k.adam);
+        }
+        break;
+      case Algorithm::kLion:
+        for (std::int64_t i = 0; i < n; ++i) math::lion_update(p[i], g[i], s0[i], k.lion);
+        break;
+      case Algorithm::kQhm:
+        for (std::int64_t i = 0; i < n; ++i) math::qhm_update(p[i], g[i], s0[i], k.qhm);
+        break;
+      case Algorithm::kSophiaG:
+        for (std::int64_t i = 0; i < n; ++i) math::sophia_update(p[i], g[i], s0[i], s1[i], k.sophia);
+        break;
+      case Algorithm::kAdamP: {
+        if (k.adamp_view == 0) {
+          for (std::int64_t i = 0; i < n; ++i) {
+            const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
+            math::adamp_apply(p[i], perturb, 0.0f, 0.0f, k.adamp_decay, k.adamp.step_size);
+          }
+        } else {
+          const double* gg = t.scratch.data() + adamp_view_rows(t);
+          const double* dot = t.scratch.data() + 3 * adamp_view_rows(t);
+          const std::int64_t vlen = k.adamp_view == 1 ? t.numel / adamp_view_rows(t) : t.numel;
+          for (std::int64_t i = 0; i < n; ++i) {
+            const std::int64_t r = (b + i) / vlen;
+            const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
+            math::adamp_apply(p[i], perturb, static_cast<float>(gg[r]), static_cast<float>(dot[r]),
+                              k.adamp_decay, k.adamp.step_size);
+          }
+        }
+        break;
+      }
+      case Algorithm::kAdafactor: {
+        const bool fm = impl.hyper.first_moment;
+        if (t.factored) {
+          const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+          const double* r_factor = t.scratch.data() + 3 * rows + batches * cols;
+          const double* c_factor = r_factor + rows;
+          float* __restrict m = s0;
+          for (std::int64_t i = 0; i < n; ++i) {
+            const std::int64_t e = b + i, r = e / cols, c = e % cols;
+            const float u = math::adafactor_factored(g[i], static_cast<float>(r_factor[r]),
+                                                     static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]),
+                                                     k.adafactor);
+            if (fm) math::adafactor_apply<true>(p[i], u, m[i], k.adafactor);
+            else math::adafactor_apply<false>(p[i], u, m[i], k.adafactor);
+          }
+        } else {
+          for (std::int64_t i = 0; i < n; ++i) {
+            const float u = math::adafactor_unfactored(g[i], s0[i], k.adafactor);
+            if (fm) math::adafactor_apply<true>(p[i], u, s1[i], k.adafactor);
+            else math::adafactor_apply<false>(p[i], u, s1[i], k.adafactor);
+          }
+        }
+        break;
+      }
+    }
+  }
+};
+
+}  // namespace
+
+double grad_norm(Optimizer::Impl& impl, float inv_scale) {
+  parallel_chunks(impl, [&](std::int64_t c, const Chunk& ch, TensorState& t, BlockScratch&) {
+    const float* __restrict g = t.param.grad;
+    double sum = 0.0;
+#pragma omp simd reduction(+ : sum)
+    for (std::int64_t e = ch.begin; e < ch.end; ++e) {
+      const double x = static_cast<double>(g[e]);
+      sum += x * x;
+    }
+    impl.chunk_partials[c] = sum;
+  });
+  double total = 0.0;
+  for (std::size_t c = 0; c < impl.chunks.size(); ++c)
+    if (impl.tensors[impl.chunks[c].tensor].param.grad != nullptr) total += impl.chunk_partials[c];
+  return std::sqrt(total) * static_cast<double>(inv_scale);
+}
+
+void step(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
+  fill_constants(impl, grad_mul, lr_scale);
+  const Algorithm algorithm = impl.options.algorithm;
+  BlockRule rule{impl};
+  bool any_rank1 = false;
+  for (const TensorState& t : impl.tensors)
+    for (int j = 0; j < t.slot_count; ++j) any_rank1 = any_rank1 || t.slots[j].rank1;
+  if (algorithm == Algorithm::kAdamP) adamp_prepare(impl);
+  if (algorithm == Algorithm::kAdafactor) adafactor_prepare(impl, lr_scale);
+  if (any_rank1) rank1_prepare(impl, rule);
+  // SophiaG reads its Hessian EMA here but only update_hessian() writes it.
+  const unsigned store_mask = algorithm == Algorithm::kSophiaG ? 1u : (1u << kMaxSlots) - 1;
+  parallel_chunks(impl, [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
+    for_blocks(impl, t, ch.begin, ch.end, true, store_mask, scratch,
+               [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) { rule(t, b, n, p, g, s); });
+  });
+  if (any_rank1) rank1_commit(impl);
+}
+
+void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) {
+  const math::SophiaHessianStep k{impl.hyper.beta2, 1.0f - impl.hyper.beta2};
+  const std::int64_t count = static_cast<std::int64_t>(impl.chunks.size());
+#pragma omp parallel
+  {
+    BlockScratch scratch;
+#pragma omp for schedule(static)
+    for (std::int64_t c = 0; c < count; ++c) {
+      const Chunk& ch = impl.chunks[c];
+      TensorState& t = impl.tensors[ch.tensor];
+      const float* est = estimates[ch.tensor];
+      if (est == nullptr) continue;
+      const std::int64_t block = t.block;
+      for (std::int64_t b = ch.begin; b < ch.end; b += block) {
+        const std::int64_t n = std::min(block, t.numel - b);
+        float* h = load_block(t, t.slots[1], b, n, scratch.state[1], true);
+        for (std::int64_t i = 0; i < n; ++i) math::sophia_hessian_update(h[i], est[b + i], k);
+        store_block(t, t.slots[1], b, n, h, impl.constants[ch.tensor].rounding_seed ^ 0x5f3759dfull, 1,
+                    impl.options.stochastic_rounding);
+      }
+    }
+  }
+}
+
+void read_slot(const TensorState& t, const Slot& slot, float* out) {
+  BlockScratch scratch;
+  for (std::int64_t b = 0; b < t.numel; b += t.block) {
+    const std::int64_t n = std::min<std::int64_t>(t.block, t.numel - b);
+    const float* v = load_block(t, slot, b, n, scratch.state[0], false);
+    std::memcpy(out + b, v, static_cast<std::size_t>(n) * sizeof(float));
+  }
+}
+
+}  // namespace nibble::cpu

@@ -1,0 +1,127 @@
+// The optimizer's internal layout: one TensorState per parameter tensor, its state slots carved
+// from one arena, and the chunk table that a step walks. Shared by the optimizer front end, the
+// CPU driver and state save/load; not part of the public API.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "math/codebook.hpp"
+#include "math/rules.hpp"
+#include "nibble/optim.hpp"
+#include "nibble/tensor.hpp"
+
+namespace nibble {
+
+inline constexpr int kMaxSlots = 3;
+inline constexpr int kMaxBlock = 4096;
+inline constexpr int kFullPrecisionBlock = 256;  // iteration block for fp32/bf16 state
+inline constexpr std::int64_t kChunkElements = 1 << 16;
+
+// One elementwise state tensor of one parameter (e.g. Adam's exp_avg), in one precision.
+struct Slot {
+  std::string name;
+  bool is_signed = true;  // first moments are signed; second moments and Hessians are not
+  Precision precision = Precision::kFp32;
+  math::CodebookId codebook = math::CodebookId::kDynamicSigned8;
+  bool rank1 = false;  // 4-bit, scaled by min(row max, column max) instead of a block absmax
+  float* f32 = nullptr;
+  std::uint16_t* bf16 = nullptr;
+  std::uint8_t* codes = nullptr;
+  float* absmax = nullptr;  // one per block
+  std::int64_t blocks = 0;
+  float* row_max = nullptr;  // rank1: [rows], [cols] of the (rows, cols) view
+  float* col_max = nullptr;
+  float* next_row_max = nullptr;  // rank1: scales of the state being written this step
+  float* next_col_max = nullptr;
+};
+
+struct TensorState {
+  Param param;
+  int group = 0;
+  std::int64_t numel = 0;
+  std::int64_t offset = 0;  // first element in the concatenation of all tensors
+  std::int64_t rows = 1;    // (rows, cols) view: rows = prod(shape[:-1]), cols = shape[-1]
+  std::int64_t cols = 1;
+  Precision precision = Precision::kFp32;
+  int block = kFullPrecisionBlock;
+  float lr = 0.0f;
+  float weight_decay = 0.0f;
+  std::int64_t step = 0;  // steps this tensor has taken (a tensor without a gradient does not step)
+  int slot_count = 0;
+  std::array<Slot, kMaxSlots> slots;
+  // Adafactor, factored (rank >= 2): EMAs of row and column means of g^2 + eps1, fp32.
+  bool factored = false;
+  std::int64_t batch_rows = 1;  // shape[-2]; rows = batches * batch_rows
+  float* af_row = nullptr;      // [rows]
+  float* af_col = nullptr;      // [batches * cols]
+  // Scratch for the reductions of AdamP, Adafactor and rank-1 scales, allocated once.
+  std::vector<double> scratch;
+};
+
+// Per-tensor constants of the current step, filled before the passes run.
+struct StepConstants {
+  math::SgdStep sgd;
+  math::AdamStep adam;
+  math::LionStep lion;
+  math::QhmStep qhm;
+  math::SophiaStep sophia;
+  math::AdamPStep adamp;
+  math::AdafactorStep adafactor;
+  float lr = 0.0f;
+  float adamp_decay = 1.0f;
+  int adamp_view = 0;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
+  std::uint64_t rounding_seed = 0;
+};
+
+struct Chunk {
+  int tensor;
+  std::int64_t begin, end;
+};
+
+struct Optimizer::Impl {
+  OptimizerOptions options;
+  Hyper hyper;  // resolved: options.hyper or the algorithm's defaults
+  std::vector<TensorState> tensors;
+  std::vector<Chunk> chunks;
+  std::vector<StepConstants> constants;  // one per tensor
+  std::vector<double> chunk_partials;    // one per chunk: deterministic global reductions
+  std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
+  std::int64_t max_cols = 0;
+  int threads = 1;
+  Buffer arena;
+  std::int64_t state_bytes = 0;
+  std::int64_t total_numel = 0;
+  std::int64_t steps = 0;
+  std::int64_t skipped = 0;
+};
+
+const math::Codebook& codebook(math::CodebookId id);
+
+// The state slots an algorithm keeps for a tensor: names and signedness.
+struct SlotSpec {
+  const char* name;
+  bool is_signed;
+};
+int slot_specs(Algorithm algorithm, const Hyper& hyper, bool factored, SlotSpec* out);
+bool is_factored(Algorithm algorithm, std::span<const std::int64_t> shape);
+// Whether a 4-bit state slot is scaled rank-1 (row/column max) rather than per block: only
+// non-negative states of >= 2-D tensors, and not SophiaG's Hessian, which update_hessian writes
+// outside the step's row/column-max pass.
+inline bool uses_rank1(bool requested, Algorithm algorithm, Precision precision, bool is_signed, std::size_t rank) {
+  return requested && precision == Precision::kInt4 && !is_signed && rank >= 2 && algorithm != Algorithm::kSophiaG;
+}
+
+namespace cpu {
+// Returns the global gradient norm (of grad * inv_scale) in double; NaN/inf when not finite.
+double grad_norm(Optimizer::Impl& impl, float inv_scale);
+// One optimizer step over every tensor that has a gradient (the step counters already advanced).
+void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
+void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
+// Dequantized values of one slot.
+void read_slot(const TensorState& t, const Slot& slot, float* out);
+}  // namespace cpu
+
+}  // namespace nibble

@@ -1,0 +1,296 @@
+// The Optimizer front end: validates its inputs, lays every state tensor out in one arena, builds
+// the chunk table once, and runs a step as norm check -> clip -> per-tensor constants -> passes.
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <map>
+
+#include <fmt/format.h>
+
+#include "nibble/error.hpp"
+#include "optim/impl.hpp"
+
+namespace nibble {
+
+const math::Codebook& codebook(math::CodebookId id) {
+  static const auto books = [] {
+    auto b = std::make_unique<std::array<math::Codebook, math::kCodebookCount>>();
+    for (int i = 0; i < math::kCodebookCount; ++i)
+      if (!math::build_codebook((*b)[i], static_cast<math::CodebookId>(i)))
+        throw Error(fmt::format("internal: codebook {} has no bin table", i));
+    return b;
+  }();
+  return (*books)[static_cast<int>(id)];
+}
+
+namespace {
+
+bool name_matches(const std::string& name, const std::vector<std::string>& patterns) {
+  return std::any_of(patterns.begin(), patterns.end(),
+                     [&](const std::string& p) { return !p.empty() && name.find(p) != std::string::npos; });
+}
+
+void check_rate(std::string_view what, std::string_view group, float v) {
+  if (!std::isfinite(v) || v < 0.0f)
+    throw InvalidArgument(fmt::format("{} of parameter group {} must be finite and >= 0, got {}", what, group, v));
+}
+
+int resolve_block(Precision precision, int block_size) {
+  if (precision == Precision::kInt8) return block_size ? block_size : 256;
+  if (precision == Precision::kInt4) return block_size ? block_size : 128;
+  return kFullPrecisionBlock;
+}
+
+math::CodebookId codebook_for(Precision precision, bool is_signed) {
+  if (precision == Precision::kInt4)
+    return is_signed ? math::CodebookId::kDynamicSigned4 : math::CodebookId::kLinearUnsigned4;
+  return is_signed ? math::CodebookId::kDynamicSigned8 : math::CodebookId::kDynamicUnsigned8;
+}
+
+std::int64_t align64(std::int64_t bytes) { return (bytes + 63) / 64 * 64; }
+
+}  // namespace
+
+Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
+  Impl& im = *impl_;
+  const Algorithm algo = options.algorithm;
+  Hyper hyper = options.hyper.value_or(default_hyper(algo));
+  if (algo == Algorithm::kAdamW) hyper.decoupled_weight_decay = true;
+  validate_hyper(algo, hyper);
+  options.hyper = hyper;
+  im.hyper = hyper;
+  if (groups.empty()) throw InvalidArgument("optimizer: no parameter groups were given");
+  if (options.block_size != 0 &&
+      (options.block_size < 16 || options.block_size > kMaxBlock || (options.block_size & (options.block_size - 1))))
+    throw InvalidArgument(fmt::format("block_size must be a power of two in [16, {}], got {}", kMaxBlock,
+                                      options.block_size));
+  if (options.min_quant_size < 0)
+    throw InvalidArgument(fmt::format("min_quant_size must be >= 0, got {}", options.min_quant_size));
+  if (!std::isfinite(options.max_grad_norm) || options.max_grad_norm < 0.0f)
+    throw InvalidArgument(fmt::format("max_grad_norm must be finite and >= 0, got {}", options.max_grad_norm));
+  im.options = options;
+  im.threads = std::max(1, omp_get_max_threads());
+
+  std::map<std::string, std::size_t> names;
+  std::map<const float*, std::string> datas;
+  for (std::size_t gi = 0; gi < groups.size(); ++gi) {
+    ParamGroup& group = groups[gi];
+    const std::string gname = std::to_string(gi);
+    if (group.lr) check_rate("lr", gname, *group.lr);
+    if (group.weight_decay) check_rate("weight_decay", gname, *group.weight_decay);
+    for (Param& param : group.params) {
+      TensorState t;
+      const std::size_t index = im.tensors.size();
+      if (param.name.empty()) param.name = fmt::format("param.{}", index);
+      if (!names.emplace(param.name, index).second)
+        throw InvalidArgument(fmt::format("parameter name '{}' appears twice", param.name));
+      t.numel = shape_numel(param.shape);
+      if (t.numel > 0 && param.data == nullptr)
+        throw InvalidArgument(fmt::format("parameter '{}' has no data", param.name));
+      if (t.numel > 0) {
+        auto [it, fresh] = datas.emplace(param.data, param.name);
+        if (!fresh)
+          throw InvalidArgument(fmt::format("parameter '{}' is listed twice (same data as '{}')", param.name, it->second));
+      }
+      t.param = param;
+      t.group = static_cast<int>(gi);
+      t.offset = im.total_numel;
+      im.total_numel += t.numel;
+      const std::size_t rank = param.shape.size();
+      t.cols = rank == 0 ? 1 : param.shape.back();
+      t.rows = t.cols > 0 ? t.numel / t.cols : 0;
+      t.batch_rows = rank >= 2 ? param.shape[rank - 2] : 1;
+      t.lr = group.lr.value_or(hyper.lr);
+      t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
+      if (name_matches(param.name, options.no_decay_names) || (options.no_decay_vectors && rank < 2))
+        t.weight_decay = 0.0f;
+      Precision precision = group.precision.value_or(options.precision);
+      if (precision != Precision::kFp32 &&
+          (t.numel < options.min_quant_size || name_matches(param.name, options.full_precision_names)))
+        precision = Precision::kFp32;
+      t.precision = precision;
+      t.block = resolve_block(precision, options.block_size);
+      t.factored = is_factored(algo, param.shape) && t.numel > 0;
+      SlotSpec specs[kMaxSlots];
+      t.slot_count = slot_specs(algo, hyper, t.factored, specs);
+      for (int j = 0; j < t.slot_count; ++j) {
+        Slot& s = t.slots[j];
+        s.name = specs[j].name;
+        s.is_signed = specs[j].is_signed;
+        s.precision = precision;
+        s.codebook = codebook_for(precision, s.is_signed);
+        s.rank1 = uses_rank1(options.rank1_second_moment, algo, precision, s.is_signed, rank) && t.numel > 0;
+        s.blocks = (t.numel + t.block - 1) / t.block;
+      }
+      if (algo == Algorithm::kAdamP && rank >= 2) {
+        const std::int64_t rows0 = param.shape[0];
+        t.scratch.assign(static_cast<std::size_t>(3 * rows0 + std::max<std::int64_t>(rows0, im.threads)), 0.0);
+      }
+      if (t.factored) {
+        const std::int64_t batches = t.rows / t.batch_rows;
+        t.scratch.assign(static_cast<std::size_t>(4 * t.rows + 2 * batches * t.cols), 0.0);
+      }
+      im.tensors.push_back(std::move(t));
+    }
+  }
+  if (im.tensors.empty()) throw InvalidArgument("optimizer: the parameter list is empty");
+
+  // Lay out all state in one arena: first measure, then carve.
+  for (int pass = 0; pass < 2; ++pass) {
+    std::int64_t cursor = 0;
+    std::int64_t counted = 0;
+    std::byte* base = pass == 1 ? im.arena.data() : nullptr;
+    auto take = [&](std::int64_t bytes, bool state) -> std::byte* {
+      std::byte* p = base ? base + cursor : nullptr;
+      cursor += align64(bytes);
+      if (state) counted += bytes;
+      return p;
+    };
+    for (TensorState& t : im.tensors) {
+      for (int j = 0; j < t.slot_count; ++j) {
+        Slot& s = t.slots[j];
+        switch (s.precision) {
+          case Precision::kFp32: s.f32 = reinterpret_cast<float*>(take(4 * t.numel, true)); break;
+          case Precision::kBf16: s.bf16 = reinterpret_cast<std::uint16_t*>(take(2 * t.numel, true)); break;
+          case Precision::kInt8:
+            s.codes = reinterpret_cast<std::uint8_t*>(take(t.numel, true));
+            s.absmax = reinterpret_cast<float*>(take(4 * s.blocks, true));
+            break;
+          case Precision::kInt4:
+            s.codes = reinterpret_cast<std::uint8_t*>(take((t.numel + 1) / 2, true));
+            if (s.rank1) {
+              s.row_max = reinterpret_cast<float*>(take(4 * t.rows, true));
+              s.col_max = reinterpret_cast<float*>(take(4 * t.cols, true));
+              s.next_row_max = reinterpret_cast<float*>(take(4 * t.rows, false));
+              s.next_col_max = reinterpret_cast<float*>(take(4 * t.cols, false));
+              im.max_cols = std::max(im.max_cols, t.cols);
+            } else {
+              s.absmax = reinterpret_cast<float*>(take(4 * s.blocks, true));
+            }
+            break;
+        }
+      }
+      if (t.factored) {
+        t.af_row = reinterpret_cast<float*>(take(4 * t.rows, true));
+        t.af_col = reinterpret_cast<float*>(take(4 * (t.rows / t.batch_rows) * t.cols, true));
+      }
+    }
+    if (pass == 0) im.arena = Buffer(static_cast<std::size_t>(cursor));
+    im.state_bytes = counted;
+  }
+
+  for (std::size_t i = 0; i < im.tensors.size(); ++i)
+    for (std::int64_t b = 0; b < im.tensors[i].numel; b += kChunkElements)
+      im.chunks.push_back({static_cast<int>(i), b, std::min(b + kChunkElements, im.tensors[i].numel)});
+  im.chunk_partials.assign(im.chunks.size(), 0.0);
+  im.constants.assign(im.tensors.size(), StepConstants{});
+  if (im.max_cols > 0) im.thread_scratch.assign(static_cast<std::size_t>(im.threads * im.max_cols), 0.0f);
+}
+
+Optimizer::~Optimizer() = default;
+Optimizer::Optimizer(Optimizer&&) noexcept = default;
+Optimizer& Optimizer::operator=(Optimizer&&) noexcept = default;
+
+StepResult Optimizer::step(const StepOptions& options) {
+  Impl& im = *impl_;
+  if (!std::isfinite(options.grad_scale) || options.grad_scale <= 0.0f)
+    throw InvalidArgument(fmt::format("grad_scale must be finite and > 0, got {}", options.grad_scale));
+  if (!std::isfinite(options.lr_scale) || options.lr_scale < 0.0f)
+    throw InvalidArgument(fmt::format("lr_scale must be finite and >= 0, got {}", options.lr_scale));
+  StepResult result;
+  result.grad_norm = std::numeric_limits<double>::quiet_NaN();
+  const float inv_scale = 1.0f / options.grad_scale;
+  if (im.options.check_finite || im.options.max_grad_norm > 0.0f) {
+    result.grad_norm = cpu::grad_norm(im, inv_scale);
+    if (!std::isfinite(result.grad_norm)) {
+      ++im.skipped;
+      result.skipped = true;
+      result.step = im.steps;
+      return result;
+    }
+  }
+  float clip = 1.0f;
+  if (im.options.max_grad_norm > 0.0f) {
+    const double coef = im.options.max_grad_norm / (result.grad_norm + 1e-6);
+    if (coef < 1.0) clip = static_cast<float>(coef);
+  }
+  ++im.steps;
+  for (TensorState& t : im.tensors)
+    if (t.param.grad != nullptr) ++t.step;
+  cpu::step(im, inv_scale * clip, options.lr_scale);
+  result.step = im.steps;
+  return result;
+}
+
+void Optimizer::update_hessian(std::span<const float* const> estimates) {
+  Impl& im = *impl_;
+  if (im.options.algorithm != Algorithm::kSophiaG)
+    throw InvalidArgument(fmt::format("update_hessian is for sophiag, not {}", algorithm_name(im.options.algorithm)));
+  if (estimates.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("update_hessian needs {} estimates (one per parameter), got {}",
+                                      im.tensors.size(), estimates.size()));
+  for (std::size_t i = 0; i < im.tensors.size(); ++i) {
+    const float* e = estimates[i];
+    if (e == nullptr) continue;
+    for (std::int64_t k = 0; k < im.tensors[i].numel; ++k)
+      if (!std::isfinite(e[k]))
+        throw InvalidArgument(fmt::format("Hessian estimate of '{}' holds {} at element {}",
+                                          im.tensors[i].param.name, e[k], k));
+  }
+  cpu::update_hessian(im, estimates);
+}
+
+void Optimizer::set_grad(std::size_t param_index, float* grad) {
+  if (param_index >= impl_->tensors.size())
+    throw InvalidArgument(fmt::format("parameter index {} is out of range (have {})", param_index, impl_->tensors.size()));
+  impl_->tensors[param_index].param.grad = grad;
+}
+
+const OptimizerOptions& Optimizer::options() const { return impl_->options; }
+const Hyper& Optimizer::hyper() const { return impl_->hyper; }
+std::int64_t Optimizer::step_count() const { return impl_->steps; }
+std::int64_t Optimizer::skipped_steps() const { return impl_->skipped; }
+std::size_t Optimizer::param_count() const { return impl_->tensors.size(); }
+
+const Param& Optimizer::param(std::size_t index) const {
+  if (index >= impl_->tensors.size())
+    throw InvalidArgument(fmt::format("parameter index {} is out of range (have {})", index, impl_->tensors.size()));
+  return impl_->tensors[index].param;
+}
+
+Precision Optimizer::state_precision(std::size_t param_index) const {
+  param(param_index);
+  return impl_->tensors[param_index].precision;
+}
+
+StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->state_bytes}; }
+
+std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
+  param(param_index);
+  const TensorState& t = impl_->tensors[param_index];
+  std::vector<std::string> out;
+  for (int j = 0; j < t.slot_count; ++j) out.push_back(t.slots[j].name);
+  if (t.factored) {
+    out.emplace_back("exp_avg_sq_row");
+    out.emplace_back("exp_avg_sq_col");
+  }
+  return out;
+}
+
+std::vector<float> Optimizer::state_values(std::size_t param_index, std::string_view name) const {
+  param(param_index);
+  const TensorState& t = impl_->tensors[param_index];
+  for (int j = 0; j < t.slot_count; ++j)
+    if (t.slots[j].name == name) {
+      std::vector<float> out(static_cast<std::size_t>(t.numel));
+      cpu::read_slot(t, t.slots[j], out.data());
+      return out;
+    }
+  if (t.factored && name == "exp_avg_sq_row") return {t.af_row, t.af_row + t.rows};
+  if (t.factored && name == "exp_avg_sq_col") return {t.af_col, t.af_col + (t.rows / t.batch_rows) * t.cols};
+  throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
+}
+
+}  // namespace nibble
