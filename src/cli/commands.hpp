@@ -1,0 +1,39 @@
+// The subcommands of the nibble CLI and the few helpers they share. Each subcommand adds itself to
+// the app with its flags and a callback; callbacks throw nibble::Error and main() reports it.
+#pragma once
+
+#include <cstdint>
+#include <fstream>
+#include <string>
+#include <vector>
+
+namespace CLI {
+class App;
+}
+
+namespace nibble::cli {
+
+// `nibble optimizers`: state bytes per parameter of every algorithm and precision.
+void add_optimizers_command(CLI::App& app);
+// `nibble step-bench`: time the optimizer step alone against the machine's copy bandwidth.
+void add_step_bench_command(CLI::App& app);
+
+// The helpers below are defined in main.cpp.
+
+enum class Align { kLeft, kRight };
+
+// 124475904 -> "124,475,904", for numbers people read; files keep plain numbers.
+std::string group_digits(std::int64_t value);
+
+// A plain-text table: a header row, a rule, the rows; columns two spaces apart.
+std::string format_table(const std::vector<std::string>& header, const std::vector<Align>& align,
+                         const std::vector<std::vector<std::string>>& rows);
+
+// Opens `path` for writing now, so that a bad path fails before a long run rather than after it;
+// throws IoError naming the path.
+std::ofstream open_output(const std::string& path);
+
+// Writes `text` to a stream from open_output and checks that it reached the file.
+void finish_output(std::ofstream& out, const std::string& path, const std::string& text);
+
+}  // namespace nibble::cli

@@ -1,0 +1,122 @@
+// nibble's command line: the subcommands, and the one place where an error becomes a message on
+// stderr and an exit code (2 for nibble and flag errors, 1 for anything else).
+#include <fmt/format.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cerrno>
+#include <cstring>
+#include <exception>
+#include <new>
+#include <string>
+#include <string_view>
+
+#include "cli/commands.hpp"
+#include "nibble/error.hpp"
+
+#ifndef NIBBLE_VERSION
+#define NIBBLE_VERSION "0.1.0"
+#endif
+
+namespace nibble::cli {
+
+std::string format_table(const std::vector<std::string>& header, const std::vector<Align>& align,
+                         const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> width(header.size(), 0);
+  auto widen = [&](const std::vector<std::string>& row) {
+    for (std::size_t c = 0; c < row.size() && c < width.size(); ++c) {
+      width[c] = std::max(width[c], row[c].size());
+    }
+  };
+  widen(header);
+  for (const auto& row : rows) widen(row);
+
+  std::string text;
+  auto append_row = [&](const std::vector<std::string>& row) {
+    std::string line;
+    for (std::size_t c = 0; c < width.size(); ++c) {
+      const std::string& cell = c < row.size() ? row[c] : std::string();
+      if (c > 0) line += "  ";
+      const std::string pad(width[c] - cell.size(), ' ');
+      const bool right = c < align.size() && align[c] == Align::kRight;
+      line += right ? pad + cell : cell + pad;
+    }
+    while (!line.empty() && line.back() == ' ') line.pop_back();
+    text += line + "\n";
+  };
+  append_row(header);
+  std::vector<std::string> rule;
+  for (std::size_t w : width) rule.emplace_back(w, '-');
+  append_row(rule);
+  for (const auto& row : rows) append_row(row);
+  return text;
+}
+
+std::string group_digits(std::int64_t value) {
+  const std::string digits = std::to_string(value);
+  const std::size_t sign = digits.front() == '-' ? 1 : 0;
+  std::string text = digits.substr(0, sign);
+  for (std::size_t i = sign; i < digits.size(); ++i) {
+    if (i > sign && (digits.size() - i) % 3 == 0) text += ',';
+    text += digits[i];
+  }
+  return text;
+}
+
+std::ofstream open_output(const std::string& path) {
+  std::ofstream out(path, std::ios::binary | std::ios::trunc);
+  if (!out) throw IoError(fmt::format("cannot write '{}': {}", path, std::strerror(errno)));
+  return out;
+}
+
+void finish_output(std::ofstream& out, const std::string& path, const std::string& text) {
+  out << text;
+  out.flush();
+  if (!out) throw IoError(fmt::format("writing '{}' failed", path));
+}
+
+}  // namespace nibble::cli
+
+namespace {
+
+// Messages stay on one line so that scripts can grep them.
+int report_error(std::string_view message, int exit_code) {
+  std::string line(message);
+  std::replace(line.begin(), line.end(), '\n', ' ');
+  fmt::print(stderr, "nibble: error: {}\n", line);
+  return exit_code;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"nibble: training optimizers with fp32, bf16, 8-bit and 4-bit state.", "nibble"};
+  // Every flag's help shows its default.
+  app.option_defaults()->always_capture_default();
+  app.set_version_flag("--version", fmt::format("nibble {}", NIBBLE_VERSION),
+                       "Print the version and exit");
+  app.require_subcommand(1);
+  nibble::cli::add_optimizers_command(app);
+  nibble::cli::add_step_bench_command(app);
+  // Set after the subcommands exist, which would otherwise inherit it.
+  app.footer("Run 'nibble <subcommand> --help' for the flags of a subcommand.");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    // --help and --version arrive as "errors" with exit code 0; CLI11 prints them.
+    if (e.get_exit_code() == static_cast<int>(CLI::ExitCodes::Success)) return app.exit(e);
+    const auto parsed = app.get_subcommands();
+    const std::string help = parsed.empty()
+                                 ? "nibble --help"
+                                 : fmt::format("nibble {} --help", parsed.front()->get_name());
+    return report_error(fmt::format("{} (see {})", e.what(), help), 2);
+  } catch (const nibble::Error& e) {
+    return report_error(e.what(), 2);
+  } catch (const std::bad_alloc&) {
+    return report_error("out of memory", 1);
+  } catch (const std::exception& e) {
+    return report_error(e.what(), 1);
+  }
+  return 0;
+}
