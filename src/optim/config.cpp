@@ -106,6 +106,8 @@ Hyper default_hyper(Algorithm algorithm) {
 }
 
 void validate_hyper(Algorithm algorithm, const Hyper& h) {
+  if (std::find(kAlgorithms.begin(), kAlgorithms.end(), algorithm) == kAlgorithms.end())
+    throw InvalidArgument(fmt::format("algorithm {} is not a known algorithm", static_cast<int>(algorithm)));
   const std::string_view algo = algorithm_name(algorithm);
   auto fail = [&](std::string_view what, double value, std::string_view rule) {
     throw InvalidArgument(fmt::format("{}: {} must be {}, got {}", algo, what, rule, value));

@@ -107,6 +107,13 @@ struct SlotSpec {
 };
 int slot_specs(Algorithm algorithm, const Hyper& hyper, bool factored, SlotSpec* out);
 bool is_factored(Algorithm algorithm, std::span<const std::int64_t> shape);
+// The seed of stochastic rounding for a tensor that has taken `step` steps: a pure function of
+// the options' seed and the tensor's step count, so a loaded optimizer rounds as the saved one.
+inline std::uint64_t rounding_seed(std::uint64_t seed, std::int64_t step) {
+  const auto s = static_cast<std::uint64_t>(step);
+  return math::hash_u32(seed, s) | (static_cast<std::uint64_t>(math::hash_u32(~seed, s)) << 32);
+}
+
 // Whether a 4-bit state slot is scaled rank-1 (row/column max) rather than per block: only
 // non-negative states of >= 2-D tensors, and not SophiaG's Hessian, which update_hessian writes
 // outside the step's row/column-max pass.

@@ -8,6 +8,7 @@
 #include <map>
 
 #include <fmt/format.h>
+#include <nlohmann/json.hpp>
 
 #include "nibble/error.hpp"
 #include "optim/impl.hpp"
@@ -51,6 +52,24 @@ math::CodebookId codebook_for(Precision precision, bool is_signed) {
 
 std::int64_t align64(std::int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
+void check_precision(Precision precision, std::string_view where) {
+  const auto known = all_precisions();
+  if (std::find(known.begin(), known.end(), precision) == known.end())
+    throw InvalidArgument(fmt::format("state precision {} of {} is not one of fp32, bf16, 8bit, 4bit",
+                                      static_cast<int>(precision), where));
+}
+
+// Names go into save()'s JSON header; the writer refuses what is not UTF-8, so refuse it here,
+// before any training, rather than at the first checkpoint.
+void check_name(const std::string& name) {
+  try {
+    (void)nlohmann::json(name).dump();
+  } catch (const nlohmann::json::exception&) {
+    throw InvalidArgument(fmt::format("parameter name {} is not valid UTF-8",
+                                      nlohmann::json(name).dump(-1, ' ', false, nlohmann::json::error_handler_t::replace)));
+  }
+}
+
 }  // namespace
 
 Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
@@ -66,6 +85,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       (options.block_size < 16 || options.block_size > kMaxBlock || (options.block_size & (options.block_size - 1))))
     throw InvalidArgument(fmt::format("block_size must be a power of two in [16, {}], got {}", kMaxBlock,
                                       options.block_size));
+  check_precision(options.precision, "the optimizer");
   if (options.min_quant_size < 0)
     throw InvalidArgument(fmt::format("min_quant_size must be >= 0, got {}", options.min_quant_size));
   if (!std::isfinite(options.max_grad_norm) || options.max_grad_norm < 0.0f)
@@ -80,13 +100,19 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     const std::string gname = std::to_string(gi);
     if (group.lr) check_rate("lr", gname, *group.lr);
     if (group.weight_decay) check_rate("weight_decay", gname, *group.weight_decay);
+    if (group.precision) check_precision(*group.precision, "parameter group " + gname);
     for (Param& param : group.params) {
       TensorState t;
       const std::size_t index = im.tensors.size();
       if (param.name.empty()) param.name = fmt::format("param.{}", index);
+      check_name(param.name);
       if (!names.emplace(param.name, index).second)
         throw InvalidArgument(fmt::format("parameter name '{}' appears twice", param.name));
-      t.numel = shape_numel(param.shape);
+      try {
+        t.numel = shape_numel(param.shape);
+      } catch (const InvalidArgument& e) {
+        throw InvalidArgument(fmt::format("parameter '{}': {}", param.name, e.what()));
+      }
       if (t.numel > 0 && param.data == nullptr)
         throw InvalidArgument(fmt::format("parameter '{}' has no data", param.name));
       if (t.numel > 0) {
@@ -204,7 +230,9 @@ StepResult Optimizer::step(const StepOptions& options) {
   const float inv_scale = 1.0f / options.grad_scale;
   if (im.options.check_finite || im.options.max_grad_norm > 0.0f) {
     result.grad_norm = cpu::grad_norm(im, inv_scale);
-    if (!std::isfinite(result.grad_norm)) {
+    // The norm is summed in double; a norm beyond float range means some g / grad_scale would
+    // overflow to inf in the float update, so that step is skipped like an inf gradient.
+    if (!std::isfinite(result.grad_norm) || result.grad_norm > std::numeric_limits<float>::max()) {
       ++im.skipped;
       result.skipped = true;
       result.step = im.steps;

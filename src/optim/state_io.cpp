@@ -1,12 +1,14 @@
 // Optimizer state as a safetensors file: codes, scales and fp32/bf16 state per tensor, the codebooks
 // they were written with, per-tensor step counts, and a JSON layout in the metadata. Loading checks
 // the whole file against the live optimizer before it copies a single byte.
+#include <charconv>
 #include <cmath>
 #include <cstring>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "math/common.hpp"
 #include "nibble/error.hpp"
 #include "nibble/safetensors.hpp"
 #include "optim/impl.hpp"
@@ -34,6 +36,7 @@ struct Entry {
   std::vector<std::int64_t> shape;
   void* data;
   bool check_finite;  // float state must be finite; codes are any byte
+  bool non_negative = false;  // second moments and scales: a negative value would make a step NaN
 };
 
 std::vector<Entry> entries(Optimizer::Impl& im, std::vector<std::int64_t>& steps) {
@@ -44,27 +47,31 @@ std::vector<Entry> entries(Optimizer::Impl& im, std::vector<std::int64_t>& steps
     for (int j = 0; j < t.slot_count; ++j) {
       Slot& s = t.slots[j];
       const std::string base = prefix + s.name;
+      // Unsigned slots hold squares (exp_avg_sq, max_exp_avg_sq), except SophiaG's Hessian EMA,
+      // whose estimates may be negative (Hutchinson).
+      const bool square = !s.is_signed && im.options.algorithm != Algorithm::kSophiaG;
       switch (s.precision) {
-        case Precision::kFp32: out.push_back({base, DType::F32, t.param.shape, s.f32, true}); break;
-        case Precision::kBf16: out.push_back({base, DType::BF16, t.param.shape, s.bf16, true}); break;
+        case Precision::kFp32: out.push_back({base, DType::F32, t.param.shape, s.f32, true, square}); break;
+        case Precision::kBf16: out.push_back({base, DType::BF16, t.param.shape, s.bf16, true, square}); break;
         case Precision::kInt8:
           out.push_back({base + ".codes", DType::U8, {t.numel}, s.codes, false});
-          out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true});
+          out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true, true});
           break;
         case Precision::kInt4:
           out.push_back({base + ".codes", DType::U8, {(t.numel + 1) / 2}, s.codes, false});
           if (s.rank1) {
-            out.push_back({base + ".row_max", DType::F32, {t.rows}, s.row_max, true});
-            out.push_back({base + ".col_max", DType::F32, {t.cols}, s.col_max, true});
+            out.push_back({base + ".row_max", DType::F32, {t.rows}, s.row_max, true, true});
+            out.push_back({base + ".col_max", DType::F32, {t.cols}, s.col_max, true, true});
           } else {
-            out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true});
+            out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true, true});
           }
           break;
       }
     }
     if (t.factored) {
-      out.push_back({prefix + "exp_avg_sq_row", DType::F32, {t.rows}, t.af_row, true});
-      out.push_back({prefix + "exp_avg_sq_col", DType::F32, {(t.rows / t.batch_rows) * t.cols}, t.af_col, true});
+      out.push_back({prefix + "exp_avg_sq_row", DType::F32, {t.rows}, t.af_row, true, true});
+      out.push_back(
+          {prefix + "exp_avg_sq_col", DType::F32, {(t.rows / t.batch_rows) * t.cols}, t.af_col, true, true});
     }
   }
   steps.resize(im.tensors.size());
@@ -147,6 +154,22 @@ bool all_finite(const Entry& e, const Tensor& t) {
   return true;
 }
 
+// Index of the first negative element (-0 is not negative) of a non-negative tensor, or -1.
+std::int64_t first_negative(const Entry& e, const Tensor& t) {
+  if (!e.non_negative) return -1;
+  const std::int64_t n = t.numel();
+  if (t.dtype() == DType::F32) {
+    const float* v = t.data_as<float>();
+    for (std::int64_t i = 0; i < n; ++i)
+      if (v[i] < 0.0f) return i;
+  } else if (t.dtype() == DType::BF16) {
+    const std::uint16_t* v = t.data_as<std::uint16_t>();
+    for (std::int64_t i = 0; i < n; ++i)
+      if ((v[i] & 0x8000u) && (v[i] & 0x7fffu)) return i;
+  }
+  return -1;
+}
+
 }  // namespace
 
 void Optimizer::save(const std::filesystem::path& path) const {
@@ -204,14 +227,18 @@ void Optimizer::load(const std::filesystem::path& path) {
     if (saved[i] != live[i])
       throw StateMismatch(fmt::format("{}: parameter {} differs: saved {} but this optimizer has {}", where, i,
                                       saved[i].dump(), live[i].dump()));
-  std::int64_t step = 0, skipped = 0;
-  try {
-    step = std::stoll(meta("step"));
-    skipped = std::stoll(meta("skipped"));
-  } catch (const std::logic_error&) {
-    throw FormatError(fmt::format("{}: step count '{}' is not a number", where, meta("step")));
-  }
-  if (step < 0 || skipped < 0) throw FormatError(fmt::format("{}: negative step count {}", where, step));
+  // The whole value must be a decimal count (std::stoll would read "12x" or " 12.5" as 12).
+  auto count = [&](const std::string& key) {
+    const std::string& text = meta(key);
+    std::int64_t value = 0;
+    const auto [end, ec] = std::from_chars(text.data(), text.data() + text.size(), value);
+    if (ec != std::errc() || end != text.data() + text.size())
+      throw FormatError(fmt::format("{}: {} count '{}' is not a whole number", where, key, text));
+    if (value < 0) throw FormatError(fmt::format("{}: negative {} count {}", where, key, value));
+    return value;
+  };
+  const std::int64_t step = count("step");
+  const std::int64_t skipped = count("skipped");
   for (math::CodebookId id : codebooks_used(im)) {
     const math::Codebook& cb = codebook(id);
     const std::string name = fmt::format("codebook.{}", codebook_name(id));
@@ -232,6 +259,9 @@ void Optimizer::load(const std::filesystem::path& path) {
       throw StateMismatch(fmt::format("{}: tensor '{}' is {} {}, expected {} {}", where, e.name, dtype_name(t.dtype()),
                                       shape_string(t.shape()), dtype_name(e.dtype), shape_string(e.shape)));
     if (!all_finite(e, t)) throw FormatError(fmt::format("{}: tensor '{}' holds inf or NaN", where, e.name));
+    if (const std::int64_t k = first_negative(e, t); k >= 0)
+      throw FormatError(fmt::format("{}: tensor '{}' holds a negative value at element {}; it must be >= 0", where,
+                                    e.name, k));
   }
   const std::int64_t* saved_steps = file.at("steps").data_as<std::int64_t>();
   for (std::size_t i = 0; i < im.tensors.size(); ++i)
