@@ -39,7 +39,9 @@ void BM_Step(benchmark::State& state) {
   nibble::OptimizerOptions options;
   options.algorithm = algorithm;
   options.precision = precision;
-  nibble::Optimizer opt({nibble::ParamGroup{{nibble::Param{"w", {n / 1024, 1024}, p.data(), g.data()}}}}, options);
+  nibble::ParamGroup group;
+  group.params.push_back({"w", {n / 1024, 1024}, p.data(), g.data()});
+  nibble::Optimizer opt({group}, options);
   for (auto _ : state) opt.step();
   state.SetItemsProcessed(state.iterations() * n);
   state.SetLabel(std::string(nibble::algorithm_name(algorithm)) + "/" + std::string(nibble::precision_name(precision)));

@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 
 #include <cmath>
+#include <cstring>
 #include <random>
 #include <vector>
 
@@ -61,6 +62,23 @@ TEST_P(CodecSimd, EncodeEqualsScalarAndBruteForce) {
       mismatches += code_at(codes, four_bit, static_cast<std::size_t>(i)) != want;
     }
     EXPECT_EQ(mismatches, 0) << "block length " << n;
+  }
+}
+
+TEST_P(CodecSimd, NanEncodesAsTheScalarEncoderDoes) {
+  // NaN has no nearest code; whatever code the scalar encoder gives it, the SIMD one must too, so
+  // a CPU and a GPU run of a diverged model still agree. Nine lanes: one full vector and a tail.
+  const math::Codebook& cb = codebook(GetParam());
+  const bool four_bit = cb.size == 16;
+  for (std::uint32_t bits : {0x7fc00000u, 0xffc00000u, 0x7f800001u, 0xffffffffu}) {
+    float nan;
+    std::memcpy(&nan, &bits, 4);
+    const std::vector<float> x(9, nan);
+    std::vector<std::uint8_t> codes(9, 0);
+    if (four_bit) cpu::encode4_block(cb, x.data(), 1.0f, codes.data(), 9);
+    else cpu::encode8_block(cb, x.data(), 1.0f, codes.data(), 9);
+    for (std::size_t i = 0; i < 9; ++i)
+      EXPECT_EQ(code_at(codes, four_bit, i), math::codebook_encode(cb, nan)) << std::hex << bits << " lane " << i;
   }
 }
 

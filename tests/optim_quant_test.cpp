@@ -9,6 +9,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <ostream>
 #include <string>
 #include <vector>
 
@@ -285,6 +286,9 @@ struct QuantCase {
   AlgoSetup setup;
   Variant variant;
 };
+
+// Names the case in test listings instead of dumping its bytes.
+void PrintTo(const QuantCase& c, std::ostream* os) { *os << c.setup.label << " " << variant_name(c.variant); }
 
 class LowBitVersusFp32 : public ::testing::TestWithParam<QuantCase> {};
 

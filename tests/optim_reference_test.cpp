@@ -39,7 +39,10 @@ std::int64_t numel_of(const Shape& s) {
 
 std::string shape_str(const Shape& s) {
   std::string out;
-  for (std::size_t i = 0; i < s.size(); ++i) out += (i ? "x" : "") + std::to_string(s[i]);
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (i) out += 'x';
+    out += std::to_string(s[i]);
+  }
   return out.empty() ? "scalar" : out;
 }
 
@@ -347,7 +350,13 @@ class Harness {
 
 std::vector<TensorSpec> specs_for(const std::vector<Shape>& shapes) {
   std::vector<TensorSpec> out;
-  for (const Shape& s : shapes) out.push_back({"t" + std::to_string(out.size()) + "." + shape_str(s), s, 0});
+  for (const Shape& s : shapes) {
+    std::string name = "t";
+    name += std::to_string(out.size());
+    name += '.';
+    name += shape_str(s);
+    out.push_back({std::move(name), s, 0});
+  }
   return out;
 }
 

@@ -33,13 +33,16 @@ struct SimdCodebook {
 
   __m256 lo, width, inv_width, zero_threshold, one_threshold;
   __m256 boundary[8];
+  __m256 values_lo, values_hi;  // 4-bit maps: values[0..7], values[8..15]
 
   explicit SimdCodebook(const math::Codebook& cb)
       : lo(_mm256_loadu_ps(cb.lo)),
         width(_mm256_loadu_ps(cb.width)),
         inv_width(_mm256_loadu_ps(cb.inv_width)),
         zero_threshold(_mm256_set1_ps(cb.zero_threshold)),
-        one_threshold(_mm256_set1_ps(cb.one_threshold)) {
+        one_threshold(_mm256_set1_ps(cb.one_threshold)),
+        values_lo(_mm256_loadu_ps(cb.values)),
+        values_hi(_mm256_loadu_ps(cb.values + 8)) {
     for (int q = 0; q < 8; ++q) boundary[q] = _mm256_set1_ps(cb.boundary[q]);
   }
 
@@ -84,8 +87,15 @@ struct SimdCodebook {
     return code;
   }
 
-  // Values of eight codes (int32 lanes); mirrors codebook_bin_value and the value table.
+  // Values of eight codes (int32 lanes), equal to the value table. 4-bit maps: two in-register
+  // permutes of the 16 values; 8-bit maps: codebook_bin_value computed from the code (cheaper on
+  // the CPU than a gather).
   __m256 decode(__m256i code) const {
+    if constexpr (kSize == 16) {
+      const __m256 low = _mm256_permutevar8x32_ps(values_lo, code);
+      const __m256 high = _mm256_permutevar8x32_ps(values_hi, code);
+      return _mm256_blendv_ps(low, high, _mm256_castsi256_ps(_mm256_slli_epi32(code, 28)));
+    }
     __m256i rank = code;
     __m256i negative = _mm256_setzero_si256();
     if constexpr (kSigned) {
