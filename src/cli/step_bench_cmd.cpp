@@ -39,6 +39,8 @@ struct StepBenchOptions {
   int steps = 10;
   int threads = 0;  // 0: OpenMP's default
   int block_size = 0;
+  bool check_finite = false;   // the gradient pre-pass: non-finite check
+  float max_grad_norm = 0.0f;  // and/or global-norm clipping
   std::uint64_t seed = 0;
   std::string json_path;
   std::string csv_path;
@@ -57,6 +59,7 @@ struct Result {
   double state_bytes_per_param = 0.0;
   double setup_ms = 0.0;
   int threads = 0;
+  bool grad_pass = false;  // the step ran the gradient-norm pre-pass
 };
 
 double milliseconds(Clock::duration d) {
@@ -171,7 +174,7 @@ struct ParamBuffers {
   }
 };
 
-OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, int block_size) {
+OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, const StepBenchOptions& bench) {
   OptimizerOptions options;
   options.algorithm = algorithm;
   options.hyper = default_hyper(algorithm);
@@ -182,7 +185,9 @@ OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, int
     options.hyper->weight_decay = 0.01f;
   }
   options.precision = precision;
-  options.block_size = block_size;
+  options.block_size = bench.block_size;
+  options.check_finite = bench.check_finite;
+  options.max_grad_norm = bench.max_grad_norm;
   return options;
 }
 
@@ -201,6 +206,9 @@ double bytes_moved_per_param(const Optimizer& optimizer) {
     bytes += static_cast<double>(numel) * (12.0 + 2.0 * state);
     params += numel;
   }
+  // The pre-pass that checks gradients and takes their global norm reads every gradient once
+  // more before the update may touch anything.
+  if (options.check_finite || options.max_grad_norm > 0.0f) bytes += 4.0 * static_cast<double>(params);
   return params > 0 ? bytes / static_cast<double>(params) : 0.0;
 }
 
@@ -215,7 +223,7 @@ Result run_row(ParamBuffers& buffers, Algorithm algorithm, Precision precision,
   groups[0].params = buffers.make_params();
   const auto setup_start = Clock::now();
   Optimizer optimizer(std::move(groups),
-                      optimizer_options(algorithm, precision, options.block_size));
+                      optimizer_options(algorithm, precision, options));
   optimizer.step();
   result.setup_ms = milliseconds(Clock::now() - setup_start);
 
@@ -240,6 +248,7 @@ Result run_row(ParamBuffers& buffers, Algorithm algorithm, Precision precision,
                 (result.median_ms * 1e-3) / 1e9;
   result.ratio = memcpy_gbps > 0.0 ? result.gbps / memcpy_gbps : 0.0;
   result.state_bytes_per_param = optimizer.state_stats().bytes_per_param();
+  result.grad_pass = options.check_finite || options.max_grad_norm > 0.0f;
   return result;
 }
 
@@ -256,18 +265,19 @@ nlohmann::ordered_json to_json(const Result& r) {
           {"ratio", r.ratio},
           {"state_bytes_per_param", r.state_bytes_per_param},
           {"setup_ms", r.setup_ms},
-          {"threads", r.threads}};
+          {"threads", r.threads},
+          {"grad_pass", r.grad_pass}};
 }
 
 std::string to_csv(const std::vector<Result>& results) {
   std::string text =
       "device,algorithm,precision,params,median_ms,min_ms,bytes_per_param_moved,gbps,memcpy_gbps,"
-      "ratio,state_bytes_per_param,setup_ms,threads\n";
+      "ratio,state_bytes_per_param,setup_ms,threads,grad_pass\n";
   for (const Result& r : results) {
-    text += fmt::format("cpu,{},{},{},{},{},{},{},{},{},{},{},{}\n", algorithm_name(r.algorithm),
+    text += fmt::format("cpu,{},{},{},{},{},{},{},{},{},{},{},{},{}\n", algorithm_name(r.algorithm),
                         precision_name(r.precision), r.params, r.median_ms, r.min_ms,
                         r.bytes_per_param_moved, r.gbps, r.memcpy_gbps, r.ratio,
-                        r.state_bytes_per_param, r.setup_ms, r.threads);
+                        r.state_bytes_per_param, r.setup_ms, r.threads, r.grad_pass);
   }
   return text;
 }
@@ -356,9 +366,12 @@ void run_step_bench(const StepBenchOptions& options, bool params_given) {
 
   fmt::print(
       "step-bench on cpu, {} threads: {}, {} params; {} timed steps after set-up + {} "
-      "warm-up; memcpy {:.1f} GB/s (read + write)\n\n",
+      "warm-up; memcpy {:.1f} GB/s (read + write); {}\n\n",
       omp_get_max_threads(), set_label, group_digits(buffers.params), options.steps, options.warmup,
-      memcpy_gbps);
+      memcpy_gbps,
+      options.check_finite || options.max_grad_norm > 0.0f
+          ? "with the gradient check/norm pre-pass (+4 B/param)"
+          : "update pass alone (no gradient check; --check-finite adds it)");
   std::vector<std::vector<std::string>> cells;
   for (const Result& r : results) {
     cells.push_back({std::string(algorithm_name(r.algorithm)),
@@ -417,6 +430,13 @@ void add_step_bench_command(CLI::App& app) {
                   "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
                   "for 4-bit)");
   sub->add_option("--seed", options->seed, "Seed of the random parameters and gradients");
+  sub->add_flag("--check-finite", options->check_finite,
+                "Run the optimizer's gradient pre-pass that skips steps with inf/NaN gradients (on "
+                "by default in the library; off here so the step compares with fused optimizer "
+                "kernels that have none). Counted as 4 more bytes per parameter");
+  sub->add_option("--max-grad-norm", options->max_grad_norm,
+                  "Clip gradients to this global norm (0: off); runs the same pre-pass")
+      ->check(CLI::NonNegativeNumber);
   sub->add_option("--json", options->json_path, "Also write the results to FILE as JSON")
       ->option_text("FILE");
   sub->add_option("--csv", options->csv_path, "Also write the results to FILE as CSV")

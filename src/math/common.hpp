@@ -37,7 +37,8 @@ NIBBLE_HD float abs_f(float x) { return bits_float(float_bits(x) & 0x7fffffffu);
 NIBBLE_HD float min_f(float a, float b) { return b < a ? b : a; }
 NIBBLE_HD float max_f(float a, float b) { return b > a ? b : a; }
 // -1, 0 or +1 (0 for both zeros), as torch.sign.
-NIBBLE_HD float sign_f(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+// sign(x) in {-1, 0, +1}, 0 for NaN; written with integer comparisons so that loops vectorise.
+NIBBLE_HD float sign_f(float x) { return static_cast<float>(static_cast<int>(x > 0.0f) - static_cast<int>(x < 0.0f)); }
 NIBBLE_HD bool is_finite_bits(std::uint32_t u) { return (u & 0x7f800000u) != 0x7f800000u; }
 
 // Counter-based random bits: a stateless hash of (seed, counter), so any element of any step

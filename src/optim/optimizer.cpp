@@ -152,7 +152,9 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       }
       if (algo == Algorithm::kAdamP && rank >= 2) {
         const std::int64_t rows0 = param.shape[0];
-        t.scratch.assign(static_cast<std::size_t>(3 * rows0 + std::max<std::int64_t>(rows0, im.threads)), 0.0);
+        // gp, gg, pp per row, then the dot products: per row, or per fixed segment of the tensor.
+        const std::int64_t segments = (t.numel + kChunkElements - 1) / kChunkElements;
+        t.scratch.assign(static_cast<std::size_t>(3 * rows0 + std::max<std::int64_t>(rows0, segments)), 0.0);
       }
       if (t.factored) {
         const std::int64_t batches = t.rows / t.batch_rows;

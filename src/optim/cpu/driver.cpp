@@ -31,6 +31,17 @@ float block_absmax(const float* __restrict x, std::int64_t n) {
   return math::bits_float(m);
 }
 
+// NOTE: long double-precision sums use kSumLanes independent accumulators (AVX2 registers), so
+// the adds pipeline instead of waiting on each other; their order is fixed, so sums do not depend
+// on the thread count.
+constexpr int kSumLanes = 16;
+constexpr int kColumnTile = 32;
+double sum_lanes(const double (&a)[kSumLanes]) {
+  double s = 0.0;
+  for (double x : a) s += x;
+  return s;
+}
+
 std::uint8_t nibble_at(const std::uint8_t* codes, std::int64_t e) {
   return static_cast<std::uint8_t>((codes[e >> 1] >> ((e & 1) * 4)) & 0xfu);
 }
@@ -305,26 +316,27 @@ void adamp_prepare(Optimizer::Impl& impl) {
     for (std::int64_t r = 0; r < vrows; ++r)
       gg[r] = 1.0 / (std::sqrt(k.adamp_view == 1 ? pp[r] : spp) + eps);
     // Each view row is summed by one thread, in element order: deterministic.
+    const std::int64_t segments = (t.numel + kChunkElements - 1) / kChunkElements;
 #pragma omp parallel
     {
       BlockScratch scratch;
-      const int threads = omp_get_num_threads();
-      const int me = omp_get_thread_num();
       if (vrows == 1) {
-        // One row: per-thread partial sums over contiguous ranges, combined in thread order.
-        const std::int64_t lo = t.numel * me / threads, hi = t.numel * (me + 1) / threads;
-        double part = 0;
+        // One row: partial sums over fixed segments of the tensor, combined in segment order, so
+        // the sum does not depend on the thread count.
         const float inv = static_cast<float>(gg[0]);
-        if (lo < hi)
+#pragma omp for schedule(static)
+        for (std::int64_t seg = 0; seg < segments; ++seg) {
+          const std::int64_t lo = seg * kChunkElements, hi = std::min(t.numel, lo + kChunkElements);
+          double part = 0;
           for_blocks(impl, t, lo, hi, false, 0, scratch,
-                     [&](std::int64_t b, std::int64_t n, float* pb, const float* gb, float** s) {
-                       const std::int64_t i0 = std::max(lo, b) - b, i1 = std::min(hi, b + n) - b;
-                       for (std::int64_t e = i0; e < i1; ++e) {
+                     [&](std::int64_t, std::int64_t n, float* pb, const float* gb, float** s) {
+                       for (std::int64_t e = 0; e < n; ++e) {
                          const float perturb = math::adamp_perturb(gb[e], s[0][e], s[1][e], k.adamp);
                          part += static_cast<double>(pb[e] * inv) * perturb;
                        }
                      });
-        dot[me] = part;
+          dot[seg] = part;
+        }
       } else {
         for_my_rows(vrows, [&](std::int64_t r0, std::int64_t r1) {
           for (std::int64_t r = r0; r < r1; ++r) dot[r] = 0.0;
@@ -344,7 +356,7 @@ void adamp_prepare(Optimizer::Impl& impl) {
 #pragma omp single
       if (vrows == 1) {
         double total = 0;
-        for (int th = 0; th < threads; ++th) total += dot[th];
+        for (std::int64_t seg = 0; seg < segments; ++seg) total += dot[seg];
         dot[0] = total;
       }
     }
@@ -375,22 +387,40 @@ void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
       {
         for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
           for (std::int64_t r = r0; r < r1; ++r) {
-            double a = 0, c = 0;
-            for (std::int64_t e = r * cols; e < (r + 1) * cols; ++e) {
-              a += math::adafactor_square(g[e], k.adafactor);
-              c += static_cast<double>(p[e]) * p[e];
+            double a[kSumLanes] = {}, c[kSumLanes] = {};
+            const float* __restrict gr = g + r * cols;
+            const float* __restrict pr = p + r * cols;
+            std::int64_t e = 0;
+            for (; e + kSumLanes <= cols; e += kSumLanes)
+              for (int l = 0; l < kSumLanes; ++l) {
+                a[l] += math::adafactor_square(gr[e + l], k.adafactor);
+                c[l] += static_cast<double>(pr[e + l]) * pr[e + l];
+              }
+            for (int l = 0; e < cols; ++e, ++l) {
+              a[l] += math::adafactor_square(gr[e], k.adafactor);
+              c[l] += static_cast<double>(pr[e]) * pr[e];
             }
-            row_sum[r] = a;
-            row_pp[r] = c;
+            row_sum[r] = sum_lanes(a);
+            row_pp[r] = sum_lanes(c);
           }
         });
-        for_my_rows(batches * cols, [&](std::int64_t c0, std::int64_t c1) {
-          for (std::int64_t bc = c0; bc < c1; ++bc) {
-            const std::int64_t b = bc / cols, c = bc % cols;
-            double a = 0;
-            for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r)
-              a += math::adafactor_square(g[r * cols + c], k.adafactor);
-            col_sum[bc] = a;
+        // Column sums over tiles of kColumnTile columns: each row adds a contiguous segment, rows
+        // in order, so every column sum has a fixed order whatever the thread count.
+        const std::int64_t tiles = (cols + kColumnTile - 1) / kColumnTile;
+        for_my_rows(batches * tiles, [&](std::int64_t t0, std::int64_t t1) {
+          for (std::int64_t bt = t0; bt < t1; ++bt) {
+            const std::int64_t b = bt / tiles, c0 = (bt % tiles) * kColumnTile;
+            const std::int64_t width = std::min<std::int64_t>(kColumnTile, cols - c0);
+            double a[kColumnTile] = {};
+            for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r) {
+              const float* __restrict gr = g + r * cols + c0;
+              if (width == kColumnTile) {
+                for (int l = 0; l < kColumnTile; ++l) a[l] += math::adafactor_square(gr[l], k.adafactor);
+              } else {
+                for (std::int64_t l = 0; l < width; ++l) a[l] += math::adafactor_square(gr[l], k.adafactor);
+              }
+            }
+            for (std::int64_t l = 0; l < width; ++l) col_sum[b * cols + c0 + l] = a[l];
           }
         });
       }
@@ -411,13 +441,20 @@ void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
       for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
         for (std::int64_t r = r0; r < r1; ++r) {
           const float rf = static_cast<float>(r_factor[r]);
-          const double* cf = c_factor + (r / t.batch_rows) * cols;
-          double a = 0;
-          for (std::int64_t c = 0; c < cols; ++c) {
-            const float u = math::adafactor_factored(g[r * cols + c], rf, static_cast<float>(cf[c]), k.adafactor);
-            a += static_cast<double>(u) * u;
+          const double* __restrict cf = c_factor + (r / t.batch_rows) * cols;
+          const float* __restrict gr = g + r * cols;
+          double a[kSumLanes] = {};
+          std::int64_t c = 0;
+          for (; c + kSumLanes <= cols; c += kSumLanes)
+            for (int l = 0; l < kSumLanes; ++l) {
+              const float u = math::adafactor_factored(gr[c + l], rf, static_cast<float>(cf[c + l]), k.adafactor);
+              a[l] += static_cast<double>(u) * u;
+            }
+          for (int l = 0; c < cols; ++c, ++l) {
+            const float u = math::adafactor_factored(gr[c], rf, static_cast<float>(cf[c]), k.adafactor);
+            a[l] += static_cast<double>(u) * u;
           }
-          row_uu[r] = a;
+          row_uu[r] = sum_lanes(a);
         }
       });
       for (std::int64_t r = 0; r < rows; ++r) {
@@ -543,11 +580,15 @@ struct BlockRule {
           const double* gg = t.scratch.data() + adamp_view_rows(t);
           const double* dot = t.scratch.data() + 3 * adamp_view_rows(t);
           const std::int64_t vlen = k.adamp_view == 1 ? t.numel / adamp_view_rows(t) : t.numel;
-          for (std::int64_t i = 0; i < n; ++i) {
+          // Row by row, so that the inner loop has loop-invariant projection terms.
+          for (std::int64_t i = 0; i < n;) {
             const std::int64_t r = (b + i) / vlen;
-            const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
-            math::adamp_apply(p[i], perturb, static_cast<float>(gg[r]), static_cast<float>(dot[r]),
-                              k.adamp_decay, k.adamp.step_size);
+            const std::int64_t end = std::min(n, (r + 1) * vlen - b);
+            const float ggr = static_cast<float>(gg[r]), dotr = static_cast<float>(dot[r]);
+            for (; i < end; ++i) {
+              const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
+              math::adamp_apply(p[i], perturb, ggr, dotr, k.adamp_decay, k.adamp.step_size);
+            }
           }
         }
         break;
@@ -559,13 +600,25 @@ struct BlockRule {
           const double* r_factor = t.scratch.data() + 3 * rows + batches * cols;
           const double* c_factor = r_factor + rows;
           float* __restrict m = s0;
-          for (std::int64_t i = 0; i < n; ++i) {
-            const std::int64_t e = b + i, r = e / cols, c = e % cols;
-            const float u = math::adafactor_factored(g[i], static_cast<float>(r_factor[r]),
-                                                     static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]),
-                                                     k.adafactor);
-            if (fm) math::adafactor_apply<true>(p[i], u, m[i], k.adafactor);
-            else math::adafactor_apply<false>(p[i], u, m[i], k.adafactor);
+          // Row by row: one division per row segment, and a contiguous inner loop over columns.
+          for (std::int64_t i = 0; i < n;) {
+            const std::int64_t e = b + i, r = e / cols, c0 = e % cols;
+            const std::int64_t len = std::min(n - i, cols - c0);
+            const float rf = static_cast<float>(r_factor[r]);
+            const double* __restrict cf = c_factor + (r / t.batch_rows) * cols + c0;
+            float* __restrict pr = p + i;
+            const float* __restrict gr = g + i;
+            float* __restrict mr = m + i;
+            if (fm) {
+              for (std::int64_t j = 0; j < len; ++j)
+                math::adafactor_apply<true>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), k.adafactor),
+                                            mr[j], k.adafactor);
+            } else {
+              for (std::int64_t j = 0; j < len; ++j)
+                math::adafactor_apply<false>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), k.adafactor),
+                                             mr[j], k.adafactor);
+            }
+            i += len;
           }
         } else {
           for (std::int64_t i = 0; i < n; ++i) {
@@ -584,15 +637,13 @@ struct BlockRule {
 
 double grad_norm(Optimizer::Impl& impl, float inv_scale) {
   parallel_chunks(impl, [&](std::int64_t c, const Chunk& ch, TensorState& t, BlockScratch&) {
-    // NOTE: sixteen independent double accumulators (four AVX2 registers) hide the add latency; a
-    // single reduction variable made this read-only pass run at half the copy bandwidth. The
-    // order of the sums is fixed, so the norm does not depend on the thread count.
+    // Independent accumulators (see kSumLanes): a single one ran this pass at half the copy
+    // bandwidth.
     const float* __restrict g = t.param.grad;
-    constexpr int kLanes = 16;
-    double acc[kLanes] = {};
+    double acc[kSumLanes] = {};
     std::int64_t e = ch.begin;
-    for (; e + kLanes <= ch.end; e += kLanes)
-      for (int k = 0; k < kLanes; ++k) {
+    for (; e + kSumLanes <= ch.end; e += kSumLanes)
+      for (int k = 0; k < kSumLanes; ++k) {
         const double x = static_cast<double>(g[e + k]);
         acc[k] += x * x;
       }
@@ -600,9 +651,7 @@ double grad_norm(Optimizer::Impl& impl, float inv_scale) {
       const double x = static_cast<double>(g[e]);
       acc[k] += x * x;
     }
-    double sum = 0.0;
-    for (double a : acc) sum += a;
-    impl.chunk_partials[c] = sum;
+    impl.chunk_partials[c] = sum_lanes(acc);
   });
   double total = 0.0;
   for (std::size_t c = 0; c < impl.chunks.size(); ++c)
