@@ -551,30 +551,46 @@ struct BlockRule {
     float* __restrict s2 = s[2];
     switch (impl.options.algorithm) {
       case Algorithm::kSgd:
-        for (std::int64_t i = 0; i < n; ++i) math::sgd_update(p[i], g[i], s0[i], k.sgd);
+      {
+        // Constants copied to locals: through the reference the compiler must assume the stores
+        // alias them, reloads them every element and does not vectorise.
+        const math::SgdStep c = k.sgd;
+        for (std::int64_t i = 0; i < n; ++i) math::sgd_update(p[i], g[i], s0[i], c);
+      }
         break;
       case Algorithm::kAdam:
       case Algorithm::kAdamW:
-        if (impl.hyper.amsgrad) {
-          for (std::int64_t i = 0; i < n; ++i) math::adam_update<true>(p[i], g[i], s0[i], s1[i], s2[i], k.adam);
+        if (const math::AdamStep c = k.adam; impl.hyper.amsgrad) {
+          for (std::int64_t i = 0; i < n; ++i) math::adam_update<true>(p[i], g[i], s0[i], s1[i], s2[i], c);
         } else {
-          for (std::int64_t i = 0; i < n; ++i) math::adam_update<false>(p[i], g[i], s0[i], s1[i], s2[i], k.adam);
+          for (std::int64_t i = 0; i < n; ++i) math::adam_update<false>(p[i], g[i], s0[i], s1[i], s2[i], c);
         }
         break;
       case Algorithm::kLion:
-        for (std::int64_t i = 0; i < n; ++i) math::lion_update(p[i], g[i], s0[i], k.lion);
+      {
+        const math::LionStep c = k.lion;
+        for (std::int64_t i = 0; i < n; ++i) math::lion_update(p[i], g[i], s0[i], c);
+      }
         break;
       case Algorithm::kQhm:
-        for (std::int64_t i = 0; i < n; ++i) math::qhm_update(p[i], g[i], s0[i], k.qhm);
+      {
+        const math::QhmStep c = k.qhm;
+        for (std::int64_t i = 0; i < n; ++i) math::qhm_update(p[i], g[i], s0[i], c);
+      }
         break;
       case Algorithm::kSophiaG:
-        for (std::int64_t i = 0; i < n; ++i) math::sophia_update(p[i], g[i], s0[i], s1[i], k.sophia);
+      {
+        const math::SophiaStep c = k.sophia;
+        for (std::int64_t i = 0; i < n; ++i) math::sophia_update(p[i], g[i], s0[i], s1[i], c);
+      }
         break;
       case Algorithm::kAdamP: {
+        const math::AdamPStep ka = k.adamp;
+        const float adamp_decay = k.adamp_decay;
         if (k.adamp_view == 0) {
           for (std::int64_t i = 0; i < n; ++i) {
-            const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
-            math::adamp_apply(p[i], perturb, 0.0f, 0.0f, k.adamp_decay, k.adamp.step_size);
+            const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], ka);
+            math::adamp_apply(p[i], perturb, 0.0f, 0.0f, adamp_decay, ka.step_size);
           }
         } else {
           const double* gg = t.scratch.data() + adamp_view_rows(t);
@@ -586,14 +602,15 @@ struct BlockRule {
             const std::int64_t end = std::min(n, (r + 1) * vlen - b);
             const float ggr = static_cast<float>(gg[r]), dotr = static_cast<float>(dot[r]);
             for (; i < end; ++i) {
-              const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], k.adamp);
-              math::adamp_apply(p[i], perturb, ggr, dotr, k.adamp_decay, k.adamp.step_size);
+              const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], ka);
+              math::adamp_apply(p[i], perturb, ggr, dotr, adamp_decay, ka.step_size);
             }
           }
         }
         break;
       }
       case Algorithm::kAdafactor: {
+        const math::AdafactorStep ka = k.adafactor;
         const bool fm = impl.hyper.first_moment;
         if (t.factored) {
           const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
@@ -611,20 +628,20 @@ struct BlockRule {
             float* __restrict mr = m + i;
             if (fm) {
               for (std::int64_t j = 0; j < len; ++j)
-                math::adafactor_apply<true>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), k.adafactor),
-                                            mr[j], k.adafactor);
+                math::adafactor_apply<true>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
+                                            mr[j], ka);
             } else {
               for (std::int64_t j = 0; j < len; ++j)
-                math::adafactor_apply<false>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), k.adafactor),
-                                             mr[j], k.adafactor);
+                math::adafactor_apply<false>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
+                                             mr[j], ka);
             }
             i += len;
           }
         } else {
           for (std::int64_t i = 0; i < n; ++i) {
-            const float u = math::adafactor_unfactored(g[i], s0[i], k.adafactor);
-            if (fm) math::adafactor_apply<true>(p[i], u, s1[i], k.adafactor);
-            else math::adafactor_apply<false>(p[i], u, s1[i], k.adafactor);
+            const float u = math::adafactor_unfactored(g[i], s0[i], ka);
+            if (fm) math::adafactor_apply<true>(p[i], u, s1[i], ka);
+            else math::adafactor_apply<false>(p[i], u, s1[i], ka);
           }
         }
         break;
