@@ -21,6 +21,13 @@
 namespace nibble {
 namespace {
 
+// "t0", "t1", ... (appended, not operator+: GCC 12 warns falsely on the latter).
+std::string tensor_name(std::size_t i) {
+  std::string name = "t";
+  name += std::to_string(i);
+  return name;
+}
+
 using Shape = std::vector<std::int64_t>;
 using Arrays = std::vector<std::vector<float>>;
 
@@ -157,7 +164,7 @@ OptRun make_run(const Problem& pr, Arrays& grads, const AlgoSetup& setup, Precis
   r.p = pr.init;
   ParamGroup group;
   for (std::size_t i = 0; i < pr.shapes.size(); ++i)
-    group.params.push_back({"t" + std::to_string(i), pr.shapes[i], r.p[i].data(), grads[i].data()});
+    group.params.push_back({tensor_name(i), pr.shapes[i], r.p[i].data(), grads[i].data()});
   OptimizerOptions o;
   o.algorithm = setup.algorithm;
   o.hyper = setup.hyper;

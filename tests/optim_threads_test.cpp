@@ -15,6 +15,13 @@
 namespace nibble {
 namespace {
 
+// "t0", "t1", ... (appended, not operator+: GCC 12 warns falsely on the latter).
+std::string tensor_name(std::size_t i) {
+  std::string name = "t";
+  name += std::to_string(i);
+  return name;
+}
+
 using Shape = std::vector<std::int64_t>;
 
 enum class Orthogonal { kNone, kPerRow, kWholeTensor };
@@ -51,7 +58,7 @@ std::vector<std::vector<float>> run(Algorithm algorithm, Precision precision, Or
     g.emplace_back(p.back().size());
   }
   for (std::size_t i = 0; i < shapes.size(); ++i)
-    group.params.push_back({"t" + std::to_string(i), shapes[i], p[i].data(), g[i].data()});
+    group.params.push_back({tensor_name(i), shapes[i], p[i].data(), g[i].data()});
   OptimizerOptions options;
   options.algorithm = algorithm;
   options.precision = precision;

@@ -17,6 +17,8 @@ namespace nibble::cli {
 void add_optimizers_command(CLI::App& app);
 // `nibble step-bench`: time the optimizer step alone against the machine's copy bandwidth.
 void add_step_bench_command(CLI::App& app);
+// `nibble train` and `nibble sample`: the GPT training engine and text generation.
+void add_train_command(CLI::App& app);
 
 // The helpers below are defined in main.cpp.
 

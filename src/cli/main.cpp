@@ -98,6 +98,7 @@ int main(int argc, char** argv) {
   app.require_subcommand(1);
   nibble::cli::add_optimizers_command(app);
   nibble::cli::add_step_bench_command(app);
+  nibble::cli::add_train_command(app);
   // Set after the subcommands exist, which would otherwise inherit it.
   app.footer("Run 'nibble <subcommand> --help' for the flags of a subcommand.");
 

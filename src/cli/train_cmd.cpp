@@ -1,0 +1,183 @@
+// `nibble train`: train the GPT on a text file (or the default corpus) with any nibble optimizer,
+// and `nibble sample`: generate text from a training checkpoint.
+#include <fmt/format.h>
+#include <omp.h>
+
+#include <CLI/CLI.hpp>
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "cli/commands.hpp"
+#include "model/gpt.hpp"
+#include "nibble/error.hpp"
+#include "nibble/rng.hpp"
+#include "train/data.hpp"
+#include "train/trainer.hpp"
+
+namespace nibble::cli {
+namespace {
+
+struct TrainFlags {
+  train::TrainOptions o;
+  std::string algorithm = "adamw";
+  std::string precision = "fp32";
+  std::string schedule = "cosine";
+  std::string data, checkpoint_dir, log_csv;
+  std::int64_t layers = 0, heads = 0, width = 0, context = 0;
+  float lr = 0, weight_decay = -1, beta1 = -1, beta2 = -1, eps = 0;
+  int threads = 0;
+};
+
+void run_train(TrainFlags& f) {
+  train::TrainOptions& o = f.o;
+  const auto algorithm = algorithm_from_name(f.algorithm);
+  if (!algorithm) throw InvalidArgument(fmt::format("unknown optimizer '{}'", f.algorithm));
+  const auto precision = precision_from_name(f.precision);
+  if (!precision) throw InvalidArgument(fmt::format("unknown state precision '{}'", f.precision));
+  o.algorithm = *algorithm;
+  o.precision = *precision;
+  o.schedule = schedule_from_name(f.schedule);
+  if (f.layers > 0) o.layers = f.layers;
+  if (f.heads > 0) o.heads = f.heads;
+  if (f.width > 0) o.width = f.width;
+  if (f.context > 0) o.context = f.context;
+  if (f.lr > 0) o.lr = f.lr;
+  if (f.weight_decay >= 0) o.weight_decay = f.weight_decay;
+  if (f.beta1 >= 0) o.beta1 = f.beta1;
+  if (f.beta2 >= 0) o.beta2 = f.beta2;
+  if (f.eps > 0) o.eps = f.eps;
+  o.data = f.data;
+  o.checkpoint_dir = f.checkpoint_dir;
+  o.log_csv = f.log_csv;
+  if (f.threads > 0) omp_set_num_threads(f.threads);
+  const train::TrainSummary s = train::train(o);
+  fmt::print("done: {} steps, {:.0f} tokens/s, optimizer {:.1f}% of step time", s.steps, s.tokens_per_s,
+             100.0 * s.optimizer_share);
+  if (s.first_val_loss && s.last_val_loss)
+    fmt::print(", validation loss {:.4f} -> {:.4f}", *s.first_val_loss, *s.last_val_loss);
+  fmt::print("\n");
+}
+
+struct SampleFlags {
+  std::string checkpoint_dir;
+  std::string prompt = "\n";
+  std::int64_t tokens = 200;
+  float temperature = 1.0f;
+  int top_k = 0;
+  std::uint64_t seed = 0;
+};
+
+void run_sample(const SampleFlags& f) {
+  if (!(f.temperature > 0.0f) || !std::isfinite(f.temperature))
+    throw InvalidArgument(fmt::format("temperature must be finite and > 0, got {}", f.temperature));
+  if (f.top_k < 0) throw InvalidArgument(fmt::format("top-k must be >= 0, got {}", f.top_k));
+  const train::LoadedModel m = train::load_model(f.checkpoint_dir);
+  const train::CharTokenizer tok = train::CharTokenizer::from_metadata(m.vocab_metadata);
+  if (tok.size() != m.config.vocab)
+    throw FormatError(fmt::format("checkpoint vocabulary has {} entries, the model {}", tok.size(), m.config.vocab));
+  std::vector<std::int32_t> ids = tok.encode(f.prompt);
+  if (ids.empty()) throw InvalidArgument("the prompt is empty");
+  const std::int64_t T = m.config.context, V = m.config.vocab;
+  model::Gpt gpt(m.config, 1, T);
+  std::copy(m.params.begin(), m.params.end(), gpt.params());
+  Rng rng(f.seed);
+  std::vector<std::int32_t> window(static_cast<std::size_t>(T), 0);
+  std::vector<float> p(static_cast<std::size_t>(V));
+  std::vector<std::int32_t> order(static_cast<std::size_t>(V));
+  fmt::print("{}", f.prompt);
+  for (std::int64_t n = 0; n < f.tokens; ++n) {
+    // The last T tokens, left-aligned: causal attention makes the padding after them irrelevant.
+    const std::int64_t len = std::min<std::int64_t>(T, static_cast<std::int64_t>(ids.size()));
+    std::fill(window.begin(), window.end(), 0);
+    std::copy(ids.end() - len, ids.end(), window.begin());
+    gpt.forward(window.data(), nullptr, false);
+    const float* logits = gpt.logits() + (len - 1) * V;
+    float top = -INFINITY;
+    for (std::int64_t v = 0; v < V; ++v) top = std::max(top, logits[v] / f.temperature);
+    double total = 0.0;
+    for (std::int64_t v = 0; v < V; ++v) total += p[static_cast<std::size_t>(v)] = std::exp(logits[v] / f.temperature - top);
+    if (f.top_k > 0 && f.top_k < V) {
+      std::iota(order.begin(), order.end(), 0);
+      std::nth_element(order.begin(), order.begin() + f.top_k, order.end(),
+                       [&](std::int32_t a, std::int32_t b) { return p[static_cast<std::size_t>(a)] > p[static_cast<std::size_t>(b)]; });
+      for (std::size_t i = static_cast<std::size_t>(f.top_k); i < order.size(); ++i) {
+        total -= p[static_cast<std::size_t>(order[i])];
+        p[static_cast<std::size_t>(order[i])] = 0.0f;
+      }
+    }
+    const double u = static_cast<double>(rng.uniform()) * total;
+    double acc = 0.0;
+    std::int32_t pick = 0;
+    for (std::int64_t v = 0; v < V; ++v) {
+      acc += p[static_cast<std::size_t>(v)];
+      if (p[static_cast<std::size_t>(v)] > 0.0f) pick = static_cast<std::int32_t>(v);
+      if (u < acc) break;
+    }
+    ids.push_back(pick);
+    const std::int32_t one[1] = {pick};
+    fmt::print("{}", tok.decode(one));
+    std::fflush(stdout);
+  }
+  fmt::print("\n");
+}
+
+}  // namespace
+
+void add_train_command(CLI::App& app) {
+  auto f = std::make_shared<TrainFlags>();
+  CLI::App* sub = app.add_subcommand(
+      "train", "Train a character-level GPT from scratch on a text file (default: the fortunes corpus) with any "
+               "nibble optimizer and state precision.");
+  train::TrainOptions& o = f->o;
+  sub->add_option("--preset", o.preset, fmt::format("Model size: {}", model::gpt_preset_names()))->capture_default_str();
+  sub->add_option("--layers", f->layers, "Override the preset's number of layers");
+  sub->add_option("--heads", f->heads, "Override the preset's attention heads (must divide the width)");
+  sub->add_option("--width", f->width, "Override the preset's width (channels)");
+  sub->add_option("--context", f->context, "Override the preset's context length");
+  sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->capture_default_str();
+  sub->add_option("--data", f->data, "Text file to train on (default: the `fortunes` package's text)");
+  sub->add_option("--val-fraction", o.val_fraction, "Last fraction of the text kept for validation")->capture_default_str();
+  sub->add_option("--optimizer", f->algorithm, "sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag")->capture_default_str();
+  sub->add_option("--precision", f->precision, "Optimizer state precision: fp32, bf16, 8bit, 4bit")->capture_default_str();
+  sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)");
+  sub->add_option("--weight-decay", f->weight_decay, "Weight decay (default: the optimizer's); none on vectors");
+  sub->add_option("--beta1", f->beta1, "beta1 (default: the optimizer's)");
+  sub->add_option("--beta2", f->beta2, "beta2 (default: the optimizer's)");
+  sub->add_option("--eps", f->eps, "epsilon (default: the optimizer's)");
+  sub->add_option("--schedule", f->schedule, "Learning-rate schedule: constant, cosine, onecycle, linear")->capture_default_str();
+  sub->add_option("--warmup", o.warmup, "Linear warm-up steps (cosine, linear)")->capture_default_str();
+  sub->add_option("--min-lr-ratio", o.min_lr_ratio, "Floor of the decay as a fraction of the peak lr")->capture_default_str();
+  sub->add_option("--grad-clip", o.grad_clip, "Clip gradients to this global norm; 0: off")->capture_default_str();
+  sub->add_option("--hessian-every", o.hessian_every, "SophiaG: Gauss-Newton-Bartlett Hessian estimate every k steps")->capture_default_str();
+  sub->add_option("--batch", o.batch, "Sequences per micro-batch")->capture_default_str();
+  sub->add_option("--seq", o.seq, "Tokens per sequence; 0: the model's context")->capture_default_str();
+  sub->add_option("--accum", o.accum, "Micro-batches accumulated per optimizer step")->capture_default_str();
+  sub->add_option("--steps", o.steps, "Optimizer steps (also the schedule's length)")->capture_default_str();
+  sub->add_option("--time-budget", o.time_budget_s, "Stop after this many seconds of training; 0: no limit")->capture_default_str();
+  sub->add_option("--eval-every", o.eval_every, "Validation loss every N steps (and at the end); 0: only at the end")->capture_default_str();
+  sub->add_option("--eval-batches", o.eval_batches, "Validation batches per evaluation")->capture_default_str();
+  sub->add_option("--seed", o.seed, "Seed of initialisation, batches and dropout")->capture_default_str();
+  sub->add_option("--checkpoint-dir", f->checkpoint_dir, "Directory of model.safetensors + optimizer.safetensors");
+  sub->add_option("--save-every", o.save_every, "Write a checkpoint every N steps (and at the end); 0: never")->capture_default_str();
+  sub->add_flag("--resume", o.resume, "Continue the run saved in --checkpoint-dir, bit for bit");
+  sub->add_option("--log-csv", f->log_csv, "Also write every step's log line to this CSV file");
+  sub->add_option("--threads", f->threads, "OpenMP threads; 0 keeps OpenMP's default");
+  sub->footer("Each step prints step, loss, lr, gradient norm, ms and tokens/s; a progress bar shows on a terminal.");
+  sub->callback([f] { run_train(*f); });
+
+  auto s = std::make_shared<SampleFlags>();
+  CLI::App* sample = app.add_subcommand("sample", "Generate text from a `nibble train` checkpoint.");
+  sample->add_option("--checkpoint-dir", s->checkpoint_dir, "Checkpoint directory written by nibble train")->required();
+  sample->add_option("--prompt", s->prompt, "Text to start from (its characters must be in the vocabulary)");
+  sample->add_option("--tokens", s->tokens, "Characters to generate")->capture_default_str();
+  sample->add_option("--temperature", s->temperature, "Softmax temperature, > 0")->capture_default_str();
+  sample->add_option("--top-k", s->top_k, "Sample among the k most likely characters; 0: all")->capture_default_str();
+  sample->add_option("--seed", s->seed, "Seed of the sampling")->capture_default_str();
+  sample->callback([s] { run_sample(*s); });
+}
+
+}  // namespace nibble::cli

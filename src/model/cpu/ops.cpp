@@ -1,0 +1,358 @@
+// CPU forward and backward of the GPT ops, after llm.c's train_gpt2.c (Karpathy 2024): OpenMP over
+// rows or (batch, head) pairs, matrix products through OpenBLAS. Every sum has a fixed order (sums
+// over rows run per column block, never per thread), so results do not depend on the thread count.
+#include "model/cpu/ops.hpp"
+
+#include <cblas.h>
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "nibble/error.hpp"
+
+namespace nibble::model::cpu {
+namespace {
+
+// Sums over rows (bias and weight gradients) are taken a block of columns at a time: each block
+// belongs to one thread and walks all rows in order, with double accumulators on the stack.
+constexpr std::int64_t kColumnBlock = 64;
+constexpr float kLayerNormEps = 1e-5f;
+constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
+constexpr float kGeluCubic = 0.044715f;
+
+// NOTE: without -ffast-math the compiler may not reorder a float reduction, so a single
+// accumulator runs one add per cycle latency. kLanes independent partial sums in a fixed order
+// vectorise and stay deterministic.
+constexpr int kLanes = 8;
+
+float dot(const float* __restrict a, const float* __restrict b, std::int64_t n) {
+  float lane[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += a[i + j] * b[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float sum(const float* __restrict a, std::int64_t n) {
+  float lane[kLanes] = {};
+  std::int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lane[j] += a[i + j];
+  float s = 0.0f;
+  for (int j = 0; j < kLanes; ++j) s += lane[j];
+  for (; i < n; ++i) s += a[i];
+  return s;
+}
+
+// y += alpha * x
+void axpy(float* __restrict y, float alpha, const float* __restrict x, std::int64_t n) {
+  for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// OpenBLAS takes 32-bit dimensions; a larger one would silently wrap.
+int blas_dim(std::int64_t n, const char* what) {
+  if (n > std::numeric_limits<int>::max())
+    throw InvalidArgument(fmt::format("matmul {} of {} exceeds the BLAS limit of 2^31 - 1", what, n));
+  return static_cast<int>(n);
+}
+
+void check_targets(const std::int32_t* targets, std::int64_t BT, std::int64_t V) {
+  for (std::int64_t i = 0; i < BT; ++i)
+    if (targets[i] < 0 || targets[i] >= V)
+      throw InvalidArgument(
+          fmt::format("target {} at position {} is outside the vocabulary of {}", targets[i], i, V));
+}
+
+}  // namespace
+
+void embedding_forward(float* out, const std::int32_t* tokens, const float* wte, const float* wpe,
+                       std::int64_t B, std::int64_t T, std::int64_t C) {
+#pragma omp parallel for collapse(2) schedule(static)
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < T; ++t) {
+      float* o = out + (b * T + t) * C;
+      const float* e = wte + static_cast<std::int64_t>(tokens[b * T + t]) * C;
+      const float* p = wpe + t * C;
+      for (std::int64_t c = 0; c < C; ++c) o[c] = e[c] + p[c];
+    }
+}
+
+void embedding_backward(float* dwte, float* dwpe, const float* dout, const std::int32_t* tokens,
+                        std::int64_t B, std::int64_t T, std::int64_t C) {
+  // NOTE: a token repeated in the batch adds into the same dwte row from several positions, so
+  // rows cannot be split among threads; columns can, and each column then sums rows in order.
+  const std::int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t blk = 0; blk < blocks; ++blk) {
+    const std::int64_t c0 = blk * kColumnBlock;
+    const std::int64_t n = std::min(kColumnBlock, C - c0);
+    for (std::int64_t b = 0; b < B; ++b)
+      for (std::int64_t t = 0; t < T; ++t) {
+        const float* d = dout + (b * T + t) * C + c0;
+        float* e = dwte + static_cast<std::int64_t>(tokens[b * T + t]) * C + c0;
+        float* p = dwpe + t * C + c0;
+        for (std::int64_t c = 0; c < n; ++c) {
+          e[c] += d[c];
+          p[c] += d[c];
+        }
+      }
+  }
+}
+
+void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
+                       const float* bias, std::int64_t N, std::int64_t C) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < N; ++i) {
+    const float* x = in + i * C;
+    float* o = out + i * C;
+    const float m = sum(x, C) * inv_c;
+    // Two passes (mean, then squared deviations): E[x^2] - m^2 cancels badly when |m| >> std.
+    float lane[kLanes] = {};
+    std::int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float dx = x[c + j] - m;
+        lane[j] += dx * dx;
+      }
+    float var = 0.0f;
+    for (int j = 0; j < kLanes; ++j) var += lane[j];
+    for (; c < C; ++c) var += (x[c] - m) * (x[c] - m);
+    const float s = 1.0f / std::sqrt(var * inv_c + kLayerNormEps);
+    for (c = 0; c < C; ++c) o[c] = (x[c] - m) * s * weight[c] + bias[c];
+    mean[i] = m;
+    rstd[i] = s;
+  }
+}
+
+void layernorm_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                        const float* weight, const float* mean, const float* rstd, std::int64_t N,
+                        std::int64_t C) {
+  const float inv_c = 1.0f / static_cast<float>(C);
+  // din = rstd * (g - mean(g) - xhat * mean(g * xhat)), g = dout * weight, xhat the normalised input.
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < N; ++i) {
+    const float* x = in + i * C;
+    const float* d = dout + i * C;
+    float* dx = din + i * C;
+    const float m = mean[i], s = rstd[i];
+    float lane_g[kLanes] = {}, lane_gx[kLanes] = {};
+    std::int64_t c = 0;
+    for (; c + kLanes <= C; c += kLanes)
+      for (int j = 0; j < kLanes; ++j) {
+        const float g = d[c + j] * weight[c + j];
+        lane_g[j] += g;
+        lane_gx[j] += g * ((x[c + j] - m) * s);
+      }
+    float g_mean = 0.0f, gx_mean = 0.0f;
+    for (int j = 0; j < kLanes; ++j) {
+      g_mean += lane_g[j];
+      gx_mean += lane_gx[j];
+    }
+    for (; c < C; ++c) {
+      const float g = d[c] * weight[c];
+      g_mean += g;
+      gx_mean += g * ((x[c] - m) * s);
+    }
+    g_mean *= inv_c;
+    gx_mean *= inv_c;
+    for (c = 0; c < C; ++c) {
+      const float xhat = (x[c] - m) * s;
+      dx[c] += s * (d[c] * weight[c] - g_mean - xhat * gx_mean);
+    }
+  }
+  const std::int64_t blocks = (C + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t blk = 0; blk < blocks; ++blk) {
+    const std::int64_t c0 = blk * kColumnBlock;
+    const std::int64_t n = std::min(kColumnBlock, C - c0);
+    double acc_w[kColumnBlock] = {}, acc_b[kColumnBlock] = {};
+    for (std::int64_t i = 0; i < N; ++i) {
+      const float* x = in + i * C + c0;
+      const float* d = dout + i * C + c0;
+      const float m = mean[i], s = rstd[i];
+      for (std::int64_t c = 0; c < n; ++c) {
+        acc_w[c] += static_cast<double>(d[c] * ((x[c] - m) * s));
+        acc_b[c] += static_cast<double>(d[c]);
+      }
+    }
+    for (std::int64_t c = 0; c < n; ++c) {
+      dweight[c0 + c] += static_cast<float>(acc_w[c]);
+      dbias[c0 + c] += static_cast<float>(acc_b[c]);
+    }
+  }
+}
+
+void matmul_forward(float* out, const float* in, const float* weight, const float* bias, std::int64_t N,
+                    std::int64_t IC, std::int64_t OC) {
+  if (N <= 0 || OC <= 0) return;
+  if (bias != nullptr) {
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < N; ++i)
+      for (std::int64_t o = 0; o < OC; ++o) out[i * OC + o] = bias[o];
+  } else if (IC <= 0) {
+    for (std::int64_t i = 0; i < N * OC; ++i) out[i] = 0.0f;
+  }
+  if (IC <= 0) return;
+  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(N, "rows"), blas_dim(OC, "output channels"),
+              blas_dim(IC, "input channels"), 1.0f, in, static_cast<int>(IC), weight, static_cast<int>(IC),
+              bias != nullptr ? 1.0f : 0.0f, out, static_cast<int>(OC));
+}
+
+void matmul_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
+                     const float* weight, std::int64_t N, std::int64_t IC, std::int64_t OC) {
+  if (N <= 0 || OC <= 0) return;
+  const int n = blas_dim(N, "rows"), ic = blas_dim(IC, "input channels"), oc = blas_dim(OC, "output channels");
+  if (IC > 0) {
+    // din[N, IC] += dout[N, OC] * weight[OC, IC]
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, ic, oc, 1.0f, dout, oc, weight, ic, 1.0f, din, ic);
+    // dweight[OC, IC] += dout[N, OC]^T * in[N, IC]
+    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, oc, ic, n, 1.0f, dout, oc, in, ic, 1.0f, dweight, ic);
+  }
+  if (dbias == nullptr) return;
+  const std::int64_t blocks = (OC + kColumnBlock - 1) / kColumnBlock;
+#pragma omp parallel for schedule(static)
+  for (std::int64_t blk = 0; blk < blocks; ++blk) {
+    const std::int64_t o0 = blk * kColumnBlock;
+    const std::int64_t m = std::min(kColumnBlock, OC - o0);
+    double acc[kColumnBlock] = {};
+    for (std::int64_t i = 0; i < N; ++i) {
+      const float* d = dout + i * OC + o0;
+      for (std::int64_t o = 0; o < m; ++o) acc[o] += static_cast<double>(d[o]);
+    }
+    for (std::int64_t o = 0; o < m; ++o) dbias[o0 + o] += static_cast<float>(acc[o]);
+  }
+}
+
+void attention_forward(float* out, float* att, const float* qkv, std::int64_t B, std::int64_t T,
+                       std::int64_t C, std::int64_t NH) {
+  if (NH <= 0 || C % NH != 0)
+    throw InvalidArgument(fmt::format("attention width {} is not divisible by heads {}", C, NH));
+  const std::int64_t hs = C / NH, C3 = 3 * C;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  // Rows are independent; row t costs O(t), so hand them out dynamically.
+#pragma omp parallel for collapse(3) schedule(dynamic, 4)
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t t = 0; t < T; ++t)
+      for (std::int64_t h = 0; h < NH; ++h) {
+        const float* q = qkv + (b * T + t) * C3 + h * hs;
+        float* a = att + ((b * NH + h) * T + t) * T;
+        float maxv = -std::numeric_limits<float>::infinity();
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
+          const float* k = qkv + (b * T + t2) * C3 + C + h * hs;
+          a[t2] = dot(q, k, hs) * scale;
+          maxv = std::max(maxv, a[t2]);
+        }
+        float total = 0.0f;
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
+          a[t2] = std::exp(a[t2] - maxv);
+          total += a[t2];
+        }
+        const float inv = 1.0f / total;
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) a[t2] *= inv;
+        for (std::int64_t t2 = t + 1; t2 < T; ++t2) a[t2] = 0.0f;
+        float* o = out + (b * T + t) * C + h * hs;
+        for (std::int64_t i = 0; i < hs; ++i) o[i] = 0.0f;
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) axpy(o, a[t2], qkv + (b * T + t2) * C3 + 2 * C + h * hs, hs);
+      }
+}
+
+void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att,
+                        std::int64_t B, std::int64_t T, std::int64_t C, std::int64_t NH) {
+  if (NH <= 0 || C % NH != 0)
+    throw InvalidArgument(fmt::format("attention width {} is not divisible by heads {}", C, NH));
+  const std::int64_t hs = C / NH, C3 = 3 * C;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
+  // NOTE: dk and dv of position t2 collect from every later query t, so a (batch, head) pair is
+  // one thread's work: it owns its slice of dqkv and adds in the order t = 0, 1, ...
+#pragma omp parallel for collapse(2) schedule(static)
+  for (std::int64_t b = 0; b < B; ++b)
+    for (std::int64_t h = 0; h < NH; ++h)
+      for (std::int64_t t = 0; t < T; ++t) {
+        const float* a = att + ((b * NH + h) * T + t) * T;
+        float* da = datt + ((b * NH + h) * T + t) * T;
+        const float* d = dout + (b * T + t) * C + h * hs;
+        const float* q = qkv + (b * T + t) * C3 + h * hs;
+        float* dq = dqkv + (b * T + t) * C3 + h * hs;
+        float weighted = 0.0f;
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
+          const std::int64_t v_off = (b * T + t2) * C3 + 2 * C + h * hs;
+          da[t2] = dot(d, qkv + v_off, hs);
+          axpy(dqkv + v_off, a[t2], d, hs);
+          weighted += a[t2] * da[t2];
+        }
+        // Softmax backward, then the scaled dot products: datt becomes d(score) in place.
+        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
+          const std::int64_t k_off = (b * T + t2) * C3 + C + h * hs;
+          const float ds = a[t2] * (da[t2] - weighted) * scale;
+          da[t2] = ds;
+          axpy(dq, ds, qkv + k_off, hs);
+          axpy(dqkv + k_off, ds, q, hs);
+        }
+        for (std::int64_t t2 = t + 1; t2 < T; ++t2) da[t2] = 0.0f;
+      }
+}
+
+void gelu_forward(float* out, const float* in, std::int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float x = in[i];
+    out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
+  }
+}
+
+void gelu_backward(float* din, const float* in, const float* dout, std::int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) {
+    const float x = in[i];
+    const float th = std::tanh(kGeluScale * (x + kGeluCubic * x * x * x));
+    const float dth = (1.0f - th * th) * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+    din[i] += (0.5f * (1.0f + th) + 0.5f * x * dth) * dout[i];
+  }
+}
+
+void residual_forward(float* out, const float* a, const float* b, std::int64_t n) {
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < n; ++i) out[i] = a[i] + b[i];
+}
+
+void crossentropy_forward(float* losses, float* probs, const float* logits, const std::int32_t* targets,
+                          std::int64_t BT, std::int64_t V) {
+  check_targets(targets, BT, V);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < BT; ++i) {
+    const float* x = logits + i * V;
+    float* p = probs + i * V;
+    float maxv = -std::numeric_limits<float>::infinity();
+    for (std::int64_t v = 0; v < V; ++v) maxv = std::max(maxv, x[v]);
+    // A vocabulary row is long (tens of thousands): the normaliser is summed in double.
+    double total = 0.0;
+    for (std::int64_t v = 0; v < V; ++v) {
+      p[v] = std::exp(x[v] - maxv);
+      total += static_cast<double>(p[v]);
+    }
+    const float inv = static_cast<float>(1.0 / total);
+    for (std::int64_t v = 0; v < V; ++v) p[v] *= inv;
+    // log-sum-exp rather than -log(p[target]): finite even when p[target] underflows to zero.
+    losses[i] = static_cast<float>(std::log(total) - static_cast<double>(x[targets[i]] - maxv));
+  }
+}
+
+void crossentropy_backward(float* dlogits, const float* probs, const std::int32_t* targets, float dloss,
+                           std::int64_t BT, std::int64_t V) {
+  check_targets(targets, BT, V);
+#pragma omp parallel for schedule(static)
+  for (std::int64_t i = 0; i < BT; ++i) {
+    const float* p = probs + i * V;
+    float* d = dlogits + i * V;
+    const std::int64_t target = targets[i];
+    for (std::int64_t v = 0; v < V; ++v) d[v] += (p[v] - (v == target ? 1.0f : 0.0f)) * dloss;
+  }
+}
+
+}  // namespace nibble::model::cpu

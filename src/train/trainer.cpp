@@ -1,0 +1,416 @@
+// The training loop, its log lines, evaluation, Sophia's Gauss-Newton-Bartlett Hessian estimates
+// and checkpoints (model + data position + RNG in one safetensors file, optimizer state in another).
+#include "train/trainer.hpp"
+
+#include <fmt/format.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <vector>
+
+#include "math/common.hpp"
+#include "nibble/error.hpp"
+#include "nibble/rng.hpp"
+#include "nibble/safetensors.hpp"
+#include "train/data.hpp"
+
+namespace nibble::train {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+namespace fs = std::filesystem;
+
+constexpr const char* kFormat = "nibble-train";
+constexpr const char* kSchemaVersion = "1";
+
+model::GptConfig make_config(const TrainOptions& o, std::int64_t vocab) {
+  model::GptConfig c = model::gpt_preset(o.preset);
+  if (o.layers) c.layers = *o.layers;
+  if (o.heads) c.heads = *o.heads;
+  if (o.width) c.width = *o.width;
+  if (o.context) c.context = *o.context;
+  c.vocab = vocab;
+  c.dropout = o.dropout;
+  model::validate(c);
+  return c;
+}
+
+void validate_options(const TrainOptions& o) {
+  auto positive = [](const char* what, std::int64_t v) {
+    if (v <= 0) throw InvalidArgument(fmt::format("{} must be positive, got {}", what, v));
+  };
+  positive("batch", o.batch);
+  positive("accum", o.accum);
+  positive("steps", o.steps);
+  positive("eval batches", o.eval_batches);
+  positive("hessian_every", o.hessian_every);
+  if (o.seq < 0) throw InvalidArgument(fmt::format("seq must be >= 0, got {}", o.seq));
+  if (o.warmup < 0) throw InvalidArgument(fmt::format("warmup must be >= 0, got {}", o.warmup));
+  if (o.eval_every < 0) throw InvalidArgument(fmt::format("eval_every must be >= 0, got {}", o.eval_every));
+  if (o.save_every < 0) throw InvalidArgument(fmt::format("save_every must be >= 0, got {}", o.save_every));
+  if (!(o.grad_clip >= 0.0f) || !std::isfinite(o.grad_clip))
+    throw InvalidArgument(fmt::format("grad_clip must be finite and >= 0, got {}", o.grad_clip));
+  if (!(o.time_budget_s >= 0.0)) throw InvalidArgument(fmt::format("time budget must be >= 0, got {}", o.time_budget_s));
+  if (!(o.min_lr_ratio >= 0.0f && o.min_lr_ratio <= 1.0f))
+    throw InvalidArgument(fmt::format("min_lr_ratio must be in [0, 1], got {}", o.min_lr_ratio));
+  if ((o.save_every > 0 || o.resume) && o.checkpoint_dir.empty())
+    throw InvalidArgument("--save-every and --resume need a checkpoint directory");
+}
+
+std::map<std::string, std::string> config_metadata(const model::GptConfig& c) {
+  return {{"layers", std::to_string(c.layers)}, {"heads", std::to_string(c.heads)},
+          {"width", std::to_string(c.width)},   {"context", std::to_string(c.context)},
+          {"vocab", std::to_string(c.vocab)},   {"dropout", fmt::format("{}", c.dropout)}};
+}
+
+std::int64_t parse_int(const std::map<std::string, std::string>& m, const std::string& key, const fs::path& file) {
+  const auto it = m.find(key);
+  if (it == m.end()) throw FormatError(fmt::format("{}: metadata '{}' is missing", file.string(), key));
+  std::size_t used = 0;
+  long long v = 0;
+  try {
+    v = std::stoll(it->second, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != it->second.size())
+    throw FormatError(fmt::format("{}: metadata '{}' = '{}' is not an integer", file.string(), key, it->second));
+  return v;
+}
+
+std::uint64_t parse_u64(const std::map<std::string, std::string>& m, const std::string& key, const fs::path& file) {
+  const auto it = m.find(key);
+  if (it == m.end()) throw FormatError(fmt::format("{}: metadata '{}' is missing", file.string(), key));
+  std::size_t used = 0;
+  unsigned long long v = 0;
+  try {
+    v = std::stoull(it->second, &used);
+  } catch (const std::exception&) {
+    used = 0;
+  }
+  if (used == 0 || used != it->second.size() || it->second.front() == '-')
+    throw FormatError(fmt::format("{}: metadata '{}' = '{}' is not an unsigned integer", file.string(), key, it->second));
+  return v;
+}
+
+model::GptConfig config_from_metadata(const std::map<std::string, std::string>& m, const fs::path& file) {
+  model::GptConfig c;
+  c.layers = parse_int(m, "layers", file);
+  c.heads = parse_int(m, "heads", file);
+  c.width = parse_int(m, "width", file);
+  c.context = parse_int(m, "context", file);
+  c.vocab = parse_int(m, "vocab", file);
+  const auto it = m.find("dropout");
+  c.dropout = it == m.end() ? 0.0f : std::strtof(it->second.c_str(), nullptr);
+  try {
+    model::validate(c);
+  } catch (const InvalidArgument& e) {
+    throw FormatError(fmt::format("{}: {}", file.string(), e.what()));
+  }
+  return c;
+}
+
+struct TrainerState {
+  std::int64_t step = 0;
+  std::array<std::uint64_t, 4> rng{};
+};
+
+// NOTE: the model file is written after the optimizer file, and both carry the step: a crash
+// between the two renames leaves a pair whose steps differ, which resume refuses.
+void save_checkpoint(const fs::path& dir, const model::Gpt& gpt, const Optimizer& opt, const std::string& vocab,
+                     const TrainerState& st, const TrainOptions& o) {
+  std::error_code ec;
+  fs::create_directories(dir, ec);
+  if (ec) throw IoError(fmt::format("cannot create checkpoint directory '{}': {}", dir.string(), ec.message()));
+  opt.save(dir / "optimizer.safetensors");
+  std::vector<TensorView> views;
+  for (const model::ParamTensor& t : gpt.layout())
+    views.push_back({t.name, DType::F32, t.shape, gpt.params() + t.offset});
+  std::map<std::string, std::string> meta = config_metadata(gpt.config());
+  meta.emplace("format", std::string(kFormat));
+  meta.emplace("schema_version", std::string(kSchemaVersion));
+  meta["vocab_bytes"] = vocab;
+  meta["step"] = std::to_string(st.step);
+  for (int i = 0; i < 4; ++i) meta[fmt::format("rng{}", i)] = std::to_string(st.rng[static_cast<std::size_t>(i)]);
+  meta["seed"] = std::to_string(o.seed);
+  meta["batch"] = std::to_string(o.batch);
+  meta["seq"] = std::to_string(gpt.seq());
+  meta["algorithm"] = std::string(algorithm_name(opt.options().algorithm));
+  meta["precision"] = std::string(precision_name(opt.options().precision));
+  save_safetensors(dir / "model.safetensors", views, meta);
+}
+
+SafetensorsFile open_model_file(const fs::path& dir) {
+  const fs::path file = dir / "model.safetensors";
+  SafetensorsFile f = load_safetensors(file);
+  const auto fmt_it = f.metadata.find("format");
+  if (fmt_it == f.metadata.end() || fmt_it->second != kFormat)
+    throw FormatError(fmt::format("{}: not a nibble training checkpoint (format)", file.string()));
+  const auto v = f.metadata.find("schema_version");
+  if (v == f.metadata.end() || v->second != kSchemaVersion)
+    throw FormatError(fmt::format("{}: unsupported schema_version '{}'", file.string(),
+                                  v == f.metadata.end() ? "" : v->second));
+  return f;
+}
+
+// Copies the checkpoint's parameters into `params` after checking every tensor against `layout`.
+void read_params(const SafetensorsFile& f, const fs::path& file, const std::vector<model::ParamTensor>& layout,
+                 float* params) {
+  if (f.tensors.size() != layout.size())
+    throw StateMismatch(fmt::format("{}: holds {} tensors, the model has {}", file.string(), f.tensors.size(), layout.size()));
+  for (const model::ParamTensor& t : layout) {
+    const Tensor& x = f.at(t.name);
+    if (x.dtype() != DType::F32 || x.shape() != t.shape)
+      throw StateMismatch(fmt::format("{}: tensor '{}' does not match the model's {} shape", file.string(), t.name, "F32"));
+  }
+  for (const model::ParamTensor& t : layout) {
+    const Tensor& x = f.at(t.name);
+    std::memcpy(params + t.offset, x.data(), x.nbytes());
+  }
+}
+
+float eval_loss(model::Gpt& gpt, const TextDataset& data, const TrainOptions& o, std::int64_t step,
+                std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) {
+  // Its own generator, seeded by the step: evaluation never shifts the training batches.
+  Rng rng(math::hash_u32(o.seed ^ 0xe7a1ull, static_cast<std::uint64_t>(step)));
+  double sum = 0.0;
+  for (std::int64_t i = 0; i < o.eval_batches; ++i) {
+    data.sample_batch(Split::kValidation, gpt.batch(), gpt.seq(), rng, inputs.data(), targets.data());
+    sum += gpt.forward(inputs.data(), targets.data(), false);
+  }
+  return static_cast<float>(sum / static_cast<double>(o.eval_batches));
+}
+
+std::string human_bytes(std::int64_t b) {
+  const double v = static_cast<double>(b);
+  if (v >= 1024.0 * 1024 * 1024) return fmt::format("{:.2f} GiB", v / (1024.0 * 1024 * 1024));
+  if (v >= 1024.0 * 1024) return fmt::format("{:.1f} MiB", v / (1024.0 * 1024));
+  return fmt::format("{:.1f} KiB", v / 1024.0);
+}
+
+void progress_bar(std::int64_t done, std::int64_t total, double elapsed_s) {
+  constexpr int kWidth = 30;
+  const double f = total > 0 ? static_cast<double>(done) / static_cast<double>(total) : 0.0;
+  const int filled = static_cast<int>(f * kWidth);
+  const double eta = done > 0 ? elapsed_s / static_cast<double>(done) * static_cast<double>(total - done) : 0.0;
+  std::fprintf(stderr, "\r[%s%s] %3.0f%% step %lld/%lld, eta %.0f s ", std::string(filled, '#').c_str(),
+               std::string(kWidth - filled, ' ').c_str(), 100.0 * f, static_cast<long long>(done),
+               static_cast<long long>(total), eta);
+  std::fflush(stderr);
+}
+
+}  // namespace
+
+TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog&)>& on_step) {
+  validate_options(o);
+  const TextDataset data = o.data.empty()
+                               ? TextDataset(default_corpus_description(), default_corpus(),
+                                             o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction)
+                               : TextDataset(o.data, o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction);
+  const std::string vocab = data.tokenizer().to_metadata();
+  const model::GptConfig config = make_config(o, data.tokenizer().size());
+  const std::int64_t T = o.seq > 0 ? o.seq : config.context;
+  model::Gpt gpt(config, o.batch, T);
+  gpt.init(o.seed);
+
+  OptimizerOptions oo;
+  oo.algorithm = o.algorithm;
+  oo.precision = o.precision;
+  Hyper h = default_hyper(o.algorithm);
+  if (o.lr) h.lr = *o.lr;
+  if (o.weight_decay) h.weight_decay = *o.weight_decay;
+  if (o.beta1) h.beta1 = *o.beta1;
+  if (o.beta2) h.beta2 = *o.beta2;
+  if (o.eps) h.eps = *o.eps;
+  if (o.algorithm == Algorithm::kSophiaG) h.batch_tokens = static_cast<float>(o.batch * T * o.accum);
+  if (o.algorithm == Algorithm::kAdafactor && o.lr) h.relative_step = false;
+  oo.hyper = h;
+  oo.max_grad_norm = o.grad_clip;
+  oo.no_decay_vectors = true;  // no weight decay for biases and LayerNorm weights
+  Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
+
+  Schedule schedule;
+  schedule.kind = o.schedule;
+  schedule.total_steps = o.steps;
+  schedule.warmup_steps = std::min(o.warmup, o.steps);
+  schedule.min_factor = o.min_lr_ratio;
+  schedule.validate();
+
+  TrainerState st;
+  Rng rng(o.seed);
+  if (o.resume) {
+    const SafetensorsFile f = open_model_file(o.checkpoint_dir);
+    const fs::path file = o.checkpoint_dir / "model.safetensors";
+    const model::GptConfig saved = config_from_metadata(f.metadata, file);
+    if (saved.layers != config.layers || saved.heads != config.heads || saved.width != config.width ||
+        saved.context != config.context || saved.vocab != config.vocab)
+      throw StateMismatch(fmt::format("{}: the checkpoint's model ({} layers, {} heads, width {}, context {}, vocab {}) "
+                                      "differs from this run's ({}, {}, {}, {}, {})",
+                                      file.string(), saved.layers, saved.heads, saved.width, saved.context, saved.vocab,
+                                      config.layers, config.heads, config.width, config.context, config.vocab));
+    if (f.metadata.at("vocab_bytes") != vocab)
+      throw StateMismatch(fmt::format("{}: the checkpoint's vocabulary differs from this data's", file.string()));
+    const std::int64_t step = parse_int(f.metadata, "step", file);
+    if (step < 0 || step > o.steps)
+      throw FormatError(fmt::format("{}: step {} is outside [0, {}]", file.string(), step, o.steps));
+    std::array<std::uint64_t, 4> rs{};
+    for (int i = 0; i < 4; ++i) rs[static_cast<std::size_t>(i)] = parse_u64(f.metadata, fmt::format("rng{}", i), file);
+    // Everything is checked before anything is changed; the optimizer checks its own file.
+    std::vector<float> params(static_cast<std::size_t>(gpt.param_count()));
+    read_params(f, file, gpt.layout(), params.data());
+    opt.load(o.checkpoint_dir / "optimizer.safetensors");
+    if (opt.step_count() + opt.skipped_steps() != step)
+      throw StateMismatch(fmt::format("{}: model is at step {} but the optimizer file at {}", file.string(), step,
+                                      opt.step_count() + opt.skipped_steps()));
+    std::memcpy(gpt.params(), params.data(), params.size() * sizeof(float));
+    st.step = step;
+    rng.set_state(rs);
+  }
+
+  std::ofstream csv;
+  if (!o.log_csv.empty()) {
+    csv.open(o.log_csv, o.resume ? std::ios::app : std::ios::trunc);
+    if (!csv) throw IoError(fmt::format("cannot open log file '{}'", o.log_csv.string()));
+    if (!o.resume) csv << "step,loss,lr,grad_norm,ms,optimizer_ms,tokens_per_s,skipped,val_loss\n";
+  }
+
+  TrainSummary sum;
+  sum.param_bytes = gpt.param_bytes();
+  sum.grad_bytes = gpt.grad_bytes();
+  sum.state_bytes = opt.state_stats().state_bytes;
+  sum.activation_bytes = gpt.activation_bytes();
+  if (!o.quiet) {
+    fmt::print("model: {} layers, {} heads, width {}, context {}, vocab {}: {} parameters\n", config.layers,
+               config.heads, config.width, config.context, config.vocab, gpt.param_count());
+    fmt::print("data: {} ({} train / {} validation tokens)\n", data.name(), data.token_count(Split::kTrain),
+               data.token_count(Split::kValidation));
+    fmt::print("optimizer: {} with {} state; batch {} x {} tokens x {} accumulation\n", algorithm_name(o.algorithm),
+               precision_name(o.precision), o.batch, T, o.accum);
+    fmt::print("memory: params {}, grads {}, optimizer state {}, activations {}; total {}\n",
+               human_bytes(sum.param_bytes), human_bytes(sum.grad_bytes), human_bytes(sum.state_bytes),
+               human_bytes(sum.activation_bytes),
+               human_bytes(sum.param_bytes + sum.grad_bytes + sum.state_bytes + sum.activation_bytes));
+  }
+
+  const std::int64_t BT = o.batch * T;
+  std::vector<std::int32_t> inputs(static_cast<std::size_t>(BT)), targets(inputs.size()), sampled(inputs.size());
+  std::vector<float> hessian;
+  if (o.algorithm == Algorithm::kSophiaG) hessian.assign(static_cast<std::size_t>(gpt.param_count()), 0.0f);
+  const bool tty = !o.quiet && ::isatty(STDERR_FILENO) != 0;
+  double total_ms = 0.0, total_opt_ms = 0.0;
+  std::int64_t timed_tokens = 0;
+  const auto start = Clock::now();
+  const std::int64_t first_step = st.step;
+
+  if (st.step == 0) sum.first_val_loss = eval_loss(gpt, data, o, 0, inputs, targets);
+  while (st.step < o.steps) {
+    const auto t0 = Clock::now();
+    gpt.zero_grad();
+    double loss = 0.0;
+    for (std::int64_t micro = 0; micro < o.accum; ++micro) {
+      data.sample_batch(Split::kTrain, o.batch, T, rng, inputs.data(), targets.data());
+      const std::uint64_t dropout_seed = math::hash_u32(o.seed, static_cast<std::uint64_t>(st.step * o.accum + micro));
+      loss += gpt.forward(inputs.data(), targets.data(), true, dropout_seed);
+      gpt.backward(1.0f / static_cast<float>(o.accum));
+    }
+    StepLog log;
+    log.step = st.step + 1;
+    log.loss = static_cast<float>(loss / static_cast<double>(o.accum));
+    const float factor = schedule.factor(st.step);
+    log.lr = opt.hyper().lr * factor;
+    const auto t1 = Clock::now();
+    const StepResult r = opt.step({.grad_scale = 1.0f, .lr_scale = factor});
+    const auto t2 = Clock::now();
+    log.grad_norm = r.grad_norm;
+    log.skipped = r.skipped;
+    if (o.algorithm == Algorithm::kSophiaG && st.step % o.hessian_every == 0) {
+      // Gauss-Newton-Bartlett: the gradient of the loss on labels drawn from the model's own
+      // softmax, squared, estimates the Hessian diagonal (Liu et al., arXiv 2305.14342).
+      Rng label_rng(math::hash_u32(o.seed ^ 0x50f1aull, static_cast<std::uint64_t>(st.step)));
+      gpt.zero_grad();
+      gpt.forward(inputs.data(), nullptr, false);
+      const float* probs = gpt.probs();
+      const std::int64_t V = config.vocab;
+      for (std::int64_t i = 0; i < BT; ++i) {
+        const float u = label_rng.uniform();
+        float acc = 0.0f;
+        std::int32_t pick = static_cast<std::int32_t>(V - 1);
+        for (std::int64_t v = 0; v < V; ++v) {
+          acc += probs[i * V + v];
+          if (u < acc) {
+            pick = static_cast<std::int32_t>(v);
+            break;
+          }
+        }
+        sampled[static_cast<std::size_t>(i)] = pick;
+      }
+      gpt.backward(1.0f, sampled.data());
+      const float* g = gpt.grads();
+      for (std::size_t i = 0; i < hessian.size(); ++i) hessian[i] = g[i] * g[i];
+      std::vector<const float*> estimates;
+      for (const model::ParamTensor& t : gpt.layout()) estimates.push_back(hessian.data() + t.offset);
+      opt.update_hessian(estimates);
+    }
+    ++st.step;
+    const auto t3 = Clock::now();
+    log.ms = std::chrono::duration<double, std::milli>(t3 - t0).count();
+    log.optimizer_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+    log.tokens_per_s = static_cast<double>(BT * o.accum) / (log.ms * 1e-3);
+    total_ms += log.ms;
+    total_opt_ms += log.optimizer_ms;
+    timed_tokens += BT * o.accum;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
+    const bool last = st.step == o.steps || out_of_time;
+    if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
+      log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
+      sum.last_val_loss = log.val_loss;
+    }
+    sum.last_loss = log.loss;
+    if (tty) std::fprintf(stderr, "\r\033[K");
+    if (!o.quiet) {
+      fmt::print("step {:>6} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.1f} ms | {:.0f} tok/s{}{}\n", log.step,
+                 log.loss, log.lr, log.grad_norm, log.ms, log.tokens_per_s, log.skipped ? " | skipped" : "",
+                 log.val_loss ? fmt::format(" | val {:.4f}", *log.val_loss) : std::string());
+      std::fflush(stdout);
+    }
+    if (tty) progress_bar(st.step - first_step, o.steps - first_step, elapsed);
+    if (csv.is_open()) {
+      csv << fmt::format("{},{},{},{},{:.3f},{:.3f},{:.1f},{},{}\n", log.step, log.loss, log.lr, log.grad_norm, log.ms,
+                         log.optimizer_ms, log.tokens_per_s, log.skipped ? 1 : 0,
+                         log.val_loss ? fmt::format("{}", *log.val_loss) : std::string());
+      csv.flush();
+    }
+    if (on_step) on_step(log);
+    if (o.save_every > 0 && (st.step % o.save_every == 0 || last)) {
+      st.rng = rng.state();
+      save_checkpoint(o.checkpoint_dir, gpt, opt, vocab, st, o);
+    }
+    if (out_of_time) break;
+  }
+  if (tty) std::fprintf(stderr, "\r\033[K");
+  sum.steps = st.step;
+  sum.tokens_per_s = total_ms > 0.0 ? static_cast<double>(timed_tokens) / (total_ms * 1e-3) : 0.0;
+  sum.optimizer_share = total_ms > 0.0 ? total_opt_ms / total_ms : 0.0;
+  return sum;
+}
+
+LoadedModel load_model(const fs::path& dir) {
+  const SafetensorsFile f = open_model_file(dir);
+  const fs::path file = dir / "model.safetensors";
+  LoadedModel m;
+  m.config = config_from_metadata(f.metadata, file);
+  const auto it = f.metadata.find("vocab_bytes");
+  if (it == f.metadata.end()) throw FormatError(fmt::format("{}: metadata 'vocab_bytes' is missing", file.string()));
+  m.vocab_metadata = it->second;
+  m.params.resize(static_cast<std::size_t>(model::gpt_param_count(m.config)));
+  read_params(f, file, model::gpt_param_layout(m.config), m.params.data());
+  return m;
+}
+
+}  // namespace nibble::train

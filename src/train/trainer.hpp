@@ -1,0 +1,83 @@
+// The training loop: batches from a text dataset through the GPT's forward and backward passes
+// into any nibble optimizer, with a schedule, clipping, accumulation, evaluation, logging and
+// checkpoints that resume a run bit for bit.
+#pragma once
+
+#include <cstdint>
+#include <filesystem>
+#include <functional>
+#include <optional>
+#include <string>
+
+#include "model/gpt.hpp"
+#include "nibble/optim.hpp"
+#include "nibble/schedule.hpp"
+
+namespace nibble::train {
+
+struct TrainOptions {
+  std::string preset = "char";
+  std::optional<std::int64_t> layers, heads, width, context;  // override the preset
+  float dropout = 0.0f;
+  std::filesystem::path data;  // empty: the default corpus (the fortunes package)
+  double val_fraction = 0.1;
+
+  Algorithm algorithm = Algorithm::kAdamW;
+  Precision precision = Precision::kFp32;
+  std::optional<float> lr, weight_decay, beta1, beta2, eps;  // unset: the algorithm's defaults
+  ScheduleKind schedule = ScheduleKind::kWarmupCosine;
+  std::int64_t warmup = 100;
+  float min_lr_ratio = 0.1f;
+  float grad_clip = 1.0f;  // 0: off
+  std::int64_t hessian_every = 10;  // SophiaG: Gauss-Newton-Bartlett estimate every k steps
+
+  std::int64_t batch = 16;
+  std::int64_t seq = 0;  // 0: the model's context
+  std::int64_t accum = 1;
+  std::int64_t steps = 1000;
+  double time_budget_s = 0.0;  // > 0: stop once this much training time has passed
+  std::int64_t eval_every = 100;  // 0: only at the end
+  std::int64_t eval_batches = 8;
+  std::uint64_t seed = 1337;
+
+  std::filesystem::path checkpoint_dir;  // where --save-every writes, and what --resume reads
+  std::int64_t save_every = 0;
+  bool resume = false;
+  std::filesystem::path log_csv;  // empty: no CSV
+  bool quiet = false;             // no per-step lines (tests)
+};
+
+struct StepLog {
+  std::int64_t step = 0;
+  float loss = 0.0f;
+  float lr = 0.0f;
+  double grad_norm = 0.0;
+  double ms = 0.0;
+  double optimizer_ms = 0.0;
+  double tokens_per_s = 0.0;
+  bool skipped = false;
+  std::optional<float> val_loss;
+};
+
+struct TrainSummary {
+  std::int64_t steps = 0;
+  float last_loss = 0.0f;
+  std::optional<float> first_val_loss, last_val_loss;
+  double tokens_per_s = 0.0;     // over all timed steps
+  double optimizer_share = 0.0;  // of step time
+  std::int64_t param_bytes = 0, grad_bytes = 0, state_bytes = 0, activation_bytes = 0;
+};
+
+// Runs training; `on_step` (optional) sees every step's log. Throws nibble::Error on bad options,
+// data or checkpoints, before anything is written.
+TrainSummary train(const TrainOptions& options, const std::function<void(const StepLog&)>& on_step = {});
+
+// The model a checkpoint holds, for sampling: config, tokenizer vocabulary metadata, parameters.
+struct LoadedModel {
+  model::GptConfig config;
+  std::string vocab_metadata;
+  std::vector<float> params;
+};
+LoadedModel load_model(const std::filesystem::path& checkpoint_dir);
+
+}  // namespace nibble::train

@@ -1,0 +1,229 @@
+// The training loop end to end on the `tiny` model: it learns a generated text with AdamW at fp32
+// and 8-bit state, a resumed run equals an uninterrupted one bit for bit, and bad options, data
+// and checkpoints fail with a clear error before anything is written.
+#include <gtest/gtest.h>
+
+#include <filesystem>
+#include <fstream>
+#include <iterator>
+#include <string>
+#include <vector>
+
+#include "nibble/error.hpp"
+#include "nibble/rng.hpp"
+#include "train/trainer.hpp"
+
+namespace nibble::train {
+namespace {
+
+namespace fs = std::filesystem;
+
+class TrainTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    dir_ = fs::temp_directory_path() /
+           ("nibble_train_test_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    fs::remove_all(dir_);
+    fs::create_directories(dir_);
+  }
+  void TearDown() override { fs::remove_all(dir_); }
+
+  // Sentences from a small grammar: predictable enough that a 2-layer model learns it in a few
+  // hundred steps, varied enough that it cannot be memorised as one string.
+  fs::path write_text(const std::string& name, std::size_t bytes) {
+    const char* subjects[] = {"the cat", "a dog", "my friend", "the bird"};
+    const char* verbs[] = {"sees", "likes", "finds", "hears"};
+    const char* objects[] = {"the sun.", "a tree.", "the sea.", "my hat."};
+    Rng rng(5);
+    std::string text;
+    while (text.size() < bytes) {
+      text += subjects[rng.below(4)];
+      text += ' ';
+      text += verbs[rng.below(4)];
+      text += ' ';
+      text += objects[rng.below(4)];
+      text += '\n';
+    }
+    const fs::path path = dir_ / name;
+    std::ofstream(path, std::ios::binary) << text;
+    return path;
+  }
+
+  TrainOptions tiny(const fs::path& data) const {
+    TrainOptions o;
+    o.preset = "tiny";
+    o.data = data;
+    o.batch = 8;
+    o.seq = 32;
+    o.steps = 200;
+    o.warmup = 20;
+    o.lr = 3e-3f;
+    o.eval_every = 0;
+    o.eval_batches = 4;
+    o.quiet = true;
+    return o;
+  }
+
+  fs::path dir_;
+};
+
+std::string read_bytes(const fs::path& p) {
+  std::ifstream in(p, std::ios::binary);
+  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
+}
+
+TEST_F(TrainTest, TinyModelLearnsWithAdamWAtFp32And8Bit) {
+  const fs::path data = write_text("grammar.txt", 40000);
+  for (Precision p : {Precision::kFp32, Precision::kInt8}) {
+    SCOPED_TRACE(std::string(precision_name(p)));
+    TrainOptions o = tiny(data);
+    o.precision = p;
+    const TrainSummary s = train(o);
+    ASSERT_TRUE(s.first_val_loss && s.last_val_loss);
+    // ln(vocabulary of 28) = 3.3 untrained. The grammar's entropy is about 0.45 nats per
+    // character; 1.0 after 200 steps means the model has learnt the words and most of the
+    // structure. Measured: fp32 and 8-bit both end near 0.6.
+    EXPECT_GT(*s.first_val_loss, 3.0f);
+    EXPECT_LT(*s.last_val_loss, 1.0f);
+    EXPECT_EQ(s.steps, 200);
+    EXPECT_GT(s.state_bytes, 0);
+  }
+}
+
+TEST_F(TrainTest, ResumedRunEqualsUninterruptedRunBitForBit) {
+  const fs::path data = write_text("grammar.txt", 20000);
+  for (Algorithm a : {Algorithm::kAdamW, Algorithm::kSophiaG}) {
+    for (Precision p : {Precision::kFp32, Precision::kInt8}) {
+      SCOPED_TRACE(std::string(algorithm_name(a)) + " " + std::string(precision_name(p)));
+      TrainOptions o = tiny(data);
+      o.algorithm = a;
+      o.precision = p;
+      o.steps = 12;
+      o.hessian_every = 3;
+      o.dropout = 0.1f;
+      o.accum = 2;
+      o.save_every = 12;
+      o.checkpoint_dir = dir_ / "full";
+      std::vector<float> full_losses;
+      train(o, [&](const StepLog& l) { full_losses.push_back(l.loss); });
+
+      // The same 12-step run (same schedule), saved at step 6 and abandoned during step 7.
+      TrainOptions first = o;
+      first.checkpoint_dir = dir_ / "split";
+      first.save_every = 6;
+      std::vector<float> split_losses;
+      struct Stop {};
+      try {
+        train(first, [&](const StepLog& l) {
+          if (l.step == 7) throw Stop{};
+          split_losses.push_back(l.loss);
+        });
+      } catch (const Stop&) {
+      }
+      ASSERT_EQ(split_losses.size(), 6u);
+      TrainOptions tail = first;
+      tail.resume = true;
+      tail.save_every = 12;
+      train(tail, [&](const StepLog& l) { split_losses.push_back(l.loss); });
+      ASSERT_EQ(split_losses.size(), full_losses.size());
+      for (std::size_t i = 0; i < full_losses.size(); ++i) EXPECT_EQ(split_losses[i], full_losses[i]) << "step " << i + 1;
+      EXPECT_EQ(read_bytes(dir_ / "full" / "model.safetensors"), read_bytes(dir_ / "split" / "model.safetensors"));
+      EXPECT_EQ(read_bytes(dir_ / "full" / "optimizer.safetensors"), read_bytes(dir_ / "split" / "optimizer.safetensors"));
+      fs::remove_all(dir_ / "full");
+      fs::remove_all(dir_ / "split");
+    }
+  }
+}
+
+TEST_F(TrainTest, BadOptionsAndDataAreRefusedClearly) {
+  const fs::path data = write_text("grammar.txt", 5000);
+  auto expect_error = [&](TrainOptions o, const std::string& needle) {
+    try {
+      train(o);
+      ADD_FAILURE() << "accepted; expected an error containing '" << needle << "'";
+    } catch (const Error& e) {
+      EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+    }
+  };
+  TrainOptions o = tiny(data);
+  o.preset = "enormous";
+  expect_error(o, "enormous");
+  o = tiny(data);
+  o.heads = 3;
+  expect_error(o, "divisible");
+  o = tiny(data);
+  o.batch = 0;
+  expect_error(o, "batch");
+  o = tiny(data);
+  o.seq = 65;  // the tiny context is 64
+  expect_error(o, "65");
+  o = tiny(data);
+  o.save_every = 5;
+  expect_error(o, "checkpoint directory");
+  o = tiny(dir_ / "missing.txt");
+  expect_error(o, "missing.txt");
+  std::ofstream(dir_ / "empty.txt").flush();
+  o = tiny(dir_ / "empty.txt");
+  expect_error(o, "empty");
+  std::ofstream(dir_ / "short.txt") << "too short";
+  o = tiny(dir_ / "short.txt");
+  expect_error(o, "short.txt");
+}
+
+TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
+  const fs::path data = write_text("grammar.txt", 20000);
+  TrainOptions o = tiny(data);
+  o.steps = 4;
+  o.save_every = 4;
+  o.checkpoint_dir = dir_ / "ckpt";
+  train(o);
+  const std::string model_bytes = read_bytes(dir_ / "ckpt" / "model.safetensors");
+  const std::string opt_bytes = read_bytes(dir_ / "ckpt" / "optimizer.safetensors");
+
+  TrainOptions r = o;
+  r.resume = true;
+  r.steps = 8;
+  r.width = 32;  // another model
+  r.heads = 2;
+  EXPECT_THROW(train(r), StateMismatch);
+  r = o;
+  r.resume = true;
+  r.steps = 8;
+  r.precision = Precision::kInt8;  // another optimizer state
+  EXPECT_THROW(train(r), StateMismatch);
+  r = o;
+  r.resume = true;
+  r.steps = 2;  // the checkpoint is past the run's end
+  EXPECT_THROW(train(r), FormatError);
+  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "model.safetensors"), model_bytes);
+  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+
+  // A truncated model file.
+  std::ofstream(dir_ / "ckpt" / "model.safetensors", std::ios::binary | std::ios::trunc)
+      << model_bytes.substr(0, model_bytes.size() / 2);
+  r = o;
+  r.resume = true;
+  r.steps = 8;
+  EXPECT_THROW(train(r), FormatError);
+  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+  EXPECT_THROW(load_model(dir_ / "ckpt"), FormatError);
+  EXPECT_THROW(load_model(dir_ / "nowhere"), IoError);
+}
+
+TEST_F(TrainTest, CheckpointLoadsForSampling) {
+  const fs::path data = write_text("grammar.txt", 20000);
+  TrainOptions o = tiny(data);
+  o.steps = 2;
+  o.save_every = 2;
+  o.checkpoint_dir = dir_ / "ckpt";
+  train(o);
+  const LoadedModel m = load_model(dir_ / "ckpt");
+  EXPECT_EQ(m.config.layers, 2);
+  EXPECT_EQ(m.config.width, 64);
+  EXPECT_EQ(static_cast<std::int64_t>(m.params.size()), model::gpt_param_count(m.config));
+  EXPECT_FALSE(m.vocab_metadata.empty());
+}
+
+}  // namespace
+}  // namespace nibble::train
