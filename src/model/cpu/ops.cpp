@@ -4,6 +4,7 @@
 #include "model/cpu/ops.hpp"
 
 #include <cblas.h>
+#include <omp.h>
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -188,6 +189,25 @@ void layernorm_backward(float* din, float* dweight, float* dbias, const float* d
   }
 }
 
+// NOTE: matrix products run OpenBLAS single-threaded inside nibble's own OpenMP threads, each on
+// a contiguous slice of output rows. OpenBLAS's own thread pool beside OpenMP's spinning threads
+// oversubscribed the cores (a 2-core machine ran several times slower under any other load), and
+// one pool keeps the results a function of the OpenMP thread count alone.
+template <class Fn>
+void parallel_slices(std::int64_t rows, Fn&& fn) {
+  static const bool single = [] {
+    openblas_set_num_threads(1);
+    return true;
+  }();
+  (void)single;
+#pragma omp parallel
+  {
+    const std::int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
+    const std::int64_t r0 = rows * me / threads, r1 = rows * (me + 1) / threads;
+    if (r0 < r1) fn(r0, r1);
+  }
+}
+
 void matmul_forward(float* out, const float* in, const float* weight, const float* bias, std::int64_t N,
                     std::int64_t IC, std::int64_t OC) {
   if (N <= 0 || OC <= 0) return;
@@ -199,9 +219,13 @@ void matmul_forward(float* out, const float* in, const float* weight, const floa
     for (std::int64_t i = 0; i < N * OC; ++i) out[i] = 0.0f;
   }
   if (IC <= 0) return;
-  cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_dim(N, "rows"), blas_dim(OC, "output channels"),
-              blas_dim(IC, "input channels"), 1.0f, in, static_cast<int>(IC), weight, static_cast<int>(IC),
-              bias != nullptr ? 1.0f : 0.0f, out, static_cast<int>(OC));
+  const int ic = blas_dim(IC, "input channels"), oc = blas_dim(OC, "output channels");
+  blas_dim(N, "rows");
+  const float beta = bias != nullptr ? 1.0f : 0.0f;
+  parallel_slices(N, [&](std::int64_t r0, std::int64_t r1) {
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, static_cast<int>(r1 - r0), oc, ic, 1.0f, in + r0 * IC, ic,
+                weight, ic, beta, out + r0 * OC, oc);
+  });
 }
 
 void matmul_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
@@ -209,10 +233,17 @@ void matmul_backward(float* din, float* dweight, float* dbias, const float* dout
   if (N <= 0 || OC <= 0) return;
   const int n = blas_dim(N, "rows"), ic = blas_dim(IC, "input channels"), oc = blas_dim(OC, "output channels");
   if (IC > 0) {
-    // din[N, IC] += dout[N, OC] * weight[OC, IC]
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, n, ic, oc, 1.0f, dout, oc, weight, ic, 1.0f, din, ic);
-    // dweight[OC, IC] += dout[N, OC]^T * in[N, IC]
-    cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, oc, ic, n, 1.0f, dout, oc, in, ic, 1.0f, dweight, ic);
+    // din[N, IC] += dout[N, OC] * weight[OC, IC], by slices of rows of din.
+    parallel_slices(N, [&](std::int64_t r0, std::int64_t r1) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, static_cast<int>(r1 - r0), ic, oc, 1.0f, dout + r0 * OC,
+                  oc, weight, ic, 1.0f, din + r0 * IC, ic);
+    });
+    // dweight[OC, IC] += dout[N, OC]^T * in[N, IC], by slices of rows of dweight: every element is
+    // summed over all N rows by one call.
+    parallel_slices(OC, [&](std::int64_t o0, std::int64_t o1) {
+      cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, static_cast<int>(o1 - o0), ic, n, 1.0f, dout + o0, oc, in,
+                  ic, 1.0f, dweight + o0 * IC, ic);
+    });
   }
   if (dbias == nullptr) return;
   const std::int64_t blocks = (OC + kColumnBlock - 1) / kColumnBlock;
