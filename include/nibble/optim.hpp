@@ -9,6 +9,7 @@
 #include <optional>
 #include <span>
 #include <string>
+#include <iosfwd>
 #include <string_view>
 #include <vector>
 
@@ -20,6 +21,9 @@ enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4 };
 std::string_view algorithm_name(Algorithm algorithm);  // "sgd", "adamw", ...
 std::optional<Algorithm> algorithm_from_name(std::string_view name);  // case-insensitive
 std::string_view precision_name(Precision precision);  // "fp32", "bf16", "8bit", "4bit"
+// Print the names above (logs, test listings).
+std::ostream& operator<<(std::ostream& os, Algorithm algorithm);
+std::ostream& operator<<(std::ostream& os, Precision precision);
 std::optional<Precision> precision_from_name(std::string_view name);  // also "32bit", "int8", "int4"
 std::span<const Algorithm> all_algorithms();
 std::span<const Precision> all_precisions();

@@ -4,6 +4,7 @@
 #include <array>
 #include <cctype>
 #include <cmath>
+#include <ostream>
 #include <string>
 
 #include <fmt/format.h>
@@ -61,6 +62,9 @@ std::string_view precision_name(Precision precision) {
   }
   return "unknown";
 }
+
+std::ostream& operator<<(std::ostream& os, Algorithm algorithm) { return os << algorithm_name(algorithm); }
+std::ostream& operator<<(std::ostream& os, Precision precision) { return os << precision_name(precision); }
 
 std::optional<Precision> precision_from_name(std::string_view name) {
   const std::string n = lower(name);
