@@ -36,4 +36,18 @@ class StateMismatch : public Error {
   using Error::Error;
 };
 
+// An allocation did not fit: more bytes were needed than the memory limit (or the system) had
+// free. Callers such as the benchmark lab turn it into an "out of memory" result and carry on.
+class OutOfMemory : public Error {
+ public:
+  OutOfMemory(const std::string& message, long long requested_bytes, long long available_bytes)
+      : Error(message), requested_bytes_(requested_bytes), available_bytes_(available_bytes) {}
+  long long requested_bytes() const { return requested_bytes_; }
+  long long available_bytes() const { return available_bytes_; }  // -1 when unknown
+
+ private:
+  long long requested_bytes_;
+  long long available_bytes_;
+};
+
 }  // namespace nibble

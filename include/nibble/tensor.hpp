@@ -17,7 +17,36 @@ namespace nibble {
 std::int64_t shape_numel(std::span<const std::int64_t> shape);
 std::string shape_string(std::span<const std::int64_t> shape);
 
-// Aligned, zero-initialised host memory that frees itself.
+// Every Buffer is counted: the bytes live now, the peak since the last reset, and an optional
+// limit beyond which a Buffer is refused with OutOfMemory before any memory is touched. The
+// training engine and the optimizer keep all their large arrays in Buffers, so these counters are
+// the measured side of their memory accounting.
+struct HostMemoryStats {
+  std::int64_t live_bytes = 0;
+  std::int64_t peak_bytes = 0;
+  std::int64_t limit_bytes = 0;  // 0: no limit
+};
+HostMemoryStats host_memory_stats();
+void reset_host_memory_peak();  // peak := live
+// 0 removes the limit; a negative limit throws InvalidArgument.
+void set_host_memory_limit(std::int64_t bytes);
+
+// Sets a limit for the lifetime of the object and restores the previous one after.
+class ScopedHostMemoryLimit {
+ public:
+  explicit ScopedHostMemoryLimit(std::int64_t bytes) : previous_(host_memory_stats().limit_bytes) {
+    set_host_memory_limit(bytes);
+  }
+  ~ScopedHostMemoryLimit() { set_host_memory_limit(previous_); }
+  ScopedHostMemoryLimit(const ScopedHostMemoryLimit&) = delete;
+  ScopedHostMemoryLimit& operator=(const ScopedHostMemoryLimit&) = delete;
+
+ private:
+  std::int64_t previous_;
+};
+
+// Aligned, zero-initialised host memory that frees itself. Throws OutOfMemory when the limit
+// above or the system refuses it.
 class Buffer {
  public:
   static constexpr std::size_t kAlignment = 64;
@@ -34,7 +63,10 @@ class Buffer {
   std::size_t size() const { return size_; }
 
  private:
+  // NOTE: a default member initializer would make Free not default-constructible inside the
+  // still-incomplete Buffer, and unique_ptr needs that; unique_ptr value-initializes it to 0.
   struct Free {
+    std::size_t bytes;  // what the counters were charged
     void operator()(std::byte* p) const;
   };
   std::unique_ptr<std::byte[], Free> data_;

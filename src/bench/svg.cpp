@@ -3,9 +3,9 @@
 // through one formatter that cannot print NaN or infinity.
 #include "bench/svg.hpp"
 
-#include <fcntl.h>
+#include "bench/report.hpp"
+
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -694,49 +694,6 @@ std::string render_svg(const BarChart& chart) {
   return out;
 }
 
-void save_svg(const std::filesystem::path& path, std::string_view svg) {
-  // The temporary lives beside the target so that the rename stays on one file system and is
-  // atomic; the pid keeps two processes saving to one path from sharing a temporary.
-  std::filesystem::path temp_path = path;
-  temp_path += ".tmp-" + std::to_string(::getpid());
-  auto errno_text = [](int error) { return std::generic_category().message(error); };
-  auto fail = [&](const std::string& action, int error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError(
-        fmt::format("cannot save SVG {}: {}: {}", path.string(), action, errno_text(error)));
-  };
-
-  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
-  if (file == nullptr) {
-    throw IoError(fmt::format("cannot save SVG {}: cannot create {}: {}", path.string(),
-                              temp_path.string(), errno_text(errno)));
-  }
-  if (!svg.empty() && std::fwrite(svg.data(), 1, svg.size(), file) != svg.size()) {
-    const int error = errno;
-    std::fclose(file);
-    fail("write failed", error);
-  }
-  if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
-    const int error = errno;
-    std::fclose(file);
-    fail("flush failed", error);
-  }
-  if (std::fclose(file) != 0) fail("close failed", errno);
-  std::error_code rename_error;
-  std::filesystem::rename(temp_path, path, rename_error);
-  if (rename_error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError(fmt::format("cannot save SVG {}: rename from {} failed: {}", path.string(),
-                              temp_path.string(), rename_error.message()));
-  }
-  const std::filesystem::path directory = path.has_parent_path() ? path.parent_path() : ".";
-  const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY);
-  if (directory_fd >= 0) {
-    ::fsync(directory_fd);
-    ::close(directory_fd);
-  }
-}
+void save_svg(const std::filesystem::path& path, std::string_view svg) { write_file_atomic(path, svg); }
 
 }  // namespace nibble::bench

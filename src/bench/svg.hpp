@@ -1,6 +1,6 @@
 // Dependency-free SVG 1.1 charts for benchmark reports: line plots with shaded bands (mean and
 // its confidence interval against batch size, loss against time) and stacked bar charts (memory
-// breakdown). Text is rendered to a string; save_svg writes it atomically.
+// breakdown). Text is rendered to a string; save_svg writes it atomically (write_file_atomic).
 #pragma once
 
 #include <cstddef>

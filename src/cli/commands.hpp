@@ -7,6 +7,8 @@
 #include <string>
 #include <vector>
 
+#include "bench/report.hpp"
+
 namespace CLI {
 class App;
 }
@@ -19,17 +21,16 @@ void add_optimizers_command(CLI::App& app);
 void add_step_bench_command(CLI::App& app);
 // `nibble train` and `nibble sample`: the GPT training engine and text generation.
 void add_train_command(CLI::App& app);
+// `nibble bench`: the optimizer profiling lab (batch-sweep, profile, model-sweep, convergence,
+// memory-plan).
+void add_bench_command(CLI::App& app);
+
+// Plain-text tables and grouped digits come from the bench library; files keep plain numbers.
+using bench::Align;
+using bench::format_table;
+using bench::group_digits;
 
 // The helpers below are defined in main.cpp.
-
-enum class Align { kLeft, kRight };
-
-// 124475904 -> "124,475,904", for numbers people read; files keep plain numbers.
-std::string group_digits(std::int64_t value);
-
-// A plain-text table: a header row, a rule, the rows; columns two spaces apart.
-std::string format_table(const std::vector<std::string>& header, const std::vector<Align>& align,
-                         const std::vector<std::vector<std::string>>& rows);
 
 // Opens `path` for writing now, so that a bad path fails before a long run rather than after it;
 // throws IoError naming the path.

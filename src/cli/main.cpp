@@ -20,49 +20,6 @@
 
 namespace nibble::cli {
 
-std::string format_table(const std::vector<std::string>& header, const std::vector<Align>& align,
-                         const std::vector<std::vector<std::string>>& rows) {
-  std::vector<std::size_t> width(header.size(), 0);
-  auto widen = [&](const std::vector<std::string>& row) {
-    for (std::size_t c = 0; c < row.size() && c < width.size(); ++c) {
-      width[c] = std::max(width[c], row[c].size());
-    }
-  };
-  widen(header);
-  for (const auto& row : rows) widen(row);
-
-  std::string text;
-  auto append_row = [&](const std::vector<std::string>& row) {
-    std::string line;
-    for (std::size_t c = 0; c < width.size(); ++c) {
-      const std::string& cell = c < row.size() ? row[c] : std::string();
-      if (c > 0) line += "  ";
-      const std::string pad(width[c] - cell.size(), ' ');
-      const bool right = c < align.size() && align[c] == Align::kRight;
-      line += right ? pad + cell : cell + pad;
-    }
-    while (!line.empty() && line.back() == ' ') line.pop_back();
-    text += line + "\n";
-  };
-  append_row(header);
-  std::vector<std::string> rule;
-  for (std::size_t w : width) rule.emplace_back(w, '-');
-  append_row(rule);
-  for (const auto& row : rows) append_row(row);
-  return text;
-}
-
-std::string group_digits(std::int64_t value) {
-  const std::string digits = std::to_string(value);
-  const std::size_t sign = digits.front() == '-' ? 1 : 0;
-  std::string text = digits.substr(0, sign);
-  for (std::size_t i = sign; i < digits.size(); ++i) {
-    if (i > sign && (digits.size() - i) % 3 == 0) text += ',';
-    text += digits[i];
-  }
-  return text;
-}
-
 std::ofstream open_output(const std::string& path) {
   std::ofstream out(path, std::ios::binary | std::ios::trunc);
   if (!out) throw IoError(fmt::format("cannot write '{}': {}", path, std::strerror(errno)));
@@ -99,6 +56,7 @@ int main(int argc, char** argv) {
   nibble::cli::add_optimizers_command(app);
   nibble::cli::add_step_bench_command(app);
   nibble::cli::add_train_command(app);
+  nibble::cli::add_bench_command(app);
   // Set after the subcommands exist, which would otherwise inherit it.
   app.footer("Run 'nibble <subcommand> --help' for the flags of a subcommand.");
 

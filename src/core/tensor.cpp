@@ -2,6 +2,10 @@
 // Sizes are checked for overflow here so that no caller multiplies extents by hand.
 #include "nibble/tensor.hpp"
 
+#include <fmt/format.h>
+
+#include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
@@ -40,20 +44,72 @@ std::int64_t shape_numel(std::span<const std::int64_t> shape) {
   return numel;
 }
 
+namespace {
+
+std::atomic<std::int64_t> g_live_bytes{0};
+std::atomic<std::int64_t> g_peak_bytes{0};
+std::atomic<std::int64_t> g_limit_bytes{0};
+
+std::string byte_count(std::int64_t bytes) {
+  return fmt::format("{} bytes ({:.3f} GiB)", bytes, static_cast<double>(bytes) / (1024.0 * 1024.0 * 1024.0));
+}
+
+// Charges `bytes` to the counters, or throws OutOfMemory when the limit would be exceeded.
+void charge(std::int64_t bytes) {
+  std::int64_t live = g_live_bytes.load(std::memory_order_relaxed);
+  for (;;) {
+    const std::int64_t limit = g_limit_bytes.load(std::memory_order_relaxed);
+    if (limit > 0 && bytes > limit - live) {
+      const std::int64_t free_bytes = std::max<std::int64_t>(limit - live, 0);
+      throw OutOfMemory(fmt::format("out of memory: {} needed, {} free of the {} limit", byte_count(bytes),
+                                    byte_count(free_bytes), byte_count(limit)),
+                        bytes, free_bytes);
+    }
+    if (g_live_bytes.compare_exchange_weak(live, live + bytes, std::memory_order_relaxed)) break;
+  }
+  const std::int64_t now = live + bytes;
+  std::int64_t peak = g_peak_bytes.load(std::memory_order_relaxed);
+  while (now > peak && !g_peak_bytes.compare_exchange_weak(peak, now, std::memory_order_relaxed)) {
+  }
+}
+
+}  // namespace
+
+HostMemoryStats host_memory_stats() {
+  return {g_live_bytes.load(), g_peak_bytes.load(), g_limit_bytes.load()};
+}
+
+void reset_host_memory_peak() { g_peak_bytes.store(g_live_bytes.load()); }
+
+void set_host_memory_limit(std::int64_t bytes) {
+  if (bytes < 0) throw InvalidArgument(fmt::format("memory limit must be >= 0 bytes, got {}", bytes));
+  g_limit_bytes.store(bytes);
+}
+
 Buffer::Buffer(std::size_t bytes) {
   // std::aligned_alloc wants a size that is a multiple of the alignment; an empty buffer still
   // gets one block so that data() is a valid pointer for memcpy and friends.
-  if (bytes > std::numeric_limits<std::size_t>::max() - kAlignment) throw std::bad_alloc();
+  if (bytes > static_cast<std::size_t>(std::numeric_limits<std::int64_t>::max()) - kAlignment) {
+    throw OutOfMemory(fmt::format("out of memory: a buffer of {} bytes cannot be addressed", bytes), -1, -1);
+  }
   const std::size_t capacity =
       bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
+  charge(static_cast<std::int64_t>(capacity));
   auto* memory = static_cast<std::byte*>(std::aligned_alloc(kAlignment, capacity));
-  if (memory == nullptr) throw std::bad_alloc();
+  if (memory == nullptr) {
+    g_live_bytes.fetch_sub(static_cast<std::int64_t>(capacity));
+    throw OutOfMemory(fmt::format("out of memory: the system refused {}", byte_count(static_cast<std::int64_t>(capacity))),
+                      static_cast<std::int64_t>(capacity), -1);
+  }
   std::memset(memory, 0, capacity);
-  data_.reset(memory);
+  data_ = std::unique_ptr<std::byte[], Free>(memory, Free{capacity});
   size_ = bytes;
 }
 
-void Buffer::Free::operator()(std::byte* p) const { std::free(p); }
+void Buffer::Free::operator()(std::byte* p) const {
+  std::free(p);
+  g_live_bytes.fetch_sub(static_cast<std::int64_t>(bytes));
+}
 
 Tensor::Tensor(DType dtype, std::vector<std::int64_t> shape)
     : dtype_(dtype), shape_(std::move(shape)), numel_(shape_numel(shape_)) {

@@ -56,6 +56,9 @@ void validate_options(const TrainOptions& o) {
   if (!(o.grad_clip >= 0.0f) || !std::isfinite(o.grad_clip))
     throw InvalidArgument(fmt::format("grad_clip must be finite and >= 0, got {}", o.grad_clip));
   if (!(o.time_budget_s >= 0.0)) throw InvalidArgument(fmt::format("time budget must be >= 0, got {}", o.time_budget_s));
+  if (o.target_val_loss && !std::isfinite(*o.target_val_loss))
+    throw InvalidArgument(fmt::format("target validation loss must be finite, got {}", *o.target_val_loss));
+  if (o.memory_limit < 0) throw InvalidArgument(fmt::format("memory limit must be >= 0, got {}", o.memory_limit));
   if (!(o.min_lr_ratio >= 0.0f && o.min_lr_ratio <= 1.0f))
     throw InvalidArgument(fmt::format("min_lr_ratio must be in [0, 1], got {}", o.min_lr_ratio));
   if ((o.save_every > 0 || o.resume) && o.checkpoint_dir.empty())
@@ -206,18 +209,7 @@ void progress_bar(std::int64_t done, std::int64_t total, double elapsed_s) {
 
 }  // namespace
 
-TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog&)>& on_step) {
-  validate_options(o);
-  const TextDataset data = o.data.empty()
-                               ? TextDataset(default_corpus_description(), default_corpus(),
-                                             o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction)
-                               : TextDataset(o.data, o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction);
-  const std::string vocab = data.tokenizer().to_metadata();
-  const model::GptConfig config = make_config(o, data.tokenizer().size());
-  const std::int64_t T = o.seq > 0 ? o.seq : config.context;
-  model::Gpt gpt(config, o.batch, T);
-  gpt.init(o.seed);
-
+OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
   OptimizerOptions oo;
   oo.algorithm = o.algorithm;
   oo.precision = o.precision;
@@ -232,6 +224,56 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   oo.hyper = h;
   oo.max_grad_norm = o.grad_clip;
   oo.no_decay_vectors = true;  // no weight decay for biases and LayerNorm weights
+  return oo;
+}
+
+MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
+                       const OptimizerOptions& options) {
+  model::validate(config);
+  if (batch <= 0 || seq <= 0 || seq > config.context)
+    throw InvalidArgument(fmt::format("memory plan: batch {} and seq {} must be positive, seq at most the context {}",
+                                      batch, seq, config.context));
+  MemoryPlan plan;
+  const std::int64_t P = model::gpt_param_count(config);
+  plan.params = 4 * P;
+  plan.grads = 4 * P;
+  plan.activations = 4 * model::gpt_activation_floats(config, batch, seq);
+  const Hyper hyper = options.hyper ? *options.hyper : default_hyper(options.algorithm);
+  double state = 0.0;
+  for (const model::ParamTensor& t : model::gpt_param_layout(config)) {
+    const std::int64_t numel = shape_numel(t.shape);
+    const Precision precision = numel < options.min_quant_size ? Precision::kFp32 : options.precision;
+    state += state_bytes_per_element(options.algorithm, hyper, precision, options.block_size, t.shape,
+                                     options.rank1_second_moment) *
+             static_cast<double>(numel);
+  }
+  plan.optimizer_state = static_cast<std::int64_t>(std::llround(state));
+  if (options.algorithm == Algorithm::kSophiaG) plan.workspace = 4 * P;
+  return plan;
+}
+
+TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog&)>& on_step) {
+  const auto run_start = Clock::now();
+  validate_options(o);
+  const TextDataset data = o.data.empty()
+                               ? TextDataset(default_corpus_description(), default_corpus(),
+                                             o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction)
+                               : TextDataset(o.data, o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction);
+  const std::string vocab = data.tokenizer().to_metadata();
+  const model::GptConfig config = make_config(o, data.tokenizer().size());
+  const std::int64_t T = o.seq > 0 ? o.seq : config.context;
+  const OptimizerOptions oo = optimizer_options(o, T);
+  const MemoryPlan plan = plan_memory(config, o.batch, T, oo);
+  if (o.memory_limit > 0 && plan.total() > o.memory_limit)
+    throw OutOfMemory(fmt::format("out of memory: the run needs {} (params {}, grads {}, optimizer state {}, "
+                                  "activations {}, workspace {}) but the limit is {}",
+                                  human_bytes(plan.total()), human_bytes(plan.params), human_bytes(plan.grads),
+                                  human_bytes(plan.optimizer_state), human_bytes(plan.activations),
+                                  human_bytes(plan.workspace), human_bytes(o.memory_limit)),
+                      plan.total(), o.memory_limit);
+  model::Gpt gpt(config, o.batch, T);
+  gpt.init(o.seed);
+
   Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
 
   Schedule schedule;
@@ -280,6 +322,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   }
 
   TrainSummary sum;
+  sum.plan = plan;
   sum.param_bytes = gpt.param_bytes();
   sum.grad_bytes = gpt.grad_bytes();
   sum.state_bytes = opt.state_stats().state_bytes;
@@ -299,8 +342,10 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
 
   const std::int64_t BT = o.batch * T;
   std::vector<std::int32_t> inputs(static_cast<std::size_t>(BT)), targets(inputs.size()), sampled(inputs.size());
-  std::vector<float> hessian;
-  if (o.algorithm == Algorithm::kSophiaG) hessian.assign(static_cast<std::size_t>(gpt.param_count()), 0.0f);
+  // In a Buffer, so that the measured memory of a run sees it like the plan does.
+  Buffer hessian_buffer(o.algorithm == Algorithm::kSophiaG ? static_cast<std::size_t>(plan.workspace) : 0);
+  const std::span<float> hessian(reinterpret_cast<float*>(hessian_buffer.data()),
+                                 o.algorithm == Algorithm::kSophiaG ? static_cast<std::size_t>(gpt.param_count()) : 0);
   const bool tty = !o.quiet && ::isatty(STDERR_FILENO) != 0;
   double total_ms = 0.0, total_opt_ms = 0.0;
   std::int64_t timed_tokens = 0;
@@ -308,6 +353,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   const std::int64_t first_step = st.step;
 
   if (st.step == 0) sum.first_val_loss = eval_loss(gpt, data, o, 0, inputs, targets);
+  sum.setup_s = std::chrono::duration<double>(Clock::now() - run_start).count();
   while (st.step < o.steps) {
     const auto t0 = Clock::now();
     gpt.zero_grad();
@@ -367,10 +413,14 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
     const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
     const bool last = st.step == o.steps || out_of_time;
+    bool reached = false;
     if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
       log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
       sum.last_val_loss = log.val_loss;
+      reached = o.target_val_loss && *log.val_loss <= *o.target_val_loss;
+      sum.reached_target = sum.reached_target || reached;
     }
+    log.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
     sum.last_loss = log.loss;
     if (tty) std::fprintf(stderr, "\r\033[K");
     if (!o.quiet) {
@@ -387,11 +437,11 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       csv.flush();
     }
     if (on_step) on_step(log);
-    if (o.save_every > 0 && (st.step % o.save_every == 0 || last)) {
+    if (o.save_every > 0 && (st.step % o.save_every == 0 || last || reached)) {
       st.rng = rng.state();
       save_checkpoint(o.checkpoint_dir, gpt, opt, vocab, st, o);
     }
-    if (out_of_time) break;
+    if (out_of_time || reached) break;
   }
   if (tty) std::fprintf(stderr, "\r\033[K");
   sum.steps = st.step;

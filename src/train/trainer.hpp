@@ -36,6 +36,9 @@ struct TrainOptions {
   std::int64_t accum = 1;
   std::int64_t steps = 1000;
   double time_budget_s = 0.0;  // > 0: stop once this much training time has passed
+  std::optional<float> target_val_loss;  // stop at the first evaluation at or below it
+  // > 0: refuse (OutOfMemory) before allocating anything when the memory plan exceeds it.
+  std::int64_t memory_limit = 0;
   std::int64_t eval_every = 100;  // 0: only at the end
   std::int64_t eval_batches = 8;
   std::uint64_t seed = 1337;
@@ -55,12 +58,32 @@ struct StepLog {
   double ms = 0.0;
   double optimizer_ms = 0.0;
   double tokens_per_s = 0.0;
+  double elapsed_s = 0.0;  // since the run started (set-up and evaluations included)
   bool skipped = false;
   std::optional<float> val_loss;
 };
 
+// Bytes a training run holds, from the engine's own accounting, before anything is allocated.
+struct MemoryPlan {
+  std::int64_t params = 0;
+  std::int64_t grads = 0;
+  std::int64_t optimizer_state = 0;
+  std::int64_t activations = 0;
+  std::int64_t workspace = 0;  // SophiaG's Hessian-estimate buffer
+  std::int64_t total() const { return params + grads + optimizer_state + activations + workspace; }
+};
+
+// The optimizer options train() uses for these options and sequence length.
+OptimizerOptions optimizer_options(const TrainOptions& options, std::int64_t seq);
+// The memory of training `config` at (batch, seq) with the optimizer of `options`.
+MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
+                       const OptimizerOptions& options);
+
 struct TrainSummary {
   std::int64_t steps = 0;
+  double setup_s = 0.0;  // data, model, optimizer and the first evaluation, before step 1
+  bool reached_target = false;
+  MemoryPlan plan;
   float last_loss = 0.0f;
   std::optional<float> first_val_loss, last_val_loss;
   double tokens_per_s = 0.0;     // over all timed steps
