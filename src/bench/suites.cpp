@@ -583,16 +583,20 @@ std::string mean_ci(const std::vector<double>& v, int digits) {
 
 SuiteOutput convergence(const SuiteOptions& o, const ProgressCallback& progress, const nlohmann::json& env) {
   Runner runner(progress, o.optimizers.size() * o.seeds.size());
-  std::vector<Keyed> runs;
+  const std::size_t n_seeds = o.seeds.size();
+  std::vector<Keyed> runs(o.optimizers.size() * n_seeds);  // optimizer-major: runs[i * n_seeds + s]
   const std::int64_t seq = seq_for(o, o.preset);
   const std::int64_t steps = o.max_steps > 0 ? o.max_steps : std::numeric_limits<std::int32_t>::max();
-  for (const OptimizerChoice& opt : o.optimizers)
-    for (std::uint64_t seed : o.seeds) {
-      train::TrainOptions t = train_options(o, opt, o.batch, seed, steps);
+  // NOTE: seed-major order, so that a machine that drifts during the suite (clock, other load)
+  // touches every optimizer alike instead of favouring the ones that run last.
+  for (std::size_t s = 0; s < n_seeds; ++s)
+    for (std::size_t i = 0; i < o.optimizers.size(); ++i) {
+      const OptimizerChoice& opt = o.optimizers[i];
+      train::TrainOptions t = train_options(o, opt, o.batch, o.seeds[s], steps);
       t.time_budget_s = o.time_budget_s;
       if (o.stop_at_target) t.target_val_loss = o.target_loss;
-      runs.push_back({opt, o.preset, o.batch, seq, seed, "train",
-                      runner.train(fmt::format("{} seed {}", opt.label(), seed), t, 0, o.target_loss)});
+      runs[i * n_seeds + s] = {opt, o.preset, o.batch, seq, o.seeds[s], "train",
+                               runner.train(fmt::format("{} seed {}", opt.label(), o.seeds[s]), t, 0, o.target_loss)};
     }
   SuiteOutput out;
   out.report.tables.push_back(runs_table(runs));
@@ -727,6 +731,21 @@ SuiteOutput convergence(const SuiteOptions& o, const ProgressCallback& progress,
         y /= static_cast<double>(values.size());
         series.points.push_back({by_time ? x : static_cast<double>(step), y});
         series.band.push_back({lo, hi});
+      }
+      if (by_time) {
+        // Runs cut by the budget end at different steps; ordered by time, the tail does not fold back.
+        std::vector<std::size_t> order(series.points.size());
+        for (std::size_t k = 0; k < order.size(); ++k) order[k] = k;
+        std::stable_sort(order.begin(), order.end(),
+                         [&](std::size_t a, std::size_t b) { return series.points[a].x < series.points[b].x; });
+        std::vector<Point> points;
+        std::vector<Interval> band;
+        for (std::size_t k : order) {
+          points.push_back(series.points[k]);
+          band.push_back(series.band[k]);
+        }
+        series.points = std::move(points);
+        series.band = std::move(band);
       }
       plot.series.push_back(std::move(series));
     }
