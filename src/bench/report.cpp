@@ -2,9 +2,7 @@
 // take both back, atomic file writes, and the plain-text tables and byte sizes people read.
 #include "bench/report.hpp"
 
-#include <fcntl.h>
 #include <fmt/format.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
@@ -390,8 +388,6 @@ bool is_file_name_part(std::string_view text) {
   });
 }
 
-std::string errno_text(int error) { return std::generic_category().message(error); }
-
 std::string_view trim(std::string_view text) {
   const auto space = [](char c) { return c == ' ' || c == '\t'; };
   while (!text.empty() && space(text.front())) text.remove_prefix(1);
@@ -559,51 +555,6 @@ Report report_from_json(const json& value) {
     report.tables.push_back(table_from_json(tables[t], fmt::format("tables[{}]", t)));
   }
   return report;
-}
-
-void write_file_atomic(const std::filesystem::path& path, std::string_view text) {
-  // The temporary lives beside the target so that the rename stays on one file system and is
-  // atomic; the pid keeps two processes writing one path from sharing a temporary.
-  std::filesystem::path temp_path = path;
-  temp_path += ".tmp-" + std::to_string(::getpid());
-  auto fail = [&](std::string_view action, int error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError(
-        fmt::format("cannot write '{}': {}: {}", path.string(), action, errno_text(error)));
-  };
-
-  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
-  if (file == nullptr) {
-    // Nothing of ours to remove: whatever stands at temp_path is not the temporary.
-    throw IoError(fmt::format("cannot write '{}': cannot create '{}': {}", path.string(),
-                              temp_path.string(), errno_text(errno)));
-  }
-  if (!text.empty() && std::fwrite(text.data(), 1, text.size(), file) != text.size()) {
-    const int error = errno;
-    std::fclose(file);
-    fail("write failed", error);
-  }
-  if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
-    const int error = errno;
-    std::fclose(file);
-    fail("flush failed", error);
-  }
-  if (std::fclose(file) != 0) fail("close failed", errno);
-  std::error_code rename_error;
-  std::filesystem::rename(temp_path, path, rename_error);
-  if (rename_error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError(fmt::format("cannot write '{}': rename from '{}' failed: {}", path.string(),
-                              temp_path.string(), rename_error.message()));
-  }
-  const std::filesystem::path directory = path.has_parent_path() ? path.parent_path() : ".";
-  const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY);
-  if (directory_fd >= 0) {
-    ::fsync(directory_fd);
-    ::close(directory_fd);
-  }
 }
 
 std::vector<std::filesystem::path> write_report(const Report& report,

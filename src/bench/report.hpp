@@ -5,6 +5,8 @@
 
 #include <nlohmann/json.hpp>
 
+#include "nibble/io.hpp"
+
 #include <cstdint>
 #include <filesystem>
 #include <string>
@@ -69,8 +71,8 @@ Report report_from_json(const nlohmann::json& json);
 std::vector<std::filesystem::path> write_report(const Report& report, const std::filesystem::path& dir,
                                                 std::string_view stem);
 
-// Writes `text` to `path` atomically; throws IoError naming the path.
-void write_file_atomic(const std::filesystem::path& path, std::string_view text);
+// Atomic writes come from the core library (a temporary beside the file, fsync, rename).
+using nibble::write_file_atomic;
 
 enum class Align { kLeft, kRight };
 

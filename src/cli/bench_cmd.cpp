@@ -8,6 +8,7 @@
 #include <CLI/CLI.hpp>
 #include <algorithm>
 #include <chrono>
+#include <filesystem>
 #include <cstdio>
 #include <optional>
 #include <string>
@@ -181,6 +182,12 @@ void run_one(bench::Suite suite, const BenchFlags& f) {
 
 void run_bench(BenchFlags& f) {
   if (f.threads < 0) throw InvalidArgument(fmt::format("--threads must be >= 0, got {}", f.threads));
+  // An output directory that cannot be made fails now, not after minutes of measuring.
+  std::error_code ec;
+  std::filesystem::create_directories(f.out_dir, ec);
+  if (ec || !std::filesystem::is_directory(f.out_dir))
+    throw IoError(fmt::format("cannot use output directory '{}': {}", f.out_dir,
+                              ec ? ec.message() : std::string("not a directory")));
   if (f.threads > 0) omp_set_num_threads(f.threads);
   if (f.suite.empty()) {
     // The default tour: throughput against batch size, then the optimizer profile.

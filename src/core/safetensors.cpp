@@ -3,6 +3,8 @@
 // every problem becomes a FormatError that names the tensor or value at fault.
 #include "nibble/safetensors.hpp"
 
+#include "nibble/io.hpp"
+
 #include <fcntl.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -356,52 +358,7 @@ std::vector<std::uint8_t> encode_safetensors(std::span<const TensorView> tensors
 void save_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors,
                       const std::map<std::string, std::string>& metadata) {
   const std::vector<std::uint8_t> image = encode_safetensors(tensors, metadata);
-  // The temporary lives beside the target so that the final rename stays on one file system and
-  // is atomic; the pid keeps two processes saving to one path from sharing a temporary.
-  std::filesystem::path temp_path = path;
-  temp_path += ".tmp-" + std::to_string(::getpid());
-
-  auto fail = [&](const std::string& action, int error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError("cannot save " + path.string() + ": " + action + ": " + errno_text(error));
-  };
-
-  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
-  if (file == nullptr) {
-    // Nothing was created, so there is nothing to remove (the name may belong to someone else).
-    throw IoError("cannot save " + path.string() + ": cannot create " + temp_path.string() + ": " +
-                  errno_text(errno));
-  }
-  if (!image.empty() && std::fwrite(image.data(), 1, image.size(), file) != image.size()) {
-    const int error = errno;
-    std::fclose(file);
-    fail("write failed", error);
-  }
-  if (std::fflush(file) != 0 || ::fsync(::fileno(file)) != 0) {
-    const int error = errno;
-    std::fclose(file);
-    fail("flush failed", error);
-  }
-  if (std::fclose(file) != 0) fail("close failed", errno);
-
-  std::error_code rename_error;
-  std::filesystem::rename(temp_path, path, rename_error);
-  if (rename_error) {
-    std::error_code ignored;
-    std::filesystem::remove(temp_path, ignored);
-    throw IoError("cannot save " + path.string() + ": rename from " + temp_path.string() +
-                  " failed: " + rename_error.message());
-  }
-  // Syncing the directory makes the rename itself survive a power loss. It is best effort: some
-  // file systems do not support it, and the file's contents are already safe.
-  const std::filesystem::path directory =
-      path.has_parent_path() ? path.parent_path() : std::filesystem::path(".");
-  const int directory_fd = ::open(directory.c_str(), O_RDONLY | O_DIRECTORY);
-  if (directory_fd >= 0) {
-    ::fsync(directory_fd);
-    ::close(directory_fd);
-  }
+  write_file_atomic(path, std::as_bytes(std::span<const std::uint8_t>(image)));
 }
 
 SafetensorsFile parse_safetensors(std::span<const std::uint8_t> bytes) {
