@@ -5,6 +5,9 @@
 
 namespace nibble {
 
+enum class Device : unsigned char { kCpu, kCuda };
+const char* device_name(Device device);  // "cpu", "cuda"
+
 // True when this build includes the CUDA backend.
 bool cuda_built();
 // CUDA devices visible now; 0 without a driver, without a GPU, or in a CPU-only build.

@@ -36,6 +36,13 @@ class StateMismatch : public Error {
   using Error::Error;
 };
 
+// The build or the machine lacks what was asked for (a CUDA optimizer in a CPU-only build, no
+// GPU), or a CUDA call failed; the message names the call and the driver's error.
+class DeviceError : public Error {
+ public:
+  using Error::Error;
+};
+
 // An allocation did not fit: more bytes were needed than the memory limit (or the system) had
 // free. Callers such as the benchmark lab turn it into an "out of memory" result and carry on.
 class OutOfMemory : public Error {

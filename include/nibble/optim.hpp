@@ -1,6 +1,8 @@
 // nibble's optimizers: SGD, Adam, AdamW, Lion, Adafactor, AdamP, QHM and SophiaG, each with its
 // state held at fp32, bf16, 8-bit or 4-bit (block-wise quantized), stepped over all parameter
-// tensors at once. Parameters and gradients are fp32 host arrays owned by the caller.
+// tensors at once, on the CPU or a CUDA GPU. Parameters and gradients are arrays owned by the
+// caller: fp32 host arrays for the CPU backend; device arrays of fp32, bf16 or fp16 parameters and
+// fp32 or bf16 gradients for the CUDA backend.
 #pragma once
 
 #include <cstdint>
@@ -13,10 +15,11 @@
 #include <string_view>
 #include <vector>
 
-namespace nibble {
+#include "nibble/device.hpp"
+#include "nibble/dtype.hpp"
+#include "nibble/hyper.hpp"
 
-enum class Algorithm : std::uint8_t { kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG };
-enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4 };
+namespace nibble {
 
 std::string_view algorithm_name(Algorithm algorithm);  // "sgd", "adamw", ...
 std::optional<Algorithm> algorithm_from_name(std::string_view name);  // case-insensitive
@@ -28,34 +31,6 @@ std::optional<Precision> precision_from_name(std::string_view name);  // also "3
 std::span<const Algorithm> all_algorithms();
 std::span<const Precision> all_precisions();
 
-// Every hyperparameter of every algorithm; each algorithm reads the ones it names.
-// default_hyper() gives each algorithm the defaults of its paper's reference code.
-struct Hyper {
-  float lr = 1e-3f;
-  float weight_decay = 0.0f;
-  float beta1 = 0.9f;           // Adam*, Lion, AdamP, SophiaG; Adafactor's first moment
-  float beta2 = 0.999f;         // Adam*, Lion, AdamP, SophiaG (Hessian EMA)
-  float eps = 1e-8f;            // Adam*, AdamP; Adafactor's eps1 (added to g^2)
-  float momentum = 0.0f;        // SGD; QHM's beta
-  float dampening = 0.0f;       // SGD
-  bool nesterov = false;        // SGD, AdamP
-  bool amsgrad = false;         // Adam, AdamW
-  bool maximize = false;        // every algorithm
-  bool bias_correction = true;  // Adam, AdamW, AdamP
-  bool decoupled_weight_decay = false;  // Adam (false) vs AdamW (true); SGD and QHM either way
-  float nu = 0.7f;              // QHM
-  float eps2 = 1e-3f;           // Adafactor: floor of the parameter scale
-  float clip_threshold = 1.0f;  // Adafactor: update RMS clip
-  float decay_rate = -0.8f;     // Adafactor: beta2_t = 1 - t^decay_rate
-  bool first_moment = false;    // Adafactor: keep a first moment with beta1
-  bool relative_step = true;    // Adafactor: lr_t = min(1e-2, 1/sqrt(t)) instead of lr
-  bool scale_parameter = true;  // Adafactor: lr scaled by max(eps2, rms(p))
-  bool warmup_init = false;     // Adafactor: relative step min(1e-6 t, 1/sqrt(t))
-  float delta = 0.1f;           // AdamP: cosine threshold
-  float wd_ratio = 0.1f;        // AdamP: weight-decay ratio of projected tensors
-  float rho = 0.04f;            // SophiaG
-  float batch_tokens = 5120.0f; // SophiaG: the `bs` that multiplies rho
-};
 Hyper default_hyper(Algorithm algorithm);
 // Throws InvalidArgument naming the hyperparameter and its value.
 void validate_hyper(Algorithm algorithm, const Hyper& hyper);
@@ -63,8 +38,10 @@ void validate_hyper(Algorithm algorithm, const Hyper& hyper);
 struct Param {
   std::string name;
   std::vector<std::int64_t> shape;
-  float* data = nullptr;
-  float* grad = nullptr;  // null: no gradient this step, the tensor is left alone
+  void* data = nullptr;
+  void* grad = nullptr;           // null: no gradient this step, the tensor is left alone
+  DType dtype = DType::F32;       // of data: F32 (CPU and CUDA), BF16 or F16 (CUDA)
+  DType grad_dtype = DType::F32;  // of grad: F32 (CPU and CUDA) or BF16 (CUDA)
 };
 
 // Parameters that share hyperparameters; unset fields take the optimizer's values.
@@ -89,11 +66,31 @@ struct OptimizerOptions {
   std::uint64_t seed = 0;                  // for stochastic rounding
   float max_grad_norm = 0.0f;              // > 0: clip gradients by global norm
   bool check_finite = true;                // skip a step whose gradients hold inf or NaN
+  Device device = Device::kCpu;            // where parameters, gradients and state live
+  void* cuda_stream = nullptr;             // CUDA: the cudaStream_t every launch goes to (null: default)
+  bool master_weights = false;             // CUDA, bf16/fp16 parameters: keep and step an fp32 copy
+  bool param_stochastic_rounding = false;  // CUDA, bf16 parameters: round the stepped value stochastically
 };
 
 struct StepOptions {
   float grad_scale = 1.0f;  // gradients are divided by this (mixed-precision loss scaling)
   float lr_scale = 1.0f;    // multiplies every group's lr (the schedule's value this step)
+  // CUDA: wait for the step to finish and report it. false returns as soon as the work is queued,
+  // with `skipped` false, `grad_norm` NaN and `step` -1 (read them later from device_scalars()).
+  bool synchronize = true;
+};
+
+// CUDA: the scalars a step reads and writes in device memory. A training loop that captures
+// enqueue_step() in a CUDA graph writes lr_scale, grad_scale and found_inf here (on the optimizer's
+// stream) before each replay; the step never copies to or from the host.
+struct DeviceScalars {
+  float* lr_scale = nullptr;     // read: multiplies every group's lr
+  float* grad_scale = nullptr;   // read: gradients are divided by it
+  int* found_inf = nullptr;      // read: non-zero skips the step (e.g. set by an AMP scaler)
+  int* skipped_last = nullptr;   // written: 1 when the last step was skipped
+  double* grad_norm = nullptr;   // written: global norm of grad / grad_scale (NaN when not computed)
+  std::int64_t* steps = nullptr;    // written: steps taken
+  std::int64_t* skipped = nullptr;  // written: steps skipped
 };
 
 struct StepResult {
@@ -118,10 +115,17 @@ class Optimizer {
   Optimizer& operator=(Optimizer&&) noexcept;
 
   StepResult step(const StepOptions& options = {});
+  // CUDA: queue one step that reads lr_scale, grad_scale and found_inf from device_scalars();
+  // no host synchronisation and no host copies, so it can be captured in a CUDA graph.
+  void enqueue_step();
+  DeviceScalars device_scalars() const;  // CUDA only
+  void synchronize() const;              // CUDA: wait for queued work (no-op on the CPU)
+  Device device() const;
   // SophiaG: fold one Hessian-diagonal estimate per parameter (same order and shapes as the
-  // parameters; null skips a tensor) into the Hessian EMA.
+  // parameters; null skips a tensor) into the Hessian EMA. fp32, on the optimizer's device.
   void update_hessian(std::span<const float* const> estimates);
-  void set_grad(std::size_t param_index, float* grad);
+  // Points a parameter at a new gradient array (same dtype), or null for none.
+  void set_grad(std::size_t param_index, void* grad);
 
   const OptimizerOptions& options() const;  // hyper filled in
   const Hyper& hyper() const;

@@ -1,6 +1,10 @@
 // CPU-only builds answer the device questions here; CUDA builds answer in cuda/device.cu.
 #include "nibble/device.hpp"
 
+namespace nibble {
+const char* device_name(Device device) { return device == Device::kCuda ? "cuda" : "cpu"; }
+}  // namespace nibble
+
 #if !defined(NIBBLE_WITH_CUDA)
 namespace nibble {
 bool cuda_built() { return false; }

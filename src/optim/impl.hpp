@@ -5,11 +5,14 @@
 
 #include <array>
 #include <cstdint>
+#include <memory>
+#include <span>
 #include <string>
 #include <vector>
 
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
+#include "math/step_constants.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/tensor.hpp"
 
@@ -55,31 +58,23 @@ struct TensorState {
   // Adafactor, factored (rank >= 2): EMAs of row and column means of g^2 + eps1, fp32.
   bool factored = false;
   std::int64_t batch_rows = 1;  // shape[-2]; rows = batches * batch_rows
+  float* master = nullptr;      // fp32 copy of a bf16/fp16 parameter (CUDA, master_weights)
   float* af_row = nullptr;      // [rows]
   float* af_col = nullptr;      // [batches * cols]
   // Scratch for the reductions of AdamP, Adafactor and rank-1 scales, allocated once.
   std::vector<double> scratch;
 };
 
-// Per-tensor constants of the current step, filled before the passes run.
-struct StepConstants {
-  math::SgdStep sgd;
-  math::AdamStep adam;
-  math::LionStep lion;
-  math::QhmStep qhm;
-  math::SophiaStep sophia;
-  math::AdamPStep adamp;
-  math::AdafactorStep adafactor;
-  float lr = 0.0f;
-  float adamp_decay = 1.0f;
-  int adamp_view = 0;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
-  std::uint64_t rounding_seed = 0;
-};
+using math::StepConstants;
 
 struct Chunk {
   int tensor;
   std::int64_t begin, end;
 };
+
+namespace cuda {
+struct DeviceState;  // src/optim/cuda/backend.cu
+}
 
 struct Optimizer::Impl {
   OptimizerOptions options;
@@ -91,7 +86,9 @@ struct Optimizer::Impl {
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
   std::int64_t max_cols = 0;
   int threads = 1;
-  Buffer arena;
+  Buffer arena;                    // CPU: all state; CUDA: unused (the state lives in `device`)
+  std::int64_t arena_bytes = 0;
+  std::unique_ptr<cuda::DeviceState, void (*)(cuda::DeviceState*)> device{nullptr, nullptr};
   std::int64_t state_bytes = 0;
   std::int64_t total_numel = 0;
   std::int64_t steps = 0;
@@ -107,12 +104,7 @@ struct SlotSpec {
 };
 int slot_specs(Algorithm algorithm, const Hyper& hyper, bool factored, SlotSpec* out);
 bool is_factored(Algorithm algorithm, std::span<const std::int64_t> shape);
-// The seed of stochastic rounding for a tensor that has taken `step` steps: a pure function of
-// the options' seed and the tensor's step count, so a loaded optimizer rounds as the saved one.
-inline std::uint64_t rounding_seed(std::uint64_t seed, std::int64_t step) {
-  const auto s = static_cast<std::uint64_t>(step);
-  return math::hash_u32(seed, s) | (static_cast<std::uint64_t>(math::hash_u32(~seed, s)) << 32);
-}
+using math::rounding_seed;
 
 // Whether a 4-bit state slot is scaled rank-1 (row/column max) rather than per block: only
 // non-negative states of >= 2-D tensors, and not SophiaG's Hessian, which update_hessian writes
@@ -130,5 +122,41 @@ void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimat
 // Dequantized values of one slot.
 void read_slot(const TensorState& t, const Slot& slot, float* out);
 }  // namespace cpu
+
+// The state in host memory, for save, load and state_values: the live tensors of a CPU optimizer;
+// for a CUDA optimizer a downloaded copy whose pointers point into `bytes`, with the step counts
+// read back from the device.
+struct HostState {
+  std::vector<TensorState>* tensors = nullptr;
+  std::vector<TensorState> copy;
+  Buffer bytes;
+};
+HostState host_state(Optimizer::Impl& impl);
+// Writes a changed host copy (and impl's step counts) back to the device; nothing on the CPU.
+void commit_host_state(Optimizer::Impl& impl, HostState& state);
+
+namespace cuda {
+// All of these throw Unsupported in a build without CUDA.
+// Allocates the state arena on the current device, zeroed.
+std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes);
+// Builds the device tables (tensors, chunks, codebooks, scalars) once the layout is carved, and
+// copies bf16/fp16 parameters into their fp32 master weights.
+void create(Optimizer::Impl& impl);
+void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale);
+void enqueue_step(Optimizer::Impl& impl);
+// Waits for the queued work and returns the last step's result; refreshes impl's step counts.
+StepResult read_result(Optimizer::Impl& impl);
+void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into);
+void push_counters(Optimizer::Impl& impl);
+void set_grad(Optimizer::Impl& impl, std::size_t index);
+// Returns the index of the first estimate tensor holding inf or NaN, or -1, then applies them.
+std::int64_t update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
+void download(const Optimizer::Impl& impl, std::byte* host);
+void upload(Optimizer::Impl& impl, const std::byte* host);
+std::byte* arena_base(const Optimizer::Impl& impl);
+DeviceScalars scalars(const Optimizer::Impl& impl);
+void synchronize(const Optimizer::Impl& impl);
+void destroy(DeviceState* state);
+}  // namespace cuda
 
 }  // namespace nibble

@@ -10,6 +10,7 @@
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
+#include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "optim/impl.hpp"
 
@@ -70,6 +71,25 @@ void check_name(const std::string& name) {
   }
 }
 
+void check_dtypes(const Param& param, bool on_cuda) {
+  if (!on_cuda) {
+    if (param.dtype != DType::F32 || param.grad_dtype != DType::F32)
+      throw InvalidArgument(fmt::format("parameter '{}': the CPU backend steps F32 parameters and gradients, got {} and {}",
+                                        param.name, dtype_name(param.dtype), dtype_name(param.grad_dtype)));
+    return;
+  }
+  if (param.dtype != DType::F32 && param.dtype != DType::BF16 && param.dtype != DType::F16)
+    throw InvalidArgument(fmt::format("parameter '{}': dtype {} is not F32, BF16 or F16", param.name,
+                                      dtype_name(param.dtype)));
+  if (param.grad_dtype != DType::F32 && param.grad_dtype != DType::BF16)
+    throw InvalidArgument(fmt::format("parameter '{}': gradient dtype {} is not F32 or BF16", param.name,
+                                      dtype_name(param.grad_dtype)));
+}
+
+bool keeps_master(const TensorState& t, const OptimizerOptions& options) {
+  return options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
+}
+
 }  // namespace
 
 Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
@@ -90,11 +110,18 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     throw InvalidArgument(fmt::format("min_quant_size must be >= 0, got {}", options.min_quant_size));
   if (!std::isfinite(options.max_grad_norm) || options.max_grad_norm < 0.0f)
     throw InvalidArgument(fmt::format("max_grad_norm must be finite and >= 0, got {}", options.max_grad_norm));
+  const bool on_cuda = options.device == Device::kCuda;
+  if (options.device != Device::kCpu && !on_cuda)
+    throw InvalidArgument(fmt::format("device {} is not cpu or cuda", static_cast<int>(options.device)));
+  if (on_cuda && !cuda_built())
+    throw DeviceError("a CUDA optimizer was asked for, but this nibble was built without CUDA (no nvcc at build time)");
+  if (on_cuda && cuda_device_count() == 0)
+    throw DeviceError("a CUDA optimizer was asked for, but no CUDA device is visible (no GPU or no driver)");
   im.options = options;
   im.threads = std::max(1, omp_get_max_threads());
 
   std::map<std::string, std::size_t> names;
-  std::map<const float*, std::string> datas;
+  std::map<const void*, std::string> datas;
   for (std::size_t gi = 0; gi < groups.size(); ++gi) {
     ParamGroup& group = groups[gi];
     const std::string gname = std::to_string(gi);
@@ -120,6 +147,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
         if (!fresh)
           throw InvalidArgument(fmt::format("parameter '{}' is listed twice (same data as '{}')", param.name, it->second));
       }
+      check_dtypes(param, on_cuda);
       t.param = param;
       t.group = static_cast<int>(gi);
       t.offset = im.total_numel;
@@ -169,7 +197,8 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   for (int pass = 0; pass < 2; ++pass) {
     std::int64_t cursor = 0;
     std::int64_t counted = 0;
-    std::byte* base = pass == 1 ? im.arena.data() : nullptr;
+    std::byte* base = nullptr;
+    if (pass == 1) base = on_cuda ? cuda::allocate_arena(im, im.arena_bytes) : im.arena.data();
     auto take = [&](std::int64_t bytes, bool state) -> std::byte* {
       std::byte* p = base ? base + cursor : nullptr;
       cursor += align64(bytes);
@@ -200,12 +229,16 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
             break;
         }
       }
+      if (keeps_master(t, options)) t.master = reinterpret_cast<float*>(take(4 * t.numel, true));
       if (t.factored) {
         t.af_row = reinterpret_cast<float*>(take(4 * t.rows, true));
         t.af_col = reinterpret_cast<float*>(take(4 * (t.rows / t.batch_rows) * t.cols, true));
       }
     }
-    if (pass == 0) im.arena = Buffer(static_cast<std::size_t>(cursor));
+    if (pass == 0) {
+      im.arena_bytes = cursor;
+      if (!on_cuda) im.arena = Buffer(static_cast<std::size_t>(cursor));
+    }
     im.state_bytes = counted;
   }
 
@@ -215,6 +248,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   im.chunk_partials.assign(im.chunks.size(), 0.0);
   im.constants.assign(im.tensors.size(), StepConstants{});
   if (im.max_cols > 0) im.thread_scratch.assign(static_cast<std::size_t>(im.threads * im.max_cols), 0.0f);
+  if (on_cuda) cuda::create(im);
 }
 
 Optimizer::~Optimizer() = default;
@@ -229,6 +263,15 @@ StepResult Optimizer::step(const StepOptions& options) {
     throw InvalidArgument(fmt::format("lr_scale must be finite and >= 0, got {}", options.lr_scale));
   StepResult result;
   result.grad_norm = std::numeric_limits<double>::quiet_NaN();
+  if (im.device) {
+    cuda::set_scalars(im, options.grad_scale, options.lr_scale);
+    cuda::enqueue_step(im);
+    if (!options.synchronize) {
+      result.step = -1;
+      return result;
+    }
+    return cuda::read_result(im);
+  }
   const float inv_scale = 1.0f / options.grad_scale;
   if (im.options.check_finite || im.options.max_grad_norm > 0.0f) {
     result.grad_norm = cpu::grad_norm(im, inv_scale);
@@ -254,6 +297,22 @@ StepResult Optimizer::step(const StepOptions& options) {
   return result;
 }
 
+void Optimizer::enqueue_step() {
+  if (!impl_->device) throw InvalidArgument("enqueue_step() is for CUDA optimizers; a CPU optimizer steps with step()");
+  cuda::enqueue_step(*impl_);
+}
+
+DeviceScalars Optimizer::device_scalars() const {
+  if (!impl_->device) throw InvalidArgument("device_scalars() is for CUDA optimizers; this one runs on the CPU");
+  return cuda::scalars(*impl_);
+}
+
+void Optimizer::synchronize() const {
+  if (impl_->device) cuda::synchronize(*impl_);
+}
+
+Device Optimizer::device() const { return impl_->options.device; }
+
 void Optimizer::update_hessian(std::span<const float* const> estimates) {
   Impl& im = *impl_;
   if (im.options.algorithm != Algorithm::kSophiaG)
@@ -261,6 +320,11 @@ void Optimizer::update_hessian(std::span<const float* const> estimates) {
   if (estimates.size() != im.tensors.size())
     throw InvalidArgument(fmt::format("update_hessian needs {} estimates (one per parameter), got {}",
                                       im.tensors.size(), estimates.size()));
+  if (im.device) {
+    if (const std::int64_t bad = cuda::update_hessian(im, estimates); bad >= 0)
+      throw InvalidArgument(fmt::format("Hessian estimate of '{}' holds inf or NaN", im.tensors[bad].param.name));
+    return;
+  }
   for (std::size_t i = 0; i < im.tensors.size(); ++i) {
     const float* e = estimates[i];
     if (e == nullptr) continue;
@@ -272,16 +336,23 @@ void Optimizer::update_hessian(std::span<const float* const> estimates) {
   cpu::update_hessian(im, estimates);
 }
 
-void Optimizer::set_grad(std::size_t param_index, float* grad) {
+void Optimizer::set_grad(std::size_t param_index, void* grad) {
   if (param_index >= impl_->tensors.size())
     throw InvalidArgument(fmt::format("parameter index {} is out of range (have {})", param_index, impl_->tensors.size()));
   impl_->tensors[param_index].param.grad = grad;
+  if (impl_->device) cuda::set_grad(*impl_, param_index);
 }
 
 const OptimizerOptions& Optimizer::options() const { return impl_->options; }
 const Hyper& Optimizer::hyper() const { return impl_->hyper; }
-std::int64_t Optimizer::step_count() const { return impl_->steps; }
-std::int64_t Optimizer::skipped_steps() const { return impl_->skipped; }
+std::int64_t Optimizer::step_count() const {
+  if (impl_->device) cuda::pull_counters(*impl_, impl_->tensors);
+  return impl_->steps;
+}
+std::int64_t Optimizer::skipped_steps() const {
+  if (impl_->device) cuda::pull_counters(*impl_, impl_->tensors);
+  return impl_->skipped;
+}
 std::size_t Optimizer::param_count() const { return impl_->tensors.size(); }
 
 const Param& Optimizer::param(std::size_t index) const {
@@ -302,6 +373,7 @@ std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
   const TensorState& t = impl_->tensors[param_index];
   std::vector<std::string> out;
   for (int j = 0; j < t.slot_count; ++j) out.push_back(t.slots[j].name);
+  if (t.master) out.emplace_back("master");
   if (t.factored) {
     out.emplace_back("exp_avg_sq_row");
     out.emplace_back("exp_avg_sq_col");
@@ -311,7 +383,8 @@ std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
 
 std::vector<float> Optimizer::state_values(std::size_t param_index, std::string_view name) const {
   param(param_index);
-  const TensorState& t = impl_->tensors[param_index];
+  HostState host = host_state(*impl_);
+  const TensorState& t = (*host.tensors)[param_index];
   for (int j = 0; j < t.slot_count; ++j)
     if (t.slots[j].name == name) {
       std::vector<float> out(static_cast<std::size_t>(t.numel));
@@ -320,7 +393,50 @@ std::vector<float> Optimizer::state_values(std::size_t param_index, std::string_
     }
   if (t.factored && name == "exp_avg_sq_row") return {t.af_row, t.af_row + t.rows};
   if (t.factored && name == "exp_avg_sq_col") return {t.af_col, t.af_col + (t.rows / t.batch_rows) * t.cols};
+  if (t.master && name == "master") return {t.master, t.master + t.numel};
   throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
+}
+
+HostState host_state(Optimizer::Impl& impl) {
+  HostState state;
+  if (!impl.device) {
+    state.tensors = &impl.tensors;
+    return state;
+  }
+  state.bytes = Buffer(static_cast<std::size_t>(impl.arena_bytes));
+  cuda::download(impl, state.bytes.data());
+  state.copy = impl.tensors;
+  const std::byte* from = cuda::arena_base(impl);
+  std::byte* to = state.bytes.data();
+  auto move = [&](auto*& p) {
+    if (p != nullptr)
+      p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(to + (reinterpret_cast<const std::byte*>(p) - from));
+  };
+  for (TensorState& t : state.copy) {
+    for (Slot& s : t.slots) {
+      move(s.f32);
+      move(s.bf16);
+      move(s.codes);
+      move(s.absmax);
+      move(s.row_max);
+      move(s.col_max);
+      move(s.next_row_max);
+      move(s.next_col_max);
+    }
+    move(t.master);
+    move(t.af_row);
+    move(t.af_col);
+  }
+  cuda::pull_counters(impl, state.copy);
+  state.tensors = &state.copy;
+  return state;
+}
+
+void commit_host_state(Optimizer::Impl& impl, HostState& state) {
+  if (!impl.device) return;
+  cuda::upload(impl, state.bytes.data());
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) impl.tensors[i].step = state.copy[i].step;
+  cuda::push_counters(impl);
 }
 
 }  // namespace nibble

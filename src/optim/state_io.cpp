@@ -39,10 +39,10 @@ struct Entry {
   bool non_negative = false;  // second moments and scales: a negative value would make a step NaN
 };
 
-std::vector<Entry> entries(Optimizer::Impl& im, std::vector<std::int64_t>& steps) {
+std::vector<Entry> entries(const Optimizer::Impl& im, std::vector<TensorState>& tensors, std::vector<std::int64_t>& steps) {
   std::vector<Entry> out;
-  for (std::size_t i = 0; i < im.tensors.size(); ++i) {
-    TensorState& t = im.tensors[i];
+  for (std::size_t i = 0; i < tensors.size(); ++i) {
+    TensorState& t = tensors[i];
     const std::string prefix = fmt::format("state.{}.", i);
     for (int j = 0; j < t.slot_count; ++j) {
       Slot& s = t.slots[j];
@@ -68,14 +68,15 @@ std::vector<Entry> entries(Optimizer::Impl& im, std::vector<std::int64_t>& steps
           break;
       }
     }
+    if (t.master) out.push_back({prefix + "master", DType::F32, t.param.shape, t.master, true});
     if (t.factored) {
       out.push_back({prefix + "exp_avg_sq_row", DType::F32, {t.rows}, t.af_row, true, true});
       out.push_back(
           {prefix + "exp_avg_sq_col", DType::F32, {(t.rows / t.batch_rows) * t.cols}, t.af_col, true, true});
     }
   }
-  steps.resize(im.tensors.size());
-  for (std::size_t i = 0; i < im.tensors.size(); ++i) steps[i] = im.tensors[i].step;
+  steps.resize(tensors.size());
+  for (std::size_t i = 0; i < tensors.size(); ++i) steps[i] = tensors[i].step;
   out.push_back({"steps", DType::I64, {static_cast<std::int64_t>(steps.size())}, steps.data(), false});
   return out;
 }
@@ -90,12 +91,16 @@ nlohmann::json layout(const Optimizer::Impl& im) {
       if (s.precision == Precision::kInt8 || s.precision == Precision::kInt4) slot["codebook"] = codebook_name(s.codebook);
       slots.push_back(slot);
     }
-    params.push_back({{"name", t.param.name},
-                      {"shape", t.param.shape},
-                      {"precision", precision_name(t.precision)},
-                      {"block", t.block},
-                      {"factored", t.factored},
-                      {"slots", slots}});
+    nlohmann::json entry = {{"name", t.param.name},
+                            {"shape", t.param.shape},
+                            {"precision", precision_name(t.precision)},
+                            {"block", t.block},
+                            {"factored", t.factored},
+                            {"slots", slots}};
+    // Only optimizers that keep fp32 copies of 16-bit parameters say so, so that the state of an
+    // fp32-parameter optimizer loads on either backend.
+    if (t.master) entry["master"] = true;
+    params.push_back(entry);
   }
   return params;
 }
@@ -174,8 +179,9 @@ std::int64_t first_negative(const Entry& e, const Tensor& t) {
 
 void Optimizer::save(const std::filesystem::path& path) const {
   Impl& im = *impl_;
+  HostState host = host_state(im);
   std::vector<std::int64_t> steps;
-  std::vector<Entry> list = entries(im, steps);
+  std::vector<Entry> list = entries(im, *host.tensors, steps);
   std::vector<TensorView> views;
   views.reserve(list.size() + math::kCodebookCount);
   for (const Entry& e : list) views.push_back({e.name, e.dtype, e.shape, e.data});
@@ -247,8 +253,9 @@ void Optimizer::load(const std::filesystem::path& path) {
         std::memcmp(stored.data(), cb.values, sizeof(float) * cb.size) != 0)
       throw StateMismatch(fmt::format("{}: {} differs from this build's codebook", where, name));
   }
+  HostState host = host_state(im);
   std::vector<std::int64_t> steps;
-  const std::vector<Entry> list = entries(im, steps);
+  const std::vector<Entry> list = entries(im, *host.tensors, steps);
   std::size_t expected = list.size() + codebooks_used(im).size();
   if (file.tensors.size() != expected)
     throw StateMismatch(fmt::format("{}: holds {} tensors, this optimizer's state has {}", where,
@@ -272,9 +279,10 @@ void Optimizer::load(const std::filesystem::path& path) {
     const Tensor& t = file.at(e.name);
     if (e.data != steps.data()) std::memcpy(e.data, t.data(), t.nbytes());
   }
-  for (std::size_t i = 0; i < im.tensors.size(); ++i) im.tensors[i].step = saved_steps[i];
+  for (std::size_t i = 0; i < im.tensors.size(); ++i) (*host.tensors)[i].step = saved_steps[i];
   im.steps = step;
   im.skipped = skipped;
+  commit_host_state(im, host);
 }
 
 }  // namespace nibble

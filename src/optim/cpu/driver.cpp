@@ -154,12 +154,12 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
     float* s[kMaxSlots];
     for (int j = 0; j < kMaxSlots; ++j)
       s[j] = j < t.slot_count ? load_block(t, t.slots[j], b, n, scratch.state[j], commit) : scratch.state[j];
-    float* p = t.param.data + b;
+    float* p = static_cast<float*>(t.param.data) + b;
     if (!commit) {
       std::memcpy(scratch.param, p, static_cast<std::size_t>(n) * sizeof(float));
       p = scratch.param;
     }
-    body(b, n, p, t.param.grad + b, s);
+    body(b, n, p, static_cast<const float*>(t.param.grad) + b, s);
     if (commit)
       for (int j = 0; j < t.slot_count; ++j)
         if (store_mask & (1u << j)) store_block(t, t.slots[j], b, n, s[j], k.rounding_seed, j, stochastic);
@@ -201,60 +201,10 @@ std::int64_t adamp_view_rows(const TensorState& t) {
 }
 
 void fill_constants(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
-  const Hyper& h = impl.hyper;
-  const float gm = grad_mul * (h.maximize ? -1.0f : 1.0f);
   for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
     const TensorState& t = impl.tensors[i];
-    StepConstants& k = impl.constants[i];
-    const double step = static_cast<double>(std::max<std::int64_t>(t.step, 1));
-    const float lr = t.lr * lr_scale;
-    const float wd = t.weight_decay;
-    k.lr = lr;
-    k.rounding_seed = rounding_seed(impl.options.seed, t.step);
-    const float bc1 = h.bias_correction ? static_cast<float>(1.0 - std::pow(static_cast<double>(h.beta1), step)) : 1.0f;
-    const float bc2 = h.bias_correction ? static_cast<float>(1.0 - std::pow(static_cast<double>(h.beta2), step)) : 1.0f;
-    const bool decoupled = h.decoupled_weight_decay;
-    switch (impl.options.algorithm) {
-      case Algorithm::kSgd: {
-        const bool first = t.step == 1;
-        k.sgd = {lr,
-                 first ? 0.0f : h.momentum,
-                 first || h.momentum == 0.0f ? 1.0f : 1.0f - h.dampening,
-                 h.momentum,
-                 h.nesterov ? 1.0f : 0.0f,
-                 decoupled ? 0.0f : wd,
-                 decoupled ? 1.0f - lr * wd : 1.0f,
-                 gm};
-        break;
-      }
-      case Algorithm::kAdam:
-      case Algorithm::kAdamW:
-        k.adam = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, lr / bc1,
-                  1.0f / std::sqrt(bc2), h.eps, decoupled ? 0.0f : wd,
-                  decoupled ? 1.0f - lr * wd : 1.0f, gm};
-        break;
-      case Algorithm::kLion:
-        k.lion = {lr, h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, 1.0f - lr * wd, gm};
-        break;
-      case Algorithm::kQhm:
-        k.qhm = {lr, h.momentum, 1.0f - h.momentum, h.nu, 1.0f - h.nu, decoupled ? 0.0f : wd,
-                 decoupled ? 1.0f - lr * wd : 1.0f, gm};
-        break;
-      case Algorithm::kSophiaG:
-        k.sophia = {lr, h.beta1, 1.0f - h.beta1, h.rho * h.batch_tokens, 1.0f - lr * wd, gm};
-        break;
-      case Algorithm::kAdamP:
-        k.adamp = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, lr / bc1, 1.0f / std::sqrt(bc2),
-                   h.eps, h.nesterov ? 1.0f : 0.0f, gm};
-        k.adamp_decay = 1.0f - lr * wd;
-        k.adamp_view = 0;
-        break;
-      case Algorithm::kAdafactor: {
-        const float beta2t = static_cast<float>(1.0 - std::pow(step, static_cast<double>(h.decay_rate)));
-        k.adafactor = {beta2t, 1.0f - beta2t, h.eps, gm, 0.0f, h.beta1, 1.0f - h.beta1, 1.0f};
-        break;
-      }
-    }
+    math::fill_step_constants(impl.constants[i], impl.options.algorithm, impl.hyper, t.lr, t.weight_decay, t.step,
+                              grad_mul, lr_scale, impl.options.seed);
   }
 }
 
@@ -274,8 +224,8 @@ void adamp_prepare(Optimizer::Impl& impl) {
     double* gg = gp + rows;
     double* pp = gg + rows;
     double* dot = pp + rows;
-    const float* p = t.param.data;
-    const float* g = t.param.grad;
+    const float* p = static_cast<const float*>(t.param.data);
+    const float* g = static_cast<const float*>(t.param.grad);
 #pragma omp parallel
     for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
       for (std::int64_t r = r0; r < r1; ++r) {
@@ -372,8 +322,8 @@ void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
     TensorState& t = impl.tensors[i];
     StepConstants& k = impl.constants[i];
     if (t.param.grad == nullptr || t.numel == 0) continue;
-    const float* p = t.param.data;
-    const float* g = t.param.grad;
+    const float* p = static_cast<const float*>(t.param.data);
+    const float* g = static_cast<const float*>(t.param.grad);
     double sum_pp = 0.0, sum_uu = 0.0;
     if (t.factored) {
       const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
@@ -473,14 +423,8 @@ void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
                    }
                  });
     }
-    const double n = static_cast<double>(t.numel);
-    const double step = static_cast<double>(t.step);
-    double lr = static_cast<double>(t.lr) * lr_scale;
-    if (h.relative_step) lr = std::min(h.warmup_init ? 1e-6 * step : 1e-2, 1.0 / std::sqrt(step));
-    if (h.scale_parameter) lr *= std::max(static_cast<double>(h.eps2), std::sqrt(sum_pp / n));
-    const double rms_u = std::sqrt(sum_uu / n);
-    k.adafactor.scale = static_cast<float>(lr / std::max(1.0, rms_u / h.clip_threshold));
-    k.adafactor.decay = static_cast<float>(1.0 - static_cast<double>(t.weight_decay) * lr);
+    k.adafactor.scale = math::adafactor_scale(h, t.lr, lr_scale, t.step, sum_pp, sum_uu, static_cast<double>(t.numel),
+                                              k.adafactor.decay, t.weight_decay);
   }
 }
 
@@ -656,7 +600,7 @@ double grad_norm(Optimizer::Impl& impl, float inv_scale) {
   parallel_chunks(impl, [&](std::int64_t c, const Chunk& ch, TensorState& t, BlockScratch&) {
     // Independent accumulators (see kSumLanes): a single one ran this pass at half the copy
     // bandwidth.
-    const float* __restrict g = t.param.grad;
+    const float* __restrict g = static_cast<const float*>(t.param.grad);
     double acc[kSumLanes] = {};
     std::int64_t e = ch.begin;
     for (; e + kSumLanes <= ch.end; e += kSumLanes)

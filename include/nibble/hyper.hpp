@@ -1,0 +1,40 @@
+// The vocabulary of nibble's optimizers that host and device code share: algorithms, state
+// precisions and every hyperparameter. Plain values only, so CUDA kernels take them by value.
+#pragma once
+
+#include <cstdint>
+
+namespace nibble {
+
+enum class Algorithm : std::uint8_t { kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG };
+enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4 };
+
+// Every hyperparameter of every algorithm; each algorithm reads the ones it names.
+// default_hyper() gives each algorithm the defaults of its paper's reference code.
+struct Hyper {
+  float lr = 1e-3f;
+  float weight_decay = 0.0f;
+  float beta1 = 0.9f;           // Adam*, Lion, AdamP, SophiaG; Adafactor's first moment
+  float beta2 = 0.999f;         // Adam*, Lion, AdamP, SophiaG (Hessian EMA)
+  float eps = 1e-8f;            // Adam*, AdamP; Adafactor's eps1 (added to g^2)
+  float momentum = 0.0f;        // SGD; QHM's beta
+  float dampening = 0.0f;       // SGD
+  bool nesterov = false;        // SGD, AdamP
+  bool amsgrad = false;         // Adam, AdamW
+  bool maximize = false;        // every algorithm
+  bool bias_correction = true;  // Adam, AdamW, AdamP
+  bool decoupled_weight_decay = false;  // Adam (false) vs AdamW (true); SGD and QHM either way
+  float nu = 0.7f;              // QHM
+  float eps2 = 1e-3f;           // Adafactor: floor of the parameter scale
+  float clip_threshold = 1.0f;  // Adafactor: update RMS clip
+  float decay_rate = -0.8f;     // Adafactor: beta2_t = 1 - t^decay_rate
+  bool first_moment = false;    // Adafactor: keep a first moment with beta1
+  bool relative_step = true;    // Adafactor: lr_t = min(1e-2, 1/sqrt(t)) instead of lr
+  bool scale_parameter = true;  // Adafactor: lr scaled by max(eps2, rms(p))
+  bool warmup_init = false;     // Adafactor: relative step min(1e-6 t, 1/sqrt(t))
+  float delta = 0.1f;           // AdamP: cosine threshold
+  float wd_ratio = 0.1f;        // AdamP: weight-decay ratio of projected tensors
+  float rho = 0.04f;            // SophiaG
+  float batch_tokens = 5120.0f; // SophiaG: the `bs` that multiplies rho
+};
+}  // namespace nibble

@@ -1,0 +1,380 @@
+// The CUDA backend's host side: allocates the state arena and the device tables once when the
+// optimizer is created, queues a step as a fixed sequence of launches on the optimizer's stream
+// (no host round trip, so it can be captured in a CUDA graph), and moves state and counters
+// between host and device for save, load and inspection.
+#include <climits>
+#include <cmath>
+#include <cstddef>
+#include <string>
+#include <vector>
+
+#include "optim/cuda/common.cuh"
+#include "optim/impl.hpp"
+
+namespace nibble::cuda {
+
+void throw_cuda(const char* call, cudaError_t error, const char* file, int line) {
+  throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(error) + " (" +
+                    cudaGetErrorString(error) + ") at " + file + ":" + std::to_string(line));
+}
+
+struct DeviceState {
+  cudaStream_t stream = nullptr;
+  std::byte* arena = nullptr;
+  std::int64_t arena_bytes = 0;
+  std::vector<void*> allocations;
+  Tables tb{};
+  StepConfig cfg{};
+  std::vector<DTensor> tensors;  // host copy of tb.tensors
+  bool norm = false;
+  int2* rank1_slots = nullptr;
+  int rank1_count = 0;
+  const float** hessian_ptrs = nullptr;
+
+  ~DeviceState() {
+    for (void* p : allocations) cudaFree(p);
+    cudaFree(arena);
+  }
+};
+
+namespace {
+
+DeviceState& state(const Optimizer::Impl& impl) { return *impl.device; }
+
+void* device_alloc(DeviceState& ds, std::size_t bytes, const char* what) {
+  void* p = nullptr;
+  if (bytes == 0) return nullptr;
+  if (const cudaError_t error = cudaMalloc(&p, bytes); error != cudaSuccess) {
+    cudaGetLastError();
+    std::size_t free = 0, total = 0;
+    cudaMemGetInfo(&free, &total);
+    if (error == cudaErrorMemoryAllocation)
+      throw OutOfMemory("out of GPU memory: the optimizer's " + std::string(what) + " needs " + std::to_string(bytes) +
+                            " bytes, " + std::to_string(free) + " are free",
+                        static_cast<long long>(bytes), static_cast<long long>(free));
+    throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
+  }
+  ds.allocations.push_back(p);
+  return p;
+}
+
+template <class T>
+T* upload_vector(DeviceState& ds, const std::vector<T>& values, const char* what) {
+  if (values.empty()) return nullptr;
+  auto* p = static_cast<T*>(device_alloc(ds, values.size() * sizeof(T), what));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(p, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice));
+  return p;
+}
+
+template <class T>
+T* zeroed(DeviceState& ds, std::size_t count, const char* what) {
+  if (count == 0) return nullptr;
+  auto* p = static_cast<T*>(device_alloc(ds, count * sizeof(T), what));
+  NIBBLE_CUDA_CHECK(cudaMemset(p, 0, count * sizeof(T)));
+  return p;
+}
+
+// A parameter or gradient must be memory the GPU can address.
+void check_device_pointer(const void* p, const std::string& what) {
+  if (p == nullptr) return;
+  cudaPointerAttributes attributes{};
+  const cudaError_t error = cudaPointerGetAttributes(&attributes, p);
+  if (error != cudaSuccess) {
+    cudaGetLastError();
+    throw InvalidArgument(what + " is not a pointer the CUDA runtime knows (" + cudaGetErrorName(error) + ")");
+  }
+  if (attributes.type != cudaMemoryTypeDevice && attributes.type != cudaMemoryTypeManaged)
+    throw InvalidArgument(what + " is host memory; a CUDA optimizer steps device arrays");
+}
+
+std::uint8_t element_type(DType dtype) {
+  if (dtype == DType::BF16) return kBF16;
+  if (dtype == DType::F16) return kF16;
+  return kF32;
+}
+
+DTensor describe(const TensorState& t) {
+  DTensor d;
+  d.param = t.param.data;
+  d.grad = t.param.grad;
+  d.master = t.master;
+  d.af_row = t.af_row;
+  d.af_col = t.af_col;
+  d.numel = t.numel;
+  d.rows = t.rows;
+  d.cols = t.cols;
+  d.batch_rows = t.batch_rows;
+  d.offset = t.offset;
+  d.lr = t.lr;
+  d.weight_decay = t.weight_decay;
+  d.block = t.block;
+  d.slot_count = t.slot_count;
+  d.param_type = element_type(t.param.dtype);
+  d.grad_type = element_type(t.param.grad_dtype);
+  d.precision = static_cast<std::uint8_t>(t.precision);
+  d.factored = t.factored ? 1 : 0;
+  for (int j = 0; j < t.slot_count; ++j) {
+    const Slot& s = t.slots[j];
+    DSlot& o = d.slots[j];
+    switch (s.precision) {
+      case Precision::kFp32: o.data = s.f32; break;
+      case Precision::kBf16: o.data = s.bf16; break;
+      default: o.data = s.codes; break;
+    }
+    o.absmax = s.absmax;
+    o.row_max = s.row_max;
+    o.col_max = s.col_max;
+    o.next_row_max = s.next_row_max;
+    o.next_col_max = s.next_col_max;
+    o.precision = static_cast<std::uint8_t>(s.precision);
+    o.codebook = static_cast<std::uint8_t>(s.codebook);
+    o.rank1 = s.rank1 ? 1 : 0;
+  }
+  return d;
+}
+
+}  // namespace
+
+std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes) {
+  impl.device = {new DeviceState, &destroy};
+  DeviceState& ds = state(impl);
+  ds.stream = static_cast<cudaStream_t>(impl.options.cuda_stream);
+  ds.arena_bytes = bytes;
+  if (bytes > 0) {
+    void* p = nullptr;
+    ds.allocations.reserve(16);
+    if (const cudaError_t error = cudaMalloc(&p, static_cast<std::size_t>(bytes)); error != cudaSuccess) {
+      cudaGetLastError();
+      std::size_t free = 0, total = 0;
+      cudaMemGetInfo(&free, &total);
+      if (error == cudaErrorMemoryAllocation)
+        throw OutOfMemory("out of GPU memory: the optimizer state needs " + std::to_string(bytes) + " bytes, " +
+                              std::to_string(free) + " are free",
+                          bytes, static_cast<long long>(free));
+      throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
+    }
+    ds.arena = static_cast<std::byte*>(p);
+    NIBBLE_CUDA_CHECK(cudaMemset(p, 0, static_cast<std::size_t>(bytes)));
+  }
+  return ds.arena;
+}
+
+void create(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  const Algorithm algorithm = impl.options.algorithm;
+  const bool adamp = algorithm == Algorithm::kAdamP, adafactor = algorithm == Algorithm::kAdafactor;
+  std::vector<DChunk> chunks, segments;
+  std::vector<DColItem> col_items;
+  std::vector<int2> rank1;
+  std::int64_t scratch_doubles = 0, col_partials = 0;
+  std::vector<std::int64_t> scratch_offsets;
+  ds.tensors.clear();
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    check_device_pointer(t.param.data, "parameter '" + t.param.name + "'");
+    check_device_pointer(t.param.grad, "gradient of '" + t.param.name + "'");
+    DTensor d = describe(t);
+    const int index = static_cast<int>(i);
+    for (std::int64_t b = 0; b < t.numel; b += kChunk) chunks.push_back({index, b, std::min(b + kChunk, t.numel)});
+    // Reduction view: AdamP's channel rows, Adafactor's (rows, cols) rows or the whole tensor.
+    std::int64_t view_rows = 0;
+    std::int64_t scratch = 0;
+    if (adamp && t.param.shape.size() >= 2 && t.numel > 0) {
+      view_rows = t.param.shape[0];
+      scratch = 3 * view_rows + std::max<std::int64_t>(view_rows, 1);
+    } else if (adafactor && t.numel > 0) {
+      view_rows = t.factored ? t.rows : 1;
+      const std::int64_t batches = t.rows / t.batch_rows;
+      scratch = t.factored ? 4 * t.rows + 2 * batches * t.cols + 2 : 2;
+      if (t.factored) {
+        d.colpart0 = col_partials;
+        d.col_row_blocks = (t.batch_rows + kColumnRows - 1) / kColumnRows;
+        int row_block = 0;
+        for (std::int64_t b = 0; b < batches; ++b)
+          for (std::int64_t k = 0; k < d.col_row_blocks; ++k, ++row_block) {
+            const std::int64_t r0 = b * t.batch_rows + k * kColumnRows;
+            const std::int64_t r1 = std::min(r0 + kColumnRows, (b + 1) * t.batch_rows);
+            for (std::int64_t c = 0; c < t.cols; c += 256) col_items.push_back({index, row_block, r0, r1, c});
+          }
+        col_partials += static_cast<std::int64_t>(row_block) * t.cols;
+      }
+    }
+    if (view_rows > 0) {
+      const std::int64_t len = t.numel / view_rows;
+      d.view_rows = view_rows;
+      d.seg0 = static_cast<std::int64_t>(segments.size());
+      d.segs_per_row = (len + kSegment - 1) / kSegment;
+      for (std::int64_t r = 0; r < view_rows; ++r)
+        for (std::int64_t s = 0; s < d.segs_per_row; ++s)
+          segments.push_back({index, r * len + s * kSegment, std::min(r * len + (s + 1) * kSegment, (r + 1) * len)});
+    }
+    scratch_offsets.push_back(scratch_doubles);
+    scratch_doubles += scratch;
+    for (int j = 0; j < t.slot_count; ++j)
+      if (t.slots[j].rank1) rank1.push_back(make_int2(index, j));
+    ds.tensors.push_back(d);
+  }
+  auto* scratch = zeroed<double>(ds, static_cast<std::size_t>(scratch_doubles), "reduction scratch");
+  for (std::size_t i = 0; i < ds.tensors.size(); ++i)
+    if (scratch_offsets[i] < scratch_doubles && (i + 1 == ds.tensors.size() || scratch_offsets[i + 1] > scratch_offsets[i]))
+      ds.tensors[i].scratch = scratch + scratch_offsets[i];
+
+  std::vector<math::Codebook> books(math::kCodebookCount);
+  for (int i = 0; i < math::kCodebookCount; ++i) books[i] = codebook(static_cast<math::CodebookId>(i));
+
+  Tables& tb = ds.tb;
+  tb.tensors = upload_vector(ds, ds.tensors, "tensor table");
+  tb.tensor_count = static_cast<int>(ds.tensors.size());
+  tb.chunks = upload_vector(ds, chunks, "chunk table");
+  tb.chunk_count = static_cast<long long>(chunks.size());
+  tb.constants = zeroed<math::StepConstants>(ds, ds.tensors.size(), "step constants");
+  tb.tensor_steps = zeroed<long long>(ds, ds.tensors.size(), "step counts");
+  DScalars initial{1.0f, 1.0f, 0, 0, std::nan(""), 0, 0, 1.0f};
+  tb.scalars = upload_vector(ds, std::vector<DScalars>{initial}, "step scalars");
+  tb.codebooks = upload_vector(ds, books, "codebooks");
+  tb.partials = zeroed<double>(ds, std::max<std::size_t>(chunks.size(), 1), "norm partials");
+  tb.segments = upload_vector(ds, segments, "segment table");
+  tb.segment_count = static_cast<long long>(segments.size());
+  tb.segment_sums = zeroed<double>(ds, 3 * segments.size(), "segment sums");
+  tb.col_items = upload_vector(ds, col_items, "column table");
+  tb.col_item_count = static_cast<long long>(col_items.size());
+  tb.col_partials = zeroed<double>(ds, static_cast<std::size_t>(col_partials), "column sums");
+  tb.bad_flag = zeroed<int>(ds, 1, "check flag");
+  ds.rank1_slots = upload_vector(ds, rank1, "rank-1 slots");
+  ds.rank1_count = static_cast<int>(rank1.size());
+  ds.hessian_ptrs = zeroed<const float*>(ds, ds.tensors.size(), "Hessian estimates");
+
+  StepConfig& cfg = ds.cfg;
+  cfg.algorithm = algorithm;
+  cfg.hyper = impl.hyper;
+  cfg.max_grad_norm = impl.options.max_grad_norm;
+  cfg.check_finite = impl.options.check_finite ? 1 : 0;
+  cfg.stochastic_state = impl.options.stochastic_rounding ? 1 : 0;
+  cfg.stochastic_param = impl.options.param_stochastic_rounding ? 1 : 0;
+  cfg.seed = impl.options.seed;
+  ds.norm = impl.options.check_finite || impl.options.max_grad_norm > 0.0f;
+
+  launch_master_init(tb, ds.stream);
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+}
+
+void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale) {
+  DeviceState& ds = state(impl);
+  launch_set_scalars(ds.tb, grad_scale, lr_scale, ds.stream);
+}
+
+void enqueue_step(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  const Algorithm algorithm = ds.cfg.algorithm;
+  launch_begin_step(ds.tb, ds.cfg, ds.norm, ds.stream);
+  if (algorithm == Algorithm::kAdamP) launch_adamp_prepare(ds.tb, ds.cfg, ds.stream);
+  if (algorithm == Algorithm::kAdafactor) launch_adafactor_prepare(ds.tb, ds.cfg, ds.stream);
+  if (ds.rank1_count > 0) {
+    launch_rank1_reset(ds.tb, ds.rank1_slots, ds.rank1_count, ds.stream);
+    launch_rank1_max(ds.tb, ds.cfg, ds.stream);
+  }
+  launch_update(ds.tb, ds.cfg, ds.stream);
+  if (ds.rank1_count > 0) launch_rank1_commit(ds.tb, ds.rank1_slots, ds.rank1_count, ds.stream);
+}
+
+StepResult read_result(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  DScalars sc{};
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  impl.steps = sc.steps;
+  impl.skipped = sc.skipped;
+  StepResult result;
+  result.skipped = sc.skip != 0;
+  result.grad_norm = sc.grad_norm;
+  result.step = sc.steps;
+  return result;
+}
+
+void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into) {
+  DeviceState& ds = state(impl);
+  std::vector<long long> steps(ds.tensors.size());
+  DScalars sc{};
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  if (!steps.empty())
+    NIBBLE_CUDA_CHECK(cudaMemcpy(steps.data(), ds.tb.tensor_steps, steps.size() * sizeof(long long), cudaMemcpyDeviceToHost));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(&sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost));
+  for (std::size_t i = 0; i < into.size() && i < steps.size(); ++i) into[i].step = steps[i];
+  impl.steps = sc.steps;
+  impl.skipped = sc.skipped;
+}
+
+void push_counters(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  std::vector<long long> steps;
+  for (const TensorState& t : impl.tensors) steps.push_back(t.step);
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  if (!steps.empty())
+    NIBBLE_CUDA_CHECK(cudaMemcpy(ds.tb.tensor_steps, steps.data(), steps.size() * sizeof(long long), cudaMemcpyHostToDevice));
+  DScalars sc{};
+  NIBBLE_CUDA_CHECK(cudaMemcpy(&sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost));
+  sc.steps = impl.steps;
+  sc.skipped = impl.skipped;
+  NIBBLE_CUDA_CHECK(cudaMemcpy(ds.tb.scalars, &sc, sizeof sc, cudaMemcpyHostToDevice));
+}
+
+void set_grad(Optimizer::Impl& impl, std::size_t index) {
+  DeviceState& ds = state(impl);
+  const TensorState& t = impl.tensors[index];
+  check_device_pointer(t.param.grad, "gradient of '" + t.param.name + "'");
+  ds.tensors[index].grad = t.param.grad;
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  NIBBLE_CUDA_CHECK(cudaMemcpy(&ds.tb.tensors[index], &ds.tensors[index], sizeof(DTensor), cudaMemcpyHostToDevice));
+}
+
+std::int64_t update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) {
+  DeviceState& ds = state(impl);
+  for (std::size_t i = 0; i < estimates.size(); ++i)
+    check_device_pointer(estimates[i], "Hessian estimate of '" + impl.tensors[i].param.name + "'");
+  const int none = INT_MAX;
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.hessian_ptrs, estimates.data(), estimates.size() * sizeof(float*),
+                                    cudaMemcpyHostToDevice, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.tb.bad_flag, &none, sizeof none, cudaMemcpyHostToDevice, ds.stream));
+  launch_hessian_check(ds.tb, ds.hessian_ptrs, ds.stream);
+  int bad = none;
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(&bad, ds.tb.bad_flag, sizeof bad, cudaMemcpyDeviceToHost, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  if (bad != none) return bad;
+  launch_hessian(ds.tb, ds.cfg, ds.hessian_ptrs, ds.stream);
+  return -1;
+}
+
+void download(const Optimizer::Impl& impl, std::byte* host) {
+  const DeviceState& ds = state(impl);
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  if (ds.arena_bytes > 0)
+    NIBBLE_CUDA_CHECK(cudaMemcpy(host, ds.arena, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyDeviceToHost));
+}
+
+void upload(Optimizer::Impl& impl, const std::byte* host) {
+  DeviceState& ds = state(impl);
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+  if (ds.arena_bytes > 0)
+    NIBBLE_CUDA_CHECK(cudaMemcpy(ds.arena, host, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyHostToDevice));
+}
+
+std::byte* arena_base(const Optimizer::Impl& impl) { return state(impl).arena; }
+
+DeviceScalars scalars(const Optimizer::Impl& impl) {
+  DScalars* s = state(impl).tb.scalars;
+  DeviceScalars out;
+  out.lr_scale = &s->lr_scale;
+  out.grad_scale = &s->grad_scale;
+  out.found_inf = &s->found_inf;
+  out.skipped_last = &s->skip;
+  out.grad_norm = &s->grad_norm;
+  out.steps = reinterpret_cast<std::int64_t*>(&s->steps);
+  out.skipped = reinterpret_cast<std::int64_t*>(&s->skipped);
+  return out;
+}
+
+void synchronize(const Optimizer::Impl& impl) { NIBBLE_CUDA_CHECK(cudaStreamSynchronize(state(impl).stream)); }
+
+void destroy(DeviceState* ds) { delete ds; }
+
+}  // namespace nibble::cuda

@@ -1,0 +1,220 @@
+// The CUDA backend's device-side view of an optimizer: plain tables of tensors, state slots and
+// chunks in device memory, the scalars a step reads and writes, and the element loads and stores
+// every kernel shares (fp32/bf16/fp16 parameters, fp32/bf16 gradients, fp32/bf16/8-bit/4-bit
+// state). The arithmetic itself comes from src/math/, as on the CPU.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <string>
+
+#include "math/bf16.hpp"
+#include "math/codebook.hpp"
+#include "math/rules.hpp"
+#include "math/step_constants.hpp"
+#include "nibble/error.hpp"
+#include "nibble/hyper.hpp"
+
+namespace nibble::cuda {
+
+inline constexpr int kThreads = 512;             // threads of an update block
+inline constexpr int kPerThread = 8;             // elements per thread per pass (two 128-bit fp32 loads)
+inline constexpr int kPass = kThreads * kPerThread;
+inline constexpr std::int64_t kChunk = 4 * kPass;  // elements per update block; a multiple of every quant block
+inline constexpr std::int64_t kSegment = 1 << 14;  // elements per reduction block
+inline constexpr int kMaxSlots = 3;
+
+enum ElementType : std::uint8_t { kF32 = 0, kBF16 = 1, kF16 = 2 };
+
+struct DSlot {
+  void* data = nullptr;  // float, bf16 bits or codes
+  float* absmax = nullptr;
+  float* row_max = nullptr;
+  float* col_max = nullptr;
+  float* next_row_max = nullptr;
+  float* next_col_max = nullptr;
+  std::uint8_t precision = 0;  // Precision
+  std::uint8_t codebook = 0;   // math::CodebookId
+  std::uint8_t rank1 = 0;
+};
+
+struct DTensor {
+  void* param = nullptr;
+  void* grad = nullptr;  // null: no gradient, the tensor does not step
+  float* master = nullptr;
+  float* af_row = nullptr;
+  float* af_col = nullptr;
+  double* scratch = nullptr;  // AdamP / Adafactor per-row statistics
+  std::int64_t numel = 0, rows = 1, cols = 1, batch_rows = 1, offset = 0;
+  std::int64_t seg0 = 0;          // first reduction segment of this tensor (AdamP, Adafactor)
+  std::int64_t segs_per_row = 0;  // segments per row of its reduction view
+  std::int64_t view_rows = 0;     // rows of that view
+  std::int64_t colpart0 = 0;      // Adafactor: first column partial sum of this tensor
+  std::int64_t col_row_blocks = 0;  // Adafactor: row blocks per batch in the column sums
+  float lr = 0.0f, weight_decay = 0.0f;
+  int block = 256;
+  int slot_count = 0;
+  std::uint8_t param_type = kF32, grad_type = kF32, precision = 0, factored = 0;
+  DSlot slots[kMaxSlots];
+};
+
+struct DChunk {
+  int tensor;
+  std::int64_t begin, end;
+};
+
+// Adafactor column sums: rows [row_begin, row_end) of one batch, columns col_begin + [0, 256).
+struct DColItem {
+  int tensor;
+  int row_block;  // index of this row block within the tensor
+  std::int64_t row_begin, row_end, col_begin;
+};
+inline constexpr std::int64_t kColumnRows = 256;
+
+// Device-resident scalars of a step (DeviceScalars points into one of these).
+struct DScalars {
+  float lr_scale;
+  float grad_scale;
+  int found_inf;
+  int skip;  // this step is skipped (found_inf, or gradients not finite)
+  double grad_norm;
+  long long steps;
+  long long skipped;
+  float grad_mul;  // 1 / grad_scale times the clip coefficient
+};
+
+// Everything a step needs that does not change between steps.
+struct StepConfig {
+  Algorithm algorithm;
+  Hyper hyper;
+  float max_grad_norm;
+  int check_finite;
+  int stochastic_state;  // bf16 state rounded stochastically
+  int stochastic_param;  // bf16 parameters rounded stochastically
+  std::uint64_t seed;
+};
+
+// The device tables of one optimizer, as kernels receive them (by value).
+struct Tables {
+  DTensor* tensors;
+  DChunk* chunks;
+  long long chunk_count;
+  int tensor_count;
+  math::StepConstants* constants;  // one per tensor
+  long long* tensor_steps;         // one per tensor
+  DScalars* scalars;
+  const math::Codebook* codebooks;  // kCodebookCount
+  double* partials;                 // one per chunk or segment
+  DChunk* segments;                 // reduction segments (AdamP rows, Adafactor rows)
+  long long segment_count;
+  double* segment_sums;             // 3 per segment
+  DColItem* col_items;
+  long long col_item_count;
+  double* col_partials;
+  int* bad_flag;                    // update_hessian's finiteness check
+};
+
+[[noreturn]] void throw_cuda(const char* call, cudaError_t error, const char* file, int line);
+#define NIBBLE_CUDA_CHECK(call)                                                        \
+  do {                                                                                 \
+    const cudaError_t nibble_cuda_status = (call);                                     \
+    if (nibble_cuda_status != cudaSuccess)                                             \
+      ::nibble::cuda::throw_cuda(#call, nibble_cuda_status, __FILE__, __LINE__);       \
+  } while (0)
+
+// Shared memory of a class type with default member initializers cannot be declared directly.
+#define NIBBLE_SHARED(Type, name)                                \
+  __shared__ alignas(16) unsigned char name##_raw[sizeof(Type)]; \
+  Type& name = *reinterpret_cast<Type*>(name##_raw)
+
+struct SlotBooks {
+  math::Codebook books[kMaxSlots];
+};
+
+// ---------------------------------------------------------------------------------------------
+// Element access. Element e of a tensor; every index is int64.
+
+__device__ __forceinline__ float to_float(std::uint16_t bits, std::uint8_t type) {
+  if (type == kBF16) return math::bf16_to_float(bits);
+  return __half2float(__ushort_as_half(bits));
+}
+
+__device__ __forceinline__ float load_param(const DTensor& t, std::int64_t e) {
+  if (t.master != nullptr) return t.master[e];
+  if (t.param_type == kF32) return static_cast<const float*>(t.param)[e];
+  return to_float(static_cast<const std::uint16_t*>(t.param)[e], t.param_type);
+}
+
+__device__ __forceinline__ float load_grad(const DTensor& t, std::int64_t e) {
+  if (t.grad_type == kF32) return static_cast<const float*>(t.grad)[e];
+  return math::bf16_to_float(static_cast<const std::uint16_t*>(t.grad)[e]);
+}
+
+__device__ __forceinline__ std::uint8_t nibble_at(const std::uint8_t* codes, std::int64_t e) {
+  return static_cast<std::uint8_t>((codes[e >> 1] >> ((e & 1) * 4)) & 0xfu);
+}
+
+// A state value as the CPU backend dequantizes it: code value times the block's (or the
+// row/column) scale.
+__device__ __forceinline__ float load_state(const DTensor& t, const DSlot& s, const math::Codebook& cb, std::int64_t e) {
+  switch (static_cast<Precision>(s.precision)) {
+    case Precision::kFp32: return static_cast<const float*>(s.data)[e];
+    case Precision::kBf16: return math::bf16_to_float(static_cast<const std::uint16_t*>(s.data)[e]);
+    case Precision::kInt8: return cb.values[static_cast<const std::uint8_t*>(s.data)[e]] * s.absmax[e / t.block];
+    case Precision::kInt4: {
+      const float v = cb.values[nibble_at(static_cast<const std::uint8_t*>(s.data), e)];
+      if (s.rank1) return v * math::min_f(s.row_max[e / t.cols], s.col_max[e % t.cols]);
+      return v * s.absmax[e / t.block];
+    }
+  }
+  return 0.0f;
+}
+
+// Copies the codebooks a tensor's slots use into shared memory (decode indexes them per thread).
+__device__ __forceinline__ void stage_codebooks(const Tables& tb, const DTensor& t, math::Codebook* shared) {
+  for (int j = 0; j < t.slot_count; ++j) {
+    const Precision p = static_cast<Precision>(t.slots[j].precision);
+    if (p != Precision::kInt8 && p != Precision::kInt4) continue;
+    const auto* src = reinterpret_cast<const std::uint32_t*>(&tb.codebooks[t.slots[j].codebook]);
+    auto* dst = reinterpret_cast<std::uint32_t*>(&shared[j]);
+    for (unsigned w = threadIdx.x; w < sizeof(math::Codebook) / 4; w += blockDim.x) dst[w] = src[w];
+  }
+  __syncthreads();
+}
+
+// Deterministic sum of one double per thread over the block (fixed tree).
+template <int kBlock>
+__device__ __forceinline__ double block_sum(double v, double* shared) {
+  shared[threadIdx.x] = v;
+  __syncthreads();
+  for (int stride = kBlock / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) shared[threadIdx.x] += shared[threadIdx.x + stride];
+    __syncthreads();
+  }
+  const double total = shared[0];
+  __syncthreads();
+  return total;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Launchers (each on the optimizer's stream).
+
+void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, cudaStream_t stream);
+// The norm pre-pass (when `norm`), then the step's begin: skip decision, counters, constants.
+void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, cudaStream_t stream);
+void launch_update(const Tables& tb, const StepConfig& config, cudaStream_t stream);
+void launch_adamp_prepare(const Tables& tb, const StepConfig& config, cudaStream_t stream);
+void launch_adamp_dot(const Tables& tb, cudaStream_t stream);
+void launch_adafactor_prepare(const Tables& tb, const StepConfig& config, cudaStream_t stream);
+void launch_adafactor_uu(const Tables& tb, const StepConfig& config, cudaStream_t stream);
+void launch_rank1_reset(const Tables& tb, const int2* slots, int count, cudaStream_t stream);
+void launch_rank1_max(const Tables& tb, const StepConfig& config, cudaStream_t stream);
+void launch_rank1_commit(const Tables& tb, const int2* slots, int count, cudaStream_t stream);
+void launch_hessian(const Tables& tb, const StepConfig& config, const float* const* estimates, cudaStream_t stream);
+void launch_hessian_check(const Tables& tb, const float* const* estimates, cudaStream_t stream);
+void launch_master_init(const Tables& tb, cudaStream_t stream);
+
+}  // namespace nibble::cuda

@@ -1,0 +1,556 @@
+// The CUDA update pass of every optimizer: one launch over the chunk table of all tensors. Each
+// thread holds 8 consecutive elements in registers (two 128-bit loads of fp32, one of 16-bit
+// values, 8 or 4 bytes of codes); the threads of one quantization block find its new absmax with
+// warp shuffles (and shared memory for blocks above 256 elements) and requantize in registers.
+// Also here: the dry runs that need the dequantized state (rank-1 scales, AdamP's projection dot
+// products, Adafactor's update RMS) and SophiaG's Hessian EMA.
+#include "optim/cuda/common.cuh"
+
+namespace nibble::cuda {
+namespace {
+
+using math::Codebook;
+using math::StepConstants;
+
+// ---------------------------------------------------------------------------------------------
+// 8-element loads and stores: a 128-bit fast path when all 8 are in range and aligned, else scalar.
+
+__device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ void load8_f32(const float* src, int n, float* out) {
+  if (n == kPerThread && aligned16(src)) {
+    const float4 a = reinterpret_cast<const float4*>(src)[0];
+    const float4 b = reinterpret_cast<const float4*>(src)[1];
+    out[0] = a.x; out[1] = a.y; out[2] = a.z; out[3] = a.w;
+    out[4] = b.x; out[5] = b.y; out[6] = b.z; out[7] = b.w;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? src[i] : 0.0f;
+}
+
+__device__ __forceinline__ void store8_f32(float* dst, int n, const float* v) {
+  if (n == kPerThread && aligned16(dst)) {
+    reinterpret_cast<float4*>(dst)[0] = make_float4(v[0], v[1], v[2], v[3]);
+    reinterpret_cast<float4*>(dst)[1] = make_float4(v[4], v[5], v[6], v[7]);
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i)
+    if (i < n) dst[i] = v[i];
+}
+
+__device__ __forceinline__ void load8_u16(const std::uint16_t* src, int n, std::uint16_t* out) {
+  if (n == kPerThread && aligned16(src)) {
+    const uint4 a = *reinterpret_cast<const uint4*>(src);
+    const unsigned w[4] = {a.x, a.y, a.z, a.w};
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = static_cast<std::uint16_t>(w[i] & 0xffffu);
+      out[2 * i + 1] = static_cast<std::uint16_t>(w[i] >> 16);
+    }
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? src[i] : std::uint16_t{0};
+}
+
+__device__ __forceinline__ void store8_u16(std::uint16_t* dst, int n, const std::uint16_t* v) {
+  if (n == kPerThread && aligned16(dst)) {
+    uint4 a;
+    a.x = v[0] | (static_cast<unsigned>(v[1]) << 16);
+    a.y = v[2] | (static_cast<unsigned>(v[3]) << 16);
+    a.z = v[4] | (static_cast<unsigned>(v[5]) << 16);
+    a.w = v[6] | (static_cast<unsigned>(v[7]) << 16);
+    *reinterpret_cast<uint4*>(dst) = a;
+    return;
+  }
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i)
+    if (i < n) dst[i] = v[i];
+}
+
+__device__ __forceinline__ void load8_param(const DTensor& t, std::int64_t e0, int n, float* out) {
+  if (t.master != nullptr) return load8_f32(t.master + e0, n, out);
+  if (t.param_type == kF32) return load8_f32(static_cast<const float*>(t.param) + e0, n, out);
+  std::uint16_t h[kPerThread];
+  load8_u16(static_cast<const std::uint16_t*>(t.param) + e0, n, h);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) out[i] = to_float(h[i], t.param_type);
+}
+
+__device__ __forceinline__ void load8_grad(const DTensor& t, std::int64_t e0, int n, float* out) {
+  if (t.grad_type == kF32) return load8_f32(static_cast<const float*>(t.grad) + e0, n, out);
+  std::uint16_t h[kPerThread];
+  load8_u16(static_cast<const std::uint16_t*>(t.grad) + e0, n, h);
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) out[i] = math::bf16_to_float(h[i]);
+}
+
+// The stepped parameter: into the master copy and/or the parameter itself, rounded to its dtype.
+__device__ __forceinline__ void store8_param(const DTensor& t, const StepConfig& cfg, const StepConstants& k,
+                                             std::int64_t e0, int n, const float* p) {
+  if (t.master != nullptr) store8_f32(t.master + e0, n, p);
+  if (t.param_type == kF32) return store8_f32(static_cast<float*>(t.param) + e0, n, p);
+  std::uint16_t h[kPerThread];
+#pragma unroll
+  for (int i = 0; i < kPerThread; ++i) {
+    if (t.param_type == kF16) {
+      h[i] = __half_as_ushort(__float2half_rn(p[i]));
+    } else if (cfg.stochastic_param) {
+      // A stream of random bits apart from the state's (which use slot indices 0..2).
+      const std::uint64_t counter = static_cast<std::uint64_t>(t.offset + e0 + i) * kMaxSlots;
+      h[i] = math::bf16_round_stochastic(p[i], math::hash_u32(~k.rounding_seed, counter));
+    } else {
+      h[i] = math::bf16_round_nearest(p[i]);
+    }
+  }
+  store8_u16(static_cast<std::uint16_t*>(t.param) + e0, n, h);
+}
+
+__device__ __forceinline__ void load8_state(const DTensor& t, const DSlot& s, const Codebook& cb, std::int64_t e0, int n,
+                                            float* out) {
+  switch (static_cast<Precision>(s.precision)) {
+    case Precision::kFp32:
+      return load8_f32(static_cast<const float*>(s.data) + e0, n, out);
+    case Precision::kBf16: {
+      std::uint16_t h[kPerThread];
+      load8_u16(static_cast<const std::uint16_t*>(s.data) + e0, n, h);
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) out[i] = math::bf16_to_float(h[i]);
+      return;
+    }
+    case Precision::kInt8: {
+      const auto* codes = static_cast<const std::uint8_t*>(s.data) + e0;
+      std::uint8_t c[kPerThread];
+      if (n == kPerThread) {
+        const uint2 w = *reinterpret_cast<const uint2*>(codes);  // e0 % 8 == 0 and the arena is 64-byte aligned
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+          c[i] = static_cast<std::uint8_t>(w.x >> (8 * i));
+          c[4 + i] = static_cast<std::uint8_t>(w.y >> (8 * i));
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) c[i] = i < n ? codes[i] : std::uint8_t{0};
+      }
+      const float scale = s.absmax[e0 / t.block];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? cb.values[c[i]] * scale : 0.0f;
+      return;
+    }
+    case Precision::kInt4: {
+      if (s.rank1) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? load_state(t, s, cb, e0 + i) : 0.0f;
+        return;
+      }
+      const auto* codes = static_cast<const std::uint8_t*>(s.data) + e0 / 2;
+      unsigned w = 0;
+      if (n == kPerThread) {
+        w = *reinterpret_cast<const unsigned*>(codes);
+      } else {
+        for (int i = 0; i < (n + 1) / 2; ++i) w |= static_cast<unsigned>(codes[i]) << (8 * i);
+      }
+      const float scale = s.absmax[e0 / t.block];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? cb.values[(w >> (4 * i)) & 0xfu] * scale : 0.0f;
+      return;
+    }
+  }
+}
+
+// Maximum over the `group` threads of one quantization block (a power of two, 2..kThreads).
+// Every thread of the block calls it, in step; absmax is taken on the magnitude bits, as the CPU
+// backend does (for non-negative floats the integer order is the float order).
+__device__ __forceinline__ unsigned group_max(unsigned v, int group, unsigned* warp_buffer) {
+  const int width = group < 32 ? group : 32;
+  for (int offset = width / 2; offset > 0; offset >>= 1) v = max(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  if (group <= 32) return v;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  if (lane == 0) warp_buffer[warp] = v;
+  __syncthreads();
+  const int warps = group / 32, first = (warp / warps) * warps;
+  unsigned m = 0;
+  for (int w = first; w < first + warps; ++w) m = max(m, warp_buffer[w]);
+  __syncthreads();
+  return m;
+}
+
+__device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, const Codebook& cb, const StepConfig& cfg,
+                                             std::uint64_t seed, int slot, std::int64_t e0, int n, const float* x,
+                                             unsigned* warp_buffer) {
+  switch (static_cast<Precision>(s.precision)) {
+    case Precision::kFp32:
+      return store8_f32(static_cast<float*>(s.data) + e0, n, x);
+    case Precision::kBf16: {
+      std::uint16_t h[kPerThread];
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) {
+        if (cfg.stochastic_state) {
+          const std::uint64_t counter = static_cast<std::uint64_t>(t.offset + e0 + i) * kMaxSlots + slot;
+          h[i] = math::bf16_round_stochastic(x[i], math::hash_u32(seed, counter));
+        } else {
+          h[i] = math::bf16_round_nearest(x[i]);
+        }
+      }
+      return store8_u16(static_cast<std::uint16_t*>(s.data) + e0, n, h);
+    }
+    case Precision::kInt8:
+    case Precision::kInt4: {
+      const bool four = static_cast<Precision>(s.precision) == Precision::kInt4;
+      std::uint8_t c[kPerThread];
+      if (four && s.rank1) {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) {
+          const std::int64_t e = e0 + i;
+          const float scale = i < n ? math::min_f(s.next_row_max[e / t.cols], s.next_col_max[e % t.cols]) : 0.0f;
+          c[i] = i < n ? math::codebook_encode(cb, scale > 0.0f ? x[i] / scale : 0.0f) : std::uint8_t{0};
+        }
+      } else {
+        unsigned bits = 0;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i)
+          if (i < n) bits = max(bits, math::float_bits(x[i]) & 0x7fffffffu);
+        const float absmax = math::bits_float(group_max(bits, t.block / kPerThread, warp_buffer));
+        const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+        if (e0 % t.block == 0 && n > 0) s.absmax[e0 / t.block] = absmax;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) c[i] = i < n ? math::codebook_encode(cb, x[i] * inv) : std::uint8_t{0};
+      }
+      auto* codes = static_cast<std::uint8_t*>(s.data);
+      if (!four) {
+        if (n == kPerThread) {
+          uint2 w;
+          w.x = c[0] | (c[1] << 8) | (c[2] << 16) | (static_cast<unsigned>(c[3]) << 24);
+          w.y = c[4] | (c[5] << 8) | (c[6] << 16) | (static_cast<unsigned>(c[7]) << 24);
+          *reinterpret_cast<uint2*>(codes + e0) = w;
+        } else {
+          for (int i = 0; i < n; ++i) codes[e0 + i] = c[i];
+        }
+      } else {
+        unsigned w = 0;
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) w |= static_cast<unsigned>(c[i]) << (4 * i);
+        if (n == kPerThread) {
+          *reinterpret_cast<unsigned*>(codes + e0 / 2) = w;
+        } else {
+          for (int i = 0; i < (n + 1) / 2; ++i) codes[e0 / 2 + i] = static_cast<std::uint8_t>(w >> (8 * i));
+        }
+      }
+      return;
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// One element of one algorithm: the same calls, in the same order, as the CPU driver's BlockRule.
+
+template <Algorithm A, bool kFlag>
+__device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& s1, float& s2, const StepConstants& k,
+                                           const DTensor& t, std::int64_t e) {
+  if constexpr (A == Algorithm::kSgd) {
+    math::sgd_update(p, g, s0, k.sgd);
+  } else if constexpr (A == Algorithm::kAdam || A == Algorithm::kAdamW) {
+    math::adam_update<kFlag>(p, g, s0, s1, s2, k.adam);
+  } else if constexpr (A == Algorithm::kLion) {
+    math::lion_update(p, g, s0, k.lion);
+  } else if constexpr (A == Algorithm::kQhm) {
+    math::qhm_update(p, g, s0, k.qhm);
+  } else if constexpr (A == Algorithm::kSophiaG) {
+    math::sophia_update(p, g, s0, s1, k.sophia);
+  } else if constexpr (A == Algorithm::kAdamP) {
+    const float perturb = math::adamp_perturb(g, s0, s1, k.adamp);
+    if (k.adamp_view == 0) {
+      math::adamp_apply(p, perturb, 0.0f, 0.0f, k.adamp_decay, k.adamp.step_size);
+    } else {
+      const std::int64_t rows0 = t.view_rows;
+      const std::int64_t r = k.adamp_view == 1 ? e / (t.numel / rows0) : 0;
+      const double* inv_norm = t.scratch + rows0;
+      const double* dot = t.scratch + 3 * rows0;
+      math::adamp_apply(p, perturb, static_cast<float>(inv_norm[r]), static_cast<float>(dot[r]), k.adamp_decay,
+                        k.adamp.step_size);
+    }
+  } else if constexpr (A == Algorithm::kAdafactor) {
+    if (t.factored) {
+      const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+      const double* r_factor = t.scratch + 3 * rows + batches * cols;
+      const double* c_factor = r_factor + rows;
+      const std::int64_t r = e / cols, c = e % cols;
+      const float u = math::adafactor_factored(g, static_cast<float>(r_factor[r]),
+                                               static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]), k.adafactor);
+      math::adafactor_apply<kFlag>(p, u, s0, k.adafactor);
+    } else {
+      const float u = math::adafactor_unfactored(g, s0, k.adafactor);
+      math::adafactor_apply<kFlag>(p, u, s1, k.adafactor);
+    }
+  }
+}
+
+struct BlockShared {
+  Codebook codebooks[kMaxSlots];
+  DTensor tensor;
+  StepConstants constants;
+  unsigned warp_buffer[kThreads / 32];
+};
+
+__device__ __forceinline__ bool load_chunk_tensor(const Tables& tb, int index, BlockShared& sh) {
+  if (threadIdx.x == 0) {
+    sh.tensor = tb.tensors[index];
+    sh.constants = tb.constants[index];
+  }
+  __syncthreads();
+  if (sh.tensor.grad == nullptr) return false;
+  stage_codebooks(tb, sh.tensor, sh.codebooks);
+  return true;
+}
+
+// ---------------------------------------------------------------------------------------------
+// The update pass.
+
+template <Algorithm A, bool kFlag>
+__global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig cfg) {
+  NIBBLE_SHARED(BlockShared, sh);
+  if (tb.scalars->skip) return;
+  const DChunk ch = tb.chunks[blockIdx.x];
+  if (!load_chunk_tensor(tb, ch.tensor, sh)) return;
+  const DTensor& t = sh.tensor;
+  const StepConstants& k = sh.constants;
+  // SophiaG reads its Hessian EMA here, but only update_hessian writes it.
+  const int stored_slots = A == Algorithm::kSophiaG ? 1 : t.slot_count;
+  for (std::int64_t base = ch.begin; base < ch.end; base += kPass) {
+    const std::int64_t e0 = base + static_cast<std::int64_t>(threadIdx.x) * kPerThread;
+    const std::int64_t left = ch.end - e0;
+    const int n = left <= 0 ? 0 : (left >= kPerThread ? kPerThread : static_cast<int>(left));
+    float p[kPerThread], g[kPerThread], s[kMaxSlots][kPerThread];
+    load8_param(t, e0, n, p);
+    load8_grad(t, e0, n, g);
+#pragma unroll
+    for (int j = 0; j < kMaxSlots; ++j) {
+      if (j < t.slot_count) {
+        load8_state(t, t.slots[j], sh.codebooks[j], e0, n, s[j]);
+      } else {
+#pragma unroll
+        for (int i = 0; i < kPerThread; ++i) s[j][i] = 0.0f;
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      if (i < n) apply_rule<A, kFlag>(p[i], g[i], s[0][i], s[1][i], s[2][i], k, t, e0 + i);
+    if (n > 0) store8_param(t, cfg, k, e0, n, p);
+    // Unrolled with a uniform condition, so that s stays in registers.
+#pragma unroll
+    for (int j = 0; j < kMaxSlots; ++j)
+      if (j < stored_slots)
+        store8_state(t, t.slots[j], sh.codebooks[j], cfg, k.rounding_seed, j, e0, n, s[j], sh.warp_buffer);
+  }
+}
+
+// Rank-1 4-bit second moments: a dry run of the update finds each row's and column's maximum of
+// the new state; the update pass then quantizes with them.
+template <Algorithm A, bool kFlag>
+__global__ void __launch_bounds__(kThreads) rank1_max_kernel(Tables tb) {
+  NIBBLE_SHARED(BlockShared, sh);
+  if (tb.scalars->skip) return;
+  const DChunk ch = tb.chunks[blockIdx.x];
+  if (!load_chunk_tensor(tb, ch.tensor, sh)) return;
+  const DTensor& t = sh.tensor;
+  bool any = false;
+  for (int j = 0; j < t.slot_count; ++j) any = any || t.slots[j].rank1;
+  if (!any) return;
+  for (std::int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    float p = load_param(t, e), s[kMaxSlots] = {0.0f, 0.0f, 0.0f};
+    for (int j = 0; j < t.slot_count; ++j) s[j] = load_state(t, t.slots[j], sh.codebooks[j], e);
+    apply_rule<A, kFlag>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
+    for (int j = 0; j < t.slot_count; ++j) {
+      const DSlot& slot = t.slots[j];
+      if (!slot.rank1) continue;
+      const unsigned bits = math::float_bits(s[j]) & 0x7fffffffu;
+      atomicMax(reinterpret_cast<unsigned*>(slot.next_row_max) + e / t.cols, bits);
+      atomicMax(reinterpret_cast<unsigned*>(slot.next_col_max) + e % t.cols, bits);
+    }
+  }
+}
+
+// One reduction segment per block: the element range of a row of a tensor's reduction view.
+template <class Fn>
+__device__ __forceinline__ double segment_sum(const DChunk& seg, Fn&& fn, double* shared) {
+  double acc = 0.0;
+  for (std::int64_t e = seg.begin + threadIdx.x; e < seg.end; e += 256) acc += fn(e);
+  return block_sum<256>(acc, shared);
+}
+
+// AdamP: per segment, sum of (p * inv_norm) * perturbation, the perturbation computed from the
+// state without writing it.
+template <bool kUnused>
+__global__ void __launch_bounds__(256) adamp_dot_kernel(Tables tb) {
+  __shared__ double red[256];
+  NIBBLE_SHARED(SlotBooks, slot_books);
+  Codebook* books = slot_books.books;
+  if (tb.scalars->skip) return;
+  const DChunk seg = tb.segments[blockIdx.x];
+  const DTensor& t = tb.tensors[seg.tensor];
+  const StepConstants& k = tb.constants[seg.tensor];
+  if (t.grad == nullptr || k.adamp_view == 0) return;
+  stage_codebooks(tb, t, books);
+  const std::int64_t row = (blockIdx.x - t.seg0) / t.segs_per_row;
+  const double* inv_norm = t.scratch + t.view_rows;
+  const float inv = static_cast<float>(inv_norm[k.adamp_view == 1 ? row : 0]);
+  const double sum = segment_sum(
+      seg,
+      [&](std::int64_t e) {
+        float m = load_state(t, t.slots[0], books[0], e), v = load_state(t, t.slots[1], books[1], e);
+        const float perturb = math::adamp_perturb(load_grad(t, e), m, v, k.adamp);
+        return static_cast<double>(load_param(t, e) * inv) * perturb;
+      },
+      red);
+  if (threadIdx.x == 0) tb.segment_sums[3 * blockIdx.x] = sum;
+}
+
+// Adafactor: per segment, the sum of squares of the unscaled update (its RMS clips the step).
+template <bool kFirstMoment>
+__global__ void __launch_bounds__(256) adafactor_uu_kernel(Tables tb) {
+  __shared__ double red[256];
+  NIBBLE_SHARED(SlotBooks, slot_books);
+  Codebook* books = slot_books.books;
+  if (tb.scalars->skip) return;
+  const DChunk seg = tb.segments[blockIdx.x];
+  const DTensor& t = tb.tensors[seg.tensor];
+  const StepConstants& k = tb.constants[seg.tensor];
+  if (t.grad == nullptr) return;
+  stage_codebooks(tb, t, books);
+  double sum;
+  if (t.factored) {
+    const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+    const double* r_factor = t.scratch + 3 * rows + batches * cols;
+    const double* c_factor = r_factor + rows;
+    sum = segment_sum(
+        seg,
+        [&](std::int64_t e) {
+          const std::int64_t r = e / cols, c = e % cols;
+          const float u = math::adafactor_factored(load_grad(t, e), static_cast<float>(r_factor[r]),
+                                                   static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]),
+                                                   k.adafactor);
+          return static_cast<double>(u) * u;
+        },
+        red);
+  } else {
+    sum = segment_sum(
+        seg,
+        [&](std::int64_t e) {
+          float v = load_state(t, t.slots[0], books[0], e);
+          const float u = math::adafactor_unfactored(load_grad(t, e), v, k.adafactor);
+          return static_cast<double>(u) * u;
+        },
+        red);
+  }
+  if (threadIdx.x == 0) tb.segment_sums[3 * blockIdx.x + 2] = sum;
+}
+
+// SophiaG: h = beta2 h + (1 - beta2) estimate, requantized like the update pass does.
+__global__ void __launch_bounds__(kThreads) hessian_kernel(Tables tb, StepConfig cfg, const float* const* estimates) {
+  NIBBLE_SHARED(BlockShared, sh);
+  const DChunk ch = tb.chunks[blockIdx.x];
+  const float* est = estimates[ch.tensor];
+  if (est == nullptr) return;
+  if (threadIdx.x == 0) sh.tensor = tb.tensors[ch.tensor];
+  __syncthreads();
+  const DTensor& t = sh.tensor;
+  stage_codebooks(tb, t, sh.codebooks);
+  const math::SophiaHessianStep k{cfg.hyper.beta2, 1.0f - cfg.hyper.beta2};
+  const std::uint64_t seed = math::rounding_seed(cfg.seed, tb.tensor_steps[ch.tensor]) ^ 0x5f3759dfull;
+  for (std::int64_t base = ch.begin; base < ch.end; base += kPass) {
+    const std::int64_t e0 = base + static_cast<std::int64_t>(threadIdx.x) * kPerThread;
+    const std::int64_t left = ch.end - e0;
+    const int n = left <= 0 ? 0 : (left >= kPerThread ? kPerThread : static_cast<int>(left));
+    float h[kPerThread], x[kPerThread];
+    load8_state(t, t.slots[1], sh.codebooks[1], e0, n, h);
+    load8_f32(est + (n > 0 ? e0 : 0), n, x);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i)
+      if (i < n) math::sophia_hessian_update(h[i], x[i], k);
+    store8_state(t, t.slots[1], sh.codebooks[1], cfg, seed, 1, e0, n, h, sh.warp_buffer);
+  }
+}
+
+__global__ void hessian_check_kernel(Tables tb, const float* const* estimates) {
+  const DChunk ch = tb.chunks[blockIdx.x];
+  const float* est = estimates[ch.tensor];
+  if (est == nullptr) return;
+  for (std::int64_t e = ch.begin + threadIdx.x; e < ch.end; e += blockDim.x)
+    if (!math::is_finite_bits(math::float_bits(est[e]))) atomicMin(tb.bad_flag, ch.tensor);
+}
+
+template <Algorithm A, bool kFlag>
+void launch_update_for(const Tables& tb, const StepConfig& cfg, cudaStream_t stream) {
+  update_kernel<A, kFlag><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, cfg);
+}
+
+template <Algorithm A, bool kFlag>
+void launch_rank1_for(const Tables& tb, cudaStream_t stream) {
+  rank1_max_kernel<A, kFlag><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb);
+}
+
+// Calls fn.template operator()<A, flag>() for the configured algorithm: the flag is AMSGrad for
+// Adam/AdamW and the first moment for Adafactor.
+template <class Fn>
+void dispatch(const StepConfig& cfg, Fn&& fn) {
+  const bool amsgrad = cfg.hyper.amsgrad, first = cfg.hyper.first_moment;
+  switch (cfg.algorithm) {
+    case Algorithm::kSgd: return fn.template operator()<Algorithm::kSgd, false>();
+    case Algorithm::kAdam:
+      return amsgrad ? fn.template operator()<Algorithm::kAdam, true>() : fn.template operator()<Algorithm::kAdam, false>();
+    case Algorithm::kAdamW:
+      return amsgrad ? fn.template operator()<Algorithm::kAdamW, true>() : fn.template operator()<Algorithm::kAdamW, false>();
+    case Algorithm::kLion: return fn.template operator()<Algorithm::kLion, false>();
+    case Algorithm::kAdafactor:
+      return first ? fn.template operator()<Algorithm::kAdafactor, true>()
+                   : fn.template operator()<Algorithm::kAdafactor, false>();
+    case Algorithm::kAdamP: return fn.template operator()<Algorithm::kAdamP, false>();
+    case Algorithm::kQhm: return fn.template operator()<Algorithm::kQhm, false>();
+    case Algorithm::kSophiaG: return fn.template operator()<Algorithm::kSophiaG, false>();
+  }
+}
+
+}  // namespace
+
+void launch_update(const Tables& tb, const StepConfig& config, cudaStream_t stream) {
+  if (tb.chunk_count == 0) return;
+  dispatch(config, [&]<Algorithm A, bool kFlag>() { launch_update_for<A, kFlag>(tb, config, stream); });
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_rank1_max(const Tables& tb, const StepConfig& config, cudaStream_t stream) {
+  if (tb.chunk_count == 0) return;
+  dispatch(config, [&]<Algorithm A, bool kFlag>() { launch_rank1_for<A, kFlag>(tb, stream); });
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_adamp_dot(const Tables& tb, cudaStream_t stream) {
+  if (tb.segment_count == 0) return;
+  adamp_dot_kernel<false><<<static_cast<unsigned>(tb.segment_count), 256, 0, stream>>>(tb);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_adafactor_uu(const Tables& tb, const StepConfig& config, cudaStream_t stream) {
+  if (tb.segment_count == 0) return;
+  if (config.hyper.first_moment)
+    adafactor_uu_kernel<true><<<static_cast<unsigned>(tb.segment_count), 256, 0, stream>>>(tb);
+  else
+    adafactor_uu_kernel<false><<<static_cast<unsigned>(tb.segment_count), 256, 0, stream>>>(tb);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_hessian(const Tables& tb, const StepConfig& config, const float* const* estimates, cudaStream_t stream) {
+  if (tb.chunk_count == 0) return;
+  hessian_kernel<<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, config, estimates);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_hessian_check(const Tables& tb, const float* const* estimates, cudaStream_t stream) {
+  if (tb.chunk_count == 0) return;
+  hessian_check_kernel<<<static_cast<unsigned>(tb.chunk_count), 256, 0, stream>>>(tb, estimates);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace nibble::cuda
