@@ -134,7 +134,8 @@ __device__ __forceinline__ void load8_state(const DTensor& t, const DSlot& s, co
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) c[i] = i < n ? codes[i] : std::uint8_t{0};
       }
-      const float scale = s.absmax[e0 / t.block];
+      // Threads past the tensor's end read no scale: their block index is beyond the array.
+      const float scale = n > 0 ? s.absmax[e0 / t.block] : 0.0f;
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? cb.values[c[i]] * scale : 0.0f;
       return;
@@ -152,7 +153,7 @@ __device__ __forceinline__ void load8_state(const DTensor& t, const DSlot& s, co
       } else {
         for (int i = 0; i < (n + 1) / 2; ++i) w |= static_cast<unsigned>(codes[i]) << (8 * i);
       }
-      const float scale = s.absmax[e0 / t.block];
+      const float scale = n > 0 ? s.absmax[e0 / t.block] : 0.0f;
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? cb.values[(w >> (4 * i)) & 0xfu] * scale : 0.0f;
       return;
