@@ -5,6 +5,7 @@
 #include <omp.h>
 
 #include <cstring>
+#include <limits>
 #include <string>
 #include <vector>
 
@@ -109,6 +110,38 @@ TEST(StepReductions, OrthogonalGradientsTakeTheProjection) {
       EXPECT_NE(std::memcmp(plain[i].data(), projected[i].data(), plain[i].size() * sizeof(float)), 0)
           << "tensor " << i << (mode == Orthogonal::kPerRow ? " per-row" : " whole-tensor");
   }
+}
+
+}  // namespace
+}  // namespace nibble
+
+namespace nibble {
+namespace {
+
+// Fills a large stretch of this thread's stack with NaN, where the step's block scratch will sit.
+[[gnu::noinline]] void poison_stack() {
+  volatile float junk[64 * 1024];
+  for (int i = 0; i < 64 * 1024; ++i) junk[i] = std::numeric_limits<float>::quiet_NaN();
+}
+
+// SGD without momentum keeps no buffer, but its rule reads one (times 0): that must be zeros, not
+// whatever the scratch memory held before (a NaN there once made every parameter NaN).
+TEST(StepScratch, SgdWithoutMomentumIgnoresStaleScratch) {
+  omp_set_num_threads(1);
+  std::vector<float> p(5000, 1.0f), g(5000, 0.5f);
+  ParamGroup group;
+  group.params.push_back({"w", {5000}, p.data(), g.data()});
+  OptimizerOptions options;
+  options.algorithm = Algorithm::kSgd;
+  options.hyper = default_hyper(Algorithm::kSgd);
+  options.hyper->lr = 0.1f;
+  options.hyper->momentum = 0.0f;
+  Optimizer opt({group}, options);
+  for (int step = 0; step < 3; ++step) {
+    poison_stack();
+    opt.step();
+  }
+  for (float x : p) ASSERT_FLOAT_EQ(x, 1.0f - 3 * 0.05f);
 }
 
 }  // namespace

@@ -41,7 +41,7 @@ struct Param {
   void* data = nullptr;
   void* grad = nullptr;           // null: no gradient this step, the tensor is left alone
   DType dtype = DType::F32;       // of data: F32 (CPU and CUDA), BF16 or F16 (CUDA)
-  DType grad_dtype = DType::F32;  // of grad: F32 (CPU and CUDA) or BF16 (CUDA)
+  DType grad_dtype = DType::F32;  // of grad: F32 (CPU and CUDA), BF16 or F16 (CUDA)
 };
 
 // Parameters that share hyperparameters; unset fields take the optimizer's values.
@@ -78,6 +78,7 @@ struct StepOptions {
   // CUDA: wait for the step to finish and report it. false returns as soon as the work is queued,
   // with `skipped` false, `grad_norm` NaN and `step` -1 (read them later from device_scalars()).
   bool synchronize = true;
+  bool found_inf = false;   // the caller found inf/NaN gradients (e.g. an AMP scaler): skip this step
 };
 
 // CUDA: the scalars a step reads and writes in device memory. A training loop that captures
@@ -126,6 +127,11 @@ class Optimizer {
   void update_hessian(std::span<const float* const> estimates);
   // Points a parameter at a new gradient array (same dtype), or null for none.
   void set_grad(std::size_t param_index, void* grad);
+  // All gradients at once, one per parameter; on CUDA one asynchronous table update on the
+  // optimizer's stream when any changed, none when nothing did.
+  void set_grads(std::span<void* const> grads);
+  // CUDA: the stream later steps are queued on (e.g. the framework's current stream).
+  void set_cuda_stream(void* stream);
 
   const OptimizerOptions& options() const;  // hyper filled in
   const Hyper& hyper() const;

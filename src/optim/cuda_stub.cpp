@@ -10,7 +10,9 @@ namespace {
 
 std::byte* allocate_arena(Optimizer::Impl&, std::int64_t) { missing(); }
 void create(Optimizer::Impl&) { missing(); }
-void set_scalars(Optimizer::Impl&, float, float) { missing(); }
+void set_scalars(Optimizer::Impl&, float, float, bool) { missing(); }
+void set_grads(Optimizer::Impl&) { missing(); }
+void set_stream(Optimizer::Impl&, void*) { missing(); }
 void enqueue_step(Optimizer::Impl&) { missing(); }
 StepResult read_result(Optimizer::Impl&) { missing(); }
 void pull_counters(Optimizer::Impl&, std::vector<TensorState>&) { missing(); }

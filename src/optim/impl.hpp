@@ -142,7 +142,10 @@ std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes);
 // Builds the device tables (tensors, chunks, codebooks, scalars) once the layout is carved, and
 // copies bf16/fp16 parameters into their fp32 master weights.
 void create(Optimizer::Impl& impl);
-void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale);
+void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale, bool found_inf);
+// Uploads the gradient pointers of every tensor, asynchronously on the optimizer's stream.
+void set_grads(Optimizer::Impl& impl);
+void set_stream(Optimizer::Impl& impl, void* stream);
 void enqueue_step(Optimizer::Impl& impl);
 // Waits for the queued work and returns the last step's result; refreshes impl's step counts.
 StepResult read_result(Optimizer::Impl& impl);

@@ -81,8 +81,8 @@ void check_dtypes(const Param& param, bool on_cuda) {
   if (param.dtype != DType::F32 && param.dtype != DType::BF16 && param.dtype != DType::F16)
     throw InvalidArgument(fmt::format("parameter '{}': dtype {} is not F32, BF16 or F16", param.name,
                                       dtype_name(param.dtype)));
-  if (param.grad_dtype != DType::F32 && param.grad_dtype != DType::BF16)
-    throw InvalidArgument(fmt::format("parameter '{}': gradient dtype {} is not F32 or BF16", param.name,
+  if (param.grad_dtype != DType::F32 && param.grad_dtype != DType::BF16 && param.grad_dtype != DType::F16)
+    throw InvalidArgument(fmt::format("parameter '{}': gradient dtype {} is not F32, BF16 or F16", param.name,
                                       dtype_name(param.grad_dtype)));
 }
 
@@ -264,13 +264,19 @@ StepResult Optimizer::step(const StepOptions& options) {
   StepResult result;
   result.grad_norm = std::numeric_limits<double>::quiet_NaN();
   if (im.device) {
-    cuda::set_scalars(im, options.grad_scale, options.lr_scale);
+    cuda::set_scalars(im, options.grad_scale, options.lr_scale, options.found_inf);
     cuda::enqueue_step(im);
     if (!options.synchronize) {
       result.step = -1;
       return result;
     }
     return cuda::read_result(im);
+  }
+  if (options.found_inf) {
+    ++im.skipped;
+    result.skipped = true;
+    result.step = im.steps;
+    return result;
   }
   const float inv_scale = 1.0f / options.grad_scale;
   if (im.options.check_finite || im.options.max_grad_norm > 0.0f) {
@@ -341,6 +347,24 @@ void Optimizer::set_grad(std::size_t param_index, void* grad) {
     throw InvalidArgument(fmt::format("parameter index {} is out of range (have {})", param_index, impl_->tensors.size()));
   impl_->tensors[param_index].param.grad = grad;
   if (impl_->device) cuda::set_grad(*impl_, param_index);
+}
+
+void Optimizer::set_grads(std::span<void* const> grads) {
+  Impl& im = *impl_;
+  if (grads.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("set_grads needs {} gradients (one per parameter), got {}", im.tensors.size(),
+                                      grads.size()));
+  bool changed = false;
+  for (std::size_t i = 0; i < grads.size(); ++i) {
+    changed = changed || im.tensors[i].param.grad != grads[i];
+    im.tensors[i].param.grad = grads[i];
+  }
+  if (im.device && changed) cuda::set_grads(im);
+}
+
+void Optimizer::set_cuda_stream(void* stream) {
+  if (!impl_->device) throw InvalidArgument("set_cuda_stream() is for CUDA optimizers; this one runs on the CPU");
+  cuda::set_stream(*impl_, stream);
 }
 
 const OptimizerOptions& Optimizer::options() const { return impl_->options; }

@@ -152,8 +152,12 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
   for (std::int64_t b = (lo / block) * block; b < hi; b += block) {
     const std::int64_t n = std::min(block, t.numel - b);
     float* s[kMaxSlots];
-    for (int j = 0; j < kMaxSlots; ++j)
+    for (int j = 0; j < kMaxSlots; ++j) {
       s[j] = j < t.slot_count ? load_block(t, t.slots[j], b, n, scratch.state[j], commit) : scratch.state[j];
+      // A rule may read a slot its algorithm does not keep (SGD without momentum reads its buffer
+      // times 0): zeros, not whatever the scratch held, which could be inf or NaN.
+      if (j >= t.slot_count) std::fill_n(scratch.state[j], n, 0.0f);
+    }
     float* p = static_cast<float*>(t.param.data) + b;
     if (!commit) {
       std::memcpy(scratch.param, p, static_cast<std::size_t>(n) * sizeof(float));

@@ -4,6 +4,7 @@
 // between host and device for save, load and inspection.
 #include <climits>
 #include <cmath>
+#include <cstring>
 #include <cstddef>
 #include <string>
 #include <vector>
@@ -30,8 +31,13 @@ struct DeviceState {
   int2* rank1_slots = nullptr;
   int rank1_count = 0;
   const float** hessian_ptrs = nullptr;
+  void* staging = nullptr;  // pinned copy of the tensor table (set_grads)
+  cudaEvent_t staging_done = nullptr;
 
   ~DeviceState() {
+    if (staging_done != nullptr) cudaEventSynchronize(staging_done);
+    cudaFreeHost(staging);
+    if (staging_done != nullptr) cudaEventDestroy(staging_done);
     for (void* p : allocations) cudaFree(p);
     cudaFree(arena);
   }
@@ -258,10 +264,33 @@ void create(Optimizer::Impl& impl) {
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
 }
 
-void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale) {
+void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale, bool found_inf) {
   DeviceState& ds = state(impl);
-  launch_set_scalars(ds.tb, grad_scale, lr_scale, ds.stream);
+  launch_set_scalars(ds.tb, grad_scale, lr_scale, found_inf ? 1 : 0, ds.stream);
 }
+
+void set_grads(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    if (ds.tensors[i].grad != t.param.grad) check_device_pointer(t.param.grad, "gradient of '" + t.param.name + "'");
+    ds.tensors[i].grad = t.param.grad;
+  }
+  // NOTE: the table goes through pinned memory so that the copy is queued, not waited for; the
+  // previous copy must have left the staging buffer before it is overwritten.
+  const std::size_t bytes = ds.tensors.size() * sizeof(DTensor);
+  if (ds.staging == nullptr) {
+    NIBBLE_CUDA_CHECK(cudaMallocHost(&ds.staging, bytes));
+    NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&ds.staging_done, cudaEventDisableTiming));
+  } else {
+    NIBBLE_CUDA_CHECK(cudaEventSynchronize(ds.staging_done));
+  }
+  std::memcpy(ds.staging, ds.tensors.data(), bytes);
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.tb.tensors, ds.staging, bytes, cudaMemcpyHostToDevice, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaEventRecord(ds.staging_done, ds.stream));
+}
+
+void set_stream(Optimizer::Impl& impl, void* stream) { state(impl).stream = static_cast<cudaStream_t>(stream); }
 
 void enqueue_step(Optimizer::Impl& impl) {
   DeviceState& ds = state(impl);

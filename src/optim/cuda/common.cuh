@@ -150,7 +150,7 @@ __device__ __forceinline__ float load_param(const DTensor& t, std::int64_t e) {
 
 __device__ __forceinline__ float load_grad(const DTensor& t, std::int64_t e) {
   if (t.grad_type == kF32) return static_cast<const float*>(t.grad)[e];
-  return math::bf16_to_float(static_cast<const std::uint16_t*>(t.grad)[e]);
+  return to_float(static_cast<const std::uint16_t*>(t.grad)[e], t.grad_type);
 }
 
 __device__ __forceinline__ std::uint8_t nibble_at(const std::uint8_t* codes, std::int64_t e) {
@@ -202,7 +202,7 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
 // ---------------------------------------------------------------------------------------------
 // Launchers (each on the optimizer's stream).
 
-void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, cudaStream_t stream);
+void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, int found_inf, cudaStream_t stream);
 // The norm pre-pass (when `norm`), then the step's begin: skip decision, counters, constants.
 void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, cudaStream_t stream);
 void launch_update(const Tables& tb, const StepConfig& config, cudaStream_t stream);

@@ -27,10 +27,10 @@ __device__ __forceinline__ double block_max(double v, double* shared) {
   return m;
 }
 
-__global__ void set_scalars_kernel(DScalars* scalars, float grad_scale, float lr_scale) {
+__global__ void set_scalars_kernel(DScalars* scalars, float grad_scale, float lr_scale, int found_inf) {
   scalars->grad_scale = grad_scale;
   scalars->lr_scale = lr_scale;
-  scalars->found_inf = 0;
+  scalars->found_inf = found_inf;
 }
 
 // Sum of squared gradients per chunk, in double.
@@ -328,8 +328,8 @@ unsigned grid(long long count) { return static_cast<unsigned>(count); }
 
 }  // namespace
 
-void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, cudaStream_t stream) {
-  set_scalars_kernel<<<1, 1, 0, stream>>>(tb.scalars, grad_scale, lr_scale);
+void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, int found_inf, cudaStream_t stream) {
+  set_scalars_kernel<<<1, 1, 0, stream>>>(tb.scalars, grad_scale, lr_scale, found_inf);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

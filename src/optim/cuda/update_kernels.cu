@@ -84,7 +84,7 @@ __device__ __forceinline__ void load8_grad(const DTensor& t, std::int64_t e0, in
   std::uint16_t h[kPerThread];
   load8_u16(static_cast<const std::uint16_t*>(t.grad) + e0, n, h);
 #pragma unroll
-  for (int i = 0; i < kPerThread; ++i) out[i] = math::bf16_to_float(h[i]);
+  for (int i = 0; i < kPerThread; ++i) out[i] = to_float(h[i], t.grad_type);
 }
 
 // The stepped parameter: into the master copy and/or the parameter itself, rounded to its dtype.

@@ -1,0 +1,81 @@
+/* nibble's C interface: the optimizer library behind a plain C ABI, for language bindings (the
+ * Python package loads it with ctypes) and for C callers. Every function returns 0 on success, or
+ * a non-zero code with the message in nibble_last_error(); none throws or exits. */
+#ifndef NIBBLE_C_API_H
+#define NIBBLE_C_API_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NIBBLE_C_EXPORT __attribute__((visibility("default")))
+
+enum {
+  NIBBLE_OK = 0,
+  NIBBLE_INVALID_ARGUMENT = 1, /* a bad value, named in the message */
+  NIBBLE_STATE_MISMATCH = 2,   /* saved state does not fit this optimizer */
+  NIBBLE_FORMAT_ERROR = 3,     /* a corrupt or foreign state file */
+  NIBBLE_IO_ERROR = 4,
+  NIBBLE_OUT_OF_MEMORY = 5,
+  NIBBLE_DEVICE_ERROR = 6, /* no CUDA in this build or machine, or a CUDA call failed */
+  NIBBLE_ERROR = 7
+};
+
+/* Element types of parameters and gradients. */
+enum { NIBBLE_F32 = 0, NIBBLE_BF16 = 1, NIBBLE_F16 = 2 };
+
+typedef struct nibble_optimizer nibble_optimizer;
+
+typedef struct {
+  const char* name;     /* unique; NULL: "param.<index>" */
+  int32_t rank;
+  const int64_t* shape; /* rank entries */
+  void* data;           /* host (cpu) or device (cuda) memory */
+  void* grad;           /* NULL: no gradient yet */
+  int32_t dtype;        /* NIBBLE_F32 (cpu and cuda), NIBBLE_BF16 or NIBBLE_F16 (cuda) */
+  int32_t grad_dtype;   /* NIBBLE_F32, or NIBBLE_BF16 or NIBBLE_F16 (cuda) */
+} nibble_param;
+
+/* The thread's last error message ("" after a success). */
+NIBBLE_C_EXPORT const char* nibble_last_error(void);
+/* 1 when this library has the CUDA backend and a CUDA device is visible. */
+NIBBLE_C_EXPORT int nibble_cuda_available(void);
+
+/* options_json: {"algorithm": "adamw", "precision": "8bit", "device": "cpu"|"cuda",
+ * "hyper": {"lr": ..., "beta1": ..., ...every nibble::Hyper field by name...}, "block_size": 0,
+ * "min_quant_size": 4096, "max_grad_norm": 0, "check_finite": true, "stochastic_rounding": false,
+ * "seed": 0, "rank1_second_moment": false, "master_weights": false,
+ * "param_stochastic_rounding": false, "full_precision_names": [...], "no_decay_names": [...],
+ * "no_decay_vectors": false}. Unknown keys are refused by name. */
+NIBBLE_C_EXPORT int nibble_create(const char* options_json, const nibble_param* params, int64_t count,
+                                  nibble_optimizer** out);
+NIBBLE_C_EXPORT void nibble_destroy(nibble_optimizer* optimizer);
+
+/* Points every parameter at its gradient (NULL: none this step); cheap when nothing changed. */
+NIBBLE_C_EXPORT int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count);
+/* One step. cpu: runs it; cuda: queues it on `stream` (a cudaStream_t, NULL: the optimizer's) and
+ * returns without waiting; skipped, grad_norm and step (any may be NULL) are then not filled:
+ * read them with nibble_counters() or from the device scalars. found_inf != 0 skips the step. */
+NIBBLE_C_EXPORT int nibble_step(nibble_optimizer* optimizer, float grad_scale, float lr_scale, int32_t found_inf,
+                                void* stream, int32_t* skipped, double* grad_norm, int64_t* step);
+/* cuda: queues a step that reads lr_scale, grad_scale and found_inf from the device scalars
+ * (capturable in a CUDA graph). */
+NIBBLE_C_EXPORT int nibble_enqueue_step(nibble_optimizer* optimizer, void* stream);
+/* cuda: device addresses of float lr_scale, float grad_scale, int32 found_inf, int64 steps. */
+NIBBLE_C_EXPORT int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** grad_scale,
+                                          void** found_inf, void** steps);
+NIBBLE_C_EXPORT int nibble_counters(nibble_optimizer* optimizer, int64_t* steps, int64_t* skipped);
+NIBBLE_C_EXPORT int nibble_state_bytes(nibble_optimizer* optimizer, int64_t* params, int64_t* bytes);
+NIBBLE_C_EXPORT int nibble_save(nibble_optimizer* optimizer, const char* path);
+NIBBLE_C_EXPORT int nibble_load(nibble_optimizer* optimizer, const char* path);
+/* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. */
+NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* NIBBLE_C_API_H */

@@ -1,0 +1,91 @@
+"""ctypes binding of libnibble_c.so, nibble's C interface (include/nibble/c_api.h).
+
+The library is found next to this file (an installed package), at $NIBBLE_LIBRARY, or in the
+repository's build/ folder (a source checkout)."""
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+F32, BF16, F16 = 0, 1, 2
+
+_ERRORS = {
+    1: ValueError,  # invalid argument
+    2: ValueError,  # state mismatch
+    3: ValueError,  # format error
+    4: OSError,
+    5: MemoryError,
+    6: RuntimeError,  # device error
+    7: RuntimeError,
+}
+
+
+class NibbleParam(ctypes.Structure):
+    _fields_ = [
+        ("name", ctypes.c_char_p),
+        ("rank", ctypes.c_int32),
+        ("shape", ctypes.POINTER(ctypes.c_int64)),
+        ("data", ctypes.c_void_p),
+        ("grad", ctypes.c_void_p),
+        ("dtype", ctypes.c_int32),
+        ("grad_dtype", ctypes.c_int32),
+    ]
+
+
+def _candidates() -> list[Path]:
+    here = Path(__file__).resolve().parent
+    found = [here / "libnibble_c.so"]
+    if os.environ.get("NIBBLE_LIBRARY"):
+        found.insert(0, Path(os.environ["NIBBLE_LIBRARY"]))
+    found.append(here.parent.parent / "build" / "libnibble_c.so")
+    return found
+
+
+def _load() -> ctypes.CDLL:
+    tried = []
+    for path in _candidates():
+        if path.is_file():
+            lib = ctypes.CDLL(str(path))
+            break
+        tried.append(str(path))
+    else:
+        raise ImportError("nibble: libnibble_c.so not found (looked in " + ", ".join(tried) +
+                          "); install with `pip install .` or build the repository and set NIBBLE_LIBRARY")
+    vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    sigs = {
+        "nibble_last_error": ([], ctypes.c_char_p),
+        "nibble_cuda_available": ([], ctypes.c_int),
+        "nibble_create": ([ctypes.c_char_p, ctypes.POINTER(NibbleParam), i64, ctypes.POINTER(vp)], ctypes.c_int),
+        "nibble_destroy": ([vp], None),
+        "nibble_set_grads": ([vp, ctypes.POINTER(vp), i64], ctypes.c_int),
+        "nibble_step": ([vp, ctypes.c_float, ctypes.c_float, i32, vp, ctypes.POINTER(i32),
+                         ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)], ctypes.c_int),
+        "nibble_enqueue_step": ([vp, vp], ctypes.c_int),
+        "nibble_device_scalars": ([vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.POINTER(vp),
+                                   ctypes.POINTER(vp)], ctypes.c_int),
+        "nibble_counters": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),
+        "nibble_state_bytes": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),
+        "nibble_save": ([vp, ctypes.c_char_p], ctypes.c_int),
+        "nibble_load": ([vp, ctypes.c_char_p], ctypes.c_int),
+        "nibble_update_hessian": ([vp, ctypes.POINTER(vp), i64], ctypes.c_int),
+    }
+    for name, (args, result) in sigs.items():
+        fn = getattr(lib, name)
+        fn.argtypes = args
+        fn.restype = result
+    return lib
+
+
+lib = _load()
+
+
+def check(code: int) -> None:
+    """Raises the Python exception for a non-zero nibble status, with the library's message."""
+    if code != 0:
+        message = lib.nibble_last_error().decode("utf-8", "replace")
+        raise _ERRORS.get(code, RuntimeError)(message)
+
+
+def cuda_available() -> bool:
+    return bool(lib.nibble_cuda_available())

@@ -1,0 +1,600 @@
+"""nibble's optimizers as torch.optim.Optimizer subclasses: SGD, Adam, AdamW, Lion, Adafactor,
+AdamP, QHM and SophiaG with state at fp32, bf16, 8-bit or 4-bit, stepped by nibble's C++/CUDA
+library in one call per parameter group (no per-parameter Python loop, no synchronisation)."""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import struct
+import tempfile
+from typing import Any, Callable, Iterable, Optional
+
+import torch
+
+from . import _lib
+
+PRECISIONS = ("fp32", "bf16", "8bit", "4bit")
+_DTYPES = {torch.float32: _lib.F32, torch.bfloat16: _lib.BF16, torch.float16: _lib.F16}
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "U8": torch.uint8, "I64": torch.int64}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class _DeviceScalar:
+    """A one-element device array of nibble's, seen by torch through __cuda_array_interface__."""
+
+    def __init__(self, address: int, typestr: str) -> None:
+        self.__cuda_array_interface__ = {"shape": (1,), "typestr": typestr, "data": (address, False),
+                                         "version": 3, "strides": None}
+
+
+class _Group:
+    """One nibble optimizer behind one torch parameter group."""
+
+    def __init__(self, handle: int, device: torch.device, options: dict, grad_dtypes: list[torch.dtype]) -> None:
+        self.handle = handle
+        self.device = device
+        self.options = options  # everything but lr, fixed at creation
+        self.grad_dtypes = grad_dtypes
+        self.grads: list[int] = []
+        self.views: Optional[dict[str, torch.Tensor]] = None
+
+    def scalars(self) -> dict[str, torch.Tensor]:
+        if self.views is None:
+            lr, scale, inf, steps = (ctypes.c_void_p() for _ in range(4))
+            _lib.check(_lib.lib.nibble_device_scalars(self.handle, ctypes.byref(lr), ctypes.byref(scale),
+                                                       ctypes.byref(inf), ctypes.byref(steps)))
+            view = lambda ptr, t: torch.as_tensor(_DeviceScalar(ptr.value, t), device=self.device)  # noqa: E731
+            self.views = {"lr_scale": view(lr, "<f4"), "grad_scale": view(scale, "<f4"),
+                          "found_inf": view(inf, "<i4")}
+        return self.views
+
+    def __del__(self) -> None:
+        if getattr(self, "handle", None):
+            _lib.lib.nibble_destroy(self.handle)
+            self.handle = None
+
+
+def _number(name: str, value: Any, low: float = 0.0, high: Optional[float] = None, open_high: bool = False) -> float:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number, got {value!r}")
+    value = float(value)
+    if not value == value or value in (float("inf"), float("-inf")):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if value < low or (high is not None and (value >= high if open_high else value > high)):
+        bound = f"[{low}, {high})" if open_high else (f"[{low}, {high}]" if high is not None else f">= {low}")
+        raise ValueError(f"{name} must be in {bound}, got {value}")
+    return value
+
+
+def _betas(name: str, betas: Any) -> tuple[float, float]:
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"{name} must be a pair of numbers, got {betas!r}")
+    return (_number(f"{name}[0]", betas[0], 0.0, 1.0, True), _number(f"{name}[1]", betas[1], 0.0, 1.0, True))
+
+
+class NibbleOptimizer(torch.optim.Optimizer):
+    """Base of nibble's optimizers. Subclasses name the algorithm and map a parameter group's
+    hyperparameters (PyTorch's names) to nibble's."""
+
+    algorithm = ""
+    default_precision = "fp32"
+    # torch.amp.GradScaler hands over grad_scale and found_inf instead of unscaling the gradients.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params: Iterable, defaults: dict, *, precision: Optional[str], block_size: int,
+                 min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int) -> None:
+        precision = self.default_precision if precision is None else precision
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+            raise ValueError(f"block_size must be 0 (the default) or a power of two in [16, 4096], got {block_size!r}")
+        if block_size and (block_size < 16 or block_size > 4096 or block_size & (block_size - 1)):
+            raise ValueError(f"block_size must be 0 (the default) or a power of two in [16, 4096], got {block_size}")
+        if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
+            raise ValueError(f"min_quant_size must be an integer >= 0, got {min_quant_size!r}")
+        defaults = dict(defaults, precision=precision)
+        self._settings = {"block_size": block_size, "min_quant_size": min_quant_size, "master_weights": master_weights,
+                          "stochastic_rounding": stochastic_rounding, "seed": int(seed)}
+        super().__init__(params, defaults)
+        self._groups: dict[int, _Group] = {}
+        for group in self.param_groups:
+            self._check_group(group)
+
+    # -- what subclasses provide ----------------------------------------------------------------
+
+    def _hyper(self, group: dict) -> dict:
+        raise NotImplementedError
+
+    def _check_group(self, group: dict) -> None:
+        """Validates a group's hyperparameters; raises ValueError naming the bad one."""
+        if group["precision"] not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {group['precision']!r}")
+        if group.get("lr") is not None:
+            _number("lr", group["lr"])
+        self._hyper(group)
+        for p in group["params"]:
+            if p.dtype not in _DTYPES:
+                raise ValueError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+            if not p.is_contiguous():
+                raise ValueError("parameters must be contiguous; got one with strides " + str(p.stride()))
+            if p.device.type not in ("cpu", "cuda"):
+                raise ValueError(f"parameters must be on cpu or cuda, got {p.device}")
+
+    def _lr(self, group: dict) -> Any:
+        return group["lr"]
+
+    # -- the nibble optimizer of a group --------------------------------------------------------
+
+    def _options(self, group: dict, device: torch.device) -> dict:
+        hyper = self._hyper(group)
+        hyper["lr"] = 1.0  # the group's lr arrives every step as lr_scale, so schedulers cost nothing
+        return {"algorithm": self.algorithm, "precision": group["precision"], "device": device.type,
+                "hyper": hyper, **self._settings}
+
+    def _nibble(self, index: int) -> _Group:
+        group = self.param_groups[index]
+        params = group["params"]
+        devices = {p.device for p in params}
+        if len(devices) > 1:
+            raise ValueError(f"parameter group {index} holds parameters on several devices: {sorted(map(str, devices))}")
+        device = next(iter(devices)) if devices else torch.device("cpu")
+        options = self._options(group, device)
+        existing = self._groups.get(index)
+        if existing is not None:
+            if existing.options != options:
+                raise ValueError(f"parameter group {index}: only lr may change after the first step; "
+                                 f"{self._changed(existing.options, options)} changed")
+            return existing
+        grad_dtypes = [p.grad.dtype if p.grad is not None else (p.dtype if p.dtype != torch.float32 else torch.float32)
+                       for p in params]
+        structs = (_lib.NibbleParam * max(len(params), 1))()
+        shapes = []
+        for i, p in enumerate(params):
+            shape = (ctypes.c_int64 * max(p.dim(), 1))(*p.shape)
+            shapes.append(shape)
+            if grad_dtypes[i] not in _DTYPES:
+                raise ValueError(f"gradients must be float32, bfloat16 or float16, got {grad_dtypes[i]}")
+            structs[i] = _lib.NibbleParam(f"param.{i}".encode(), p.dim(), shape, p.data_ptr(), None,
+                                          _DTYPES[p.dtype], _DTYPES[grad_dtypes[i]])
+        handle = ctypes.c_void_p()
+        with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
+            _lib.check(_lib.lib.nibble_create(json.dumps(options).encode(), structs, len(params), ctypes.byref(handle)))
+        made = _Group(handle.value, device, options, grad_dtypes)
+        self._groups[index] = made
+        return made
+
+    @staticmethod
+    def _changed(old: dict, new: dict) -> str:
+        keys = [k for k in new if k != "hyper" and old.get(k) != new.get(k)]
+        keys += [k for k in new["hyper"] if old["hyper"].get(k) != new["hyper"].get(k)]
+        return ", ".join(keys)
+
+    def _set_grads(self, index: int, made: _Group) -> None:
+        grads = []
+        for i, p in enumerate(self.param_groups[index]["params"]):
+            g = p.grad
+            if g is None:
+                grads.append(None)
+                continue
+            if g.is_sparse:
+                raise ValueError("nibble optimizers do not take sparse gradients")
+            if g.dtype != made.grad_dtypes[i]:
+                raise ValueError(f"parameter {i} of group {index}: gradient dtype {g.dtype} differs from "
+                                 f"{made.grad_dtypes[i]}, the one its first step saw")
+            if not g.is_contiguous():
+                raise ValueError(f"parameter {i} of group {index}: the gradient is not contiguous")
+            grads.append(g.data_ptr())
+        if grads != made.grads:
+            array = (ctypes.c_void_p * max(len(grads), 1))(*grads)
+            _lib.check(_lib.lib.nibble_set_grads(made.handle, array, len(grads)))
+            made.grads = grads
+
+    # -- torch.optim.Optimizer ------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            made = self._nibble(index)
+            self._set_grads(index, made)
+            lr = self._lr(group)
+            if made.device.type == "cpu":
+                scale = 1.0 if grad_scale is None else float(grad_scale)
+                inf = 0 if found_inf is None else int(float(found_inf) != 0.0)
+                _lib.check(_lib.lib.nibble_step(made.handle, scale, float(lr), inf, None, None, None, None))
+                continue
+            stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
+            if not any(isinstance(x, torch.Tensor) for x in (lr, grad_scale, found_inf)):
+                _lib.check(_lib.lib.nibble_step(made.handle, 1.0, float(lr), 0, stream, None, None, None))
+                continue
+            # Tensors (a capturable lr, GradScaler's scale and found_inf) are copied on the device,
+            # so nothing waits for them and a CUDA graph captures the copies.
+            views = made.scalars()
+            views["lr_scale"].copy_(lr) if isinstance(lr, torch.Tensor) else views["lr_scale"].fill_(float(lr))
+            if grad_scale is None:
+                views["grad_scale"].fill_(1.0)
+            else:
+                views["grad_scale"].copy_(grad_scale)
+            if found_inf is None:
+                views["found_inf"].zero_()
+            else:
+                views["found_inf"].copy_(found_inf)
+            _lib.check(_lib.lib.nibble_enqueue_step(made.handle, stream))
+        return loss
+
+    def counters(self) -> list[tuple[int, int]]:
+        """(steps taken, steps skipped) per parameter group that has stepped."""
+        out = []
+        for index in sorted(self._groups):
+            steps, skipped = ctypes.c_int64(), ctypes.c_int64()
+            _lib.check(_lib.lib.nibble_counters(self._groups[index].handle, ctypes.byref(steps), ctypes.byref(skipped)))
+            out.append((steps.value, skipped.value))
+        return out
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state nibble holds (codes, scales and full-precision state)."""
+        total = 0
+        for index in range(len(self.param_groups)):
+            if not self.param_groups[index]["params"]:
+                continue
+            params, nbytes = ctypes.c_int64(), ctypes.c_int64()
+            _lib.check(_lib.lib.nibble_state_bytes(self._nibble(index).handle, ctypes.byref(params), ctypes.byref(nbytes)))
+            total += nbytes.value
+        return total
+
+    def state_dict(self) -> dict:
+        """PyTorch's layout: {"state": {param index: {"step", "exp_avg", ...}}, "param_groups": [...]}.
+        Quantized state appears as uint8 "<name>.codes" plus float32 "<name>.absmax" (or
+        "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        groups = []
+        first = 0
+        for index, group in enumerate(self.param_groups):
+            saved = {k: v for k, v in group.items() if k != "params"}
+            count = len(group["params"])
+            saved["params"] = list(range(first, first + count))
+            if count:
+                tensors, metadata = _save(self._nibble(index).handle)
+                saved["nibble"] = metadata
+                saved["nibble_codebooks"] = {k: v for k, v in tensors.items() if k.startswith("codebook.")}
+                steps = tensors["steps"]
+                for i in range(count):
+                    entry: dict[str, torch.Tensor] = {"step": steps[i].to(torch.float32)}
+                    prefix = f"state.{i}."
+                    for name, t in tensors.items():
+                        if name.startswith(prefix):
+                            entry[name[len(prefix):]] = t
+                    state[first + i] = entry
+            groups.append(saved)
+            first += count
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        groups = state_dict.get("param_groups")
+        if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
+                             f"this optimizer has {len(self.param_groups)}")
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            if len(saved.get("params", ())) != len(group["params"]):
+                raise ValueError(f"parameter group {index} of the state_dict holds {len(saved.get('params', ()))} "
+                                 f"parameters, this optimizer's holds {len(group['params'])}")
+        files = []
+        try:
+            for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+                if not group["params"]:
+                    continue
+                tensors: dict[str, torch.Tensor] = dict(saved.get("nibble_codebooks", {}))
+                steps = []
+                for i, key in enumerate(saved["params"]):
+                    entry = state_dict["state"].get(key, {})
+                    steps.append(int(entry["step"].item()) if "step" in entry else 0)
+                    for name, t in entry.items():
+                        if name != "step":
+                            tensors[f"state.{i}.{name}"] = t
+                tensors["steps"] = torch.tensor(steps, dtype=torch.int64)
+                files.append((index, _write(tensors, saved.get("nibble", {}))))
+            # Everything is written; now the groups take the saved hyperparameters and their state.
+            for index, saved in enumerate(groups):
+                for key, value in saved.items():
+                    if key not in ("params", "nibble", "nibble_codebooks"):
+                        self.param_groups[index][key] = value
+                self._check_group(self.param_groups[index])
+                self._groups.pop(index, None)
+            for index, path in files:
+                made = self._nibble(index)
+                _lib.check(_lib.lib.nibble_load(made.handle, path.encode()))
+        finally:
+            for _, path in files:
+                os.unlink(path)
+
+
+class _nullcontext:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+# -- safetensors, the format nibble's state files use --------------------------------------------
+
+def _save(handle: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="nibble-state-")
+    os.close(fd)
+    try:
+        _lib.check(_lib.lib.nibble_save(handle, path.encode()))
+        with open(path, "rb") as f:
+            raw = f.read()
+    finally:
+        os.unlink(path)
+    (size,) = struct.unpack("<Q", raw[:8])
+    header = json.loads(raw[8:8 + size])
+    data = bytearray(raw[8 + size:])
+    metadata = header.pop("__metadata__", {})
+    tensors = {}
+    for name, info in header.items():
+        begin, end = info["data_offsets"]
+        dtype = _ST_DTYPES[info["dtype"]]
+        flat = torch.frombuffer(data, dtype=torch.uint8, count=end - begin, offset=begin).clone() if end > begin \
+            else torch.empty(0, dtype=torch.uint8)
+        tensors[name] = flat.view(dtype).reshape(info["shape"])
+    return tensors, metadata
+
+
+def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    header: dict[str, Any] = {}
+    blobs = []
+    offset = 0
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"state entry {name!r} is not a tensor")
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"state entry {name!r} has dtype {t.dtype}, which nibble's state does not use")
+        t = t.detach().to("cpu").contiguous()
+        blob = t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+        header[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    text = json.dumps(header).encode()
+    text += b" " * ((8 - len(text) % 8) % 8)
+    fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="nibble-state-")
+    with os.fdopen(fd, "wb") as f:
+        f.write(struct.pack("<Q", len(text)))
+        f.write(text)
+        for blob in blobs:
+            f.write(blob)
+    return path
+
+
+# -- the algorithms, with PyTorch's and the papers' argument names --------------------------------
+
+_COMMON = ("precision", "block_size", "min_quant_size", "master_weights", "stochastic_rounding", "seed")
+
+
+def _settings(precision: Optional[str], block_size: int, min_quant_size: int, master_weights: bool,
+              stochastic_rounding: bool, seed: int) -> dict:
+    return {"precision": precision, "block_size": block_size, "min_quant_size": min_quant_size,
+            "master_weights": master_weights, "stochastic_rounding": stochastic_rounding, "seed": seed}
+
+
+class SGD(NibbleOptimizer):
+    """SGD with momentum, dampening and Nesterov, as torch.optim.SGD."""
+
+    algorithm = "sgd"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
+                 weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                      nesterov=nesterov, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
+            raise ValueError("nesterov needs momentum > 0 and dampening 0, got momentum "
+                             f"{g['momentum']} and dampening {g['dampening']}")
+        return {"momentum": _number("momentum", g["momentum"], 0.0, 1.0, True),
+                "dampening": _number("dampening", g["dampening"], 0.0, 1.0),
+                "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "nesterov": bool(g["nesterov"]), "maximize": bool(g["maximize"])}
+
+
+class Adam(NibbleOptimizer):
+    """Adam (weight decay added to the gradient), as torch.optim.Adam."""
+
+    algorithm = "adam"
+    default_weight_decay = 0.0
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: Optional[float] = None, amsgrad: bool = False, *,
+                 maximize: bool = False, precision: Optional[str] = None, block_size: int = 0,
+                 min_quant_size: int = 4096, master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0) -> None:
+        wd = self.default_weight_decay if weight_decay is None else weight_decay
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=amsgrad,
+                                      maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _betas("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]), "amsgrad": bool(g["amsgrad"]),
+                "maximize": bool(g["maximize"])}
+
+
+class AdamW(Adam):
+    """AdamW (decoupled weight decay, default 1e-2), as torch.optim.AdamW."""
+
+    algorithm = "adamw"
+    default_weight_decay = 1e-2
+
+
+class Lion(NibbleOptimizer):
+    """Lion (Chen et al. 2023): the sign of an interpolated momentum, decoupled weight decay."""
+
+    algorithm = "lion"
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
+                 weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
+                 block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _betas("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "maximize": bool(g["maximize"])}
+
+
+class Adafactor(NibbleOptimizer):
+    """Adafactor (Shazeer & Stern 2018) with the arguments of the common PyTorch port: factored
+    second moments for matrices, relative step (lr=None), update clipping; beta1 adds a first
+    moment."""
+
+    algorithm = "adafactor"
+
+    def __init__(self, params: Iterable, lr: Optional[float] = None, eps: tuple[float, float] = (1e-30, 1e-3),
+                 clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: Optional[float] = None,
+                 weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
+                 warmup_init: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
+                 block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        if lr is not None and relative_step:
+            raise ValueError("lr cannot be set together with relative_step=True (pass relative_step=False)")
+        if lr is None and not relative_step:
+            raise ValueError("lr must be given when relative_step=False")
+        if warmup_init and not relative_step:
+            raise ValueError("warmup_init needs relative_step=True")
+        super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
+                                      beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
+                                      relative_step=relative_step, warmup_init=warmup_init, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _lr(self, group: dict) -> Any:
+        return 1.0 if group["lr"] is None else group["lr"]
+
+    def _hyper(self, g: dict) -> dict:
+        eps = g["eps"]
+        if not isinstance(eps, (tuple, list)) or len(eps) != 2:
+            raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
+        hyper = {"eps": _number("eps[0]", eps[0]), "eps2": _number("eps[1]", eps[1]),
+                 "clip_threshold": _number("clip_threshold", g["clip_threshold"]),
+                 "decay_rate": _number("decay_rate", g["decay_rate"], -1.0, 0.0),
+                 "weight_decay": _number("weight_decay", g["weight_decay"]),
+                 "scale_parameter": bool(g["scale_parameter"]), "relative_step": bool(g["relative_step"]),
+                 "warmup_init": bool(g["warmup_init"]), "maximize": bool(g["maximize"]),
+                 "first_moment": g["beta1"] is not None}
+        if g["beta1"] is not None:
+            hyper["beta1"] = _number("beta1", g["beta1"], 0.0, 1.0, True)
+        return hyper
+
+
+class AdamP(NibbleOptimizer):
+    """AdamP (Heo et al. 2021): Adam without the radial part of the update for scale-invariant
+    weights."""
+
+    algorithm = "adamp"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
+                 nesterov: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
+                 block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
+                                      wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _betas("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]), "delta": _number("delta", g["delta"]),
+                "wd_ratio": _number("wd_ratio", g["wd_ratio"], 0.0, 1.0), "nesterov": bool(g["nesterov"]),
+                "maximize": bool(g["maximize"])}
+
+
+class QHM(NibbleOptimizer):
+    """Quasi-hyperbolic momentum (Ma & Yarats 2019): nu-weighted mix of the gradient and momentum."""
+
+    algorithm = "qhm"
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.999, nu: float = 0.7,
+                 weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
+                 block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        return {"momentum": _number("momentum", g["momentum"], 0.0, 1.0, True), "nu": _number("nu", g["nu"], 0.0, 1.0),
+                "weight_decay": _number("weight_decay", g["weight_decay"]), "maximize": bool(g["maximize"])}
+
+
+class SophiaG(NibbleOptimizer):
+    """SophiaG (Liu et al. 2023): momentum preconditioned by an EMA of Hessian-diagonal estimates,
+    given with update_hessian(); bs is the tokens per batch that scales rho."""
+
+    algorithm = "sophiag"
+
+    def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
+                 rho: float = 0.04, weight_decay: float = 1e-1, bs: int = 5120, *, maximize: bool = False,
+                 precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _betas("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "rho": _number("rho", g["rho"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "batch_tokens": _number("bs", g["bs"], 1.0), "maximize": bool(g["maximize"])}
+
+    @torch.no_grad()
+    def update_hessian(self, estimates: Optional[list[list[Optional[torch.Tensor]]]] = None) -> None:
+        """Folds one Hessian-diagonal estimate per parameter into the Hessian EMA: `estimates` has a
+        list per parameter group (None for a parameter skips it); by default each parameter's
+        gradient squared (the Gauss-Newton-Bartlett estimate when the gradient came from labels
+        sampled from the model)."""
+        for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            given = estimates[index] if estimates is not None else [
+                None if p.grad is None else p.grad.float() * p.grad.float() for p in group["params"]]
+            if len(given) != len(group["params"]):
+                raise ValueError(f"estimates of group {index}: {len(given)} given for {len(group['params'])} parameters")
+            keep = []
+            for p, e in zip(group["params"], given):
+                if e is not None:
+                    if e.shape != p.shape:
+                        raise ValueError(f"a Hessian estimate has shape {tuple(e.shape)}, its parameter {tuple(p.shape)}")
+                    e = e.to(device=p.device, dtype=torch.float32).contiguous()
+                keep.append(e)
+            array = (ctypes.c_void_p * max(len(keep), 1))(*[None if e is None else e.data_ptr() for e in keep])
+            _lib.check(_lib.lib.nibble_update_hessian(self._nibble(index).handle, array, len(keep)))
+
+
+def _with_precision(base: type, precision: str, name: str) -> type:
+    """An alias class whose precision defaults to `precision` (AdamW8bit, ...)."""
+    return type(name, (base,), {"default_precision": precision, "__doc__": f"{base.__name__} with {precision} state."})
+
+
+Adam8bit = _with_precision(Adam, "8bit", "Adam8bit")
+Adam4bit = _with_precision(Adam, "4bit", "Adam4bit")
+AdamW8bit = _with_precision(AdamW, "8bit", "AdamW8bit")
+AdamW4bit = _with_precision(AdamW, "4bit", "AdamW4bit")
+Lion8bit = _with_precision(Lion, "8bit", "Lion8bit")

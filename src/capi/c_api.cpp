@@ -1,0 +1,289 @@
+// The C interface over nibble::Optimizer: options from JSON, parameters from plain structs, every
+// exception turned into a return code and a thread-local message.
+#include "nibble/c_api.h"
+
+#include <fmt/format.h>
+
+#include <cstring>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <string>
+#include <vector>
+
+#include "nibble/device.hpp"
+#include "nibble/error.hpp"
+#include "nibble/optim.hpp"
+
+struct nibble_optimizer {
+  nibble::Optimizer optimizer;
+};
+
+namespace {
+
+thread_local std::string last_error;
+
+template <class Fn>
+int guarded(Fn&& fn) {
+  try {
+    fn();
+    last_error.clear();
+    return NIBBLE_OK;
+  } catch (const nibble::InvalidArgument& e) {
+    last_error = e.what();
+    return NIBBLE_INVALID_ARGUMENT;
+  } catch (const nibble::StateMismatch& e) {
+    last_error = e.what();
+    return NIBBLE_STATE_MISMATCH;
+  } catch (const nibble::FormatError& e) {
+    last_error = e.what();
+    return NIBBLE_FORMAT_ERROR;
+  } catch (const nibble::IoError& e) {
+    last_error = e.what();
+    return NIBBLE_IO_ERROR;
+  } catch (const nibble::OutOfMemory& e) {
+    last_error = e.what();
+    return NIBBLE_OUT_OF_MEMORY;
+  } catch (const nibble::DeviceError& e) {
+    last_error = e.what();
+    return NIBBLE_DEVICE_ERROR;
+  } catch (const std::exception& e) {
+    last_error = e.what();
+    return NIBBLE_ERROR;
+  }
+}
+
+void require(const void* p, const char* what) {
+  if (p == nullptr) throw nibble::InvalidArgument(fmt::format("{} is NULL", what));
+}
+
+nibble::DType element_type(std::int32_t code, const char* what, const std::string& name) {
+  switch (code) {
+    case NIBBLE_F32: return nibble::DType::F32;
+    case NIBBLE_BF16: return nibble::DType::BF16;
+    case NIBBLE_F16: return nibble::DType::F16;
+    default: throw nibble::InvalidArgument(fmt::format("{} of parameter '{}' is {}, not 0 (f32), 1 (bf16) or 2 (f16)", what, name, code));
+  }
+}
+
+// Reads the Hyper fields named in `j` onto `h`, refusing names it does not know.
+void read_hyper(const nlohmann::json& j, nibble::Hyper& h) {
+  if (!j.is_object()) throw nibble::InvalidArgument("options: \"hyper\" must be an object");
+  for (const auto& [key, value] : j.items()) {
+    auto number = [&](float& field) {
+      if (!value.is_number()) throw nibble::InvalidArgument(fmt::format("hyper.{} must be a number, got {}", key, value.dump()));
+      field = value.get<float>();
+    };
+    auto flag = [&](bool& field) {
+      if (!value.is_boolean()) throw nibble::InvalidArgument(fmt::format("hyper.{} must be true or false, got {}", key, value.dump()));
+      field = value.get<bool>();
+    };
+    if (key == "lr") number(h.lr);
+    else if (key == "weight_decay") number(h.weight_decay);
+    else if (key == "beta1") number(h.beta1);
+    else if (key == "beta2") number(h.beta2);
+    else if (key == "eps") number(h.eps);
+    else if (key == "momentum") number(h.momentum);
+    else if (key == "dampening") number(h.dampening);
+    else if (key == "nesterov") flag(h.nesterov);
+    else if (key == "amsgrad") flag(h.amsgrad);
+    else if (key == "maximize") flag(h.maximize);
+    else if (key == "bias_correction") flag(h.bias_correction);
+    else if (key == "decoupled_weight_decay") flag(h.decoupled_weight_decay);
+    else if (key == "nu") number(h.nu);
+    else if (key == "eps2") number(h.eps2);
+    else if (key == "clip_threshold") number(h.clip_threshold);
+    else if (key == "decay_rate") number(h.decay_rate);
+    else if (key == "first_moment") flag(h.first_moment);
+    else if (key == "relative_step") flag(h.relative_step);
+    else if (key == "scale_parameter") flag(h.scale_parameter);
+    else if (key == "warmup_init") flag(h.warmup_init);
+    else if (key == "delta") number(h.delta);
+    else if (key == "wd_ratio") number(h.wd_ratio);
+    else if (key == "rho") number(h.rho);
+    else if (key == "batch_tokens") number(h.batch_tokens);
+    else throw nibble::InvalidArgument(fmt::format("hyper.{} is not a nibble hyperparameter", key));
+  }
+}
+
+nibble::OptimizerOptions read_options(const char* text) {
+  nlohmann::json j;
+  try {
+    j = nlohmann::json::parse(text);
+  } catch (const nlohmann::json::exception& e) {
+    throw nibble::InvalidArgument(fmt::format("options are not valid JSON: {}", e.what()));
+  }
+  if (!j.is_object()) throw nibble::InvalidArgument("options must be a JSON object");
+  nibble::OptimizerOptions o;
+  // The algorithm first: the hyperparameters start from its defaults.
+  if (j.contains("algorithm")) {
+    const auto a = nibble::algorithm_from_name(j["algorithm"].is_string() ? j["algorithm"].get<std::string>() : "");
+    if (!a) throw nibble::InvalidArgument(fmt::format("unknown algorithm {}", j["algorithm"].dump()));
+    o.algorithm = *a;
+  }
+  nibble::Hyper hyper = nibble::default_hyper(o.algorithm);
+  auto get = [&](const std::string& key, auto& field) {
+    try {
+      field = j[key].get<std::remove_reference_t<decltype(field)>>();
+    } catch (const nlohmann::json::exception&) {
+      throw nibble::InvalidArgument(fmt::format("option {} has the wrong type: {}", key, j[key].dump()));
+    }
+  };
+  for (const auto& [key, value] : j.items()) {
+    if (key == "algorithm") continue;
+    if (key == "hyper") {
+      read_hyper(value, hyper);
+    } else if (key == "precision") {
+      const auto p = nibble::precision_from_name(value.is_string() ? value.get<std::string>() : "");
+      if (!p) throw nibble::InvalidArgument(fmt::format("unknown precision {}", value.dump()));
+      o.precision = *p;
+    } else if (key == "device") {
+      const std::string d = value.is_string() ? value.get<std::string>() : value.dump();
+      if (d == "cpu") o.device = nibble::Device::kCpu;
+      else if (d == "cuda") o.device = nibble::Device::kCuda;
+      else throw nibble::InvalidArgument(fmt::format("unknown device '{}' (known: cpu, cuda)", d));
+    } else if (key == "block_size") get(key, o.block_size);
+    else if (key == "min_quant_size") get(key, o.min_quant_size);
+    else if (key == "max_grad_norm") get(key, o.max_grad_norm);
+    else if (key == "check_finite") get(key, o.check_finite);
+    else if (key == "stochastic_rounding") get(key, o.stochastic_rounding);
+    else if (key == "seed") get(key, o.seed);
+    else if (key == "rank1_second_moment") get(key, o.rank1_second_moment);
+    else if (key == "master_weights") get(key, o.master_weights);
+    else if (key == "param_stochastic_rounding") get(key, o.param_stochastic_rounding);
+    else if (key == "full_precision_names") get(key, o.full_precision_names);
+    else if (key == "no_decay_names") get(key, o.no_decay_names);
+    else if (key == "no_decay_vectors") get(key, o.no_decay_vectors);
+    else throw nibble::InvalidArgument(fmt::format("option '{}' is not a nibble optimizer option", key));
+  }
+  o.hyper = hyper;
+  return o;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* nibble_last_error(void) { return last_error.c_str(); }
+
+int nibble_cuda_available(void) { return nibble::cuda_built() && nibble::cuda_device_count() > 0 ? 1 : 0; }
+
+int nibble_create(const char* options_json, const nibble_param* params, int64_t count, nibble_optimizer** out) {
+  return guarded([&] {
+    require(options_json, "options_json");
+    require(out, "out");
+    *out = nullptr;
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("parameter count {} is negative", count));
+    if (count > 0) require(params, "params");
+    nibble::OptimizerOptions options = read_options(options_json);
+    nibble::ParamGroup group;
+    for (int64_t i = 0; i < count; ++i) {
+      const nibble_param& p = params[i];
+      nibble::Param param;
+      param.name = p.name != nullptr ? p.name : fmt::format("param.{}", i);
+      if (p.rank < 0 || (p.rank > 0 && p.shape == nullptr))
+        throw nibble::InvalidArgument(fmt::format("parameter '{}' has rank {} and shape {}", param.name, p.rank,
+                                                  p.shape == nullptr ? "NULL" : "given"));
+      param.shape.assign(p.shape, p.shape + p.rank);
+      param.data = p.data;
+      param.grad = p.grad;
+      param.dtype = element_type(p.dtype, "dtype", param.name);
+      param.grad_dtype = element_type(p.grad_dtype, "grad_dtype", param.name);
+      group.params.push_back(std::move(param));
+    }
+    *out = new nibble_optimizer{nibble::Optimizer({std::move(group)}, options)};
+  });
+}
+
+void nibble_destroy(nibble_optimizer* optimizer) { delete optimizer; }
+
+int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (count > 0) require(grads, "grads");
+    optimizer->optimizer.set_grads({grads, static_cast<std::size_t>(count)});
+  });
+}
+
+int nibble_step(nibble_optimizer* optimizer, float grad_scale, float lr_scale, int32_t found_inf, void* stream,
+                int32_t* skipped, double* grad_norm, int64_t* step) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    nibble::Optimizer& opt = optimizer->optimizer;
+    const bool cuda = opt.device() == nibble::Device::kCuda;
+    if (cuda && stream != nullptr) opt.set_cuda_stream(stream);
+    nibble::StepOptions so;
+    so.grad_scale = grad_scale;
+    so.lr_scale = lr_scale;
+    so.found_inf = found_inf != 0;
+    so.synchronize = false;
+    const nibble::StepResult r = opt.step(so);
+    if (!cuda) {
+      if (skipped) *skipped = r.skipped ? 1 : 0;
+      if (grad_norm) *grad_norm = r.grad_norm;
+      if (step) *step = r.step;
+    }
+  });
+}
+
+int nibble_enqueue_step(nibble_optimizer* optimizer, void* stream) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (stream != nullptr) optimizer->optimizer.set_cuda_stream(stream);
+    optimizer->optimizer.enqueue_step();
+  });
+}
+
+int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** grad_scale, void** found_inf,
+                          void** steps) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    const nibble::DeviceScalars s = optimizer->optimizer.device_scalars();
+    if (lr_scale) *lr_scale = s.lr_scale;
+    if (grad_scale) *grad_scale = s.grad_scale;
+    if (found_inf) *found_inf = s.found_inf;
+    if (steps) *steps = s.steps;
+  });
+}
+
+int nibble_counters(nibble_optimizer* optimizer, int64_t* steps, int64_t* skipped) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (steps) *steps = optimizer->optimizer.step_count();
+    if (skipped) *skipped = optimizer->optimizer.skipped_steps();
+  });
+}
+
+int nibble_state_bytes(nibble_optimizer* optimizer, int64_t* params, int64_t* bytes) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    const nibble::StateStats s = optimizer->optimizer.state_stats();
+    if (params) *params = s.params;
+    if (bytes) *bytes = s.state_bytes;
+  });
+}
+
+int nibble_save(nibble_optimizer* optimizer, const char* path) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(path, "path");
+    optimizer->optimizer.save(path);
+  });
+}
+
+int nibble_load(nibble_optimizer* optimizer, const char* path) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(path, "path");
+    optimizer->optimizer.load(path);
+  });
+}
+
+int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (count > 0) require(estimates, "estimates");
+    optimizer->optimizer.update_hessian({estimates, static_cast<std::size_t>(count)});
+  });
+}
+
+}  // extern "C"
