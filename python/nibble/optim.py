@@ -8,6 +8,7 @@ import json
 import os
 import struct
 import tempfile
+import weakref
 from typing import Any, Callable, Iterable, Optional
 
 import torch
@@ -165,6 +166,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
         with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
             _lib.check(_lib.lib.nibble_create(json.dumps(options).encode(), structs, len(params), ctypes.byref(handle)))
         made = _Group(handle.value, device, options, grad_dtypes)
+        _LIVE[made.handle] = made
         self._groups[index] = made
         return made
 
@@ -213,25 +215,18 @@ class NibbleOptimizer(torch.optim.Optimizer):
             if made.device.type == "cpu":
                 scale = 1.0 if grad_scale is None else float(grad_scale)
                 inf = 0 if found_inf is None else int(float(found_inf) != 0.0)
-                _lib.check(_lib.lib.nibble_step(made.handle, scale, float(lr), inf, None, None, None, None))
+                torch.ops.nibble.step(made.handle, group["params"], float(lr), scale, inf)
                 continue
-            stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
             if not any(isinstance(x, torch.Tensor) for x in (lr, grad_scale, found_inf)):
-                _lib.check(_lib.lib.nibble_step(made.handle, 1.0, float(lr), 0, stream, None, None, None))
+                torch.ops.nibble.step(made.handle, group["params"], float(lr), 1.0, 0)
                 continue
             # Tensors (a capturable lr, GradScaler's scale and found_inf) are copied on the device,
             # so nothing waits for them and a CUDA graph captures the copies.
-            views = made.scalars()
-            views["lr_scale"].copy_(lr) if isinstance(lr, torch.Tensor) else views["lr_scale"].fill_(float(lr))
-            if grad_scale is None:
-                views["grad_scale"].fill_(1.0)
-            else:
-                views["grad_scale"].copy_(grad_scale)
-            if found_inf is None:
-                views["found_inf"].zero_()
-            else:
-                views["found_inf"].copy_(found_inf)
-            _lib.check(_lib.lib.nibble_enqueue_step(made.handle, stream))
+            device_tensor = lambda x, default: (x if isinstance(x, torch.Tensor)  # noqa: E731
+                                                else torch.full((), default if x is None else float(x),
+                                                                dtype=torch.float32, device=made.device))
+            torch.ops.nibble.step_device(made.handle, group["params"], device_tensor(lr, 0.0),
+                                         device_tensor(grad_scale, 1.0), device_tensor(found_inf, 0.0))
         return loss
 
     def counters(self) -> list[tuple[int, int]]:
@@ -318,6 +313,40 @@ class NibbleOptimizer(torch.optim.Optimizer):
         finally:
             for _, path in files:
                 os.unlink(path)
+
+
+# -- the step as operators in PyTorch's registry: torch.ops.nibble.step (host scalars) and
+# torch.ops.nibble.step_device (scalars in device tensors, for CUDA graphs and GradScaler). They
+# declare the parameters they update; nibble's state is inside the library, reached by handle.
+
+_LIVE = weakref.WeakValueDictionary()
+_OPS = torch.library.Library("nibble", "DEF")
+_OPS.define("step(int handle, Tensor(a!)[] params, float lr, float grad_scale, int found_inf) -> ()")
+_OPS.define("step_device(int handle, Tensor(a!)[] params, Tensor lr, Tensor grad_scale, Tensor found_inf) -> ()")
+
+
+def _step_host(handle: int, params: list[torch.Tensor], lr: float, grad_scale: float, found_inf: int) -> None:
+    made = _LIVE[handle]
+    stream = None
+    if made.device.type == "cuda":
+        stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
+    _lib.check(_lib.lib.nibble_step(handle, grad_scale, lr, found_inf, stream, None, None, None))
+
+
+def _step_device(handle: int, params: list[torch.Tensor], lr: torch.Tensor, grad_scale: torch.Tensor,
+                 found_inf: torch.Tensor) -> None:
+    made = _LIVE[handle]
+    views = made.scalars()
+    views["lr_scale"].copy_(lr.reshape(1))
+    views["grad_scale"].copy_(grad_scale.reshape(1))
+    views["found_inf"].copy_(found_inf.reshape(1))
+    stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
+    _lib.check(_lib.lib.nibble_enqueue_step(handle, stream))
+
+
+_OPS.impl("step", _step_host, "CPU")
+_OPS.impl("step", _step_host, "CUDA")
+_OPS.impl("step_device", _step_device, "CUDA")
 
 
 class _nullcontext:

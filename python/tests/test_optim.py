@@ -301,3 +301,18 @@ def test_cuda_state_loads_on_the_cpu():
     train(b, opt_b, 3, seed=9)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p.cpu(), q, rtol=1e-5, atol=1e-6)
+
+
+def test_the_step_is_an_operator_in_pytorchs_registry():
+    schema = str(torch.ops.nibble.step.default._schema)
+    assert "Tensor(a!)[] params" in schema, schema
+    assert "Tensor(a!)[] params" in str(torch.ops.nibble.step_device.default._schema)
+    # The registered CPU kernel is what a CPU step runs: calling it directly steps the parameters.
+    net = model()
+    opt = nibble.AdamW(net.parameters(), lr=1e-2)
+    train(net, opt, 1)
+    before = [p.detach().clone() for p in net.parameters()]
+    made = opt._groups[0]
+    torch.ops.nibble.step(made.handle, list(net.parameters()), 1e-2, 1.0, 0)
+    assert opt.counters() == [(2, 0)]
+    assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
