@@ -163,8 +163,17 @@ class NibbleOptimizer(torch.optim.Optimizer):
             structs[i] = _lib.NibbleParam(f"param.{i}".encode(), p.dim(), shape, p.data_ptr(), None,
                                           _DTYPES[p.dtype], _DTYPES[grad_dtypes[i]])
         handle = ctypes.c_void_p()
+        text = json.dumps(options).encode()
         with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
-            _lib.check(_lib.lib.nibble_create(json.dumps(options).encode(), structs, len(params), ctypes.byref(handle)))
+            try:
+                _lib.check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)))
+            except MemoryError:
+                if device.type != "cuda":
+                    raise
+                # nibble allocates its state with cudaMalloc, outside PyTorch's caching allocator,
+                # which may be holding freed blocks (the first step comes after a backward pass).
+                torch.cuda.empty_cache()
+                _lib.check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)))
         made = _Group(handle.value, device, options, grad_dtypes)
         _LIVE[made.handle] = made
         self._groups[index] = made
