@@ -26,6 +26,8 @@ struct TrainFlags {
   std::string algorithm = "adamw";
   std::string precision = "fp32";
   std::string schedule = "cosine";
+  std::string device = "cpu";
+  std::string compute = "fp32";
   std::string data, checkpoint_dir, log_csv;
   std::int64_t layers = 0, heads = 0, width = 0, context = 0;
   float lr = 0, weight_decay = -1, beta1 = -1, beta2 = -1, eps = 0;
@@ -40,6 +42,12 @@ void run_train(TrainFlags& f) {
   if (!precision) throw InvalidArgument(fmt::format("unknown state precision '{}'", f.precision));
   o.algorithm = *algorithm;
   o.precision = *precision;
+  if (f.device == "cpu") o.device = Device::kCpu;
+  else if (f.device == "cuda") o.device = Device::kCuda;
+  else throw InvalidArgument(fmt::format("unknown device '{}' (known: cpu, cuda)", f.device));
+  if (f.compute == "fp32") o.compute = model::CudaPrecision::kFp32;
+  else if (f.compute == "bf16") o.compute = model::CudaPrecision::kBf16;
+  else throw InvalidArgument(fmt::format("unknown compute precision '{}' (known: fp32, bf16)", f.compute));
   o.schedule = schedule_from_name(f.schedule);
   if (f.layers > 0) o.layers = f.layers;
   if (f.heads > 0) o.heads = f.heads;
@@ -141,6 +149,13 @@ void add_train_command(CLI::App& app) {
   sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->capture_default_str();
   sub->add_option("--data", f->data, "Text file to train on (default: the `fortunes` package's text)");
   sub->add_option("--val-fraction", o.val_fraction, "Last fraction of the text kept for validation")->capture_default_str();
+  sub->add_option("--device", f->device,
+                  "cpu, or cuda: the CUDA engine (a build with CUDA and a GPU; no dropout, no sophiag yet)")
+      ->capture_default_str();
+  sub->add_option("--compute", f->compute,
+                  "CUDA engine precision: fp32 (checks against the CPU engine) or bf16 (bf16 activations and "
+                  "parameters, the optimizer stepping fp32 master weights)")
+      ->capture_default_str();
   sub->add_option("--optimizer", f->algorithm, "sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag")->capture_default_str();
   sub->add_option("--precision", f->precision, "Optimizer state precision: fp32, bf16, 8bit, 4bit")->capture_default_str();
   sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)");

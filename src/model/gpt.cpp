@@ -194,11 +194,10 @@ Gpt::Gpt(const GptConfig& config, std::int64_t batch, std::int64_t seq)
   acts_ = Buffer(static_cast<std::size_t>(2 * act_floats_) * sizeof(float));
 }
 
-void Gpt::init(std::uint64_t seed) {
+void gpt_init_params(const GptConfig& config, const std::vector<ParamTensor>& layout, float* p, std::uint64_t seed) {
   Rng rng(seed);
-  const float residual_scale = 1.0f / std::sqrt(2.0f * static_cast<float>(config_.layers));
-  float* p = params();
-  for (const ParamTensor& t : layout_) {
+  const float residual_scale = 1.0f / std::sqrt(2.0f * static_cast<float>(config.layers));
+  for (const ParamTensor& t : layout) {
     std::int64_t n = 1;
     for (std::int64_t d : t.shape) n *= d;
     float* x = p + t.offset;
@@ -213,6 +212,8 @@ void Gpt::init(std::uint64_t seed) {
     }
   }
 }
+
+void Gpt::init(std::uint64_t seed) { gpt_init_params(config_, layout_, params(), seed); }
 
 void Gpt::zero_grad() { std::memset(grads_.data(), 0, grads_.size()); }
 

@@ -39,6 +39,10 @@ struct ParamTensor {
 // The parameter layout of a config: GPT-2 names, in GPT-2 order.
 std::vector<ParamTensor> gpt_param_layout(const GptConfig& config);
 std::int64_t gpt_param_count(const GptConfig& config);
+// GPT-2 initialisation of parameters laid out by gpt_param_layout into `params` (Gpt::init and
+// the CUDA engine draw the same values for a seed).
+void gpt_init_params(const GptConfig& config, const std::vector<ParamTensor>& layout, float* params,
+                     std::uint64_t seed);
 // Floats of forward activations plus their gradients for a batch of B sequences of T tokens.
 std::int64_t gpt_activation_floats(const GptConfig& config, std::int64_t B, std::int64_t T);
 

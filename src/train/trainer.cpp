@@ -11,9 +11,11 @@
 #include <cstring>
 #include <fstream>
 #include <map>
+#include <memory>
 #include <vector>
 
 #include "math/common.hpp"
+#include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
 #include "nibble/safetensors.hpp"
@@ -46,6 +48,16 @@ void validate_options(const TrainOptions& o) {
   };
   positive("batch", o.batch);
   positive("accum", o.accum);
+  if (o.device == Device::kCuda) {
+    if (!cuda_built()) throw DeviceError("--device cuda: this nibble was built without CUDA");
+    if (cuda_device_count() == 0) throw DeviceError("--device cuda: no CUDA device is visible");
+    if (o.algorithm == Algorithm::kSophiaG)
+      throw InvalidArgument("sophiag's Hessian estimates sample labels on the CPU engine; train it with --device cpu");
+    if (o.dropout > 0.0f)
+      throw InvalidArgument(fmt::format("dropout {} is not available on the CUDA engine; use 0", o.dropout));
+  } else if (o.compute != model::CudaPrecision::kFp32) {
+    throw InvalidArgument("bf16 compute is for the CUDA engine (--device cuda); the CPU engine computes in fp32");
+  }
   positive("steps", o.steps);
   positive("eval batches", o.eval_batches);
   positive("hessian_every", o.hessian_every);
@@ -118,6 +130,86 @@ model::GptConfig config_from_metadata(const std::map<std::string, std::string>& 
   return c;
 }
 
+// The model a run trains: the CPU engine or the CUDA engine, behind what the loop needs.
+class Engine {
+ public:
+  virtual ~Engine() = default;
+  virtual float forward(const std::int32_t* tokens, const std::int32_t* targets, bool training,
+                        std::uint64_t dropout_seed) = 0;
+  virtual void backward(float loss_scale) = 0;
+  virtual void zero_grad() = 0;
+  virtual void synchronize() = 0;
+  virtual std::vector<Param> optimizer_params() = 0;
+  virtual void get_params(float* host) const = 0;
+  virtual void set_params(const float* host) = 0;
+  virtual const model::GptConfig& config() const = 0;
+  virtual const std::vector<model::ParamTensor>& layout() const = 0;
+  virtual std::int64_t batch() const = 0;
+  virtual std::int64_t seq() const = 0;
+  virtual std::int64_t param_count() const = 0;
+  virtual std::int64_t param_bytes() const = 0;
+  virtual std::int64_t grad_bytes() const = 0;
+  virtual std::int64_t activation_bytes() const = 0;
+  // CPU only (SophiaG's label sampling): the last forward's probabilities, its gradient.
+  virtual model::Gpt* cpu() { return nullptr; }
+};
+
+class CpuEngine final : public Engine {
+ public:
+  CpuEngine(const model::GptConfig& c, std::int64_t B, std::int64_t T) : gpt_(c, B, T) {}
+  float forward(const std::int32_t* tokens, const std::int32_t* targets, bool training, std::uint64_t seed) override {
+    return gpt_.forward(tokens, targets, training, seed);
+  }
+  void backward(float loss_scale) override { gpt_.backward(loss_scale); }
+  void zero_grad() override { gpt_.zero_grad(); }
+  void synchronize() override {}
+  std::vector<Param> optimizer_params() override { return gpt_.optimizer_params(); }
+  void get_params(float* host) const override {
+    std::memcpy(host, gpt_.params(), static_cast<std::size_t>(gpt_.param_count()) * sizeof(float));
+  }
+  void set_params(const float* host) override {
+    std::memcpy(gpt_.params(), host, static_cast<std::size_t>(gpt_.param_count()) * sizeof(float));
+  }
+  const model::GptConfig& config() const override { return gpt_.config(); }
+  const std::vector<model::ParamTensor>& layout() const override { return gpt_.layout(); }
+  std::int64_t batch() const override { return gpt_.batch(); }
+  std::int64_t seq() const override { return gpt_.seq(); }
+  std::int64_t param_count() const override { return gpt_.param_count(); }
+  std::int64_t param_bytes() const override { return gpt_.param_bytes(); }
+  std::int64_t grad_bytes() const override { return gpt_.grad_bytes(); }
+  std::int64_t activation_bytes() const override { return gpt_.activation_bytes(); }
+  model::Gpt* cpu() override { return &gpt_; }
+
+ private:
+  model::Gpt gpt_;
+};
+
+class CudaEngine final : public Engine {
+ public:
+  CudaEngine(const model::GptConfig& c, std::int64_t B, std::int64_t T, model::CudaPrecision p)
+      : gpt_(c, B, T, {.precision = p}) {}
+  float forward(const std::int32_t* tokens, const std::int32_t* targets, bool, std::uint64_t) override {
+    return gpt_.forward(tokens, targets);
+  }
+  void backward(float loss_scale) override { gpt_.backward(loss_scale); }
+  void zero_grad() override { gpt_.zero_grad(); }
+  void synchronize() override { gpt_.synchronize(); }
+  std::vector<Param> optimizer_params() override { return gpt_.optimizer_params(); }
+  void get_params(float* host) const override { gpt_.get_params(host); }
+  void set_params(const float* host) override { gpt_.set_params(host); }
+  const model::GptConfig& config() const override { return gpt_.config(); }
+  const std::vector<model::ParamTensor>& layout() const override { return gpt_.layout(); }
+  std::int64_t batch() const override { return gpt_.batch(); }
+  std::int64_t seq() const override { return gpt_.seq(); }
+  std::int64_t param_count() const override { return gpt_.param_count(); }
+  std::int64_t param_bytes() const override { return gpt_.memory().params; }
+  std::int64_t grad_bytes() const override { return gpt_.memory().grads; }
+  std::int64_t activation_bytes() const override { return gpt_.memory().activations + gpt_.memory().workspace; }
+
+ private:
+  model::CudaGpt gpt_;
+};
+
 struct TrainerState {
   std::int64_t step = 0;
   std::array<std::uint64_t, 4> rng{};
@@ -125,15 +217,18 @@ struct TrainerState {
 
 // NOTE: the model file is written after the optimizer file, and both carry the step: a crash
 // between the two renames leaves a pair whose steps differ, which resume refuses.
-void save_checkpoint(const fs::path& dir, const model::Gpt& gpt, const Optimizer& opt, const std::string& vocab,
+void save_checkpoint(const fs::path& dir, const Engine& gpt, const Optimizer& opt, const std::string& vocab,
                      const TrainerState& st, const TrainOptions& o) {
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) throw IoError(fmt::format("cannot create checkpoint directory '{}': {}", dir.string(), ec.message()));
   opt.save(dir / "optimizer.safetensors");
+  // fp32 on the host whatever the engine holds, so checkpoints move between CPU and GPU runs.
+  std::vector<float> params(static_cast<std::size_t>(gpt.param_count()));
+  gpt.get_params(params.data());
   std::vector<TensorView> views;
   for (const model::ParamTensor& t : gpt.layout())
-    views.push_back({t.name, DType::F32, t.shape, gpt.params() + t.offset});
+    views.push_back({t.name, DType::F32, t.shape, params.data() + t.offset});
   std::map<std::string, std::string> meta = config_metadata(gpt.config());
   meta.emplace("format", std::string(kFormat));
   meta.emplace("schema_version", std::string(kSchemaVersion));
@@ -177,14 +272,14 @@ void read_params(const SafetensorsFile& f, const fs::path& file, const std::vect
   }
 }
 
-float eval_loss(model::Gpt& gpt, const TextDataset& data, const TrainOptions& o, std::int64_t step,
+float eval_loss(Engine& gpt, const TextDataset& data, const TrainOptions& o, std::int64_t step,
                 std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) {
   // Its own generator, seeded by the step: evaluation never shifts the training batches.
   Rng rng(math::hash_u32(o.seed ^ 0xe7a1ull, static_cast<std::uint64_t>(step)));
   double sum = 0.0;
   for (std::int64_t i = 0; i < o.eval_batches; ++i) {
     data.sample_batch(Split::kValidation, gpt.batch(), gpt.seq(), rng, inputs.data(), targets.data());
-    sum += gpt.forward(inputs.data(), targets.data(), false);
+    sum += gpt.forward(inputs.data(), targets.data(), false, 0);
   }
   return static_cast<float>(sum / static_cast<double>(o.eval_batches));
 }
@@ -224,11 +319,13 @@ OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
   oo.hyper = h;
   oo.max_grad_norm = o.grad_clip;
   oo.no_decay_vectors = true;  // no weight decay for biases and LayerNorm weights
+  oo.device = o.device;
+  oo.master_weights = o.device == Device::kCuda && o.compute == model::CudaPrecision::kBf16;
   return oo;
 }
 
 MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
-                       const OptimizerOptions& options) {
+                       const OptimizerOptions& options, model::CudaPrecision compute) {
   model::validate(config);
   if (batch <= 0 || seq <= 0 || seq > config.context)
     throw InvalidArgument(fmt::format("memory plan: batch {} and seq {} must be positive, seq at most the context {}",
@@ -249,6 +346,15 @@ MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::
   }
   plan.optimizer_state = static_cast<std::int64_t>(std::llround(state));
   if (options.algorithm == Algorithm::kSophiaG) plan.workspace = 4 * P;
+  if (options.device == Device::kCuda) {
+    const model::CudaGptMemory m = model::cuda_gpt_memory(config, batch, seq, compute);
+    plan.params = m.params;
+    plan.grads = m.grads;
+    plan.activations = m.activations;
+    plan.workspace = m.workspace;
+    // fp32 master weights of bf16 parameters (of tensors with numel > 0: every GPT tensor).
+    if (options.master_weights && compute == model::CudaPrecision::kBf16) plan.optimizer_state += 4 * P;
+  }
   return plan;
 }
 
@@ -263,7 +369,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   const model::GptConfig config = make_config(o, data.tokenizer().size());
   const std::int64_t T = o.seq > 0 ? o.seq : config.context;
   const OptimizerOptions oo = optimizer_options(o, T);
-  const MemoryPlan plan = plan_memory(config, o.batch, T, oo);
+  const MemoryPlan plan = plan_memory(config, o.batch, T, oo, o.compute);
   if (o.memory_limit > 0 && plan.total() > o.memory_limit)
     throw OutOfMemory(fmt::format("out of memory: the run needs {} (params {}, grads {}, optimizer state {}, "
                                   "activations {}, workspace {}) but the limit is {}",
@@ -271,8 +377,15 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
                                   human_bytes(plan.optimizer_state), human_bytes(plan.activations),
                                   human_bytes(plan.workspace), human_bytes(o.memory_limit)),
                       plan.total(), o.memory_limit);
-  model::Gpt gpt(config, o.batch, T);
-  gpt.init(o.seed);
+  std::unique_ptr<Engine> engine;
+  if (o.device == Device::kCuda) engine = std::make_unique<CudaEngine>(config, o.batch, T, o.compute);
+  else engine = std::make_unique<CpuEngine>(config, o.batch, T);
+  Engine& gpt = *engine;
+  {
+    std::vector<float> initial(static_cast<std::size_t>(gpt.param_count()));
+    model::gpt_init_params(config, gpt.layout(), initial.data(), o.seed);
+    gpt.set_params(initial.data());
+  }
 
   Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
 
@@ -309,7 +422,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     if (opt.step_count() + opt.skipped_steps() != step)
       throw StateMismatch(fmt::format("{}: model is at step {} but the optimizer file at {}", file.string(), step,
                                       opt.step_count() + opt.skipped_steps()));
-    std::memcpy(gpt.params(), params.data(), params.size() * sizeof(float));
+    gpt.set_params(params.data());
     st.step = step;
     rng.set_state(rs);
   }
@@ -369,6 +482,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     log.loss = static_cast<float>(loss / static_cast<double>(o.accum));
     const float factor = schedule.factor(st.step);
     log.lr = opt.hyper().lr * factor;
+    gpt.synchronize();  // the backward is queued on a GPU: the optimizer's time starts after it
     const auto t1 = Clock::now();
     const StepResult r = opt.step({.grad_scale = 1.0f, .lr_scale = factor});
     const auto t2 = Clock::now();
@@ -378,9 +492,10 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       // Gauss-Newton-Bartlett: the gradient of the loss on labels drawn from the model's own
       // softmax, squared, estimates the Hessian diagonal (Liu et al., arXiv 2305.14342).
       Rng label_rng(math::hash_u32(o.seed ^ 0x50f1aull, static_cast<std::uint64_t>(st.step)));
-      gpt.zero_grad();
-      gpt.forward(inputs.data(), nullptr, false);
-      const float* probs = gpt.probs();
+      model::Gpt& cpu = *gpt.cpu();  // validate_options keeps SophiaG on the CPU engine
+      cpu.zero_grad();
+      cpu.forward(inputs.data(), nullptr, false);
+      const float* probs = cpu.probs();
       const std::int64_t V = config.vocab;
       for (std::int64_t i = 0; i < BT; ++i) {
         const float u = label_rng.uniform();
@@ -395,8 +510,8 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
         }
         sampled[static_cast<std::size_t>(i)] = pick;
       }
-      gpt.backward(1.0f, sampled.data());
-      const float* g = gpt.grads();
+      cpu.backward(1.0f, sampled.data());
+      const float* g = cpu.grads();
       for (std::size_t i = 0; i < hessian.size(); ++i) hessian[i] = g[i] * g[i];
       std::vector<const float*> estimates;
       for (const model::ParamTensor& t : gpt.layout()) estimates.push_back(hessian.data() + t.offset);

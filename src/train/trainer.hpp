@@ -10,6 +10,7 @@
 #include <string>
 
 #include "model/gpt.hpp"
+#include "model/gpt_cuda.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/schedule.hpp"
 
@@ -30,6 +31,11 @@ struct TrainOptions {
   float min_lr_ratio = 0.1f;
   float grad_clip = 1.0f;  // 0: off
   std::int64_t hessian_every = 10;  // SophiaG: Gauss-Newton-Bartlett estimate every k steps
+
+  // cpu: the CPU engine. cuda: the CUDA engine, in fp32 (checks against the CPU) or bf16
+  // (activations and parameters in bf16, the optimizer stepping fp32 master weights).
+  Device device = Device::kCpu;
+  model::CudaPrecision compute = model::CudaPrecision::kFp32;
 
   std::int64_t batch = 16;
   std::int64_t seq = 0;  // 0: the model's context
@@ -75,9 +81,11 @@ struct MemoryPlan {
 
 // The optimizer options train() uses for these options and sequence length.
 OptimizerOptions optimizer_options(const TrainOptions& options, std::int64_t seq);
-// The memory of training `config` at (batch, seq) with the optimizer of `options`.
+// The memory of training `config` at (batch, seq) with the optimizer of `options`, on the device
+// `options.device` names (the CUDA engine in `compute` precision).
 MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
-                       const OptimizerOptions& options);
+                       const OptimizerOptions& options,
+                       model::CudaPrecision compute = model::CudaPrecision::kFp32);
 
 struct TrainSummary {
   std::int64_t steps = 0;
