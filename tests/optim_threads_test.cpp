@@ -122,6 +122,7 @@ namespace {
 [[gnu::noinline]] void poison_stack() {
   volatile float junk[64 * 1024];
   for (int i = 0; i < 64 * 1024; ++i) junk[i] = std::numeric_limits<float>::quiet_NaN();
+  static_cast<void>(junk[0]);  // a volatile read: the stores above must happen
 }
 
 // SGD without momentum keeps no buffer, but its rule reads one (times 0): that must be zeros, not

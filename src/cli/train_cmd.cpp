@@ -28,6 +28,7 @@ struct TrainFlags {
   std::string schedule = "cosine";
   std::string device = "cpu";
   std::string compute = "fp32";
+  bool no_cuda_graph = false;
   std::string data, checkpoint_dir, log_csv;
   std::int64_t layers = 0, heads = 0, width = 0, context = 0;
   float lr = 0, weight_decay = -1, beta1 = -1, beta2 = -1, eps = 0;
@@ -48,6 +49,7 @@ void run_train(TrainFlags& f) {
   if (f.compute == "fp32") o.compute = model::CudaPrecision::kFp32;
   else if (f.compute == "bf16") o.compute = model::CudaPrecision::kBf16;
   else throw InvalidArgument(fmt::format("unknown compute precision '{}' (known: fp32, bf16)", f.compute));
+  o.cuda_graph = !f.no_cuda_graph;
   o.schedule = schedule_from_name(f.schedule);
   if (f.layers > 0) o.layers = f.layers;
   if (f.heads > 0) o.heads = f.heads;
@@ -156,6 +158,9 @@ void add_train_command(CLI::App& app) {
                   "CUDA engine precision: fp32 (checks against the CPU engine) or bf16 (bf16 activations and "
                   "parameters, the optimizer stepping fp32 master weights)")
       ->capture_default_str();
+  sub->add_flag("--no-cuda-graph", f->no_cuda_graph,
+                "CUDA: run every step eagerly instead of replaying one captured CUDA graph (measures the "
+                "optimizer's share of the step apart)");
   sub->add_option("--optimizer", f->algorithm, "sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag")->capture_default_str();
   sub->add_option("--precision", f->precision, "Optimizer state precision: fp32, bf16, 8bit, 4bit")->capture_default_str();
   sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)");

@@ -66,9 +66,34 @@ class CudaGpt {
   std::vector<float> logits() const;
 
   void synchronize() const;  // waits for the queued work
+  void* stream() const;      // the cudaStream_t every launch goes to
 
   // One optimizer parameter per tensor: device pointers, dtype F32 or BF16, fp32 gradients.
   std::vector<Param> optimizer_params();
+
+  struct Impl;
+
+ private:
+  friend class CudaTrainStep;
+  std::unique_ptr<Impl> impl_;
+};
+
+// A whole training step captured once in a CUDA graph and replayed: zeroing the gradients, `accum`
+// micro-batches of forward and backward, the optimizer's step (its lr multiplier read from device
+// memory), and the copies of the batch in and of the losses and the step's result out, through
+// pinned host memory. The first run() does the same work eagerly (it fills the matrix products'
+// algorithm cache, which a capture must not query); the second captures; later ones replay.
+// The optimizer must be a CUDA optimizer over this model's optimizer_params().
+class CudaTrainStep {
+ public:
+  CudaTrainStep(CudaGpt& gpt, Optimizer& optimizer, std::int64_t accum);
+  ~CudaTrainStep();
+  CudaTrainStep(const CudaTrainStep&) = delete;
+  CudaTrainStep& operator=(const CudaTrainStep&) = delete;
+  // tokens and targets: accum x batch x seq each, on the host. Returns the mean loss and fills
+  // `result` (skipped, gradient norm, steps taken).
+  float run(const std::int32_t* tokens, const std::int32_t* targets, float lr_scale, StepResult& result);
+  bool captured() const;
 
   struct Impl;
 

@@ -29,5 +29,12 @@ void CudaGpt::zero_grad() { missing(); }
 std::vector<float> CudaGpt::logits() const { missing(); }
 void CudaGpt::synchronize() const { missing(); }
 std::vector<Param> CudaGpt::optimizer_params() { missing(); }
+void* CudaGpt::stream() const { missing(); }
+
+struct CudaTrainStep::Impl {};
+CudaTrainStep::CudaTrainStep(CudaGpt&, Optimizer&, std::int64_t) { missing(); }
+CudaTrainStep::~CudaTrainStep() = default;
+float CudaTrainStep::run(const std::int32_t*, const std::int32_t*, float, StepResult&) { missing(); }
+bool CudaTrainStep::captured() const { missing(); }
 
 }  // namespace nibble::model

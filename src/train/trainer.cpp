@@ -152,6 +152,7 @@ class Engine {
   virtual std::int64_t activation_bytes() const = 0;
   // CPU only (SophiaG's label sampling): the last forward's probabilities, its gradient.
   virtual model::Gpt* cpu() { return nullptr; }
+  virtual model::CudaGpt* cuda() { return nullptr; }
 };
 
 class CpuEngine final : public Engine {
@@ -205,6 +206,7 @@ class CudaEngine final : public Engine {
   std::int64_t param_bytes() const override { return gpt_.memory().params; }
   std::int64_t grad_bytes() const override { return gpt_.memory().grads; }
   std::int64_t activation_bytes() const override { return gpt_.memory().activations + gpt_.memory().workspace; }
+  model::CudaGpt* cuda() override { return &gpt_; }
 
  private:
   model::CudaGpt gpt_;
@@ -459,16 +461,83 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   Buffer hessian_buffer(o.algorithm == Algorithm::kSophiaG ? static_cast<std::size_t>(plan.workspace) : 0);
   const std::span<float> hessian(reinterpret_cast<float*>(hessian_buffer.data()),
                                  o.algorithm == Algorithm::kSophiaG ? static_cast<std::size_t>(gpt.param_count()) : 0);
+  // CUDA: the whole step (micro-batches, backward, optimizer) as one captured graph.
+  std::unique_ptr<model::CudaTrainStep> graph_step;
+  std::vector<std::int32_t> all_inputs, all_targets;
+  if (gpt.cuda() != nullptr && o.cuda_graph) {
+    graph_step = std::make_unique<model::CudaTrainStep>(*gpt.cuda(), opt, o.accum);
+    all_inputs.resize(static_cast<std::size_t>(BT * o.accum));
+    all_targets.resize(all_inputs.size());
+  }
   const bool tty = !o.quiet && ::isatty(STDERR_FILENO) != 0;
   double total_ms = 0.0, total_opt_ms = 0.0;
   std::int64_t timed_tokens = 0;
   const auto start = Clock::now();
   const std::int64_t first_step = st.step;
 
+  // Everything after a step's work: counters, timing, evaluation, logging, checkpoints, stopping.
+  bool stop = false;
+  auto finish_step = [&](StepLog& log, Clock::time_point t0, Clock::time_point t1, Clock::time_point t2) {
+    ++st.step;
+    const auto t3 = Clock::now();
+    log.ms = std::chrono::duration<double, std::milli>(t3 - t0).count();
+    log.optimizer_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
+    log.tokens_per_s = static_cast<double>(BT * o.accum) / (log.ms * 1e-3);
+    total_ms += log.ms;
+    total_opt_ms += log.optimizer_ms;
+    timed_tokens += BT * o.accum;
+    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
+    const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
+    const bool last = st.step == o.steps || out_of_time;
+    bool reached = false;
+    if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
+      log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
+      sum.last_val_loss = log.val_loss;
+      reached = o.target_val_loss && *log.val_loss <= *o.target_val_loss;
+      sum.reached_target = sum.reached_target || reached;
+    }
+    log.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
+    sum.last_loss = log.loss;
+    if (tty) std::fprintf(stderr, "\r\033[K");
+    if (!o.quiet) {
+      fmt::print("step {:>6} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.1f} ms | {:.0f} tok/s{}{}\n", log.step,
+                 log.loss, log.lr, log.grad_norm, log.ms, log.tokens_per_s, log.skipped ? " | skipped" : "",
+                 log.val_loss ? fmt::format(" | val {:.4f}", *log.val_loss) : std::string());
+      std::fflush(stdout);
+    }
+    if (tty) progress_bar(st.step - first_step, o.steps - first_step, elapsed);
+    if (csv.is_open()) {
+      csv << fmt::format("{},{},{},{},{:.3f},{:.3f},{:.1f},{},{}\n", log.step, log.loss, log.lr, log.grad_norm, log.ms,
+                         log.optimizer_ms, log.tokens_per_s, log.skipped ? 1 : 0,
+                         log.val_loss ? fmt::format("{}", *log.val_loss) : std::string());
+      csv.flush();
+    }
+    if (on_step) on_step(log);
+    if (o.save_every > 0 && (st.step % o.save_every == 0 || last || reached)) {
+      st.rng = rng.state();
+      save_checkpoint(o.checkpoint_dir, gpt, opt, vocab, st, o);
+    }
+    stop = out_of_time || reached;
+  };
   if (st.step == 0) sum.first_val_loss = eval_loss(gpt, data, o, 0, inputs, targets);
   sum.setup_s = std::chrono::duration<double>(Clock::now() - run_start).count();
   while (st.step < o.steps) {
     const auto t0 = Clock::now();
+    if (graph_step) {
+      for (std::int64_t micro = 0; micro < o.accum; ++micro)
+        data.sample_batch(Split::kTrain, o.batch, T, rng, all_inputs.data() + micro * BT, all_targets.data() + micro * BT);
+      StepLog log;
+      log.step = st.step + 1;
+      const float factor = schedule.factor(st.step);
+      log.lr = opt.hyper().lr * factor;
+      StepResult r;
+      log.loss = graph_step->run(all_inputs.data(), all_targets.data(), factor, r);
+      log.grad_norm = r.grad_norm;
+      log.skipped = r.skipped;
+      finish_step(log, t0, t0, t0);  // the optimizer's time is inside the graph: not measured apart
+      if (stop) break;
+      continue;
+    }
     gpt.zero_grad();
     double loss = 0.0;
     for (std::int64_t micro = 0; micro < o.accum; ++micro) {
@@ -517,46 +586,8 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       for (const model::ParamTensor& t : gpt.layout()) estimates.push_back(hessian.data() + t.offset);
       opt.update_hessian(estimates);
     }
-    ++st.step;
-    const auto t3 = Clock::now();
-    log.ms = std::chrono::duration<double, std::milli>(t3 - t0).count();
-    log.optimizer_ms = std::chrono::duration<double, std::milli>(t2 - t1).count();
-    log.tokens_per_s = static_cast<double>(BT * o.accum) / (log.ms * 1e-3);
-    total_ms += log.ms;
-    total_opt_ms += log.optimizer_ms;
-    timed_tokens += BT * o.accum;
-    const double elapsed = std::chrono::duration<double>(Clock::now() - start).count();
-    const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
-    const bool last = st.step == o.steps || out_of_time;
-    bool reached = false;
-    if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
-      log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
-      sum.last_val_loss = log.val_loss;
-      reached = o.target_val_loss && *log.val_loss <= *o.target_val_loss;
-      sum.reached_target = sum.reached_target || reached;
-    }
-    log.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
-    sum.last_loss = log.loss;
-    if (tty) std::fprintf(stderr, "\r\033[K");
-    if (!o.quiet) {
-      fmt::print("step {:>6} | loss {:.4f} | lr {:.3e} | norm {:.3f} | {:.1f} ms | {:.0f} tok/s{}{}\n", log.step,
-                 log.loss, log.lr, log.grad_norm, log.ms, log.tokens_per_s, log.skipped ? " | skipped" : "",
-                 log.val_loss ? fmt::format(" | val {:.4f}", *log.val_loss) : std::string());
-      std::fflush(stdout);
-    }
-    if (tty) progress_bar(st.step - first_step, o.steps - first_step, elapsed);
-    if (csv.is_open()) {
-      csv << fmt::format("{},{},{},{},{:.3f},{:.3f},{:.1f},{},{}\n", log.step, log.loss, log.lr, log.grad_norm, log.ms,
-                         log.optimizer_ms, log.tokens_per_s, log.skipped ? 1 : 0,
-                         log.val_loss ? fmt::format("{}", *log.val_loss) : std::string());
-      csv.flush();
-    }
-    if (on_step) on_step(log);
-    if (o.save_every > 0 && (st.step % o.save_every == 0 || last || reached)) {
-      st.rng = rng.state();
-      save_checkpoint(o.checkpoint_dir, gpt, opt, vocab, st, o);
-    }
-    if (out_of_time || reached) break;
+    finish_step(log, t0, t1, t2);
+    if (stop) break;
   }
   if (tty) std::fprintf(stderr, "\r\033[K");
   sum.steps = st.step;

@@ -36,6 +36,7 @@ struct TrainOptions {
   // (activations and parameters in bf16, the optimizer stepping fp32 master weights).
   Device device = Device::kCpu;
   model::CudaPrecision compute = model::CudaPrecision::kFp32;
+  bool cuda_graph = true;  // CUDA: capture the whole step in a CUDA graph after one eager step
 
   std::int64_t batch = 16;
   std::int64_t seq = 0;  // 0: the model's context

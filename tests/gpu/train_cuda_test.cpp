@@ -47,6 +47,20 @@ TEST(TrainCuda, Fp32LossesFollowTheCpuEngine) {
   EXPECT_LT(gpu.back(), gpu.front());
 }
 
+// The captured step replays the same kernels in the same order as eager steps: the same losses,
+// bit for bit (every kernel is deterministic), with gradient accumulation too.
+TEST(TrainCuda, GraphReplayEqualsEagerSteps) {
+  NIBBLE_REQUIRE_GPU();
+  for (model::CudaPrecision p : {model::CudaPrecision::kFp32, model::CudaPrecision::kBf16}) {
+    TrainOptions graph = tiny_run(Device::kCuda, 12);
+    graph.compute = p;
+    graph.accum = 2;
+    TrainOptions eager = graph;
+    eager.cuda_graph = false;
+    EXPECT_EQ(losses_of(graph), losses_of(eager));
+  }
+}
+
 TEST(TrainCuda, Bf16ComputeLearns) {
   NIBBLE_REQUIRE_GPU();
   TrainOptions o = tiny_run(Device::kCuda, 60);

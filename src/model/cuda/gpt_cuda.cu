@@ -141,16 +141,23 @@ struct CudaGpt::Impl {
   CudaGptMemory memory;
   std::byte* base = nullptr;
   cudaStream_t stream = nullptr;
+  bool own_stream = false;
   std::unique_ptr<model::cuda::Matmul> matmul;
   bool have_targets = false;
 
-  ~Impl() { cudaFree(base); }
+  ~Impl() {
+    if (stream != nullptr) cudaStreamSynchronize(stream);
+    cudaFree(base);
+    if (own_stream) cudaStreamDestroy(stream);
+  }
 
   template <class T>
   Layout<T> carve() const {
     return Layout<T>(config, batch, seq, count, base);
   }
 
+  template <class T>
+  void enqueue_forward(bool with_targets);
   template <class T>
   float forward(const std::int32_t* tokens, const std::int32_t* targets);
   template <class T>
@@ -197,6 +204,12 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
   im.layout = gpt_param_layout(config);
   im.count = gpt_param_count(config);
   im.stream = static_cast<cudaStream_t>(options.stream);
+  if (im.stream == nullptr) {
+    // A stream of its own (not the legacy default stream), so that a training step can be captured
+    // in a CUDA graph.
+    check(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    im.own_stream = true;
+  }
   im.memory = cuda_gpt_memory(config, batch, seq, options.precision);
   const std::int64_t bytes = im.memory.total() - kMatmulWorkspace;
   if (const cudaError_t e = cudaMalloc(&im.base, static_cast<std::size_t>(bytes)); e != cudaSuccess) {
@@ -288,6 +301,8 @@ std::vector<float> CudaGpt::logits() const {
   return out;
 }
 
+void* CudaGpt::stream() const { return impl_->stream; }
+
 void CudaGpt::synchronize() const { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
 std::vector<Param> CudaGpt::optimizer_params() {
@@ -306,11 +321,8 @@ std::vector<Param> CudaGpt::optimizer_params() {
   return out;
 }
 
-template <class T>
-float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* targets) {
-  namespace ops = model::cuda;
-  const std::int64_t B = batch, Tn = seq, C = config.width, V = config.vocab, NH = config.heads, BT = B * Tn;
-  for (std::int64_t i = 0; i < BT; ++i) {
+static void check_tokens(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t n, std::int64_t V) {
+  for (std::int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V)
       throw InvalidArgument("token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
                             " is outside the vocabulary of " + std::to_string(V));
@@ -318,14 +330,15 @@ float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* tar
       throw InvalidArgument("target " + std::to_string(targets[i]) + " at position " + std::to_string(i) +
                             " is outside the vocabulary of " + std::to_string(V));
   }
+}
+
+// The forward's kernels over the tokens (and targets) already in device memory; no host work.
+template <class T>
+void CudaGpt::Impl::enqueue_forward(bool with_targets) {
+  namespace ops = model::cuda;
+  const std::int64_t B = batch, Tn = seq, C = config.width, V = config.vocab, NH = config.heads, BT = B * Tn;
   Layout<T> a = carve<T>();
   ParamViews<T> w(config, layout, a.params);
-  check(cudaMemcpyAsync(a.tokens, tokens, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
-        "cudaMemcpyAsync");
-  if (targets != nullptr)
-    check(cudaMemcpyAsync(a.targets, targets, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
-          "cudaMemcpyAsync");
-  have_targets = targets != nullptr;
   ops::embedding_forward(a.encoded, a.tokens, w.wte, w.wpe, B, Tn, C, stream);
   const T* residual = a.encoded;
   for (std::int64_t l = 0; l < config.layers; ++l) {
@@ -344,11 +357,25 @@ float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* tar
   }
   ops::layernorm_forward(a.lnf, a.lnf_mean, a.lnf_rstd, residual, w.lnfw, w.lnfb, BT, C, stream);
   matmul->forward<T>(a.logits, nullptr, a.lnf, w.wte, nullptr, BT, C, V, stream);
+  if (with_targets) ops::crossentropy_forward_backward(a.losses, a.logits, a.targets, 0.0f, false, BT, V, V, stream);
+  have_targets = with_targets;
+}
+
+template <class T>
+float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* targets) {
+  const std::int64_t BT = batch * seq;
+  check_tokens(tokens, targets, BT, config.vocab);
+  Layout<T> a = carve<T>();
+  check(cudaMemcpyAsync(a.tokens, tokens, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
+        "cudaMemcpyAsync");
+  if (targets != nullptr)
+    check(cudaMemcpyAsync(a.targets, targets, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
+          "cudaMemcpyAsync");
+  enqueue_forward<T>(targets != nullptr);
   if (targets == nullptr) {
     check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     return 0.0f;
   }
-  ops::crossentropy_forward_backward(a.losses, a.logits, a.targets, 0.0f, false, BT, V, V, stream);
   std::vector<float> losses(static_cast<std::size_t>(BT));
   check(cudaMemcpyAsync(losses.data(), a.losses, losses.size() * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
@@ -411,6 +438,132 @@ float CudaGpt::forward(const std::int32_t* tokens, const std::int32_t* targets) 
 void CudaGpt::backward(float loss_scale) {
   if (impl_->options.precision == CudaPrecision::kBf16) return impl_->backward<__nv_bfloat16>(loss_scale);
   impl_->backward<float>(loss_scale);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The whole training step in a CUDA graph.
+
+struct CudaTrainStep::Impl {
+  CudaGpt& gpt;
+  Optimizer& optimizer;
+  std::int64_t accum = 1, bt = 0;
+  DeviceScalars scalars;
+  std::int32_t* tokens = nullptr;  // pinned: accum x BT each
+  std::int32_t* targets = nullptr;
+  float* losses = nullptr;
+  struct In {
+    float lr_scale, grad_scale;
+    int found_inf;
+  };
+  struct Out {
+    int skipped;
+    double grad_norm;
+    long long steps;
+  };
+  In* in = nullptr;    // pinned
+  Out* out = nullptr;  // pinned
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  std::int64_t runs = 0;
+
+  Impl(CudaGpt& g, Optimizer& o, std::int64_t a) : gpt(g), optimizer(o), accum(a) {}
+  ~Impl() {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaFreeHost(tokens);
+    cudaFreeHost(targets);
+    cudaFreeHost(losses);
+    cudaFreeHost(in);
+    cudaFreeHost(out);
+  }
+
+  // The step's work, queued on the model's stream; only device work and pinned-memory copies, so
+  // it can be captured.
+  template <class T>
+  void enqueue() {
+    CudaGpt::Impl& g = *gpt.impl_;
+    Layout<T> a = g.carve<T>();
+    const auto bytes = static_cast<std::size_t>(bt) * 4;
+    check(cudaMemsetAsync(a.grads, 0, static_cast<std::size_t>(g.count) * sizeof(float), g.stream), "cudaMemsetAsync");
+    for (std::int64_t m = 0; m < accum; ++m) {
+      check(cudaMemcpyAsync(a.tokens, tokens + m * bt, bytes, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
+      check(cudaMemcpyAsync(a.targets, targets + m * bt, bytes, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
+      g.enqueue_forward<T>(true);
+      check(cudaMemcpyAsync(losses + m * bt, a.losses, bytes, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
+      g.backward<T>(1.0f / static_cast<float>(accum));
+    }
+    check(cudaMemcpyAsync(scalars.lr_scale, &in->lr_scale, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(scalars.grad_scale, &in->grad_scale, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(scalars.found_inf, &in->found_inf, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
+    optimizer.enqueue_step();
+    check(cudaMemcpyAsync(&out->skipped, scalars.skipped_last, 4, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(&out->grad_norm, scalars.grad_norm, 8, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
+    check(cudaMemcpyAsync(&out->steps, scalars.steps, 8, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
+  }
+
+  void enqueue_any() {
+    if (gpt.impl_->options.precision == CudaPrecision::kBf16) enqueue<__nv_bfloat16>();
+    else enqueue<float>();
+  }
+};
+
+CudaTrainStep::CudaTrainStep(CudaGpt& gpt, Optimizer& optimizer, std::int64_t accum)
+    : impl_(std::make_unique<Impl>(gpt, optimizer, accum)) {
+  Impl& im = *impl_;
+  if (accum <= 0) throw InvalidArgument("accum must be positive, got " + std::to_string(accum));
+  if (optimizer.device() != Device::kCuda)
+    throw InvalidArgument("a CUDA training step needs a CUDA optimizer; this one runs on the CPU");
+  optimizer.set_cuda_stream(gpt.stream());
+  im.scalars = optimizer.device_scalars();
+  im.bt = gpt.batch() * gpt.seq();
+  const auto n = static_cast<std::size_t>(accum * im.bt);
+  check(cudaMallocHost(&im.tokens, n * 4), "cudaMallocHost");
+  check(cudaMallocHost(&im.targets, n * 4), "cudaMallocHost");
+  check(cudaMallocHost(&im.losses, n * 4), "cudaMallocHost");
+  check(cudaMallocHost(&im.in, sizeof(Impl::In)), "cudaMallocHost");
+  check(cudaMallocHost(&im.out, sizeof(Impl::Out)), "cudaMallocHost");
+}
+
+CudaTrainStep::~CudaTrainStep() = default;
+
+bool CudaTrainStep::captured() const { return impl_->exec != nullptr; }
+
+float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets, float lr_scale, StepResult& result) {
+  Impl& im = *impl_;
+  CudaGpt::Impl& g = *im.gpt.impl_;
+  const std::int64_t n = im.accum * im.bt;
+  check_tokens(tokens, targets, n, g.config.vocab);
+  check(cudaStreamSynchronize(g.stream), "cudaStreamSynchronize");  // the pinned buffers are free
+  std::memcpy(im.tokens, tokens, static_cast<std::size_t>(n) * 4);
+  std::memcpy(im.targets, targets, static_cast<std::size_t>(n) * 4);
+  *im.in = {lr_scale, 1.0f, 0};
+  if (im.runs == 0) {
+    // Eagerly first: fills the matrix-product algorithm cache, which capture must not query.
+    im.enqueue_any();
+  } else {
+    if (im.exec == nullptr) {
+      check(cudaStreamBeginCapture(g.stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      try {
+        im.enqueue_any();
+      } catch (...) {
+        cudaGraph_t broken = nullptr;
+        cudaStreamEndCapture(g.stream, &broken);
+        if (broken != nullptr) cudaGraphDestroy(broken);
+        throw;
+      }
+      check(cudaStreamEndCapture(g.stream, &im.graph), "cudaStreamEndCapture");
+      check(cudaGraphInstantiate(&im.exec, im.graph, 0), "cudaGraphInstantiate");
+    }
+    check(cudaGraphLaunch(im.exec, g.stream), "cudaGraphLaunch");
+  }
+  check(cudaStreamSynchronize(g.stream), "cudaStreamSynchronize");
+  ++im.runs;
+  double sum = 0.0;
+  for (std::int64_t i = 0; i < n; ++i) sum += im.losses[i];
+  result.skipped = im.out->skipped != 0;
+  result.grad_norm = im.out->grad_norm;
+  result.step = im.out->steps;
+  return static_cast<float>(sum / static_cast<double>(n));
 }
 
 }  // namespace nibble::model
