@@ -105,7 +105,9 @@ TEST(BenchOptions, BadOptionsAreRefusedWithTheirName) {
   o.memory_size = -5;
   EXPECT_NE(error_of([&] { validate(Suite::kMemoryPlan, o); }).find("-5"), std::string::npos);
   o = default_suite_options(Suite::kProfile, BenchDevice::kCuda);
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("no CUDA training engine"), std::string::npos);
+  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("profile and model-sweep time the CPU engine"),
+            std::string::npos);
+  EXPECT_NO_THROW(validate(Suite::kBatchSweep, default_suite_options(Suite::kBatchSweep, BenchDevice::kCuda)));
   EXPECT_NO_THROW(validate(Suite::kMemoryPlan, default_suite_options(Suite::kMemoryPlan, BenchDevice::kCuda)));
 }
 

@@ -3,6 +3,8 @@
 // and checkpoints fail with a clear error before anything is written.
 #include <gtest/gtest.h>
 
+#include <cmath>
+
 #include <filesystem>
 #include <fstream>
 #include <iterator>
@@ -223,6 +225,41 @@ TEST_F(TrainTest, CheckpointLoadsForSampling) {
   EXPECT_EQ(m.config.width, 64);
   EXPECT_EQ(static_cast<std::int64_t>(m.params.size()), model::gpt_param_count(m.config));
   EXPECT_FALSE(m.vocab_metadata.empty());
+}
+
+}  // namespace
+}  // namespace nibble::train
+
+namespace nibble::train {
+namespace {
+
+// Random tokens at a given vocabulary: the model takes that vocabulary, the loss starts near
+// log(V) (nothing to learn beyond token frequencies), and the data options exclude each other.
+TEST(TrainRandomTokens, ModelTakesTheVocabularyAndLossStartsAtLogV) {
+  TrainOptions o;
+  o.preset = "tiny";
+  o.random_vocab = 500;
+  o.batch = 2;
+  o.seq = 16;
+  o.steps = 2;
+  o.warmup = 1;
+  o.eval_every = 0;
+  o.eval_batches = 1;
+  o.quiet = true;
+  const TrainSummary s = train(o);
+  EXPECT_EQ(s.steps, 2);
+  ASSERT_TRUE(s.first_val_loss.has_value());
+  EXPECT_NEAR(*s.first_val_loss, std::log(500.0f), 0.1f);
+  EXPECT_EQ(s.plan.params, 4 * model::gpt_param_count([] {
+                             model::GptConfig c = model::gpt_preset("tiny");
+                             c.vocab = 500;
+                             return c;
+                           }()));
+  o.data = "some-file.txt";
+  EXPECT_THROW(train(o), InvalidArgument);
+  o.data.clear();
+  o.random_vocab = -3;
+  EXPECT_THROW(train(o), InvalidArgument);
 }
 
 }  // namespace

@@ -243,6 +243,11 @@ train::TrainOptions train_options(const SuiteOptions& o, const OptimizerChoice& 
   t.seed = seed;
   t.memory_limit = o.memory_limit;
   t.quiet = true;
+  if (o.device == BenchDevice::kCuda) {
+    t.device = Device::kCuda;
+    t.compute = model::CudaPrecision::kBf16;
+    t.random_vocab = o.vocab;  // > 0: random tokens at that vocabulary (the GPT-2 shape: 50304)
+  }
   return t;
 }
 
@@ -756,11 +761,21 @@ SuiteOutput convergence(const SuiteOptions& o, const ProgressCallback& progress,
 
 // ---- memory-plan -------------------------------------------------------------------------------------------
 
-OptimizerOptions plan_optimizer(const OptimizerChoice& opt) {
+// On CUDA the engine computes in bf16 and the optimizer steps fp32 master weights, as `nibble
+// train --device cuda --compute bf16` does.
+OptimizerOptions plan_optimizer(const OptimizerChoice& opt, BenchDevice device) {
   OptimizerOptions oo;
   oo.algorithm = opt.algorithm;
   oo.precision = opt.precision;
+  if (device == BenchDevice::kCuda) {
+    oo.device = Device::kCuda;
+    oo.master_weights = true;
+  }
   return oo;
+}
+
+model::CudaPrecision plan_compute(BenchDevice device) {
+  return device == BenchDevice::kCuda ? model::CudaPrecision::kBf16 : model::CudaPrecision::kFp32;
 }
 
 SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress, const nlohmann::json& env) {
@@ -803,10 +818,10 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
     const model::GptConfig config = config_for(o, preset);
     const std::int64_t seq = std::min(seq_for(o, preset), config.context);
     for (const OptimizerChoice& opt : o.optimizers) {
-      const OptimizerOptions oo = plan_optimizer(opt);
+      const OptimizerOptions oo = plan_optimizer(opt, o.device);
       std::vector<std::string> row{preset, opt.label()};
       for (std::int64_t b : o.batches) {
-        const train::MemoryPlan p = train::plan_memory(config, b, seq, oo);
+        const train::MemoryPlan p = train::plan_memory(config, b, seq, oo, plan_compute(o.device));
         const bool fits = p.total() <= memory;
         plans.add_row({preset, model::gpt_param_count(config), b, seq, opt.label(), p.params, p.grads, p.optimizer_state,
                        p.activations, p.workspace, p.total(), memory, fits});
@@ -815,13 +830,13 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
       }
       // The plan grows with the batch, so the largest batch that fits is found by bisection.
       std::int64_t lo = 0, hi = 1;
-      while (hi <= (std::int64_t{1} << 24) && train::plan_memory(config, hi, seq, oo).total() <= memory) {
+      while (hi <= (std::int64_t{1} << 24) && train::plan_memory(config, hi, seq, oo, plan_compute(o.device)).total() <= memory) {
         lo = hi;
         hi *= 2;
       }
       while (hi - lo > 1) {
         const std::int64_t mid = lo + (hi - lo) / 2;
-        (train::plan_memory(config, mid, seq, oo).total() <= memory ? lo : hi) = mid;
+        (train::plan_memory(config, mid, seq, oo, plan_compute(o.device)).total() <= memory ? lo : hi) = mid;
       }
       largest.add_row({preset, seq, opt.label(), memory, lo});
       row.push_back(lo > 0 ? group_digits(lo) : "none");
@@ -887,7 +902,7 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
   std::vector<train::MemoryPlan> bars;
   for (const OptimizerChoice& opt : o.optimizers) {
     names.push_back(opt.label());
-    bars.push_back(train::plan_memory(config, o.batches.front(), seq, plan_optimizer(opt)));
+    bars.push_back(train::plan_memory(config, o.batches.front(), seq, plan_optimizer(opt, o.device), plan_compute(o.device)));
   }
   out.plots.push_back({"memory-plan", render_svg(memory_chart(fmt::format("Predicted peak memory ({} preset, batch {} x {})",
                                                                           o.presets.front(), o.batches.front(), seq),
@@ -1047,9 +1062,10 @@ void validate(Suite suite, const SuiteOptions& o) {
     if (o.eval_every <= 0) throw InvalidArgument(fmt::format("convergence evaluates every N steps: eval every must be positive, got {}", o.eval_every));
   }
   if (o.eval_every < 0) throw InvalidArgument(fmt::format("eval every must be >= 0, got {}", o.eval_every));
-  if (o.device == BenchDevice::kCuda && suite != Suite::kMemoryPlan)
-    throw InvalidArgument("--device cuda: this build has no CUDA training engine yet, so only memory-plan runs; "
-                          "the other suites run on the CPU engine with --device cpu");
+  if (o.device == BenchDevice::kCuda && (suite == Suite::kProfile || suite == Suite::kModelSweep))
+    throw InvalidArgument("--device cuda: profile and model-sweep time the CPU engine's forward, backward and step "
+                          "apart; on CUDA run batch-sweep, convergence or memory-plan (and `nibble train --device "
+                          "cuda --no-cuda-graph` for the optimizer's share of a step)");
 }
 
 SuiteOutput run_suite(Suite suite, const SuiteOptions& options, const ProgressCallback& progress) {

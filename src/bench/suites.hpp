@@ -35,7 +35,8 @@ struct SuiteOptions {
   std::int64_t batch = 16;                  // profile, convergence, model-sweep
   std::vector<std::string> presets;         // model-sweep, memory-plan
   std::vector<TimingMode> modes;            // model-sweep
-  std::int64_t vocab = 0;                   // model-sweep, memory-plan; 0: 65 for tiny/char, 50304 above
+  std::int64_t vocab = 0;                   // model-sweep, memory-plan; 0: 65 for tiny/char, 50304 above;
+                                            // CUDA batch-sweep/convergence: > 0 trains on random tokens of it
   std::int64_t warmup_steps = 2;
   std::int64_t measure_steps = 8;
   std::vector<std::uint64_t> seeds{1337};

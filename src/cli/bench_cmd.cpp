@@ -253,7 +253,7 @@ void add_bench_command(CLI::App& app) {
   flags->app = cmd;
   BenchFlags& f = *flags;
   cmd->add_option("suite", f.suite, "batch-sweep, profile, model-sweep, convergence or memory-plan (none: the default tour)");
-  cmd->add_option("--device", f.device, "cpu or cuda (cuda: memory-plan only until the CUDA engine lands)");
+  cmd->add_option("--device", f.device, "cpu or cuda (cuda: batch-sweep, convergence and memory-plan on the CUDA engine in bf16; --vocab N trains on random tokens of N)");
   cmd->add_option("--optimizers", f.optimizers,
                   "Comma-separated name[:precision], e.g. adamw,adamw:8bit,lion:4bit; the first is the baseline");
   cmd->add_option("--precisions", f.precisions, "Precisions for --optimizers entries without one (fp32, bf16, 8bit, 4bit)");
@@ -263,7 +263,7 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--batches", f.batches, "Batch sizes for batch-sweep and memory-plan, comma-separated");
   cmd->add_option("--batch", f.batch, "Batch size for profile, model-sweep and convergence")->default_str("");
   cmd->add_option("--modes", f.modes, "model-sweep modes: forward, forward+backward, step");
-  cmd->add_option("--vocab", f.vocab, "Vocabulary for model-sweep and memory-plan (0: 65 for tiny/char, 50304 above)")->default_str("");
+  cmd->add_option("--vocab", f.vocab, "Vocabulary for model-sweep and memory-plan (0: 65 for tiny/char, 50304 above); on --device cuda, batch-sweep and convergence train on random tokens of this vocabulary")->default_str("");
   cmd->add_option("--warmup-steps", f.warmup, "Steps timed apart as warm-up before the measured ones")->default_str("");
   cmd->add_option("--steps", f.steps, "Measured steps per run after warm-up")->default_str("");
   cmd->add_option("--seeds", f.seeds, "Seeds, comma-separated (convergence repeats every optimizer per seed)");

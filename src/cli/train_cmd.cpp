@@ -150,6 +150,10 @@ void add_train_command(CLI::App& app) {
   sub->add_option("--context", f->context, "Override the preset's context length");
   sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->capture_default_str();
   sub->add_option("--data", f->data, "Text file to train on (default: the `fortunes` package's text)");
+  sub->add_option("--random-vocab", o.random_vocab,
+                  "Train on uniformly random tokens from a vocabulary of this size instead of text (throughput "
+                  "runs at a real vocabulary, e.g. 50304); 0: text")
+      ->capture_default_str();
   sub->add_option("--val-fraction", o.val_fraction, "Last fraction of the text kept for validation")->capture_default_str();
   sub->add_option("--device", f->device,
                   "cpu, or cuda: the CUDA engine (a build with CUDA and a GPU; no dropout, no sophiag yet)")

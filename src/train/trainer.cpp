@@ -12,6 +12,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #include "math/common.hpp"
@@ -48,6 +49,10 @@ void validate_options(const TrainOptions& o) {
   };
   positive("batch", o.batch);
   positive("accum", o.accum);
+  if (o.random_vocab < 0 || o.random_vocab > (std::int64_t{1} << 30))
+    throw InvalidArgument(fmt::format("random vocabulary must be in [1, 2^30] (0: text), got {}", o.random_vocab));
+  if (o.random_vocab > 0 && !o.data.empty())
+    throw InvalidArgument("random tokens and a data file exclude each other: give one of them");
   if (o.device == Device::kCuda) {
     if (!cuda_built()) throw DeviceError("--device cuda: this nibble was built without CUDA");
     if (cuda_device_count() == 0) throw DeviceError("--device cuda: no CUDA device is visible");
@@ -129,6 +134,44 @@ model::GptConfig config_from_metadata(const std::map<std::string, std::string>& 
   }
   return c;
 }
+
+// Where batches come from: a text's characters, or uniformly random tokens of a given vocabulary.
+class Batches {
+ public:
+  explicit Batches(const TrainOptions& o) : random_vocab_(o.random_vocab) {
+    const std::int64_t context = o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context;
+    if (random_vocab_ > 0) return;
+    text_.emplace(o.data.empty() ? TextDataset(default_corpus_description(), default_corpus(), context, o.val_fraction)
+                                 : TextDataset(o.data, context, o.val_fraction));
+  }
+  std::int64_t vocab() const { return text_ ? text_->tokenizer().size() : random_vocab_; }
+  std::string vocab_metadata() const {
+    return text_ ? text_->tokenizer().to_metadata() : fmt::format("random:{}", random_vocab_);
+  }
+  std::string describe() const {
+    if (!text_) return fmt::format("random tokens from a vocabulary of {}", random_vocab_);
+    return fmt::format("{} ({} train / {} validation tokens)", text_->name(), text_->token_count(Split::kTrain),
+                       text_->token_count(Split::kValidation));
+  }
+  // Random: each row draws seq + 1 tokens; the targets are the inputs shifted by one, as in text.
+  void sample(Split split, std::int64_t batch, std::int64_t seq, Rng& rng, std::int32_t* inputs,
+              std::int32_t* targets) const {
+    if (text_) return text_->sample_batch(split, batch, seq, rng, inputs, targets);
+    for (std::int64_t b = 0; b < batch; ++b) {
+      std::int32_t prev = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(random_vocab_)));
+      for (std::int64_t t = 0; t < seq; ++t) {
+        const auto next = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(random_vocab_)));
+        inputs[b * seq + t] = prev;
+        targets[b * seq + t] = next;
+        prev = next;
+      }
+    }
+  }
+
+ private:
+  std::int64_t random_vocab_ = 0;
+  std::optional<TextDataset> text_;
+};
 
 // The model a run trains: the CPU engine or the CUDA engine, behind what the loop needs.
 class Engine {
@@ -274,13 +317,13 @@ void read_params(const SafetensorsFile& f, const fs::path& file, const std::vect
   }
 }
 
-float eval_loss(Engine& gpt, const TextDataset& data, const TrainOptions& o, std::int64_t step,
+float eval_loss(Engine& gpt, const Batches& data, const TrainOptions& o, std::int64_t step,
                 std::vector<std::int32_t>& inputs, std::vector<std::int32_t>& targets) {
   // Its own generator, seeded by the step: evaluation never shifts the training batches.
   Rng rng(math::hash_u32(o.seed ^ 0xe7a1ull, static_cast<std::uint64_t>(step)));
   double sum = 0.0;
   for (std::int64_t i = 0; i < o.eval_batches; ++i) {
-    data.sample_batch(Split::kValidation, gpt.batch(), gpt.seq(), rng, inputs.data(), targets.data());
+    data.sample(Split::kValidation, gpt.batch(), gpt.seq(), rng, inputs.data(), targets.data());
     sum += gpt.forward(inputs.data(), targets.data(), false, 0);
   }
   return static_cast<float>(sum / static_cast<double>(o.eval_batches));
@@ -363,12 +406,9 @@ MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::
 TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog&)>& on_step) {
   const auto run_start = Clock::now();
   validate_options(o);
-  const TextDataset data = o.data.empty()
-                               ? TextDataset(default_corpus_description(), default_corpus(),
-                                             o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction)
-                               : TextDataset(o.data, o.seq > 0 ? o.seq : model::gpt_preset(o.preset).context, o.val_fraction);
-  const std::string vocab = data.tokenizer().to_metadata();
-  const model::GptConfig config = make_config(o, data.tokenizer().size());
+  const Batches data(o);
+  const std::string vocab = data.vocab_metadata();
+  const model::GptConfig config = make_config(o, data.vocab());
   const std::int64_t T = o.seq > 0 ? o.seq : config.context;
   const OptimizerOptions oo = optimizer_options(o, T);
   const MemoryPlan plan = plan_memory(config, o.batch, T, oo, o.compute);
@@ -445,8 +485,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   if (!o.quiet) {
     fmt::print("model: {} layers, {} heads, width {}, context {}, vocab {}: {} parameters\n", config.layers,
                config.heads, config.width, config.context, config.vocab, gpt.param_count());
-    fmt::print("data: {} ({} train / {} validation tokens)\n", data.name(), data.token_count(Split::kTrain),
-               data.token_count(Split::kValidation));
+    fmt::print("data: {}\n", data.describe());
     fmt::print("optimizer: {} with {} state; batch {} x {} tokens x {} accumulation\n", algorithm_name(o.algorithm),
                precision_name(o.precision), o.batch, T, o.accum);
     fmt::print("memory: params {}, grads {}, optimizer state {}, activations {}; total {}\n",
@@ -525,7 +564,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     const auto t0 = Clock::now();
     if (graph_step) {
       for (std::int64_t micro = 0; micro < o.accum; ++micro)
-        data.sample_batch(Split::kTrain, o.batch, T, rng, all_inputs.data() + micro * BT, all_targets.data() + micro * BT);
+        data.sample(Split::kTrain, o.batch, T, rng, all_inputs.data() + micro * BT, all_targets.data() + micro * BT);
       StepLog log;
       log.step = st.step + 1;
       const float factor = schedule.factor(st.step);
@@ -541,7 +580,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     gpt.zero_grad();
     double loss = 0.0;
     for (std::int64_t micro = 0; micro < o.accum; ++micro) {
-      data.sample_batch(Split::kTrain, o.batch, T, rng, inputs.data(), targets.data());
+      data.sample(Split::kTrain, o.batch, T, rng, inputs.data(), targets.data());
       const std::uint64_t dropout_seed = math::hash_u32(o.seed, static_cast<std::uint64_t>(st.step * o.accum + micro));
       loss += gpt.forward(inputs.data(), targets.data(), true, dropout_seed);
       gpt.backward(1.0f / static_cast<float>(o.accum));

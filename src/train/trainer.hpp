@@ -21,6 +21,9 @@ struct TrainOptions {
   std::optional<std::int64_t> layers, heads, width, context;  // override the preset
   float dropout = 0.0f;
   std::filesystem::path data;  // empty: the default corpus (the fortunes package)
+  // > 0: no text; uniformly random tokens from a vocabulary of this size (throughput runs at a
+  // real model's vocabulary, e.g. 50304 for the GPT-2 shape).
+  std::int64_t random_vocab = 0;
   double val_fraction = 0.1;
 
   Algorithm algorithm = Algorithm::kAdamW;
