@@ -162,6 +162,9 @@ void add_train_command(CLI::App& app) {
                   "CUDA engine precision: fp32 (checks against the CPU engine) or bf16 (bf16 activations and "
                   "parameters, the optimizer stepping fp32 master weights)")
       ->capture_default_str();
+  sub->add_flag("--pure-bf16", o.pure_bf16,
+                "With --compute bf16: keep no fp32 master weights; the optimizer rounds the bf16 parameters "
+                "stochastically (half the parameter memory of master weights)");
   sub->add_flag("--no-cuda-graph", f->no_cuda_graph,
                 "CUDA: run every step eagerly instead of replaying one captured CUDA graph (measures the "
                 "optimizer's share of the step apart)");

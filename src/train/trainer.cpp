@@ -60,7 +60,10 @@ void validate_options(const TrainOptions& o) {
       throw InvalidArgument("sophiag's Hessian estimates sample labels on the CPU engine; train it with --device cpu");
     if (o.dropout > 0.0f)
       throw InvalidArgument(fmt::format("dropout {} is not available on the CUDA engine; use 0", o.dropout));
-  } else if (o.compute != model::CudaPrecision::kFp32) {
+  }
+  if (o.pure_bf16 && (o.device != Device::kCuda || o.compute != model::CudaPrecision::kBf16))
+    throw InvalidArgument("pure bf16 parameters need --device cuda --compute bf16");
+  if (o.device != Device::kCuda && o.compute != model::CudaPrecision::kFp32) {
     throw InvalidArgument("bf16 compute is for the CUDA engine (--device cuda); the CPU engine computes in fp32");
   }
   positive("steps", o.steps);
@@ -365,7 +368,9 @@ OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
   oo.max_grad_norm = o.grad_clip;
   oo.no_decay_vectors = true;  // no weight decay for biases and LayerNorm weights
   oo.device = o.device;
-  oo.master_weights = o.device == Device::kCuda && o.compute == model::CudaPrecision::kBf16;
+  const bool bf16 = o.device == Device::kCuda && o.compute == model::CudaPrecision::kBf16;
+  oo.master_weights = bf16 && !o.pure_bf16;
+  oo.param_stochastic_rounding = bf16 && o.pure_bf16;
   return oo;
 }
 

@@ -40,6 +40,7 @@ struct TrainOptions {
   Device device = Device::kCpu;
   model::CudaPrecision compute = model::CudaPrecision::kFp32;
   bool cuda_graph = true;  // CUDA: capture the whole step in a CUDA graph after one eager step
+  bool pure_bf16 = false;  // bf16 compute: no fp32 master weights; bf16 parameters rounded stochastically
 
   std::int64_t batch = 16;
   std::int64_t seq = 0;  // 0: the model's context

@@ -61,14 +61,18 @@ TEST(TrainCuda, GraphReplayEqualsEagerSteps) {
   }
 }
 
+// bf16 compute learns with fp32 master weights and with pure bf16 parameters rounded stochastically.
 TEST(TrainCuda, Bf16ComputeLearns) {
   NIBBLE_REQUIRE_GPU();
-  TrainOptions o = tiny_run(Device::kCuda, 60);
-  o.compute = model::CudaPrecision::kBf16;
-  o.precision = Precision::kInt8;
-  const std::vector<float> losses = losses_of(o);
-  for (float l : losses) ASSERT_TRUE(std::isfinite(l));
-  EXPECT_LT(losses.back(), losses.front() - 0.5f);
+  for (bool pure : {false, true}) {
+    TrainOptions o = tiny_run(Device::kCuda, 60);
+    o.compute = model::CudaPrecision::kBf16;
+    o.pure_bf16 = pure;
+    o.precision = Precision::kInt8;
+    const std::vector<float> losses = losses_of(o);
+    for (float l : losses) ASSERT_TRUE(std::isfinite(l)) << (pure ? "pure bf16" : "master weights");
+    EXPECT_LT(losses.back(), losses.front() - 0.5f) << (pure ? "pure bf16" : "master weights");
+  }
 }
 
 // 10 steps on one engine into a checkpoint, then resumed to step 20 on the other: the losses of
