@@ -86,6 +86,9 @@ void run_sample(const SampleFlags& f) {
     throw InvalidArgument(fmt::format("temperature must be finite and > 0, got {}", f.temperature));
   if (f.top_k < 0) throw InvalidArgument(fmt::format("top-k must be >= 0, got {}", f.top_k));
   const train::LoadedModel m = train::load_model(f.checkpoint_dir);
+  if (m.vocab_metadata.starts_with("random:"))
+    throw InvalidArgument(fmt::format("{} was trained on random tokens ({}): it has no text vocabulary to sample with",
+                                      f.checkpoint_dir, m.vocab_metadata));
   const train::CharTokenizer tok = train::CharTokenizer::from_metadata(m.vocab_metadata);
   if (tok.size() != m.config.vocab)
     throw FormatError(fmt::format("checkpoint vocabulary has {} entries, the model {}", tok.size(), m.config.vocab));
