@@ -434,7 +434,10 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     gpt.set_params(initial.data());
   }
 
-  Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
+  OptimizerOptions engine_oo = oo;
+  // On CUDA the optimizer queues its steps on the engine's stream, ordered after the backward.
+  if (gpt.cuda() != nullptr) engine_oo.cuda_stream = gpt.cuda()->stream();
+  Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, engine_oo);
 
   Schedule schedule;
   schedule.kind = o.schedule;

@@ -127,6 +127,7 @@ TEST(CudaGpt, FiftyTrainingStepsMatchTheCpuEngine) {
   oc.hyper->lr = 1e-3f;
   OptimizerOptions og = oc;
   og.device = Device::kCuda;
+  og.cuda_stream = gpu.stream();  // the model's own stream: the step is ordered after the backward
   Optimizer opt_cpu({ParamGroup{cpu.optimizer_params(), {}, {}, {}}}, oc);
   Optimizer opt_gpu({ParamGroup{gpu.optimizer_params(), {}, {}, {}}}, og);
   Rng rng(3);
