@@ -39,6 +39,7 @@ class _Group:
         self.grad_dtypes = grad_dtypes
         self.grads: list[int] = []
         self.views: Optional[dict[str, torch.Tensor]] = None
+        self.key: tuple = ()
 
     def scalars(self) -> dict[str, torch.Tensor]:
         if self.views is None:
@@ -137,19 +138,30 @@ class NibbleOptimizer(torch.optim.Optimizer):
         return {"algorithm": self.algorithm, "precision": group["precision"], "device": device.type,
                 "hyper": hyper, **self._settings}
 
+    @staticmethod
+    def _fixed_key(group: dict) -> tuple:
+        """The group's settings that must not change after its first step (everything but lr),
+        hashable, so that a step compares them without rebuilding nibble's options."""
+        freeze = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
+        return tuple((k, freeze(v)) for k, v in group.items() if k not in ("params", "lr"))
+
     def _nibble(self, index: int) -> _Group:
         group = self.param_groups[index]
+        existing = self._groups.get(index)
+        key = self._fixed_key(group)
+        if existing is not None and existing.key == key:
+            return existing
         params = group["params"]
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"parameter group {index} holds parameters on several devices: {sorted(map(str, devices))}")
         device = next(iter(devices)) if devices else torch.device("cpu")
         options = self._options(group, device)
-        existing = self._groups.get(index)
         if existing is not None:
             if existing.options != options:
                 raise ValueError(f"parameter group {index}: only lr may change after the first step; "
                                  f"{self._changed(existing.options, options)} changed")
+            existing.key = key
             return existing
         grad_dtypes = [p.grad.dtype if p.grad is not None else (p.dtype if p.dtype != torch.float32 else torch.float32)
                        for p in params]
@@ -175,6 +187,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 torch.cuda.empty_cache()
                 _lib.check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)))
         made = _Group(handle.value, device, options, grad_dtypes)
+        made.key = key
         _LIVE[made.handle] = made
         self._groups[index] = made
         return made
