@@ -11,6 +11,7 @@
 
 #include "math/common.hpp"
 #include "model/cpu/ops.hpp"
+#include "model/param_views.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
 
@@ -143,28 +144,6 @@ std::int64_t gpt_activation_floats(const GptConfig& c, std::int64_t B, std::int6
 
 namespace {
 
-struct ParamViews {
-  float *wte, *wpe, *lnfw, *lnfb;
-  struct Layer {
-    float *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
-  };
-  std::vector<Layer> layers;
-
-  ParamViews(const GptConfig& c, const std::vector<ParamTensor>& layout, float* base) {
-    std::size_t i = 0;
-    auto next = [&] { return base + layout[i++].offset; };
-    wte = next();
-    wpe = next();
-    layers.resize(static_cast<std::size_t>(c.layers));
-    for (Layer& l : layers) {
-      l.ln1w = next(), l.ln1b = next(), l.qkvw = next(), l.qkvb = next(), l.attprojw = next(), l.attprojb = next();
-      l.ln2w = next(), l.ln2b = next(), l.fcw = next(), l.fcb = next(), l.fcprojw = next(), l.fcprojb = next();
-    }
-    lnfw = next();
-    lnfb = next();
-  }
-};
-
 // NOTE: dropout masks from a counter-based hash of (seed, site, element) instead of stored masks:
 // the backward regenerates the same mask, costing no memory, and a resumed run draws the same.
 bool dropout_keep(std::uint64_t seed, std::uint64_t site, std::int64_t i, std::uint32_t threshold) {
@@ -246,13 +225,13 @@ float Gpt::forward(const std::int32_t* tokens, const std::int32_t* targets, bool
   dropout_seed_ = dropout_seed;
   const float drop = config_.dropout;
 
-  ParamViews w(config_, layout_, params());
+  ParamViews<float> w(config_, layout_, params());
   Acts a(config_, B, T, reinterpret_cast<float*>(acts_.data()));
   ops::embedding_forward(a.encoded, tokens, w.wte, w.wpe, B, T, C);
   if (training_) dropout_apply(a.encoded, BT * C, drop, dropout_seed, 0);
   const float* residual = a.encoded;
   for (std::int64_t l = 0; l < config_.layers; ++l) {
-    const ParamViews::Layer& lw = w.layers[static_cast<std::size_t>(l)];
+    const ParamViews<float>::Layer& lw = w.layers[static_cast<std::size_t>(l)];
     const Acts::Layer& la = a.layers[static_cast<std::size_t>(l)];
     ops::layernorm_forward(la.ln1, la.ln1_mean, la.ln1_rstd, residual, lw.ln1w, lw.ln1b, BT, C);
     ops::matmul_forward(la.qkv, la.ln1, lw.qkvw, lw.qkvb, BT, C, 3 * C);
@@ -292,8 +271,8 @@ void Gpt::backward(float loss_scale, const std::int32_t* targets) {
   const std::int64_t B = batch_, T = seq_, C = config_.width, V = config_.vocab, NH = config_.heads;
   const std::int64_t BT = B * T;
   const float drop = config_.dropout;
-  ParamViews w(config_, layout_, params());
-  ParamViews dw(config_, layout_, grads());
+  ParamViews<float> w(config_, layout_, params());
+  ParamViews<float> dw(config_, layout_, grads());
   float* base = reinterpret_cast<float*>(acts_.data());
   Acts a(config_, B, T, base);
   Acts d(config_, B, T, base + act_floats_);
@@ -306,8 +285,8 @@ void Gpt::backward(float loss_scale, const std::int32_t* targets) {
   ops::layernorm_backward(dresidual, dw.lnfw, dw.lnfb, d.lnf, residual, w.lnfw, a.lnf_mean, a.lnf_rstd, BT, C);
   for (std::int64_t l = config_.layers - 1; l >= 0; --l) {
     const auto li = static_cast<std::size_t>(l);
-    const ParamViews::Layer& lw = w.layers[li];
-    const ParamViews::Layer& lg = dw.layers[li];
+    const ParamViews<float>::Layer& lw = w.layers[li];
+    const ParamViews<float>::Layer& lg = dw.layers[li];
     const Acts::Layer& la = a.layers[li];
     const Acts::Layer& ld = d.layers[li];
     const float* res_in = l == 0 ? a.encoded : a.layers[li - 1].res3;

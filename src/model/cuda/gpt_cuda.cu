@@ -12,6 +12,7 @@
 #include "math/bf16.hpp"
 #include "model/cuda/ops.cuh"
 #include "model/gpt_cuda.hpp"
+#include "model/param_views.hpp"
 #include "nibble/error.hpp"
 
 namespace nibble::model {
@@ -104,28 +105,6 @@ struct Layout {
                                                  std::size_t{256}});
     scratch = k.take<std::byte>(static_cast<std::int64_t>(scratch_needed));
     scratch_bytes = k.bytes - before_acts - act_bytes;
-  }
-};
-
-template <class T>
-struct ParamViews {
-  struct Layer {
-    T *ln1w, *ln1b, *qkvw, *qkvb, *attprojw, *attprojb, *ln2w, *ln2b, *fcw, *fcb, *fcprojw, *fcprojb;
-  };
-  T *wte, *wpe, *lnfw, *lnfb;
-  std::vector<Layer> layers;
-  ParamViews(const GptConfig& c, const std::vector<ParamTensor>& layout, T* base) {
-    std::size_t i = 0;
-    auto next = [&] { return base + layout[i++].offset; };
-    wte = next();
-    wpe = next();
-    layers.resize(static_cast<std::size_t>(c.layers));
-    for (Layer& l : layers) {
-      l.ln1w = next(), l.ln1b = next(), l.qkvw = next(), l.qkvb = next(), l.attprojw = next(), l.attprojb = next();
-      l.ln2w = next(), l.ln2b = next(), l.fcw = next(), l.fcb = next(), l.fcprojw = next(), l.fcprojb = next();
-    }
-    lnfw = next();
-    lnfb = next();
   }
 };
 
@@ -391,42 +370,35 @@ void CudaGpt::Impl::backward(float loss_scale) {
   const std::int64_t B = batch, Tn = seq, C = config.width, V = config.vocab, NH = config.heads, BT = B * Tn;
   Layout<T> a = carve<T>();
   ParamViews<T> w(config, layout, a.params);
-  // Parameter gradients, as views of the fp32 gradient buffer in the same layout.
-  std::vector<float*> g;
-  for (const ParamTensor& t : layout) g.push_back(a.grads + t.offset);
-  std::size_t gi = 0;
-  float* dwte = g[gi++];
-  float* dwpe = g[gi++];
+  ParamViews<float> dw(config, layout, a.grads);  // the fp32 parameter gradients, same layout
   // The logits become their gradient in place: (softmax - onehot) * loss_scale / BT.
   ops::crossentropy_forward_backward(a.losses, a.logits, a.targets, loss_scale / static_cast<float>(BT), true, BT, V,
                                      V, stream);
   check(cudaMemsetAsync(a.dresid, 0, static_cast<std::size_t>(BT * C) * sizeof(T), stream), "cudaMemsetAsync");
-  float* dlnfw = g[g.size() - 2];
-  float* dlnfb = g[g.size() - 1];
-  matmul->backward<T>(a.dbtc, dwte, nullptr, a.logits, a.lnf, w.wte, BT, C, V, a.scratch, stream);
+  matmul->backward<T>(a.dbtc, dw.wte, nullptr, a.logits, a.lnf, w.wte, BT, C, V, a.scratch, stream);
   const T* last = config.layers > 0 ? a.layers.back().res3 : a.encoded;
-  ops::layernorm_backward(a.dresid, dlnfw, dlnfb, a.dbtc, last, w.lnfw, a.lnf_mean, a.lnf_rstd, BT, C, a.scratch,
+  ops::layernorm_backward(a.dresid, dw.lnfw, dw.lnfb, a.dbtc, last, w.lnfw, a.lnf_mean, a.lnf_rstd, BT, C, a.scratch,
                           stream);
   for (std::int64_t l = config.layers - 1; l >= 0; --l) {
     const auto li = static_cast<std::size_t>(l);
     const auto& lw = w.layers[li];
     const auto& la = a.layers[li];
-    float* const* lg = g.data() + 2 + 12 * l;  // this layer's 12 gradients, in layout order
+    const auto& lg = dw.layers[li];
     const T* res_in = l == 0 ? a.encoded : a.layers[li - 1].res3;
     // res3 = res2 + fcproj: both get dresid; the MLP branch first.
-    matmul->backward<T>(a.dbt4c, lg[10], lg[11], a.dresid, la.fch_gelu, lw.fcprojw, BT, 4 * C, C, a.scratch, stream);
+    matmul->backward<T>(a.dbt4c, lg.fcprojw, lg.fcprojb, a.dresid, la.fch_gelu, lw.fcprojw, BT, 4 * C, C, a.scratch, stream);
     ops::gelu_backward(a.dbt4c, la.fch, a.dbt4c, BT * 4 * C, stream);
-    matmul->backward<T>(a.dbtc, lg[8], lg[9], a.dbt4c, la.ln2, lw.fcw, BT, C, 4 * C, a.scratch, stream);
-    ops::layernorm_backward(a.dresid, lg[6], lg[7], a.dbtc, la.res2, lw.ln2w, la.ln2_mean, la.ln2_rstd, BT, C,
+    matmul->backward<T>(a.dbtc, lg.fcw, lg.fcb, a.dbt4c, la.ln2, lw.fcw, BT, C, 4 * C, a.scratch, stream);
+    ops::layernorm_backward(a.dresid, lg.ln2w, lg.ln2b, a.dbtc, la.res2, lw.ln2w, la.ln2_mean, la.ln2_rstd, BT, C,
                             a.scratch, stream);
     // res2 = res_in + attproj: the attention branch.
-    matmul->backward<T>(a.dbtc, lg[4], lg[5], a.dresid, la.atty, lw.attprojw, BT, C, C, a.scratch, stream);
+    matmul->backward<T>(a.dbtc, lg.attprojw, lg.attprojb, a.dresid, la.atty, lw.attprojw, BT, C, C, a.scratch, stream);
     ops::attention_backward(a.dqkv, a.dbtc, la.qkv, la.atty, la.lse, B, Tn, C, NH, a.scratch, stream);
-    matmul->backward<T>(a.dbtc, lg[2], lg[3], a.dqkv, la.ln1, lw.qkvw, BT, C, 3 * C, a.scratch, stream);
-    ops::layernorm_backward(a.dresid, lg[0], lg[1], a.dbtc, res_in, lw.ln1w, la.ln1_mean, la.ln1_rstd, BT, C,
+    matmul->backward<T>(a.dbtc, lg.qkvw, lg.qkvb, a.dqkv, la.ln1, lw.qkvw, BT, C, 3 * C, a.scratch, stream);
+    ops::layernorm_backward(a.dresid, lg.ln1w, lg.ln1b, a.dbtc, res_in, lw.ln1w, la.ln1_mean, la.ln1_rstd, BT, C,
                             a.scratch, stream);
   }
-  ops::embedding_backward(dwte, dwpe, a.dresid, a.tokens, B, Tn, C, V, a.scratch, stream);
+  ops::embedding_backward(dw.wte, dw.wpe, a.dresid, a.tokens, B, Tn, C, V, a.scratch, stream);
   have_targets = false;  // the logits now hold their gradient
 }
 
