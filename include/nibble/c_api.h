@@ -54,8 +54,11 @@ NIBBLE_C_EXPORT int nibble_create(const char* options_json, const nibble_param* 
                                   nibble_optimizer** out);
 NIBBLE_C_EXPORT void nibble_destroy(nibble_optimizer* optimizer);
 
-/* Points every parameter at its gradient (NULL: none this step); cheap when nothing changed. */
-NIBBLE_C_EXPORT int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count);
+/* Points every parameter at its gradient (NULL: none this step); cheap when nothing changed.
+ * cuda: `stream` (a cudaStream_t, NULL: the optimizer's) becomes the optimizer's stream first, so
+ * the table upload is ordered before the step queued next on it; inside a CUDA graph capture it
+ * waits for nothing on the host. cpu: `stream` must be NULL. */
+NIBBLE_C_EXPORT int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count, void* stream);
 /* One step. cpu: runs it; cuda: queues it on `stream` (a cudaStream_t, NULL: the optimizer's) and
  * returns without waiting; skipped, grad_norm and step (any may be NULL) are then not filled:
  * read them with nibble_counters() or from the device scalars. found_inf != 0 skips the step. */

@@ -58,7 +58,7 @@ def _load() -> ctypes.CDLL:
         "nibble_cuda_available": ([], ctypes.c_int),
         "nibble_create": ([ctypes.c_char_p, ctypes.POINTER(NibbleParam), i64, ctypes.POINTER(vp)], ctypes.c_int),
         "nibble_destroy": ([vp], None),
-        "nibble_set_grads": ([vp, ctypes.POINTER(vp), i64], ctypes.c_int),
+        "nibble_set_grads": ([vp, ctypes.POINTER(vp), i64, vp], ctypes.c_int),
         "nibble_step": ([vp, ctypes.c_float, ctypes.c_float, i32, vp, ctypes.POINTER(i32),
                          ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_enqueue_step": ([vp, vp], ctypes.c_int),

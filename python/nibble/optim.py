@@ -215,7 +215,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
             grads.append(g.data_ptr())
         if grads != made.grads:
             array = (ctypes.c_void_p * max(len(grads), 1))(*grads)
-            _lib.check(_lib.lib.nibble_set_grads(made.handle, array, len(grads)))
+            # NOTE: on CUDA the table upload goes to torch's current stream, the one the step is
+            # queued on next; on the optimizer's previous stream the two would be unordered.
+            _lib.check(_lib.lib.nibble_set_grads(made.handle, array, len(grads), _current_stream(made)))
             made.grads = grads
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------
@@ -347,12 +349,16 @@ _OPS.define("step(int handle, Tensor(a!)[] params, float lr, float grad_scale, i
 _OPS.define("step_device(int handle, Tensor(a!)[] params, Tensor lr, Tensor grad_scale, Tensor found_inf) -> ()")
 
 
+def _current_stream(made: "_Group") -> Optional[ctypes.c_void_p]:
+    """torch's current stream on a CUDA group's device (None on the CPU)."""
+    if made.device.type != "cuda":
+        return None
+    return ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
+
+
 def _step_host(handle: int, params: list[torch.Tensor], lr: float, grad_scale: float, found_inf: int) -> None:
     made = _LIVE[handle]
-    stream = None
-    if made.device.type == "cuda":
-        stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
-    _lib.check(_lib.lib.nibble_step(handle, grad_scale, lr, found_inf, stream, None, None, None))
+    _lib.check(_lib.lib.nibble_step(handle, grad_scale, lr, found_inf, _current_stream(made), None, None, None))
 
 
 def _step_device(handle: int, params: list[torch.Tensor], lr: torch.Tensor, grad_scale: torch.Tensor,
@@ -362,8 +368,7 @@ def _step_device(handle: int, params: list[torch.Tensor], lr: torch.Tensor, grad
     views["lr_scale"].copy_(lr.reshape(1))
     views["grad_scale"].copy_(grad_scale.reshape(1))
     views["found_inf"].copy_(found_inf.reshape(1))
-    stream = ctypes.c_void_p(torch.cuda.current_stream(made.device).cuda_stream)
-    _lib.check(_lib.lib.nibble_enqueue_step(handle, stream))
+    _lib.check(_lib.lib.nibble_enqueue_step(handle, _current_stream(made)))
 
 
 _OPS.impl("step", _step_host, "CPU")

@@ -85,11 +85,24 @@ def raw_step(cls, precision: str, steps: int) -> list[torch.Tensor]:
                 p.grad = None
             net(x).square().mean().backward()
             grads = (ctypes.c_void_p * len(params))(*[p.grad.data_ptr() for p in params])
-            _lib.check(_lib.lib.nibble_set_grads(handle, grads, len(params)))
+            _lib.check(_lib.lib.nibble_set_grads(handle, grads, len(params), None))
             _lib.check(_lib.lib.nibble_step(handle, 1.0, float(lr), 0, None, None, None, None))
     finally:
         _lib.lib.nibble_destroy(handle)
     return [p.detach().clone() for p in params]
+
+
+def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():
+    # On CUDA the step hands torch's current stream to nibble_set_grads, so the gradient table is
+    # uploaded on the stream the step is queued on; a CPU optimizer has no stream to take.
+    net = model()
+    params = list(net.parameters())
+    opt = nibble.AdamW(params)
+    train(net, opt, 1)
+    made = opt._groups[0]
+    grads = (ctypes.c_void_p * len(params))(*[p.grad.data_ptr() for p in params])
+    with pytest.raises(ValueError, match="a stream was given to an optimizer on the CPU"):
+        _lib.check(_lib.lib.nibble_set_grads(made.handle, grads, len(params), ctypes.c_void_p(0x1000)))
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)

@@ -196,11 +196,17 @@ int nibble_create(const char* options_json, const nibble_param* params, int64_t 
 
 void nibble_destroy(nibble_optimizer* optimizer) { delete optimizer; }
 
-int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count) {
+int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t count, void* stream) {
   return guarded([&] {
     require(optimizer, "optimizer");
     if (count > 0) require(grads, "grads");
-    optimizer->optimizer.set_grads({grads, static_cast<std::size_t>(count)});
+    nibble::Optimizer& opt = optimizer->optimizer;
+    if (stream != nullptr) {
+      if (opt.device() != nibble::Device::kCuda)
+        throw nibble::InvalidArgument("nibble_set_grads: a stream was given to an optimizer on the CPU");
+      opt.set_cuda_stream(stream);
+    }
+    opt.set_grads({grads, static_cast<std::size_t>(count)});
   });
 }
 

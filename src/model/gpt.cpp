@@ -11,6 +11,7 @@
 
 #include "math/common.hpp"
 #include "model/cpu/ops.hpp"
+#include "model/loss.hpp"
 #include "model/param_views.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
@@ -256,9 +257,7 @@ float Gpt::forward(const std::int32_t* tokens, const std::int32_t* targets, bool
     return 0.0f;
   }
   ops::crossentropy_forward(a.losses, a.probs, a.logits, targets, BT, V);
-  double sum = 0.0;
-  for (std::int64_t i = 0; i < BT; ++i) sum += a.losses[i];
-  return static_cast<float>(sum / static_cast<double>(BT));
+  return mean_token_loss({a.losses, static_cast<std::size_t>(BT)});
 }
 
 void Gpt::backward(float loss_scale, const std::int32_t* targets) {

@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "math/common.hpp"
+#include "model/loss.hpp"
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
@@ -511,6 +512,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   // CUDA: the whole step (micro-batches, backward, optimizer) as one captured graph.
   std::unique_ptr<model::CudaTrainStep> graph_step;
   std::vector<std::int32_t> all_inputs, all_targets;
+  std::vector<float> micro_losses;
   if (gpt.cuda() != nullptr && o.cuda_graph) {
     graph_step = std::make_unique<model::CudaTrainStep>(*gpt.cuda(), opt, o.accum);
     all_inputs.resize(static_cast<std::size_t>(BT * o.accum));
@@ -586,16 +588,16 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       continue;
     }
     gpt.zero_grad();
-    double loss = 0.0;
+    micro_losses.clear();
     for (std::int64_t micro = 0; micro < o.accum; ++micro) {
       data.sample(Split::kTrain, o.batch, T, rng, inputs.data(), targets.data());
       const std::uint64_t dropout_seed = math::hash_u32(o.seed, static_cast<std::uint64_t>(st.step * o.accum + micro));
-      loss += gpt.forward(inputs.data(), targets.data(), true, dropout_seed);
+      micro_losses.push_back(gpt.forward(inputs.data(), targets.data(), true, dropout_seed));
       gpt.backward(1.0f / static_cast<float>(o.accum));
     }
     StepLog log;
     log.step = st.step + 1;
-    log.loss = static_cast<float>(loss / static_cast<double>(o.accum));
+    log.loss = model::step_loss(micro_losses);
     const float factor = schedule.factor(st.step);
     log.lr = opt.hyper().lr * factor;
     gpt.synchronize();  // the backward is queued on a GPU: the optimizer's time starts after it

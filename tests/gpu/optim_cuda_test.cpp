@@ -42,8 +42,11 @@ class DeviceArray {
   DeviceArray(const DeviceArray&) = delete;
   DeviceArray& operator=(const DeviceArray&) = delete;
   T* data() { return p_; }
+  // Landed when this returns: a pageable cudaMemcpy may return before its data arrives, and work
+  // on a non-blocking stream (the graph test's) is not ordered after the legacy stream.
   void upload(const std::vector<T>& v) {
     if (n_ > 0) check(cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
+    check(cudaDeviceSynchronize(), "upload");
   }
   std::vector<T> download() const {
     std::vector<T> v(n_);

@@ -12,6 +12,7 @@
 #include "math/bf16.hpp"
 #include "model/cuda/ops.cuh"
 #include "model/gpt_cuda.hpp"
+#include "model/loss.hpp"
 #include "model/param_views.hpp"
 #include "nibble/error.hpp"
 
@@ -22,6 +23,13 @@ void check(cudaError_t e, const char* call) {
   if (e != cudaSuccess)
     throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(e) + " (" +
                       cudaGetErrorString(e) + ")");
+}
+
+// NOTE: copies go to the model's (non-blocking) stream and are waited for there; a synchronous
+// cudaMemcpy runs on the legacy stream, which that stream is not ordered after.
+void copy_and_wait(void* to, const void* from, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
+  check(cudaMemcpyAsync(to, from, bytes, kind, stream), "cudaMemcpyAsync");
+  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
 }
 
 std::int64_t align256(std::int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -203,7 +211,7 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
                         im.memory.total(), static_cast<long long>(free));
     check(e, "cudaMalloc");
   }
-  check(cudaMemset(im.base, 0, static_cast<std::size_t>(bytes)), "cudaMemset");
+  check(cudaMemsetAsync(im.base, 0, static_cast<std::size_t>(bytes), im.stream), "cudaMemsetAsync");
   im.matmul = std::make_unique<model::cuda::Matmul>(options.precision == CudaPrecision::kFp32 && options.allow_tf32);
 }
 
@@ -224,37 +232,33 @@ void CudaGpt::init(std::uint64_t seed) {
 
 void CudaGpt::set_params(const float* host) {
   Impl& im = *impl_;
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
   const auto n = static_cast<std::size_t>(im.count);
   if (im.options.precision == CudaPrecision::kFp32) {
-    check(cudaMemcpy(im.carve<float>().params, host, n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
+    copy_and_wait(im.carve<float>().params, host, n * sizeof(float), cudaMemcpyHostToDevice, im.stream);
     return;
   }
   std::vector<std::uint16_t> bits(n);
   for (std::size_t i = 0; i < n; ++i) bits[i] = math::bf16_round_nearest(host[i]);
-  check(cudaMemcpy(im.carve<__nv_bfloat16>().params, bits.data(), n * 2, cudaMemcpyHostToDevice), "cudaMemcpy");
+  copy_and_wait(im.carve<__nv_bfloat16>().params, bits.data(), n * 2, cudaMemcpyHostToDevice, im.stream);
 }
 
 void CudaGpt::get_params(float* host) const {
   const Impl& im = *impl_;
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
   const auto n = static_cast<std::size_t>(im.count);
   if (im.options.precision == CudaPrecision::kFp32) {
-    check(cudaMemcpy(host, im.carve<float>().params, n * sizeof(float), cudaMemcpyDeviceToHost), "cudaMemcpy");
+    copy_and_wait(host, im.carve<float>().params, n * sizeof(float), cudaMemcpyDeviceToHost, im.stream);
     return;
   }
   std::vector<std::uint16_t> bits(n);
-  check(cudaMemcpy(bits.data(), im.carve<__nv_bfloat16>().params, n * 2, cudaMemcpyDeviceToHost), "cudaMemcpy");
+  copy_and_wait(bits.data(), im.carve<__nv_bfloat16>().params, n * 2, cudaMemcpyDeviceToHost, im.stream);
   for (std::size_t i = 0; i < n; ++i) host[i] = math::bf16_to_float(bits[i]);
 }
 
 void CudaGpt::get_grads(float* host) const {
   const Impl& im = *impl_;
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
   const float* grads = im.options.precision == CudaPrecision::kFp32 ? im.carve<float>().grads
                                                                      : im.carve<__nv_bfloat16>().grads;
-  check(cudaMemcpy(host, grads, static_cast<std::size_t>(im.count) * sizeof(float), cudaMemcpyDeviceToHost),
-        "cudaMemcpy");
+  copy_and_wait(host, grads, static_cast<std::size_t>(im.count) * sizeof(float), cudaMemcpyDeviceToHost, im.stream);
 }
 
 void CudaGpt::zero_grad() {
@@ -268,13 +272,11 @@ std::vector<float> CudaGpt::logits() const {
   const Impl& im = *impl_;
   const std::int64_t n = im.batch * im.seq * im.config.vocab;
   std::vector<float> out(static_cast<std::size_t>(n));
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
   if (im.options.precision == CudaPrecision::kFp32) {
-    check(cudaMemcpy(out.data(), im.carve<float>().logits, out.size() * 4, cudaMemcpyDeviceToHost), "cudaMemcpy");
+    copy_and_wait(out.data(), im.carve<float>().logits, out.size() * 4, cudaMemcpyDeviceToHost, im.stream);
   } else {
     std::vector<std::uint16_t> bits(out.size());
-    check(cudaMemcpy(bits.data(), im.carve<__nv_bfloat16>().logits, bits.size() * 2, cudaMemcpyDeviceToHost),
-          "cudaMemcpy");
+    copy_and_wait(bits.data(), im.carve<__nv_bfloat16>().logits, bits.size() * 2, cudaMemcpyDeviceToHost, im.stream);
     for (std::size_t i = 0; i < out.size(); ++i) out[i] = math::bf16_to_float(bits[i]);
   }
   return out;
@@ -358,9 +360,7 @@ float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* tar
   std::vector<float> losses(static_cast<std::size_t>(BT));
   check(cudaMemcpyAsync(losses.data(), a.losses, losses.size() * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
-  double sum = 0.0;
-  for (float x : losses) sum += x;
-  return static_cast<float>(sum / static_cast<double>(BT));
+  return mean_token_loss(losses);
 }
 
 template <class T>
@@ -530,12 +530,10 @@ float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets
   }
   check(cudaStreamSynchronize(g.stream), "cudaStreamSynchronize");
   ++im.runs;
-  double sum = 0.0;
-  for (std::int64_t i = 0; i < n; ++i) sum += im.losses[i];
   result.skipped = im.out->skipped != 0;
   result.grad_norm = im.out->grad_norm;
   result.step = im.out->steps;
-  return static_cast<float>(sum / static_cast<double>(n));
+  return step_loss({im.losses, static_cast<std::size_t>(n)}, im.bt);
 }
 
 }  // namespace nibble::model

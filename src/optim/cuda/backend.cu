@@ -2,6 +2,10 @@
 // optimizer is created, queues a step as a fixed sequence of launches on the optimizer's stream
 // (no host round trip, so it can be captured in a CUDA graph), and moves state and counters
 // between host and device for save, load and inspection.
+//
+// NOTE: every copy and memset goes to the optimizer's own stream. Synchronous cudaMemcpy/cudaMemset
+// run on the legacy default stream, which a cudaStreamNonBlocking stream is not ordered after, and
+// a pageable host-to-device cudaMemcpy may return before its data lands.
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -31,12 +35,14 @@ struct DeviceState {
   int2* rank1_slots = nullptr;
   int rank1_count = 0;
   const float** hessian_ptrs = nullptr;
-  void* staging = nullptr;  // pinned copy of the tensor table (set_grads)
+  void* staging = nullptr;          // pinned copy of the tensor table for eager uploads (set_grads)
+  void* capture_staging = nullptr;  // the same for uploads captured in a CUDA graph
   cudaEvent_t staging_done = nullptr;
 
   ~DeviceState() {
     if (staging_done != nullptr) cudaEventSynchronize(staging_done);
     cudaFreeHost(staging);
+    cudaFreeHost(capture_staging);
     if (staging_done != nullptr) cudaEventDestroy(staging_done);
     for (void* p : allocations) cudaFree(p);
     cudaFree(arena);
@@ -64,11 +70,12 @@ void* device_alloc(DeviceState& ds, std::size_t bytes, const char* what) {
   return p;
 }
 
+// Queued on the optimizer's stream: `values` must live until the stream is synchronised.
 template <class T>
 T* upload_vector(DeviceState& ds, const std::vector<T>& values, const char* what) {
   if (values.empty()) return nullptr;
   auto* p = static_cast<T*>(device_alloc(ds, values.size() * sizeof(T), what));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(p, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice));
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(p, values.data(), values.size() * sizeof(T), cudaMemcpyHostToDevice, ds.stream));
   return p;
 }
 
@@ -76,8 +83,34 @@ template <class T>
 T* zeroed(DeviceState& ds, std::size_t count, const char* what) {
   if (count == 0) return nullptr;
   auto* p = static_cast<T*>(device_alloc(ds, count * sizeof(T), what));
-  NIBBLE_CUDA_CHECK(cudaMemset(p, 0, count * sizeof(T)));
+  NIBBLE_CUDA_CHECK(cudaMemsetAsync(p, 0, count * sizeof(T), ds.stream));
   return p;
+}
+
+// A copy the host waits for: done (and `host` free again) when this returns.
+void copy_and_wait(DeviceState& ds, void* to, const void* from, std::size_t bytes, cudaMemcpyKind kind) {
+  if (bytes > 0) NIBBLE_CUDA_CHECK(cudaMemcpyAsync(to, from, bytes, kind, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+}
+
+// Queues the upload of the host's tensor table (ds.tensors) on the optimizer's stream.
+void upload_tensor_table(DeviceState& ds) {
+  const std::size_t bytes = ds.tensors.size() * sizeof(DTensor);
+  if (bytes == 0) return;
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  NIBBLE_CUDA_CHECK(cudaStreamIsCapturing(ds.stream, &capture));
+  if (capture == cudaStreamCaptureStatusActive) {
+    // NOTE: inside a capture the host may not wait, and the graph copies from its pinned source
+    // each time it replays, so a capture has a buffer of its own that eager uploads never touch.
+    std::memcpy(ds.capture_staging, ds.tensors.data(), bytes);
+    NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.tb.tensors, ds.capture_staging, bytes, cudaMemcpyHostToDevice, ds.stream));
+    return;
+  }
+  // The previous eager upload must have left the staging buffer before it is overwritten.
+  NIBBLE_CUDA_CHECK(cudaEventSynchronize(ds.staging_done));
+  std::memcpy(ds.staging, ds.tensors.data(), bytes);
+  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.tb.tensors, ds.staging, bytes, cudaMemcpyHostToDevice, ds.stream));
+  NIBBLE_CUDA_CHECK(cudaEventRecord(ds.staging_done, ds.stream));
 }
 
 // A parameter or gradient must be memory the GPU can address.
@@ -160,7 +193,7 @@ std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes) {
       throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
     }
     ds.arena = static_cast<std::byte*>(p);
-    NIBBLE_CUDA_CHECK(cudaMemset(p, 0, static_cast<std::size_t>(bytes)));
+    NIBBLE_CUDA_CHECK(cudaMemsetAsync(p, 0, static_cast<std::size_t>(bytes), ds.stream));
   }
   return ds.arena;
 }
@@ -235,8 +268,8 @@ void create(Optimizer::Impl& impl) {
   tb.chunk_count = static_cast<long long>(chunks.size());
   tb.constants = zeroed<math::StepConstants>(ds, ds.tensors.size(), "step constants");
   tb.tensor_steps = zeroed<long long>(ds, ds.tensors.size(), "step counts");
-  DScalars initial{1.0f, 1.0f, 0, 0, std::nan(""), 0, 0, 1.0f};
-  tb.scalars = upload_vector(ds, std::vector<DScalars>{initial}, "step scalars");
+  const std::vector<DScalars> initial{{1.0f, 1.0f, 0, 0, std::nan(""), 0, 0, 1.0f}};
+  tb.scalars = upload_vector(ds, initial, "step scalars");
   tb.codebooks = upload_vector(ds, books, "codebooks");
   tb.partials = zeroed<double>(ds, std::max<std::size_t>(chunks.size(), 1), "norm partials");
   tb.segments = upload_vector(ds, segments, "segment table");
@@ -260,7 +293,15 @@ void create(Optimizer::Impl& impl) {
   cfg.seed = impl.options.seed;
   ds.norm = impl.options.check_finite || impl.options.max_grad_norm > 0.0f;
 
+  // Pinned buffers for the table uploads of set_grads, made now: allocating inside a capture fails.
+  const std::size_t table_bytes = std::max<std::size_t>(ds.tensors.size(), 1) * sizeof(DTensor);
+  NIBBLE_CUDA_CHECK(cudaMallocHost(&ds.staging, table_bytes));
+  NIBBLE_CUDA_CHECK(cudaMallocHost(&ds.capture_staging, table_bytes));
+  NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&ds.staging_done, cudaEventDisableTiming));
+  NIBBLE_CUDA_CHECK(cudaEventRecord(ds.staging_done, ds.stream));
+
   launch_master_init(tb, ds.stream);
+  // Every upload above reads host vectors local to this function: they must land first.
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
 }
 
@@ -276,18 +317,7 @@ void set_grads(Optimizer::Impl& impl) {
     if (ds.tensors[i].grad != t.param.grad) check_device_pointer(t.param.grad, "gradient of '" + t.param.name + "'");
     ds.tensors[i].grad = t.param.grad;
   }
-  // NOTE: the table goes through pinned memory so that the copy is queued, not waited for; the
-  // previous copy must have left the staging buffer before it is overwritten.
-  const std::size_t bytes = ds.tensors.size() * sizeof(DTensor);
-  if (ds.staging == nullptr) {
-    NIBBLE_CUDA_CHECK(cudaMallocHost(&ds.staging, bytes));
-    NIBBLE_CUDA_CHECK(cudaEventCreateWithFlags(&ds.staging_done, cudaEventDisableTiming));
-  } else {
-    NIBBLE_CUDA_CHECK(cudaEventSynchronize(ds.staging_done));
-  }
-  std::memcpy(ds.staging, ds.tensors.data(), bytes);
-  NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.tb.tensors, ds.staging, bytes, cudaMemcpyHostToDevice, ds.stream));
-  NIBBLE_CUDA_CHECK(cudaEventRecord(ds.staging_done, ds.stream));
+  upload_tensor_table(ds);
 }
 
 void set_stream(Optimizer::Impl& impl, void* stream) { state(impl).stream = static_cast<cudaStream_t>(stream); }
@@ -324,10 +354,8 @@ void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into) {
   DeviceState& ds = state(impl);
   std::vector<long long> steps(ds.tensors.size());
   DScalars sc{};
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
-  if (!steps.empty())
-    NIBBLE_CUDA_CHECK(cudaMemcpy(steps.data(), ds.tb.tensor_steps, steps.size() * sizeof(long long), cudaMemcpyDeviceToHost));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(&sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost));
+  copy_and_wait(ds, steps.data(), ds.tb.tensor_steps, steps.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+  copy_and_wait(ds, &sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost);
   for (std::size_t i = 0; i < into.size() && i < steps.size(); ++i) into[i].step = steps[i];
   impl.steps = sc.steps;
   impl.skipped = sc.skipped;
@@ -337,14 +365,12 @@ void push_counters(Optimizer::Impl& impl) {
   DeviceState& ds = state(impl);
   std::vector<long long> steps;
   for (const TensorState& t : impl.tensors) steps.push_back(t.step);
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
-  if (!steps.empty())
-    NIBBLE_CUDA_CHECK(cudaMemcpy(ds.tb.tensor_steps, steps.data(), steps.size() * sizeof(long long), cudaMemcpyHostToDevice));
+  copy_and_wait(ds, ds.tb.tensor_steps, steps.data(), steps.size() * sizeof(long long), cudaMemcpyHostToDevice);
   DScalars sc{};
-  NIBBLE_CUDA_CHECK(cudaMemcpy(&sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost));
+  copy_and_wait(ds, &sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost);
   sc.steps = impl.steps;
   sc.skipped = impl.skipped;
-  NIBBLE_CUDA_CHECK(cudaMemcpy(ds.tb.scalars, &sc, sizeof sc, cudaMemcpyHostToDevice));
+  copy_and_wait(ds, ds.tb.scalars, &sc, sizeof sc, cudaMemcpyHostToDevice);
 }
 
 void set_grad(Optimizer::Impl& impl, std::size_t index) {
@@ -352,8 +378,7 @@ void set_grad(Optimizer::Impl& impl, std::size_t index) {
   const TensorState& t = impl.tensors[index];
   check_device_pointer(t.param.grad, "gradient of '" + t.param.name + "'");
   ds.tensors[index].grad = t.param.grad;
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
-  NIBBLE_CUDA_CHECK(cudaMemcpy(&ds.tb.tensors[index], &ds.tensors[index], sizeof(DTensor), cudaMemcpyHostToDevice));
+  upload_tensor_table(ds);
 }
 
 std::int64_t update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) {
@@ -374,17 +399,13 @@ std::int64_t update_hessian(Optimizer::Impl& impl, std::span<const float* const>
 }
 
 void download(const Optimizer::Impl& impl, std::byte* host) {
-  const DeviceState& ds = state(impl);
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
-  if (ds.arena_bytes > 0)
-    NIBBLE_CUDA_CHECK(cudaMemcpy(host, ds.arena, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyDeviceToHost));
+  DeviceState& ds = state(impl);
+  copy_and_wait(ds, host, ds.arena, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyDeviceToHost);
 }
 
 void upload(Optimizer::Impl& impl, const std::byte* host) {
   DeviceState& ds = state(impl);
-  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
-  if (ds.arena_bytes > 0)
-    NIBBLE_CUDA_CHECK(cudaMemcpy(ds.arena, host, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyHostToDevice));
+  copy_and_wait(ds, ds.arena, host, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyHostToDevice);
 }
 
 std::byte* arena_base(const Optimizer::Impl& impl) { return state(impl).arena; }

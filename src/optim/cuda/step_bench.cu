@@ -296,10 +296,13 @@ AdamWBaseline::AdamWBaseline(AdamWLevel level, std::vector<AdamWTensor> tensors,
     chunk_count_ = static_cast<std::int64_t>(chunks.size());
     tensor_table_ = DeviceBuffer(table.size() * sizeof(ForeachTensor), "foreach tensor table");
     chunk_table_ = DeviceBuffer(chunks.size() * sizeof(ForeachChunk), "foreach chunk table");
+    // On the baseline's stream (the vectors live until the synchronisation below).
     if (!table.empty())
-      NIBBLE_CUDA_CHECK(cudaMemcpy(tensor_table_.data(), table.data(), tensor_table_.bytes(), cudaMemcpyHostToDevice));
+      NIBBLE_CUDA_CHECK(cudaMemcpyAsync(tensor_table_.data(), table.data(), tensor_table_.bytes(),
+                                        cudaMemcpyHostToDevice, s));
     if (!chunks.empty())
-      NIBBLE_CUDA_CHECK(cudaMemcpy(chunk_table_.data(), chunks.data(), chunk_table_.bytes(), cudaMemcpyHostToDevice));
+      NIBBLE_CUDA_CHECK(cudaMemcpyAsync(chunk_table_.data(), chunks.data(), chunk_table_.bytes(),
+                                        cudaMemcpyHostToDevice, s));
   }
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(s));
 }

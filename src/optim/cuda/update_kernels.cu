@@ -247,6 +247,9 @@ __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, c
 // ---------------------------------------------------------------------------------------------
 // One element of one algorithm: the same calls, in the same order, as the CPU driver's BlockRule.
 
+template <Algorithm>
+inline constexpr bool kNoRuleFor = false;
+
 template <Algorithm A, bool kFlag>
 __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& s1, float& s2, const StepConstants& k,
                                            const DTensor& t, std::int64_t e) {
@@ -285,6 +288,8 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
       const float u = math::adafactor_unfactored(g, s0, k.adafactor);
       math::adafactor_apply<kFlag>(p, u, s1, k.adafactor);
     }
+  } else {
+    static_assert(kNoRuleFor<A>, "apply_rule: an algorithm without an update rule here");
   }
 }
 
