@@ -17,6 +17,7 @@
 #include "bench/suites.hpp"
 #include "bench/svg.hpp"
 #include "cli/commands.hpp"
+#include "cli/flags.hpp"
 #include "nibble/error.hpp"
 
 namespace nibble::cli {
@@ -259,22 +260,22 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--precisions", f.precisions, "Precisions for --optimizers entries without one (fp32, bf16, 8bit, 4bit)");
   cmd->add_option("--preset", f.preset, "Model preset for batch-sweep, profile and convergence (tiny, char, small, ...)");
   cmd->add_option("--presets", f.presets, "Model presets for model-sweep and memory-plan, comma-separated");
-  cmd->add_option("--seq", f.seq, "Tokens per sequence (0: the preset's context)")->default_str("");
+  cmd->add_option("--seq", f.seq, "Tokens per sequence (0: the preset's context)")->check(non_negative())->default_str("");
   cmd->add_option("--batches", f.batches, "Batch sizes for batch-sweep and memory-plan, comma-separated");
-  cmd->add_option("--batch", f.batch, "Batch size for profile, model-sweep and convergence")->default_str("");
+  cmd->add_option("--batch", f.batch, "Batch size for profile, model-sweep and convergence")->check(at_least(1))->default_str("");
   cmd->add_option("--modes", f.modes, "model-sweep modes: forward, forward+backward, step");
-  cmd->add_option("--vocab", f.vocab, "Vocabulary for model-sweep and memory-plan (0: 65 for tiny/char, 50304 above); on --device cuda, batch-sweep and convergence train on random tokens of this vocabulary")->default_str("");
-  cmd->add_option("--warmup-steps", f.warmup, "Steps timed apart as warm-up before the measured ones")->default_str("");
-  cmd->add_option("--steps", f.steps, "Measured steps per run after warm-up")->default_str("");
+  cmd->add_option("--vocab", f.vocab, "Vocabulary for model-sweep and memory-plan (0: 65 for tiny/char, 50304 above); on --device cuda, batch-sweep and convergence train on random tokens of this vocabulary")->check(number_in(0, false, 2147483647, false))->default_str("");
+  cmd->add_option("--warmup-steps", f.warmup, "Steps timed apart as warm-up before the measured ones")->check(non_negative())->default_str("");
+  cmd->add_option("--steps", f.steps, "Measured steps per run after warm-up")->check(at_least(1))->default_str("");
   cmd->add_option("--seeds", f.seeds, "Seeds, comma-separated (convergence repeats every optimizer per seed)");
-  cmd->add_option("--target-loss", f.target_loss, "convergence: the validation loss to reach")->default_str("");
+  cmd->add_option("--target-loss", f.target_loss, "convergence: the validation loss to reach")->check(positive())->default_str("");
   cmd->add_flag("--no-target", f.no_target, "convergence: no target loss (budget only)");
-  cmd->add_option("--time-budget", f.time_budget, "convergence: seconds per run (0: none)")->default_str("");
-  cmd->add_option("--max-steps", f.max_steps, "convergence: steps per run at most (0: unlimited)")->default_str("");
+  cmd->add_option("--time-budget", f.time_budget, "convergence: seconds per run (0: none)")->check(non_negative())->default_str("");
+  cmd->add_option("--max-steps", f.max_steps, "convergence: steps per run at most (0: unlimited)")->check(non_negative())->default_str("");
   cmd->add_flag("--stop-at-target", f.stop_at_target, "convergence: end each run when it reaches the target");
-  cmd->add_option("--eval-every", f.eval_every, "Evaluate on validation data every N steps (profile: 0 = at the end)")->default_str("");
-  cmd->add_option("--eval-batches", f.eval_batches, "Batches per evaluation")->default_str("");
-  cmd->add_option("--lr", f.lr, "Learning rate for every optimizer (default: each optimizer's own)")->default_str("");
+  cmd->add_option("--eval-every", f.eval_every, "Evaluate on validation data every N steps (profile: 0 = at the end)")->check(non_negative())->default_str("");
+  cmd->add_option("--eval-batches", f.eval_batches, "Batches per evaluation")->check(at_least(1))->default_str("");
+  cmd->add_option("--lr", f.lr, "Learning rate for every optimizer (default: each optimizer's own)")->check(positive())->default_str("");
   cmd->add_option("--data", f.data, "Text file to train on (default: the fortunes corpus)");
   cmd->add_option("--memory-limit", f.memory_limit,
                   "Memory a run may use, e.g. 16GB or 8GiB; a run above it is an out-of-memory row (default: none)");
@@ -284,7 +285,7 @@ void add_bench_command(CLI::App& app) {
   cmd->add_option("--out", f.out_dir, "Directory for the JSON, CSV and SVG files");
   cmd->add_flag("--no-plots", f.no_plots, "Write no SVG plots");
   cmd->add_flag("--quiet", f.quiet, "No progress display");
-  cmd->add_option("--threads", f.threads, "CPU threads (0: OpenMP's default)")->default_str("");
+  cmd->add_option("--threads", f.threads, "CPU threads (0: OpenMP's default)")->check(number_in(0, false, 4096, false))->default_str("");
   cmd->footer(defaults_text());
   cmd->callback([flags]() { run_bench(*flags); });
 }

@@ -15,6 +15,9 @@ class App;
 
 namespace nibble::cli {
 
+// Every subcommand below, in the order `nibble --help` lists them.
+void add_commands(CLI::App& app);
+
 // `nibble optimizers`: state bytes per parameter of every algorithm and precision.
 void add_optimizers_command(CLI::App& app);
 // `nibble step-bench`: time the optimizer step alone against the machine's copy bandwidth.
@@ -29,8 +32,6 @@ void add_bench_command(CLI::App& app);
 using bench::Align;
 using bench::format_table;
 using bench::group_digits;
-
-// The helpers below are defined in main.cpp.
 
 // Opens `path` for writing now, so that a bad path fails before a long run rather than after it;
 // throws IoError naming the path.

@@ -4,8 +4,6 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
-#include <cerrno>
-#include <cstring>
 #include <exception>
 #include <new>
 #include <string>
@@ -17,22 +15,6 @@
 #ifndef NIBBLE_VERSION
 #define NIBBLE_VERSION "0.1.0"
 #endif
-
-namespace nibble::cli {
-
-std::ofstream open_output(const std::string& path) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  if (!out) throw IoError(fmt::format("cannot write '{}': {}", path, std::strerror(errno)));
-  return out;
-}
-
-void finish_output(std::ofstream& out, const std::string& path, const std::string& text) {
-  out << text;
-  out.flush();
-  if (!out) throw IoError(fmt::format("writing '{}' failed", path));
-}
-
-}  // namespace nibble::cli
 
 namespace {
 
@@ -53,10 +35,7 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", fmt::format("nibble {}", NIBBLE_VERSION),
                        "Print the version and exit");
   app.require_subcommand(1);
-  nibble::cli::add_optimizers_command(app);
-  nibble::cli::add_step_bench_command(app);
-  nibble::cli::add_train_command(app);
-  nibble::cli::add_bench_command(app);
+  nibble::cli::add_commands(app);
   // Set after the subcommands exist, which would otherwise inherit it.
   app.footer("Run 'nibble <subcommand> --help' for the flags of a subcommand.");
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cli/commands.hpp"
+#include "cli/flags.hpp"
 #include "cli/param_sets.hpp"
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
@@ -150,9 +151,11 @@ void add_optimizers_command(CLI::App& app) {
                   fmt::format("Parameter set to count state on: {}", kParamSetNames));
   sub->add_option("--block-size", options->block_size,
                   "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
-                  "for 4-bit)");
+                  "for 4-bit)")
+      ->check(number_in(0, false, 4096, false));
   sub->add_option("--min-quant-size", options->min_quant_size,
-                  "Tensors with fewer elements than this keep fp32 state");
+                  "Tensors with fewer elements than this keep fp32 state")
+      ->check(non_negative());
   sub->add_option("--json", options->json_path,
                   "Also write the table to FILE as a JSON array of objects")
       ->option_text("FILE");

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "cli/commands.hpp"
+#include "cli/flags.hpp"
 #include "cli/param_sets.hpp"
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
@@ -669,29 +670,34 @@ void add_step_bench_command(CLI::App& app) {
   sub->add_option("--set", options->set, fmt::format("Parameter set to step: {}", kParamSetNames));
   CLI::Option* params = sub->add_option("--params", options->params,
                                         "Step one flat tensor of N parameters instead of --set")
+                            ->check(at_least(1))
                             ->option_text("N");
   sub->add_option("--warmup", options->warmup,
                   "Untimed steps after the set-up step (optimizer construction + first step), on "
-                  "either device");
+                  "either device")
+      ->check(non_negative());
   CLI::Option* steps =
       sub->add_option("--steps", options->steps,
                       fmt::format("Timed steps per row (at least 1); default {} on cpu, {} on cuda",
                                   kCpuDefaultSteps, kCudaDefaultSteps))
+          ->check(at_least(1))
           ->default_str(fmt::format("{} on cpu, {} on cuda", kCpuDefaultSteps, kCudaDefaultSteps));
   sub->add_option("--threads", options->threads,
                   "OpenMP threads of the CPU step; 0 keeps OpenMP's default (cpu only; refused "
-                  "with --device cuda)");
+                  "with --device cuda)")
+      ->check(number_in(0, false, 4096, false));
   sub->add_option("--block-size", options->block_size,
                   "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
-                  "for 4-bit)");
-  sub->add_option("--seed", options->seed, "Seed of the random parameters and gradients");
+                  "for 4-bit)")
+      ->check(number_in(0, false, 4096, false));
+  sub->add_option("--seed", options->seed, "Seed of the random parameters and gradients")->check(non_negative());
   sub->add_flag("--check-finite", options->check_finite,
                 "Run the optimizer's gradient pre-pass that skips steps with inf/NaN gradients (on "
                 "by default in the library; off here so the step compares with fused optimizer "
                 "kernels that have none). Counted as 4 more bytes per parameter");
   sub->add_option("--max-grad-norm", options->max_grad_norm,
                   "Clip gradients to this global norm (0: off); runs the same pre-pass")
-      ->check(CLI::NonNegativeNumber);
+      ->check(non_negative());
   sub->add_flag("--levels", options->levels,
                 "cuda only: beside nibble's fused AdamW fp32 row, time two AdamW fp32 baselines "
                 "on the same parameters: 'loop' (one launch of an elementwise AdamW kernel per "

@@ -8,10 +8,12 @@
 #include <cmath>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <vector>
 
 #include "cli/commands.hpp"
+#include "cli/flags.hpp"
 #include "model/gpt.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
@@ -30,8 +32,8 @@ struct TrainFlags {
   std::string compute = "fp32";
   bool no_cuda_graph = false;
   std::string data, checkpoint_dir, log_csv;
-  std::int64_t layers = 0, heads = 0, width = 0, context = 0;
-  float lr = 0, weight_decay = -1, beta1 = -1, beta2 = -1, eps = 0;
+  std::optional<std::int64_t> layers, heads, width, context;
+  std::optional<float> lr, weight_decay, beta1, beta2, eps;
   int threads = 0;
 };
 
@@ -51,15 +53,15 @@ void run_train(TrainFlags& f) {
   else throw InvalidArgument(fmt::format("unknown compute precision '{}' (known: fp32, bf16)", f.compute));
   o.cuda_graph = !f.no_cuda_graph;
   o.schedule = schedule_from_name(f.schedule);
-  if (f.layers > 0) o.layers = f.layers;
-  if (f.heads > 0) o.heads = f.heads;
-  if (f.width > 0) o.width = f.width;
-  if (f.context > 0) o.context = f.context;
-  if (f.lr > 0) o.lr = f.lr;
-  if (f.weight_decay >= 0) o.weight_decay = f.weight_decay;
-  if (f.beta1 >= 0) o.beta1 = f.beta1;
-  if (f.beta2 >= 0) o.beta2 = f.beta2;
-  if (f.eps > 0) o.eps = f.eps;
+  if (f.layers) o.layers = *f.layers;
+  if (f.heads) o.heads = *f.heads;
+  if (f.width) o.width = *f.width;
+  if (f.context) o.context = *f.context;
+  if (f.lr) o.lr = *f.lr;
+  if (f.weight_decay) o.weight_decay = *f.weight_decay;
+  if (f.beta1) o.beta1 = *f.beta1;
+  if (f.beta2) o.beta2 = *f.beta2;
+  if (f.eps) o.eps = *f.eps;
   o.data = f.data;
   o.checkpoint_dir = f.checkpoint_dir;
   o.log_csv = f.log_csv;
@@ -147,17 +149,18 @@ void add_train_command(CLI::App& app) {
                "nibble optimizer and state precision.");
   train::TrainOptions& o = f->o;
   sub->add_option("--preset", o.preset, fmt::format("Model size: {}", model::gpt_preset_names()))->capture_default_str();
-  sub->add_option("--layers", f->layers, "Override the preset's number of layers");
-  sub->add_option("--heads", f->heads, "Override the preset's attention heads (must divide the width)");
-  sub->add_option("--width", f->width, "Override the preset's width (channels)");
-  sub->add_option("--context", f->context, "Override the preset's context length");
-  sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->capture_default_str();
+  sub->add_option("--layers", f->layers, "Override the preset's number of layers")->check(positive());
+  sub->add_option("--heads", f->heads, "Override the preset's attention heads (must divide the width)")->check(positive());
+  sub->add_option("--width", f->width, "Override the preset's width (channels)")->check(positive());
+  sub->add_option("--context", f->context, "Override the preset's context length")->check(positive());
+  sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->check(fraction_below_one())->capture_default_str();
   sub->add_option("--data", f->data, "Text file to train on (default: the `fortunes` package's text)");
   sub->add_option("--random-vocab", o.random_vocab,
                   "Train on uniformly random tokens from a vocabulary of this size instead of text (throughput "
                   "runs at a real vocabulary, e.g. 50304); 0: text")
+      ->check(number_in(0, false, 2147483647, false))
       ->capture_default_str();
-  sub->add_option("--val-fraction", o.val_fraction, "Last fraction of the text kept for validation")->capture_default_str();
+  sub->add_option("--val-fraction", o.val_fraction, "Last fraction of the text kept for validation")->check(number_in(0.0, true, 1.0, true))->capture_default_str();
   sub->add_option("--device", f->device,
                   "cpu, or cuda: the CUDA engine (a build with CUDA and a GPU; no dropout, no sophiag yet)")
       ->capture_default_str();
@@ -173,29 +176,29 @@ void add_train_command(CLI::App& app) {
                 "optimizer's share of the step apart)");
   sub->add_option("--optimizer", f->algorithm, "sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag")->capture_default_str();
   sub->add_option("--precision", f->precision, "Optimizer state precision: fp32, bf16, 8bit, 4bit")->capture_default_str();
-  sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)");
-  sub->add_option("--weight-decay", f->weight_decay, "Weight decay (default: the optimizer's); none on vectors");
-  sub->add_option("--beta1", f->beta1, "beta1 (default: the optimizer's)");
-  sub->add_option("--beta2", f->beta2, "beta2 (default: the optimizer's)");
-  sub->add_option("--eps", f->eps, "epsilon (default: the optimizer's)");
+  sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)")->check(positive());
+  sub->add_option("--weight-decay", f->weight_decay, "Weight decay (default: the optimizer's); none on vectors")->check(non_negative());
+  sub->add_option("--beta1", f->beta1, "beta1 (default: the optimizer's)")->check(fraction_below_one());
+  sub->add_option("--beta2", f->beta2, "beta2 (default: the optimizer's)")->check(fraction_below_one());
+  sub->add_option("--eps", f->eps, "epsilon (default: the optimizer's)")->check(positive());
   sub->add_option("--schedule", f->schedule, "Learning-rate schedule: constant, cosine, onecycle, linear")->capture_default_str();
-  sub->add_option("--warmup", o.warmup, "Linear warm-up steps (cosine, linear)")->capture_default_str();
-  sub->add_option("--min-lr-ratio", o.min_lr_ratio, "Floor of the decay as a fraction of the peak lr")->capture_default_str();
-  sub->add_option("--grad-clip", o.grad_clip, "Clip gradients to this global norm; 0: off")->capture_default_str();
-  sub->add_option("--hessian-every", o.hessian_every, "SophiaG: Gauss-Newton-Bartlett Hessian estimate every k steps")->capture_default_str();
-  sub->add_option("--batch", o.batch, "Sequences per micro-batch")->capture_default_str();
-  sub->add_option("--seq", o.seq, "Tokens per sequence; 0: the model's context")->capture_default_str();
-  sub->add_option("--accum", o.accum, "Micro-batches accumulated per optimizer step")->capture_default_str();
-  sub->add_option("--steps", o.steps, "Optimizer steps (also the schedule's length)")->capture_default_str();
-  sub->add_option("--time-budget", o.time_budget_s, "Stop after this many seconds of training; 0: no limit")->capture_default_str();
-  sub->add_option("--eval-every", o.eval_every, "Validation loss every N steps (and at the end); 0: only at the end")->capture_default_str();
-  sub->add_option("--eval-batches", o.eval_batches, "Validation batches per evaluation")->capture_default_str();
-  sub->add_option("--seed", o.seed, "Seed of initialisation, batches and dropout")->capture_default_str();
+  sub->add_option("--warmup", o.warmup, "Linear warm-up steps (cosine, linear)")->check(non_negative())->capture_default_str();
+  sub->add_option("--min-lr-ratio", o.min_lr_ratio, "Floor of the decay as a fraction of the peak lr")->check(unit_interval())->capture_default_str();
+  sub->add_option("--grad-clip", o.grad_clip, "Clip gradients to this global norm; 0: off")->check(non_negative())->capture_default_str();
+  sub->add_option("--hessian-every", o.hessian_every, "SophiaG: Gauss-Newton-Bartlett Hessian estimate every k steps")->check(at_least(1))->capture_default_str();
+  sub->add_option("--batch", o.batch, "Sequences per micro-batch")->check(at_least(1))->capture_default_str();
+  sub->add_option("--seq", o.seq, "Tokens per sequence; 0: the model's context")->check(non_negative())->capture_default_str();
+  sub->add_option("--accum", o.accum, "Micro-batches accumulated per optimizer step")->check(at_least(1))->capture_default_str();
+  sub->add_option("--steps", o.steps, "Optimizer steps (also the schedule's length)")->check(at_least(1))->capture_default_str();
+  sub->add_option("--time-budget", o.time_budget_s, "Stop after this many seconds of training; 0: no limit")->check(non_negative())->capture_default_str();
+  sub->add_option("--eval-every", o.eval_every, "Validation loss every N steps (and at the end); 0: only at the end")->check(non_negative())->capture_default_str();
+  sub->add_option("--eval-batches", o.eval_batches, "Validation batches per evaluation")->check(at_least(1))->capture_default_str();
+  sub->add_option("--seed", o.seed, "Seed of initialisation, batches and dropout")->check(non_negative())->capture_default_str();
   sub->add_option("--checkpoint-dir", f->checkpoint_dir, "Directory of model.safetensors + optimizer.safetensors");
-  sub->add_option("--save-every", o.save_every, "Write a checkpoint every N steps (and at the end); 0: never")->capture_default_str();
+  sub->add_option("--save-every", o.save_every, "Write a checkpoint every N steps (and at the end); 0: never")->check(non_negative())->capture_default_str();
   sub->add_flag("--resume", o.resume, "Continue the run saved in --checkpoint-dir, bit for bit");
   sub->add_option("--log-csv", f->log_csv, "Also write every step's log line to this CSV file");
-  sub->add_option("--threads", f->threads, "OpenMP threads; 0 keeps OpenMP's default");
+  sub->add_option("--threads", f->threads, "OpenMP threads; 0 keeps OpenMP's default")->check(number_in(0, false, 4096, false));
   sub->footer("Each step prints step, loss, lr, gradient norm, ms and tokens/s; a progress bar shows on a terminal.");
   sub->callback([f] { run_train(*f); });
 
@@ -203,10 +206,10 @@ void add_train_command(CLI::App& app) {
   CLI::App* sample = app.add_subcommand("sample", "Generate text from a `nibble train` checkpoint.");
   sample->add_option("--checkpoint-dir", s->checkpoint_dir, "Checkpoint directory written by nibble train")->required();
   sample->add_option("--prompt", s->prompt, "Text to start from (its characters must be in the vocabulary)");
-  sample->add_option("--tokens", s->tokens, "Characters to generate")->capture_default_str();
-  sample->add_option("--temperature", s->temperature, "Softmax temperature, > 0")->capture_default_str();
-  sample->add_option("--top-k", s->top_k, "Sample among the k most likely characters; 0: all")->capture_default_str();
-  sample->add_option("--seed", s->seed, "Seed of the sampling")->capture_default_str();
+  sample->add_option("--tokens", s->tokens, "Characters to generate")->check(at_least(1))->capture_default_str();
+  sample->add_option("--temperature", s->temperature, "Softmax temperature, > 0")->check(positive())->capture_default_str();
+  sample->add_option("--top-k", s->top_k, "Sample among the k most likely characters; 0: all")->check(non_negative())->capture_default_str();
+  sample->add_option("--seed", s->seed, "Seed of the sampling")->check(non_negative())->capture_default_str();
   sample->callback([s] { run_sample(*s); });
 }
 
