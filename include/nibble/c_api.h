@@ -37,6 +37,10 @@ typedef struct {
   void* grad;           /* NULL: no gradient yet */
   int32_t dtype;        /* NIBBLE_F32 (cpu and cuda), NIBBLE_BF16 or NIBBLE_F16 (cuda) */
   int32_t grad_dtype;   /* NIBBLE_F32, or NIBBLE_BF16 or NIBBLE_F16 (cuda) */
+  /* Sharded training: the whole tensor's shape (rank entries) when data is one rank's piece of
+   * it, or NULL: the same as shape. nibble decides precision, weight decay and the like from it. */
+  const int64_t* global_shape;
+  int32_t split;        /* non-zero: other ranks hold other elements of this tensor */
 } nibble_param;
 
 /* The thread's last error message ("" after a success). */
@@ -64,6 +68,17 @@ NIBBLE_C_EXPORT int nibble_set_grads(nibble_optimizer* optimizer, void* const* g
  * read them with nibble_counters() or from the device scalars. found_inf != 0 skips the step. */
 NIBBLE_C_EXPORT int nibble_step(nibble_optimizer* optimizer, float grad_scale, float lr_scale, int32_t found_inf,
                                 void* stream, int32_t* skipped, double* grad_norm, int64_t* step);
+/* Sharded training, cpu: the sum of squared gradients (as set, not divided by a scale) of the
+ * parameters that have one, in double; counted (count flags, one per parameter, or NULL for all)
+ * leaves out those whose flag is 0, e.g. replicated tensors that another rank counts. */
+NIBBLE_C_EXPORT int nibble_grad_square_sum(nibble_optimizer* optimizer, const uint8_t* counted, int64_t count,
+                                           double* out);
+/* Sharded training, cpu: nibble_step with the non-finite check and clipping taken from
+ * grad_square_sum, the sum of nibble_grad_square_sum over all ranks, so every rank skips or clips
+ * alike. */
+NIBBLE_C_EXPORT int nibble_step_with_square_sum(nibble_optimizer* optimizer, float grad_scale, float lr_scale,
+                                                int32_t found_inf, double grad_square_sum, int32_t* skipped,
+                                                double* grad_norm, int64_t* step);
 /* cuda: queues a step that reads lr_scale, grad_scale and found_inf from the device scalars
  * (capturable in a CUDA graph). */
 NIBBLE_C_EXPORT int nibble_enqueue_step(nibble_optimizer* optimizer, void* stream);

@@ -42,6 +42,14 @@ struct Param {
   void* grad = nullptr;           // null: no gradient this step, the tensor is left alone
   DType dtype = DType::F32;       // of data: F32 (CPU and CUDA), BF16 or F16 (CUDA)
   DType grad_dtype = DType::F32;  // of grad: F32 (CPU and CUDA), BF16 or F16 (CUDA)
+  // Sharded training: `shape` is this rank's piece and `global_shape` the whole tensor's (empty:
+  // the same as `shape`). Every choice that depends on the tensor (state precision by
+  // min_quant_size, weight decay of vectors, factoring, rank-1 scales) is made from the global
+  // shape, so every rank and every world size chooses alike; the step runs on the local piece.
+  std::vector<std::int64_t> global_shape = {};
+  // Other ranks hold other elements of this tensor. Algorithms whose math spans a whole tensor
+  // (Adafactor's statistics, AdamP's projection test, rank-1 4-bit scales) refuse such a piece.
+  bool split = false;
 };
 
 // Parameters that share hyperparameters; unset fields take the optimizer's values.
@@ -79,6 +87,11 @@ struct StepOptions {
   // with `skipped` false, `grad_norm` NaN and `step` -1 (read them later from device_scalars()).
   bool synchronize = true;
   bool found_inf = false;   // the caller found inf/NaN gradients (e.g. an AMP scaler): skip this step
+  // Sharded training: the sum of squared gradients (as given, before dividing by grad_scale) over
+  // the whole model on every rank, from grad_square_sum() summed across ranks. Set, the non-finite
+  // check and clipping use it instead of this optimizer's own gradients, so all ranks skip or clip
+  // alike. CPU backend.
+  std::optional<double> grad_square_sum = std::nullopt;
 };
 
 // CUDA: the scalars a step reads and writes in device memory. A training loop that captures
@@ -125,6 +138,10 @@ class Optimizer {
   // SophiaG: fold one Hessian-diagonal estimate per parameter (same order and shapes as the
   // parameters; null skips a tensor) into the Hessian EMA. fp32, on the optimizer's device.
   void update_hessian(std::span<const float* const> estimates);
+  // The sum of squared gradients (as given) of the tensors that have one, in double, summed in the
+  // same order as the step's own norm. `counted`: one flag per parameter (0 leaves it out, e.g. a
+  // replicated tensor that another rank counts), or empty for all. CPU backend.
+  double grad_square_sum(std::span<const std::uint8_t> counted = {}) const;
   // Points a parameter at a new gradient array (same dtype), or null for none.
   void set_grad(std::size_t param_index, void* grad);
   // All gradients at once, one per parameter; on CUDA one asynchronous table update on the

@@ -30,6 +30,8 @@ class NibbleParam(ctypes.Structure):
         ("grad", ctypes.c_void_p),
         ("dtype", ctypes.c_int32),
         ("grad_dtype", ctypes.c_int32),
+        ("global_shape", ctypes.POINTER(ctypes.c_int64)),
+        ("split", ctypes.c_int32),
     ]
 
 
@@ -61,6 +63,10 @@ def _load() -> ctypes.CDLL:
         "nibble_set_grads": ([vp, ctypes.POINTER(vp), i64, vp], ctypes.c_int),
         "nibble_step": ([vp, ctypes.c_float, ctypes.c_float, i32, vp, ctypes.POINTER(i32),
                          ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)], ctypes.c_int),
+        "nibble_grad_square_sum": ([vp, ctypes.POINTER(ctypes.c_uint8), i64, ctypes.POINTER(ctypes.c_double)],
+                                   ctypes.c_int),
+        "nibble_step_with_square_sum": ([vp, ctypes.c_float, ctypes.c_float, i32, ctypes.c_double, ctypes.POINTER(i32),
+                                         ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_enqueue_step": ([vp, vp], ctypes.c_int),
         "nibble_device_scalars": ([vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.POINTER(vp),
                                    ctypes.POINTER(vp)], ctypes.c_int),

@@ -4,6 +4,7 @@ library in one call per parameter group (no per-parameter Python loop, no synchr
 from __future__ import annotations
 
 import ctypes
+import functools
 import json
 import os
 import struct
@@ -29,6 +30,54 @@ class _DeviceScalar:
                                          "version": 3, "strides": None}
 
 
+@functools.lru_cache(maxsize=None)
+def _dtensor_class() -> Optional[type]:
+    """torch's DTensor, or None where this torch has no torch.distributed."""
+    if not torch.distributed.is_available():
+        return None
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def _is_dtensor(t: Any) -> bool:
+    cls = _dtensor_class()
+    return cls is not None and isinstance(t, cls)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's piece of a DTensor (the tensor itself otherwise), sharing its storage."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _layout(p: torch.Tensor) -> tuple[bool, bool]:
+    """(split, counted) of a DTensor parameter: whether other ranks of its mesh hold other elements
+    of it (torch shards dimension d of size n into pieces of ceil(n / ranks) elements, so fewer
+    pieces than ranks may hold anything), and whether this rank counts it in the gradient norm (a
+    replicated tensor is counted by the first rank of each mesh dimension it is replicated over)."""
+    shape = list(p.shape)
+    split, counted = False, True
+    mesh = p.device_mesh
+    coordinate = mesh.get_coordinate()
+    for dim, placement in enumerate(p.placements):
+        ranks = mesh.size(dim)
+        if placement.is_shard():
+            d = placement.dim % max(len(shape), 1)
+            n = shape[d]
+            if ranks > 1 and n > 0:
+                piece = -(-n // ranks)
+                split = split or -(-n // piece) > 1
+                shape[d] = piece
+        elif placement.is_replicate():
+            counted = counted and (coordinate is None or coordinate[dim] == 0)
+        else:
+            raise ValueError(f"a DTensor parameter has placement {placement}; nibble steps Shard and Replicate "
+                             "parameters")
+    return split, counted
+
+
 class _Group:
     """One nibble optimizer behind one torch parameter group."""
 
@@ -40,6 +89,9 @@ class _Group:
         self.grads: list[int] = []
         self.views: Optional[dict[str, torch.Tensor]] = None
         self.key: tuple = ()
+        self.ahead = False  # created before the first step (sharded): its settings may still change
+        # Sharded training: which parameters this rank counts in the gradient norm (uint8 flags).
+        self.counted: Optional[ctypes.Array] = None
 
     def scalars(self) -> dict[str, torch.Tensor]:
         if self.views is None:
@@ -89,7 +141,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params: Iterable, defaults: dict, *, precision: Optional[str], block_size: int,
-                 min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int) -> None:
+                 min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int,
+                 max_grad_norm: float = 0.0) -> None:
         precision = self.default_precision if precision is None else precision
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -99,13 +152,84 @@ class NibbleOptimizer(torch.optim.Optimizer):
             raise ValueError(f"block_size must be 0 (the default) or a power of two in [16, 4096], got {block_size}")
         if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
             raise ValueError(f"min_quant_size must be an integer >= 0, got {min_quant_size!r}")
+        max_grad_norm = _number("max_grad_norm", max_grad_norm)
         defaults = dict(defaults, precision=precision)
         self._settings = {"block_size": block_size, "min_quant_size": min_quant_size, "master_weights": master_weights,
                           "stochastic_rounding": stochastic_rounding, "seed": int(seed)}
-        super().__init__(params, defaults)
+        if max_grad_norm > 0:
+            self._settings["max_grad_norm"] = max_grad_norm
         self._groups: dict[int, _Group] = {}
-        for group in self.param_groups:
-            self._check_group(group)
+        self._mesh: Any = None  # the device mesh of DTensor parameters: set, the optimizer is sharded
+        self._constructed = False
+        self.last_grad_norm = float("nan")
+        super().__init__(params, defaults)  # validates every group in add_param_group
+        self._constructed = True
+        self._check_devices()
+        self._create_sharded()
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's add_param_group, then nibble's checks; a refused group leaves the optimizer as
+        it was."""
+        mesh = self._mesh
+        super().add_param_group(param_group)
+        index = len(self.param_groups) - 1
+        try:
+            self._check_group(self.param_groups[index])
+            self._check_layout(index, self.param_groups[index])
+            if self._constructed:
+                self._check_devices()
+                self._create_sharded()
+        except Exception:
+            self.param_groups.pop()
+            self._groups.pop(index, None)
+            self._mesh = mesh
+            raise
+
+    def _check_layout(self, index: int, group: dict) -> None:
+        """DTensor parameters: one device mesh for the whole optimizer, and no plain tensors in
+        their group."""
+        params = group["params"]
+        sharded = [i for i, p in enumerate(params) if _is_dtensor(p)]
+        if not sharded:
+            return
+        if len(sharded) != len(params):
+            plain = next(i for i, p in enumerate(params) if not _is_dtensor(p))
+            raise ValueError(f"parameter group {index} mixes DTensor parameters (parameter {sharded[0]}) with plain "
+                             f"tensors (parameter {plain}); nibble steps a group as one sharded layout, so give the "
+                             "plain tensors a group of their own")
+        mesh = params[sharded[0]].device_mesh
+        for i in sharded:
+            if params[i].device_mesh != mesh:
+                raise ValueError(f"parameter group {index}: parameter {i} is on device mesh {params[i].device_mesh}, "
+                                 f"parameter {sharded[0]} on {mesh}; a group's DTensors must share one mesh")
+            _layout(params[i])
+        if self._mesh is not None and self._mesh != mesh:
+            raise ValueError(f"parameter group {index} is on device mesh {mesh}, an earlier group on {self._mesh}; "
+                             "one nibble optimizer steps the parameters of one mesh")
+        if mesh.ndim != 1 and mesh.size() != torch.distributed.get_world_size():
+            raise ValueError(f"parameter group {index} is on device mesh {mesh}: nibble reduces the gradient norm "
+                             "over a one-dimensional mesh or one that spans every rank")
+        self._mesh = mesh
+
+    def _check_devices(self) -> None:
+        devices = {p.device.type for group in self.param_groups for p in group["params"]}
+        if self._mesh is not None and devices - {"cpu"}:
+            raise ValueError("nibble steps sharded (DTensor) parameters on the CPU only so far (gloo); got parameters "
+                             f"on {sorted(devices)}")
+        if self._settings.get("max_grad_norm") and "cuda" in devices and \
+                sum(1 for group in self.param_groups if group["params"]) > 1:
+            raise ValueError("max_grad_norm with CUDA parameters clips each parameter group by its own norm; put the "
+                             "parameters in one group, or clip with torch.nn.utils.clip_grad_norm_")
+
+    def _create_sharded(self) -> None:
+        """A sharded optimizer creates nibble's state at once, so that a layout nibble refuses
+        (e.g. a split tensor under Adafactor) is refused here, on every rank alike."""
+        if self._mesh is None:
+            return
+        with torch.no_grad():
+            for index, group in enumerate(self.param_groups):
+                if group["params"] and index not in self._groups:
+                    self._nibble(index).ahead = True
 
     # -- what subclasses provide ----------------------------------------------------------------
 
@@ -151,6 +275,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
         key = self._fixed_key(group)
         if existing is not None and existing.key == key:
             return existing
+        if existing is not None and existing.ahead:
+            existing = None
         params = group["params"]
         devices = {p.device for p in params}
         if len(devices) > 1:
@@ -167,13 +293,25 @@ class NibbleOptimizer(torch.optim.Optimizer):
                        for p in params]
         structs = (_lib.NibbleParam * max(len(params), 1))()
         shapes = []
+        counted = []
         for i, p in enumerate(params):
-            shape = (ctypes.c_int64 * max(p.dim(), 1))(*p.shape)
+            local = _local(p)
+            shape = (ctypes.c_int64 * max(p.dim(), 1))(*local.shape)
             shapes.append(shape)
             if grad_dtypes[i] not in _DTYPES:
                 raise ValueError(f"gradients must be float32, bfloat16 or float16, got {grad_dtypes[i]}")
-            structs[i] = _lib.NibbleParam(f"param.{i}".encode(), p.dim(), shape, p.data_ptr(), None,
+            structs[i] = _lib.NibbleParam(f"param.{i}".encode(), p.dim(), shape, local.data_ptr(), None,
                                           _DTYPES[p.dtype], _DTYPES[grad_dtypes[i]])
+            if _is_dtensor(p):
+                split, count = _layout(p)
+                shapes.append((ctypes.c_int64 * max(p.dim(), 1))(*p.shape))
+                structs[i].global_shape = shapes[-1]
+                structs[i].split = int(split)
+            else:
+                # A plain tensor beside sharded ones is taken as replicated over the mesh.
+                coordinate = self._mesh.get_coordinate() if self._mesh is not None else None
+                count = coordinate is None or all(c == 0 for c in coordinate)
+            counted.append(int(count))
         handle = ctypes.c_void_p()
         text = json.dumps(options).encode()
         with torch.cuda.device(device) if device.type == "cuda" else _nullcontext():
@@ -188,6 +326,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 _lib.check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)))
         made = _Group(handle.value, device, options, grad_dtypes)
         made.key = key
+        if self._mesh is not None:
+            made.counted = (ctypes.c_uint8 * max(len(counted), 1))(*counted)
         _LIVE[made.handle] = made
         self._groups[index] = made
         return made
@@ -201,7 +341,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
     def _set_grads(self, index: int, made: _Group) -> None:
         grads = []
         for i, p in enumerate(self.param_groups[index]["params"]):
-            g = p.grad
+            g = None if p.grad is None else _local(p.grad)
             if g is None:
                 grads.append(None)
                 continue
@@ -230,6 +370,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if self._mesh is not None or (self._settings.get("max_grad_norm") and self._on_cpu()):
+            self._step_with_norm(grad_scale, found_inf)
+            return loss
         for index, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
@@ -252,6 +395,40 @@ class NibbleOptimizer(torch.optim.Optimizer):
             torch.ops.nibble.step_device(made.handle, group["params"], device_tensor(lr, 0.0),
                                          device_tensor(grad_scale, 1.0), device_tensor(found_inf, 0.0))
         return loss
+
+    def _on_cpu(self) -> bool:
+        return all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
+
+    def _step_with_norm(self, grad_scale: Any, found_inf: Any) -> None:
+        """The CPU step of a sharded optimizer, or one that clips: the squared gradient norm of
+        every group, summed over the ranks by one all-reduce (sharded), decides the skip and the
+        clip of every group on every rank alike. A GradScaler's found_inf on any rank skips all."""
+        stepping = []
+        total = 0.0
+        for index, group in enumerate(self.param_groups):
+            if not group["params"]:
+                continue
+            made = self._nibble(index)
+            self._set_grads(index, made)
+            part = ctypes.c_double()
+            flags = len(group["params"]) if made.counted is not None else 0
+            _lib.check(_lib.lib.nibble_grad_square_sum(made.handle, made.counted, flags, ctypes.byref(part)))
+            total += part.value
+            stepping.append((made, group))
+        if found_inf is not None and float(found_inf) != 0.0:
+            total = float("inf")
+        if self._mesh is not None:
+            mesh = self._mesh
+            reduced = torch.tensor([total], dtype=torch.float64, device="cpu")
+            torch.distributed.all_reduce(reduced, group=mesh.get_group() if mesh.ndim == 1 else None)
+            total = reduced.item()
+        scale = 1.0 if grad_scale is None else float(grad_scale)
+        norm = ctypes.c_double(float("nan"))
+        for made, group in stepping:
+            _lib.check(_lib.lib.nibble_step_with_square_sum(made.handle, scale, float(self._lr(group)), 0, total,
+                                                             None, ctypes.byref(norm), None))
+            made.ahead = False
+        self.last_grad_norm = norm.value
 
     def counters(self) -> list[tuple[int, int]]:
         """(steps taken, steps skipped) per parameter group that has stepped."""
@@ -277,6 +454,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
         """PyTorch's layout: {"state": {param index: {"step", "exp_avg", ...}}, "param_groups": [...]}.
         Quantized state appears as uint8 "<name>.codes" plus float32 "<name>.absmax" (or
         "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device."""
+        self._refuse_sharded_checkpoint("state_dict")
         state: dict[int, dict[str, torch.Tensor]] = {}
         groups = []
         first = 0
@@ -300,7 +478,13 @@ class NibbleOptimizer(torch.optim.Optimizer):
             first += count
         return {"state": state, "param_groups": groups}
 
+    def _refuse_sharded_checkpoint(self, what: str) -> None:
+        if self._mesh is not None:
+            raise NotImplementedError(f"{what}(): nibble does not save or load the state of sharded (DTensor) "
+                                      "parameters yet; distributed checkpoints come in a later version")
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._refuse_sharded_checkpoint("load_state_dict")
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
@@ -438,13 +622,15 @@ def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
 
 # -- the algorithms, with PyTorch's and the papers' argument names --------------------------------
 
-_COMMON = ("precision", "block_size", "min_quant_size", "master_weights", "stochastic_rounding", "seed")
+_COMMON = ("precision", "block_size", "min_quant_size", "master_weights", "stochastic_rounding", "seed",
+           "max_grad_norm")
 
 
 def _settings(precision: Optional[str], block_size: int, min_quant_size: int, master_weights: bool,
-              stochastic_rounding: bool, seed: int) -> dict:
+              stochastic_rounding: bool, seed: int, max_grad_norm: float) -> dict:
     return {"precision": precision, "block_size": block_size, "min_quant_size": min_quant_size,
-            "master_weights": master_weights, "stochastic_rounding": stochastic_rounding, "seed": seed}
+            "master_weights": master_weights, "stochastic_rounding": stochastic_rounding, "seed": seed,
+            "max_grad_norm": max_grad_norm}
 
 
 class SGD(NibbleOptimizer):
@@ -455,10 +641,10 @@ class SGD(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
-                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
@@ -480,11 +666,11 @@ class Adam(NibbleOptimizer):
                  eps: float = 1e-8, weight_decay: Optional[float] = None, amsgrad: bool = False, *,
                  maximize: bool = False, precision: Optional[str] = None, block_size: int = 0,
                  min_quant_size: int = 4096, master_weights: bool = False, stochastic_rounding: bool = False,
-                 seed: int = 0) -> None:
+                 seed: int = 0, max_grad_norm: float = 0.0) -> None:
         wd = self.default_weight_decay if weight_decay is None else weight_decay
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=amsgrad,
                                       maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _betas("betas", g["betas"])
@@ -508,9 +694,9 @@ class Lion(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _betas("betas", g["betas"])
@@ -530,7 +716,7 @@ class Adafactor(NibbleOptimizer):
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         if lr is not None and relative_step:
             raise ValueError("lr cannot be set together with relative_step=True (pass relative_step=False)")
         if lr is None and not relative_step:
@@ -540,7 +726,7 @@ class Adafactor(NibbleOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                                       beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                                       relative_step=relative_step, warmup_init=warmup_init, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _lr(self, group: dict) -> Any:
         return 1.0 if group["lr"] is None else group["lr"]
@@ -571,10 +757,10 @@ class AdamP(NibbleOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
                                       wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _betas("betas", g["betas"])
@@ -592,9 +778,9 @@ class QHM(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.999, nu: float = 0.7,
                  weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         return {"momentum": _number("momentum", g["momentum"], 0.0, 1.0, True), "nu": _number("nu", g["nu"], 0.0, 1.0),
@@ -610,9 +796,9 @@ class SophiaG(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, bs: int = 5120, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
-                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0) -> None:
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _betas("betas", g["betas"])
@@ -629,6 +815,7 @@ class SophiaG(NibbleOptimizer):
         for index, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue
+            made = self._nibble(index)
             given = estimates[index] if estimates is not None else [
                 None if p.grad is None else p.grad.float() * p.grad.float() for p in group["params"]]
             if len(given) != len(group["params"]):
@@ -636,12 +823,13 @@ class SophiaG(NibbleOptimizer):
             keep = []
             for p, e in zip(group["params"], given):
                 if e is not None:
+                    e, p = _local(e), _local(p)
                     if e.shape != p.shape:
                         raise ValueError(f"a Hessian estimate has shape {tuple(e.shape)}, its parameter {tuple(p.shape)}")
                     e = e.to(device=p.device, dtype=torch.float32).contiguous()
                 keep.append(e)
             array = (ctypes.c_void_p * max(len(keep), 1))(*[None if e is None else e.data_ptr() for e in keep])
-            _lib.check(_lib.lib.nibble_update_hessian(self._nibble(index).handle, array, len(keep)))
+            _lib.check(_lib.lib.nibble_update_hessian(made.handle, array, len(keep)))
 
 
 def _with_precision(base: type, precision: str, name: str) -> type:

@@ -184,6 +184,8 @@ int nibble_create(const char* options_json, const nibble_param* params, int64_t 
         throw nibble::InvalidArgument(fmt::format("parameter '{}' has rank {} and shape {}", param.name, p.rank,
                                                   p.shape == nullptr ? "NULL" : "given"));
       param.shape.assign(p.shape, p.shape + p.rank);
+      if (p.global_shape != nullptr) param.global_shape.assign(p.global_shape, p.global_shape + p.rank);
+      param.split = p.split != 0;
       param.data = p.data;
       param.grad = p.grad;
       param.dtype = element_type(p.dtype, "dtype", param.name);
@@ -228,6 +230,33 @@ int nibble_step(nibble_optimizer* optimizer, float grad_scale, float lr_scale, i
       if (grad_norm) *grad_norm = r.grad_norm;
       if (step) *step = r.step;
     }
+  });
+}
+
+int nibble_grad_square_sum(nibble_optimizer* optimizer, const uint8_t* counted, int64_t count, double* out) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(out, "out");
+    if (counted != nullptr && count < 0) throw nibble::InvalidArgument(fmt::format("flag count {} is negative", count));
+    *out = optimizer->optimizer.grad_square_sum(
+        counted != nullptr ? std::span<const std::uint8_t>(counted, static_cast<std::size_t>(count))
+                           : std::span<const std::uint8_t>());
+  });
+}
+
+int nibble_step_with_square_sum(nibble_optimizer* optimizer, float grad_scale, float lr_scale, int32_t found_inf,
+                                double grad_square_sum, int32_t* skipped, double* grad_norm, int64_t* step) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    nibble::StepOptions so;
+    so.grad_scale = grad_scale;
+    so.lr_scale = lr_scale;
+    so.found_inf = found_inf != 0;
+    so.grad_square_sum = grad_square_sum;
+    const nibble::StepResult r = optimizer->optimizer.step(so);
+    if (skipped) *skipped = r.skipped ? 1 : 0;
+    if (grad_norm) *grad_norm = r.grad_norm;
+    if (step) *step = r.step;
   });
 }
 

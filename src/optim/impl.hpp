@@ -4,6 +4,7 @@
 #pragma once
 
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -114,8 +115,13 @@ inline bool uses_rank1(bool requested, Algorithm algorithm, Precision precision,
 }
 
 namespace cpu {
-// Returns the global gradient norm (of grad * inv_scale) in double; NaN/inf when not finite.
-double grad_norm(Optimizer::Impl& impl, float inv_scale);
+// The sum of squared gradients of the tensors that have one (and whose `counted` flag is not 0,
+// when given), in double, in chunk order; NaN/inf when not finite.
+double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted);
+// The gradient norm of grad * inv_scale from a sum of squares: the same arithmetic on every path.
+inline double grad_norm_from(double square_sum, float inv_scale) {
+  return std::sqrt(square_sum) * static_cast<double>(inv_scale);
+}
 // One optimizer step over every tensor that has a gradient (the step counters already advanced).
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);

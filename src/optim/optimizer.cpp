@@ -86,6 +86,50 @@ void check_dtypes(const Param& param, bool on_cuda) {
                                       dtype_name(param.grad_dtype)));
 }
 
+// A shard's global shape: checked against its local shape, or the local shape when none is given.
+std::vector<std::int64_t> global_shape_of(const Param& param, std::int64_t local_numel) {
+  if (param.global_shape.empty()) {
+    if (param.split)
+      throw InvalidArgument(fmt::format("parameter '{}' is marked split but has no global shape", param.name));
+    return param.shape;
+  }
+  const std::vector<std::int64_t>& global = param.global_shape;
+  if (global.size() != param.shape.size())
+    throw InvalidArgument(fmt::format("parameter '{}': its shard has {} dimensions, its global shape {}",
+                                      param.name, param.shape.size(), global.size()));
+  for (std::size_t d = 0; d < global.size(); ++d)
+    if (param.shape[d] > global[d])
+      throw InvalidArgument(fmt::format("parameter '{}': its shard is {} long in dimension {}, more than the "
+                                        "global shape's {}", param.name, param.shape[d], d, global[d]));
+  std::int64_t global_numel = 0;
+  try {
+    global_numel = shape_numel(global);
+  } catch (const InvalidArgument& e) {
+    throw InvalidArgument(fmt::format("parameter '{}', global shape: {}", param.name, e.what()));
+  }
+  if (!param.split && local_numel > 0 && local_numel != global_numel)
+    throw InvalidArgument(fmt::format("parameter '{}' holds {} of its {} elements but is not marked split",
+                                      param.name, local_numel, global_numel));
+  return global;
+}
+
+// Refuses a split tensor for the algorithms whose update depends on statistics of the whole tensor;
+// reducing those statistics over the ranks would cost a collective per tensor per step.
+void check_split(const Param& param, Algorithm algo, std::size_t global_rank, bool rank1) {
+  if (!param.split) return;
+  const char* why = nullptr;
+  if (algo == Algorithm::kAdafactor)
+    why = global_rank >= 2 ? "adafactor's factored second moment keeps row and column means of the whole matrix"
+                           : "adafactor scales and clips its update by the RMS of the whole tensor";
+  else if (algo == Algorithm::kAdamP && global_rank >= 2)
+    why = "adamp's projection test takes cosines over whole rows and over the whole tensor";
+  else if (rank1)
+    why = "rank-1 4-bit second moments are scaled by row and column maxima of the whole matrix";
+  if (why != nullptr)
+    throw InvalidArgument(fmt::format("parameter '{}' is split across ranks, and {}: keep it whole on one rank "
+                                      "(a replicated tensor) or use another algorithm", param.name, why));
+}
+
 bool keeps_master(const TensorState& t, const OptimizerOptions& options) {
   return options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
 }
@@ -148,6 +192,9 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
           throw InvalidArgument(fmt::format("parameter '{}' is listed twice (same data as '{}')", param.name, it->second));
       }
       check_dtypes(param, on_cuda);
+      const std::vector<std::int64_t> global = global_shape_of(param, t.numel);
+      const std::int64_t global_numel = shape_numel(global);
+      const std::size_t global_rank = global.size();
       t.param = param;
       t.group = static_cast<int>(gi);
       t.offset = im.total_numel;
@@ -158,15 +205,15 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.batch_rows = rank >= 2 ? param.shape[rank - 2] : 1;
       t.lr = group.lr.value_or(hyper.lr);
       t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
-      if (name_matches(param.name, options.no_decay_names) || (options.no_decay_vectors && rank < 2))
+      if (name_matches(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
       Precision precision = group.precision.value_or(options.precision);
       if (precision != Precision::kFp32 &&
-          (t.numel < options.min_quant_size || name_matches(param.name, options.full_precision_names)))
+          (global_numel < options.min_quant_size || name_matches(param.name, options.full_precision_names)))
         precision = Precision::kFp32;
       t.precision = precision;
       t.block = resolve_block(precision, options.block_size);
-      t.factored = is_factored(algo, param.shape) && t.numel > 0;
+      t.factored = is_factored(algo, global) && t.numel > 0;
       SlotSpec specs[kMaxSlots];
       t.slot_count = slot_specs(algo, hyper, t.factored, specs);
       for (int j = 0; j < t.slot_count; ++j) {
@@ -175,10 +222,13 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
         s.is_signed = specs[j].is_signed;
         s.precision = precision;
         s.codebook = codebook_for(precision, s.is_signed);
-        s.rank1 = uses_rank1(options.rank1_second_moment, algo, precision, s.is_signed, rank) && t.numel > 0;
+        const bool rank1 = uses_rank1(options.rank1_second_moment, algo, precision, s.is_signed, global_rank);
+        check_split(param, algo, global_rank, rank1);
+        s.rank1 = rank1 && t.numel > 0;
         s.blocks = (t.numel + t.block - 1) / t.block;
       }
-      if (algo == Algorithm::kAdamP && rank >= 2) {
+      check_split(param, algo, global_rank, false);
+      if (algo == Algorithm::kAdamP && global_rank >= 2) {
         const std::int64_t rows0 = param.shape[0];
         // gp, gg, pp per row, then the dot products: per row, or per fixed segment of the tensor.
         const std::int64_t segments = (t.numel + kChunkElements - 1) / kChunkElements;
@@ -264,6 +314,9 @@ StepResult Optimizer::step(const StepOptions& options) {
   StepResult result;
   result.grad_norm = std::numeric_limits<double>::quiet_NaN();
   if (im.device) {
+    if (options.grad_square_sum)
+      throw InvalidArgument("a step with a gradient square sum from all ranks runs on the CPU backend only "
+                            "(this optimizer is on CUDA)");
     cuda::set_scalars(im, options.grad_scale, options.lr_scale, options.found_inf);
     cuda::enqueue_step(im);
     if (!options.synchronize) {
@@ -279,8 +332,9 @@ StepResult Optimizer::step(const StepOptions& options) {
     return result;
   }
   const float inv_scale = 1.0f / options.grad_scale;
-  if (im.options.check_finite || im.options.max_grad_norm > 0.0f) {
-    result.grad_norm = cpu::grad_norm(im, inv_scale);
+  if (options.grad_square_sum || im.options.check_finite || im.options.max_grad_norm > 0.0f) {
+    result.grad_norm = cpu::grad_norm_from(options.grad_square_sum ? *options.grad_square_sum
+                                                                   : cpu::grad_square_sum(im, {}), inv_scale);
     // The norm is summed in double; a norm beyond float range means some g / grad_scale would
     // overflow to inf in the float update, so that step is skipped like an inf gradient.
     if (!std::isfinite(result.grad_norm) || result.grad_norm > std::numeric_limits<float>::max()) {
@@ -301,6 +355,16 @@ StepResult Optimizer::step(const StepOptions& options) {
   cpu::step(im, inv_scale * clip, options.lr_scale);
   result.step = im.steps;
   return result;
+}
+
+double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
+  Impl& im = *impl_;
+  if (im.device)
+    throw InvalidArgument("grad_square_sum() runs on the CPU backend only (this optimizer is on CUDA)");
+  if (!counted.empty() && counted.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("grad_square_sum needs {} flags (one per parameter), got {}", im.tensors.size(),
+                                      counted.size()));
+  return cpu::grad_square_sum(im, counted);
 }
 
 void Optimizer::enqueue_step() {

@@ -600,7 +600,7 @@ struct BlockRule {
 
 }  // namespace
 
-double grad_norm(Optimizer::Impl& impl, float inv_scale) {
+double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted) {
   parallel_chunks(impl, [&](std::int64_t c, const Chunk& ch, TensorState& t, BlockScratch&) {
     // Independent accumulators (see kSumLanes): a single one ran this pass at half the copy
     // bandwidth.
@@ -619,9 +619,11 @@ double grad_norm(Optimizer::Impl& impl, float inv_scale) {
     impl.chunk_partials[c] = sum_lanes(acc);
   });
   double total = 0.0;
-  for (std::size_t c = 0; c < impl.chunks.size(); ++c)
-    if (impl.tensors[impl.chunks[c].tensor].param.grad != nullptr) total += impl.chunk_partials[c];
-  return std::sqrt(total) * static_cast<double>(inv_scale);
+  for (std::size_t c = 0; c < impl.chunks.size(); ++c) {
+    const int i = impl.chunks[c].tensor;
+    if (impl.tensors[i].param.grad != nullptr && (counted.empty() || counted[i] != 0)) total += impl.chunk_partials[c];
+  }
+  return total;
 }
 
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale) {

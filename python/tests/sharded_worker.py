@@ -1,0 +1,361 @@
+"""One rank of nibble's sharded tests (test_sharded.py starts one process per rank): gloo on the
+CPU, every case compared with single-process nibble on the same model, data and seed. The
+gradients are made identical first: each rank's shard receives the exact slice of the
+single-process gradient, so an optimizer bug cannot hide behind reduce-scatter rounding.
+Usage: python sharded_worker.py RANK WORLD PORT OUT_DIR"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+
+import nibble
+from nibble.optim import _save
+
+STEPS = 10
+ALGORITHMS = {
+    "sgd": (nibble.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    "adam": (nibble.Adam, dict(lr=1e-2, weight_decay=1e-2)),
+    "adamw": (nibble.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "lion": (nibble.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    "qhm": (nibble.QHM, dict(lr=0.05)),
+    "sophiag": (nibble.SophiaG, dict(lr=1e-3)),
+    "adafactor": (nibble.Adafactor, dict()),
+    "adamp": (nibble.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
+}
+WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
+
+
+def mlp() -> torch.nn.Module:
+    """(128, 32): 4096 elements, quantized by the global min_quant_size and block-aligned shards at 2
+    and 4 ranks; (13, 128): uneven shards; (3, 13) and (3,): fewer rows than 4 ranks (an empty
+    local shard)."""
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 13), torch.nn.Tanh(),
+                               torch.nn.Linear(13, 3))
+
+
+def batch(step: int) -> torch.Tensor:
+    return torch.randn(8, 32, generator=torch.Generator().manual_seed(100 + step))
+
+
+def rows_of(p: DTensor) -> tuple[int, int]:
+    """(first row, rows) of this rank's Shard(0) piece, torch.chunk's layout."""
+    n, world = p.shape[0], p.device_mesh.size()
+    piece = -(-n // world)
+    start = min(dist.get_rank() * piece, n)
+    return start, p.to_local().shape[0]
+
+
+def exact_grads(ref: torch.nn.Module, sharded: torch.nn.Module) -> None:
+    """Overwrites every sharded gradient with the exact slice of the single-process one."""
+    with torch.no_grad():
+        for pr, ps in zip(ref.parameters(), sharded.parameters()):
+            if isinstance(ps, DTensor) and ps.placements[0].is_shard():
+                start, rows = rows_of(ps)
+                ps.grad.to_local().copy_(pr.grad[start:start + rows])
+            elif isinstance(ps, DTensor):
+                ps.grad.to_local().copy_(pr.grad)
+            else:
+                ps.grad.copy_(pr.grad)
+
+
+def step_both(ref, sharded, opt_ref, opt_sh, step: int, hessian: bool = False, before_step=None) -> None:
+    x = batch(step)
+    for net in (ref, sharded):
+        net.zero_grad()
+        net(x).square().mean().backward()
+    exact_grads(ref, sharded)
+    if before_step is not None:
+        before_step(ref, sharded)
+    opt_ref.step()
+    opt_sh.step()
+    if hessian:
+        opt_ref.update_hessian()
+        opt_sh.update_hessian()
+
+
+def full(p: torch.Tensor) -> torch.Tensor:
+    return p.full_tensor() if isinstance(p, DTensor) else p
+
+
+def assert_params_equal(ref: torch.nn.Module, sharded: torch.nn.Module, what: str) -> None:
+    for i, (pr, ps) in enumerate(zip(ref.parameters(), sharded.parameters())):
+        got = full(ps.detach())
+        if not torch.equal(got, pr.detach()):
+            diff = (got - pr.detach()).abs().max().item()
+            raise AssertionError(f"{what}: parameter {i} differs from single-process nibble (max |diff| {diff})")
+
+
+def assert_state_equal(opt_ref, opt_sh, ref: torch.nn.Module, sharded: torch.nn.Module, what: str) -> int:
+    """Every state tensor of this rank's shards equals the matching slice of the single-process
+    state: fp32 values, and for quantized state the codes and the per-block absmax. Returns how many
+    tensors had quantized state."""
+    mine, _ = _save(opt_sh._groups[0].handle)
+    theirs, _ = _save(opt_ref._groups[0].handle)
+    quantized = 0
+    for i, (pr, ps) in enumerate(zip(ref.parameters(), sharded.parameters())):
+        cols = pr[0].numel() if pr.dim() else 1
+        start, rows = rows_of(ps) if ps.placements[0].is_shard() else (0, pr.shape[0] if pr.dim() else 1)
+        prefix = f"state.{i}."
+        for name, t in mine.items():
+            if not name.startswith(prefix):
+                continue
+            full_state = theirs[name].reshape(-1)
+            if name.endswith(".codes"):
+                quantized += 1
+                per_byte = 2 if t.numel() * 2 == rows * cols or t.numel() * 2 == rows * cols + 1 else 1
+                begin, count = start * cols // per_byte, t.numel()
+            elif name.endswith(".absmax"):
+                block = (rows * cols + t.numel() - 1) // max(t.numel(), 1) if t.numel() else 1
+                block = 1 << (block - 1).bit_length()
+                begin, count = start * cols // block, t.numel()
+            else:
+                begin, count = start * cols, t.numel()
+            if not torch.equal(t.reshape(-1), full_state[begin:begin + count]):
+                raise AssertionError(f"{what}: state {name} of rank {dist.get_rank()} differs from the slice of the "
+                                     "single-process state")
+    return quantized
+
+
+def fsdp_pair(cls, kwargs):
+    ref = mlp()
+    sharded = copy.deepcopy(ref)
+    for layer in sharded:
+        if isinstance(layer, torch.nn.Linear):
+            fully_shard(layer)
+    fully_shard(sharded)
+    return ref, sharded, cls(ref.parameters(), **kwargs), cls(sharded.parameters(), **kwargs)
+
+
+# -- the cases; each returns a short note or raises -------------------------------------------------
+
+def case_algorithm(name: str, precision: str):
+    def run() -> str:
+        cls, kwargs = ALGORITHMS[name]
+        kwargs = dict(kwargs, precision=precision)
+        if name in WHOLE_TENSOR:
+            ref = mlp()
+            sharded = copy.deepcopy(ref)
+            fully_shard(sharded)
+            try:
+                cls(sharded.parameters(), **kwargs)
+            except ValueError as e:
+                if "param.0" not in str(e) or "split across ranks" not in str(e):
+                    raise AssertionError(f"the refusal does not name the parameter and why: {e}")
+                return "refused"
+            raise AssertionError(f"{name} took a split tensor")
+        ref, sharded, opt_ref, opt_sh = fsdp_pair(cls, kwargs)
+        for step in range(STEPS):
+            step_both(ref, sharded, opt_ref, opt_sh, step, hessian=name == "sophiag")
+        assert_params_equal(ref, sharded, f"{name} {precision}")
+        quantized = assert_state_equal(opt_ref, opt_sh, ref, sharded, f"{name} {precision}")
+        if precision != "fp32" and quantized == 0:
+            raise AssertionError("the 4096-element weight should have quantized state (global min_quant_size)")
+        return "equal"
+    return run
+
+
+def replicated_pair(cls, kwargs, mesh, whole_rows: bool):
+    """A model whose parameters are replicated DTensors, or (whole_rows) sharded but each held
+    whole by one rank (dimension 0 of size 1)."""
+    torch.manual_seed(0)
+    shapes = [(1, 64), (1, 16)] if whole_rows else [(24, 16), (24,)]
+    ref = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s)) for s in shapes])
+    placement = Shard(0) if whole_rows else Replicate()
+    sharded = torch.nn.ParameterList([torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [placement]))
+                                      for p in ref])
+    return ref, sharded, cls(ref.parameters(), **kwargs), cls(sharded.parameters(), **kwargs)
+
+
+def case_whole_tensors(name: str, mesh, whole_rows: bool):
+    def run() -> str:
+        cls, kwargs = ALGORITHMS[name]
+        ref, sharded, opt_ref, opt_sh = replicated_pair(cls, kwargs, mesh, whole_rows)
+        for step in range(STEPS):
+            gen = torch.Generator().manual_seed(step)
+            with torch.no_grad():
+                for pr, ps in zip(ref, sharded):
+                    pr.grad = torch.randn(pr.shape, generator=gen)
+                    if whole_rows:
+                        start, rows = rows_of(ps)
+                        local = pr.grad[start:start + rows].clone()
+                    else:
+                        local = pr.grad.clone()
+                    ps.grad = DTensor.from_local(local, mesh, ps.placements, shape=ps.shape, stride=ps.stride())
+            opt_ref.step()
+            opt_sh.step()
+        for i, (pr, ps) in enumerate(zip(ref, sharded)):
+            if not torch.equal(full(ps.detach()), pr.detach()):
+                raise AssertionError(f"{name}: parameter {i} differs from single-process nibble")
+        return "equal"
+    return run
+
+
+def case_mixed_precisions():
+    ref, sharded = mlp(), None
+    sharded = copy.deepcopy(ref)
+    fully_shard(sharded)
+
+    def groups(net):
+        params = list(net.parameters())
+        return [{"params": params[:2], "precision": "8bit"}, {"params": params[2:3], "precision": "4bit"},
+                {"params": params[3:], "precision": "fp32"}]
+    opt_ref = nibble.AdamW(groups(ref), lr=1e-2, min_quant_size=0, block_size=32)
+    opt_sh = nibble.AdamW(groups(sharded), lr=1e-2, min_quant_size=0, block_size=32)
+    for step in range(STEPS):
+        step_both(ref, sharded, opt_ref, opt_sh, step)
+    # Quantized shards start on a block boundary at block size 32: (128, 32) and (128,) split into
+    # 2 or 4 equal pieces, (13, 128) into whole rows of 128 elements.
+    assert_params_equal(ref, sharded, "groups at 8bit, 4bit and fp32")
+    return "equal"
+
+
+def case_clipping(mesh):
+    ref, sharded, opt_ref, opt_sh = fsdp_pair(nibble.AdamW, dict(lr=1e-2, max_grad_norm=0.05))
+    torch_ref = copy.deepcopy(ref)
+    opt_torch = nibble.AdamW(torch_ref.parameters(), lr=1e-2)
+    for step in range(STEPS):
+        torch_ref.zero_grad()
+        torch_ref(batch(step)).square().mean().backward()
+        norm = torch.nn.utils.clip_grad_norm_(torch_ref.parameters(), 0.05)
+        opt_torch.step()
+        step_both(ref, sharded, opt_ref, opt_sh, step)
+        if abs(opt_sh.last_grad_norm - norm.item()) > 1e-6 * norm.item():
+            raise AssertionError(f"step {step}: global norm {opt_sh.last_grad_norm}, clip_grad_norm_ {norm.item()}")
+        if norm.item() <= 0.05:
+            raise AssertionError("the test should clip")
+    assert_params_equal(ref, sharded, "clipping: sharded against single-process nibble")
+    for pr, pt in zip(ref.parameters(), torch_ref.parameters()):
+        # nibble sums the norm in double, clip_grad_norm_ in float: the clip coefficients may
+        # differ in the last float bit, which AdamW's normalised update nearly cancels.
+        torch.testing.assert_close(pr, pt, rtol=1e-5, atol=1e-6)
+    return "equal"
+
+
+def case_nan_on_one_rank(mesh):
+    ref, sharded, opt_ref, opt_sh = fsdp_pair(nibble.AdamW8bit, dict(lr=1e-2))
+    for step in range(3):
+        step_both(ref, sharded, opt_ref, opt_sh, step)
+    before = [full(p.detach()).clone() for p in sharded.parameters()]
+    state_before, _ = _save(opt_sh._groups[0].handle)
+    x = batch(3)
+    sharded.zero_grad()
+    sharded(x).square().mean().backward()
+    if dist.get_rank() == dist.get_world_size() - 1:
+        with torch.no_grad():
+            next(iter(sharded.parameters())).grad.to_local().view(-1)[0] = float("nan")
+    opt_sh.step()
+    after = [full(p.detach()) for p in sharded.parameters()]
+    state_after, _ = _save(opt_sh._groups[0].handle)
+    for i, (a, b) in enumerate(zip(before, after)):
+        if not torch.equal(a, b):
+            raise AssertionError(f"parameter {i} changed in a step with a NaN gradient on the last rank")
+    for name, t in state_before.items():
+        if not torch.equal(t, state_after[name]):
+            raise AssertionError(f"state {name} changed in a skipped step")
+    counters = [None] * dist.get_world_size()
+    dist.all_gather_object(counters, opt_sh.counters())
+    if any(c != counters[0] for c in counters) or counters[0][0] != (3, 1):
+        raise AssertionError(f"counters (steps, skipped) per rank: {counters}")
+    return "skipped on every rank"
+
+
+def case_ddp():
+    from torch.nn.parallel import DistributedDataParallel
+    ref = mlp()
+    net = DistributedDataParallel(copy.deepcopy(ref))
+    opt_ref = nibble.AdamW8bit(ref.parameters(), lr=1e-2, min_quant_size=0)
+    opt = nibble.AdamW8bit(net.parameters(), lr=1e-2, min_quant_size=0)
+    for step in range(STEPS):
+        step_both(ref, net, opt_ref, opt, step)
+    assert_params_equal(ref, net.module, "DDP")
+    return "equal"
+
+
+def case_zero():
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+    ref = mlp()
+    net = DistributedDataParallel(copy.deepcopy(ref))
+    opt_ref = nibble.AdamW8bit(ref.parameters(), lr=1e-2, min_quant_size=0)
+    opt = ZeroRedundancyOptimizer(net.parameters(), optimizer_class=nibble.AdamW8bit, lr=1e-2, min_quant_size=0)
+    for step in range(STEPS):
+        step_both(ref, net, opt_ref, opt, step)
+    assert_params_equal(ref, net.module, "ZeroRedundancyOptimizer")
+    return "equal"
+
+
+def expect_error(kind, words, fn) -> None:
+    try:
+        fn()
+    except kind as e:
+        for w in words:
+            if w not in str(e):
+                raise AssertionError(f"the error does not say {w!r}: {e}")
+        return
+    raise AssertionError(f"no {kind.__name__} raised")
+
+
+def case_bad_input(mesh):
+    other = init_device_mesh("cpu", (dist.get_world_size(),), mesh_dim_names=("other",))
+    a = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
+    b = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), other, [Shard(0)]))
+    plain = torch.nn.Parameter(torch.randn(8, 4))
+    expect_error(ValueError, ["parameter 1", "mesh"], lambda: nibble.AdamW([a, b]))
+    expect_error(ValueError, ["mixes DTensor", "parameter 1"], lambda: nibble.AdamW([a, plain]))
+    opt = nibble.AdamW([a])
+    expect_error(ValueError, ["mesh"], lambda: opt.add_param_group({"params": [b]}))
+    if len(opt.param_groups) != 1:
+        raise AssertionError("a refused add_param_group left a group behind")
+    opt.add_param_group({"params": [plain]})  # plain tensors in a group of their own: replicated
+    expect_error(NotImplementedError, ["sharded"], opt.state_dict)
+    return "refused"
+
+
+def cases(mesh, world: int) -> dict:
+    out = {}
+    for name in ALGORITHMS:
+        for precision in ("fp32", "8bit", "4bit"):
+            out[f"fsdp-{name}-{precision}"] = case_algorithm(name, precision)
+    for name in ("adafactor", "adamp", "adamw"):
+        out[f"replicated-{name}"] = case_whole_tensors(name, mesh, False)
+        out[f"whole-rows-{name}"] = case_whole_tensors(name, mesh, True)
+    out["mixed-precisions"] = case_mixed_precisions
+    out["clipping"] = lambda: case_clipping(mesh)
+    out["nan-on-one-rank"] = lambda: case_nan_on_one_rank(mesh)
+    out["ddp"] = case_ddp
+    out["zero"] = case_zero
+    out["bad-input"] = lambda: case_bad_input(mesh)
+    return out
+
+
+def main() -> None:
+    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh("cpu", (world,))
+    results = {}
+    for name, run in cases(mesh, world).items():
+        try:
+            results[name] = {"ok": True, "note": run()}
+        except Exception:  # reported to the test, which fails naming the case
+            results[name] = {"ok": False, "note": traceback.format_exc()}
+        dist.barrier()
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
