@@ -89,6 +89,18 @@ NIBBLE_C_EXPORT int nibble_counters(nibble_optimizer* optimizer, int64_t* steps,
 NIBBLE_C_EXPORT int nibble_state_bytes(nibble_optimizer* optimizer, int64_t* params, int64_t* bytes);
 NIBBLE_C_EXPORT int nibble_save(nibble_optimizer* optimizer, const char* path);
 NIBBLE_C_EXPORT int nibble_load(nibble_optimizer* optimizer, const char* path);
+/* Sharded checkpoints. The values of state `name` ("exp_avg", "master", ...) of one parameter as
+ * fp32, count of them (the parameter's element count; Adafactor's factors their own): quantized
+ * state dequantized so that nibble_set_state_values gives back the same codes and absmax where the
+ * blocks are the same. nibble_set_state_values quantizes, rounds or copies them back after checking
+ * the count and that they are finite (and >= 0 for second moments); nothing changes on an error.
+ * nibble_set_step_counts sets each parameter's step count, the steps taken and the skipped. */
+NIBBLE_C_EXPORT int nibble_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name, float* out,
+                                        int64_t count);
+NIBBLE_C_EXPORT int nibble_set_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name,
+                                            const float* values, int64_t count);
+NIBBLE_C_EXPORT int nibble_set_step_counts(nibble_optimizer* optimizer, const int64_t* tensor_steps, int64_t count,
+                                           int64_t steps, int64_t skipped);
 /* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. */
 NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count);
 

@@ -162,6 +162,14 @@ class Optimizer {
   // dequantized values (row/column vectors of factored Adafactor come back as stored).
   std::vector<std::string> state_names(std::size_t param_index) const;
   std::vector<float> state_values(std::size_t param_index, std::string_view name) const;
+  // Sharded checkpoints: state_values whose quantized slots set_state_values turns back into the
+  // same codes and absmax when the blocks are the same (see cpu::read_slot_portable), and the
+  // reverse, which quantizes, rounds or copies `values` into one state tensor. It checks them
+  // (count, finite, >= 0 for second moments) before writing; rank-1 4-bit state is refused.
+  std::vector<float> portable_state_values(std::size_t param_index, std::string_view name) const;
+  void set_state_values(std::size_t param_index, std::string_view name, std::span<const float> values);
+  // Step counts, as a loaded state sets them: one per parameter, the optimizer's steps and skips.
+  void set_step_counts(std::span<const std::int64_t> tensor_steps, std::int64_t steps, std::int64_t skipped);
 
   // The whole optimizer state as safetensors (atomic write). load() checks the file against
   // this optimizer first and changes nothing unless every check passes.

@@ -3,6 +3,7 @@ AdamP, QHM and SophiaG with state at fp32, bf16, 8-bit or 4-bit, stepped by nibb
 library in one call per parameter group (no per-parameter Python loop, no synchronisation)."""
 from __future__ import annotations
 
+import collections
 import ctypes
 import functools
 import json
@@ -76,6 +77,18 @@ def _layout(p: torch.Tensor) -> tuple[bool, bool]:
             raise ValueError(f"a DTensor parameter has placement {placement}; nibble steps Shard and Replicate "
                              "parameters")
     return split, counted
+
+
+class _StateView(collections.defaultdict):
+    """torch's `optimizer.state`. nibble keeps its state inside the library, so this stays empty,
+    but it is true once the library holds state: torch.distributed.checkpoint's state-dict helpers
+    take a step with zero gradients and lr 0 on an optimizer whose `state` is false, which would
+    decay nibble's moments and count a step."""
+
+    holds_state = False
+
+    def __bool__(self) -> bool:
+        return self.holds_state or len(self) > 0
 
 
 class _Group:
@@ -163,6 +176,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
         self._constructed = False
         self.last_grad_norm = float("nan")
         super().__init__(params, defaults)  # validates every group in add_param_group
+        self.state = _StateView(dict)
         self._constructed = True
         self._check_devices()
         self._create_sharded()
@@ -277,18 +291,31 @@ class NibbleOptimizer(torch.optim.Optimizer):
             return existing
         if existing is not None and existing.ahead:
             existing = None
+        if existing is not None:
+            options = self._options(group, existing.device)
+            if existing.options != options:
+                raise ValueError(f"parameter group {index}: only lr may change after the first step; "
+                                 f"{self._changed(existing.options, options)} changed")
+            existing.key = key
+            return existing
+        made = self._create(index, group)
+        self._register(index, made)
+        return made
+
+    def _register(self, index: int, made: _Group) -> None:
+        _LIVE[made.handle] = made
+        self._groups[index] = made
+        self.state.holds_state = True
+
+    def _create(self, index: int, group: dict) -> _Group:
+        """A new nibble optimizer for `group` (zero state), not yet the one behind group `index`."""
+        key = self._fixed_key(group)
         params = group["params"]
         devices = {p.device for p in params}
         if len(devices) > 1:
             raise ValueError(f"parameter group {index} holds parameters on several devices: {sorted(map(str, devices))}")
         device = next(iter(devices)) if devices else torch.device("cpu")
         options = self._options(group, device)
-        if existing is not None:
-            if existing.options != options:
-                raise ValueError(f"parameter group {index}: only lr may change after the first step; "
-                                 f"{self._changed(existing.options, options)} changed")
-            existing.key = key
-            return existing
         grad_dtypes = [p.grad.dtype if p.grad is not None else (p.dtype if p.dtype != torch.float32 else torch.float32)
                        for p in params]
         structs = (_lib.NibbleParam * max(len(params), 1))()
@@ -328,8 +355,6 @@ class NibbleOptimizer(torch.optim.Optimizer):
         made.key = key
         if self._mesh is not None:
             made.counted = (ctypes.c_uint8 * max(len(counted), 1))(*counted)
-        _LIVE[made.handle] = made
-        self._groups[index] = made
         return made
 
     @staticmethod
@@ -453,8 +478,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         """PyTorch's layout: {"state": {param index: {"step", "exp_avg", ...}}, "param_groups": [...]}.
         Quantized state appears as uint8 "<name>.codes" plus float32 "<name>.absmax" (or
-        "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device."""
-        self._refuse_sharded_checkpoint("state_dict")
+        "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device.
+        A sharded optimizer's state is DTensors shaped like the parameters (see _sharded_state_dict)."""
+        if self._mesh is not None:
+            return self._sharded_state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
         groups = []
         first = 0
@@ -478,13 +505,140 @@ class NibbleOptimizer(torch.optim.Optimizer):
             first += count
         return {"state": state, "param_groups": groups}
 
-    def _refuse_sharded_checkpoint(self, what: str) -> None:
-        if self._mesh is not None:
-            raise NotImplementedError(f"{what}(): nibble does not save or load the state of sharded (DTensor) "
-                                      "parameters yet; distributed checkpoints come in a later version")
+    # NOTE: the layout of a sharded checkpoint. Every per-parameter entry is a DTensor on the
+    # parameter's mesh with its placements and its GLOBAL shape, so torch.distributed.checkpoint
+    # cuts and joins it for any world size like the model's own weights; the only other entries are
+    # plain tensors that are the same on every rank ("step", and Adafactor's factors of replicated
+    # tensors). Quantized slots are stored as their dequantized fp32 values: their codes would
+    # reshard, but the per-block absmax belongs to blocks that start where each rank's shard starts,
+    # and FSDP2's ceil-division shards (uneven rows, 4-bit pairs, blocks wider than a shard) move
+    # those starts with the world size, so no single global layout of absmax exists. Loading
+    # re-quantizes block by block on each rank. The values are written so that the same blocks give
+    # back the same codes and absmax (read_slot_portable in the library): resuming at the same world
+    # size, or at one whose shards start on the same block boundaries, is exact; elsewhere each
+    # value moves by at most the codec's round-trip error (half a code gap times the new block's
+    # absmax). The price is a checkpoint of 4 bytes per element per quantized slot, like
+    # torch.optim.AdamW's, while training memory stays quantized.
+
+    def _sharded_state_dict(self) -> dict:
+        """The state of a sharded optimizer, for torch.distributed.checkpoint (DCP): per parameter
+        "step" and one DTensor per state tensor (exp_avg, exp_avg_sq, master, ...) shaped like the
+        parameter, quantized state dequantized to fp32; each group's "nibble" section names the
+        format, the algorithm, the step counts and every parameter's global shape and state names."""
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        groups = []
+        first = 0
+        for index, group in enumerate(self.param_groups):
+            saved = {k: v for k, v in group.items() if k != "params"}
+            count = len(group["params"])
+            saved["params"] = list(range(first, first + count))
+            if count:
+                made = self._nibble(index)
+                tensors, metadata = _save(made.handle)
+                layout = json.loads(metadata["layout"])
+                described = []
+                for i, p in enumerate(group["params"]):
+                    names = _state_names(layout[i])
+                    entry: dict[str, torch.Tensor] = {"step": tensors["steps"][i].to(torch.float32)}
+                    for name in names:
+                        entry[name] = self._sharded_entry(made, index, i, p, name, layout[i], tensors)
+                    state[first + i] = entry
+                    described.append({"shape": list(p.shape), "precision": layout[i]["precision"], "state": names})
+                saved["nibble"] = {"format": _SHARDED_FORMAT, "algorithm": metadata["algorithm"],
+                                   "step": metadata["step"], "skipped": metadata["skipped"],
+                                   "layout": json.dumps(described)}
+            groups.append(saved)
+            first += count
+        return {"state": state, "param_groups": groups}
+
+    @staticmethod
+    def _sharded_entry(made: _Group, index: int, i: int, p: torch.Tensor, name: str, layout: dict,
+                       tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        local = _local(p)
+        if name in ("exp_avg_sq_row", "exp_avg_sq_col"):
+            # Factored Adafactor runs only on tensors that no rank splits; replicated ones hold the
+            # same factors on every rank.
+            if _is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
+                raise NotImplementedError(f"state_dict(): parameter {i} of group {index} keeps factored Adafactor "
+                                          f"state while sharded {list(p.placements)}; checkpoint it replicated")
+            return tensors[f"state.{i}.{name}"]
+        if f"state.{i}.{name}" in tensors:  # fp32 or bf16: exactly as held
+            values = tensors[f"state.{i}.{name}"].reshape(local.shape)
+        else:
+            values = torch.empty(local.shape, dtype=torch.float32)
+            _lib.check(_lib.lib.nibble_state_values(made.handle, i, name.encode(), values.data_ptr(), values.numel()))
+        if not _is_dtensor(p):
+            return values
+        from torch.distributed.tensor import DTensor
+        return DTensor.from_local(values, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                  stride=p.stride())
+
+    def _load_sharded(self, state_dict: dict, groups: list) -> None:
+        """Checks the whole sharded state against this optimizer, builds each group's nibble
+        optimizer anew from it, and only then swaps them in: a refused state changes nothing."""
+        updated = []
+        for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
+            merged = dict(group)
+            merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble")})
+            self._check_group(merged)
+            updated.append(merged)
+        fresh: dict[int, _Group] = {}
+        for index, (saved, group) in enumerate(zip(groups, updated)):
+            if not group["params"]:
+                continue
+            meta = saved.get("nibble")
+            if not isinstance(meta, dict) or meta.get("format") != _SHARDED_FORMAT:
+                found = meta.get("format") if isinstance(meta, dict) else None
+                raise ValueError(f"parameter group {index}: the state_dict is not a sharded nibble state (format "
+                                 f"{found!r}, expected {_SHARDED_FORMAT!r}); a sharded optimizer loads the state_dict "
+                                 "of a sharded one (any world size), e.g. through torch.distributed.checkpoint")
+            if meta.get("algorithm") != self.algorithm:
+                raise ValueError(f"parameter group {index}: the state_dict holds {meta.get('algorithm')!r} state, this "
+                                 f"optimizer runs {self.algorithm!r}")
+            described = json.loads(meta["layout"])
+            if len(described) != len(group["params"]):
+                raise ValueError(f"parameter group {index}: the state_dict describes {len(described)} parameters, "
+                                 f"this optimizer's group holds {len(group['params'])}")
+            made = self._create(index, group)
+            live = json.loads(_save(made.handle)[1]["layout"])
+            tensor_steps = []
+            for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+                where = f"parameter {key!r} (group {index}, position {i})"
+                if list(described[i]["shape"]) != list(p.shape):
+                    raise ValueError(f"{where}: the state_dict's global shape is {described[i]['shape']}, this "
+                                     f"optimizer's parameter has {list(p.shape)}")
+                names = _state_names(live[i])
+                if described[i]["state"] != names:
+                    raise ValueError(f"{where}: the state_dict holds state {described[i]['state']}, this optimizer "
+                                     f"keeps {names}")
+                entry = state_dict.get("state", {}).get(key)
+                if not isinstance(entry, dict):
+                    raise ValueError(f"{where}: the state_dict has no state for it")
+                for name in ["step"] + names:
+                    if name not in entry or not isinstance(entry[name], torch.Tensor):
+                        raise ValueError(f"{where}: the state_dict has no tensor {name!r}")
+                tensor_steps.append(int(entry["step"].item()))
+                for name in names:
+                    t = entry[name]
+                    if _is_dtensor(t) and list(t.shape) != list(p.shape):
+                        raise ValueError(f"{where}: state {name!r} has global shape {list(t.shape)}, the parameter "
+                                         f"{list(p.shape)}")
+                    values = _local(t).detach().to(device="cpu", dtype=torch.float32).contiguous()
+                    _lib.check(_lib.lib.nibble_set_state_values(made.handle, i, name.encode(), values.data_ptr(),
+                                                                values.numel()))
+            steps = (ctypes.c_int64 * max(len(tensor_steps), 1))(*tensor_steps)
+            _lib.check(_lib.lib.nibble_set_step_counts(made.handle, steps, len(tensor_steps),
+                                                       _count(meta, "step"), _count(meta, "skipped")))
+            fresh[index] = made
+        # Everything checked and loaded: the groups take the saved hyperparameters and the state.
+        for index, merged in enumerate(updated):
+            self.param_groups[index].update({k: v for k, v in merged.items() if k != "params"})
+            self._groups.pop(index, None)
+        for index, made in fresh.items():
+            made.key = self._fixed_key(self.param_groups[index])
+            self._register(index, made)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        self._refuse_sharded_checkpoint("load_state_dict")
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
@@ -493,6 +647,14 @@ class NibbleOptimizer(torch.optim.Optimizer):
             if len(saved.get("params", ())) != len(group["params"]):
                 raise ValueError(f"parameter group {index} of the state_dict holds {len(saved.get('params', ()))} "
                                  f"parameters, this optimizer's holds {len(group['params'])}")
+        if self._mesh is not None:
+            self._load_sharded(state_dict, groups)
+            return
+        for index, saved in enumerate(groups):
+            meta = saved.get("nibble")
+            if isinstance(meta, dict) and meta.get("format") == _SHARDED_FORMAT:
+                raise ValueError(f"parameter group {index}: the state_dict is the state of a sharded optimizer "
+                                 "(DTensor parameters); load it into one over the same sharded parameters")
         files = []
         try:
             for index, (saved, group) in enumerate(zip(groups, self.param_groups)):
@@ -521,6 +683,26 @@ class NibbleOptimizer(torch.optim.Optimizer):
         finally:
             for _, path in files:
                 os.unlink(path)
+
+
+_SHARDED_FORMAT = "nibble.sharded_state"
+
+
+def _state_names(layout: dict) -> list[str]:
+    """The state tensors of one parameter in a nibble state file's layout entry."""
+    names = [slot["name"] for slot in layout["slots"]]
+    if layout.get("master"):
+        names.append("master")
+    if layout.get("factored"):
+        names += ["exp_avg_sq_row", "exp_avg_sq_col"]
+    return names
+
+
+def _count(meta: dict, key: str) -> int:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value.isdigit():
+        raise ValueError(f"the state_dict's {key} count is {value!r}, not a whole number")
+    return int(value)
 
 
 # -- the step as operators in PyTorch's registry: torch.ops.nibble.step (host scalars) and

@@ -31,12 +31,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(world: int, out: Path) -> dict:
-    """Runs every case on `world` ranks; returns {case: [result per rank]}. Every rank is killed
-    if the launch outlives its timeout."""
+def launch(world: int, out: Path, worker: str = WORKER.name, phase: list[str] = (), prefix: str = "") -> dict:
+    """Runs every case of `worker` (a script beside this file; `phase` its leading arguments) on
+    `world` ranks, each writing OUT/<prefix>rank<r>.json; returns {case: [result per rank]}. Every
+    rank is killed if the launch outlives its timeout."""
     port = str(free_port())
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, str(WORKER), str(rank), str(world), port, str(out)], env=env,
+    script = str(WORKER.with_name(worker))
+    procs = [subprocess.Popen([sys.executable, script, *phase, str(rank), str(world), port, str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(world)]
     logs = []
@@ -52,7 +54,7 @@ def launch(world: int, out: Path) -> dict:
                 p.wait()
     results: dict = {}
     for rank, p in enumerate(procs):
-        path = out / f"rank{rank}.json"
+        path = out / f"{prefix}rank{rank}.json"
         if p.returncode != 0 or not path.exists():
             pytest.fail(f"rank {rank} of {world} exited with {p.returncode}:\n" + "\n".join(logs)[-4000:])
         for case, result in json.loads(path.read_text()).items():

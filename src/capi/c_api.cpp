@@ -4,6 +4,7 @@
 
 #include <fmt/format.h>
 
+#include <algorithm>
 #include <cstring>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -313,6 +314,44 @@ int nibble_load(nibble_optimizer* optimizer, const char* path) {
   });
 }
 
+int nibble_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name, float* out,
+                        int64_t count) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(name, "name");
+    if (param_index < 0) throw nibble::InvalidArgument(fmt::format("parameter index {} is negative", param_index));
+    const std::vector<float> values =
+        optimizer->optimizer.portable_state_values(static_cast<std::size_t>(param_index), name);
+    if (static_cast<int64_t>(values.size()) != count)
+      throw nibble::InvalidArgument(
+          fmt::format("state '{}' of parameter {} has {} values, the buffer {}", name, param_index, values.size(), count));
+    if (count > 0) {
+      require(out, "out");
+      std::copy(values.begin(), values.end(), out);
+    }
+  });
+}
+int nibble_set_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name, const float* values,
+                            int64_t count) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(name, "name");
+    if (count > 0) require(values, "values");
+    if (param_index < 0) throw nibble::InvalidArgument(fmt::format("parameter index {} is negative", param_index));
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("value count {} is negative", count));
+    optimizer->optimizer.set_state_values(static_cast<std::size_t>(param_index), name,
+                                          {values, static_cast<std::size_t>(count)});
+  });
+}
+int nibble_set_step_counts(nibble_optimizer* optimizer, const int64_t* tensor_steps, int64_t count, int64_t steps,
+                           int64_t skipped) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (count > 0) require(tensor_steps, "tensor_steps");
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("step count length {} is negative", count));
+    optimizer->optimizer.set_step_counts({tensor_steps, static_cast<std::size_t>(count)}, steps, skipped);
+  });
+}
 int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count) {
   return guarded([&] {
     require(optimizer, "optimizer");

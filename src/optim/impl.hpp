@@ -127,6 +127,11 @@ void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
 // Dequantized values of one slot.
 void read_slot(const TensorState& t, const Slot& slot, float* out);
+// Dequantized values of one slot from which write_slot re-creates the same codes and absmax when
+// it is given the same blocks.
+void read_slot_portable(const TensorState& t, const Slot& slot, float* out);
+// Quantizes (or rounds, or copies) values into one slot, block by block, rounding to nearest.
+void write_slot(const TensorState& t, Slot& slot, const float* values);
 }  // namespace cpu
 
 // The state in host memory, for save, load and state_values: the live tensors of a CPU optimizer;

@@ -485,6 +485,77 @@ std::vector<float> Optimizer::state_values(std::size_t param_index, std::string_
   throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
 }
 
+std::vector<float> Optimizer::portable_state_values(std::size_t param_index, std::string_view name) const {
+  param(param_index);
+  HostState host = host_state(*impl_);
+  const TensorState& t = (*host.tensors)[param_index];
+  for (int j = 0; j < t.slot_count; ++j)
+    if (t.slots[j].name == name) {
+      std::vector<float> out(static_cast<std::size_t>(t.numel));
+      cpu::read_slot_portable(t, t.slots[j], out.data());
+      return out;
+    }
+  return state_values(param_index, name);
+}
+
+void Optimizer::set_state_values(std::size_t param_index, std::string_view name, std::span<const float> values) {
+  param(param_index);
+  Impl& im = *impl_;
+  HostState host = host_state(im);
+  TensorState& t = (*host.tensors)[param_index];
+  Slot* slot = nullptr;
+  float* plain = nullptr;  // fp32 state outside the slots: master weights, Adafactor's factors
+  std::int64_t count = t.numel;
+  bool non_negative = false;
+  for (int j = 0; j < t.slot_count; ++j)
+    if (t.slots[j].name == name) {
+      slot = &t.slots[j];
+      // As in a loaded state file: second moments are >= 0; SophiaG's Hessian EMA may be negative.
+      non_negative = !slot->is_signed && im.options.algorithm != Algorithm::kSophiaG;
+    }
+  if (slot == nullptr) {
+    if (t.master && name == "master") {
+      plain = t.master;
+    } else if (t.factored && name == "exp_avg_sq_row") {
+      plain = t.af_row, count = t.rows, non_negative = true;
+    } else if (t.factored && name == "exp_avg_sq_col") {
+      plain = t.af_col, count = (t.rows / t.batch_rows) * t.cols, non_negative = true;
+    } else {
+      throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
+    }
+  }
+  if (static_cast<std::int64_t>(values.size()) != count)
+    throw InvalidArgument(fmt::format("parameter '{}': state '{}' takes {} values, got {}", t.param.name, name, count,
+                                      values.size()));
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (!std::isfinite(values[i]))
+      throw InvalidArgument(fmt::format("parameter '{}': state '{}' holds {} at element {}", t.param.name, name,
+                                        values[i], i));
+    if (non_negative && values[i] < 0.0f)
+      throw InvalidArgument(fmt::format("parameter '{}': state '{}' holds {} at element {}; it must be >= 0",
+                                        t.param.name, name, values[i], i));
+  }
+  if (slot != nullptr) cpu::write_slot(t, *slot, values.data());
+  else std::copy(values.begin(), values.end(), plain);
+  commit_host_state(im, host);
+}
+
+void Optimizer::set_step_counts(std::span<const std::int64_t> tensor_steps, std::int64_t steps, std::int64_t skipped) {
+  Impl& im = *impl_;
+  if (tensor_steps.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("{} step counts for {} parameters", tensor_steps.size(), im.tensors.size()));
+  if (steps < 0 || skipped < 0)
+    throw InvalidArgument(fmt::format("step counts must be >= 0, got steps {} and skipped {}", steps, skipped));
+  for (std::size_t i = 0; i < tensor_steps.size(); ++i)
+    if (tensor_steps[i] < 0 || tensor_steps[i] > steps)
+      throw InvalidArgument(fmt::format("step count {} of parameter {} is not in [0, {}]", tensor_steps[i], i, steps));
+  HostState host = host_state(im);
+  for (std::size_t i = 0; i < tensor_steps.size(); ++i) (*host.tensors)[i].step = tensor_steps[i];
+  im.steps = steps;
+  im.skipped = skipped;
+  commit_host_state(im, host);
+}
+
 HostState host_state(Optimizer::Impl& impl) {
   HostState state;
   if (!impl.device) {

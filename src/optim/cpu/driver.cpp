@@ -9,9 +9,12 @@
 #include <cstring>
 #include <limits>
 
+#include <fmt/format.h>
+
 #include "math/bf16.hpp"
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
+#include "nibble/error.hpp"
 #include "optim/cpu/codec_simd.hpp"
 #include "optim/impl.hpp"
 
@@ -675,6 +678,48 @@ void read_slot(const TensorState& t, const Slot& slot, float* out) {
     const std::int64_t n = std::min<std::int64_t>(t.block, t.numel - b);
     const float* v = load_block(t, slot, b, n, scratch.state[0], false);
     std::memcpy(out + b, v, static_cast<std::size_t>(n) * sizeof(float));
+  }
+}
+
+// NOTE: a block's absmax is the magnitude of one of its elements when it was quantized, but that
+// element decodes to less than absmax when its code is not +-1 (the signed maps have +1 and no
+// -1). Putting +-absmax back on the first element whose code +-1 re-encodes to (e.g. a -absmax
+// element, which encodes to the most negative code) makes write_slot find the same absmax, and
+// with it the same codes, whenever it is given the same blocks.
+void read_slot_portable(const TensorState& t, const Slot& slot, float* out) {
+  read_slot(t, slot, out);
+  if ((slot.precision != Precision::kInt8 && slot.precision != Precision::kInt4) || slot.rank1) return;
+  const Codebook& cb = codebook(slot.codebook);
+  const std::uint8_t code_of_plus_one = math::codebook_encode(cb, 1.0f);
+  const std::uint8_t code_of_minus_one = math::codebook_encode(cb, -1.0f);
+  for (std::int64_t b = 0; b < t.numel; b += t.block) {
+    const std::int64_t n = std::min<std::int64_t>(t.block, t.numel - b);
+    const float absmax = slot.absmax[b / t.block];
+    if (!(absmax > 0.0f) || block_absmax(out + b, n) == absmax) continue;
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::int64_t e = b + i;
+      const std::uint8_t code = slot.precision == Precision::kInt8 ? slot.codes[e] : nibble_at(slot.codes, e);
+      if (code == code_of_minus_one && cb.values[code] < 0.0f) {
+        out[e] = -absmax;
+        break;
+      }
+      if (code == code_of_plus_one && cb.values[code] > 0.0f) {
+        out[e] = absmax;
+        break;
+      }
+    }
+  }
+}
+
+void write_slot(const TensorState& t, Slot& slot, const float* values) {
+  if (slot.rank1)
+    throw InvalidArgument(fmt::format("parameter '{}': state '{}' is 4-bit rank-1 scaled, which cannot be set from "
+                                      "values", t.param.name, slot.name));
+  BlockScratch scratch;
+  for (std::int64_t b = 0; b < t.numel; b += t.block) {
+    const std::int64_t n = std::min<std::int64_t>(t.block, t.numel - b);
+    std::memcpy(scratch.state[0], values + b, static_cast<std::size_t>(n) * sizeof(float));
+    store_block(t, slot, b, n, scratch.state[0], 0, 0, false);
   }
 }
 

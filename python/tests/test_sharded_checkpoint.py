@@ -1,0 +1,45 @@
+"""Distributed checkpoints of nibble's sharded optimizers (gloo, CPU): FSDP2 training saved with
+torch.distributed.checkpoint on 2 ranks, loaded on 1 and on 4 ranks and continued against the run
+that was not interrupted; get/set_optimizer_state_dict round trips; refused layouts. One launch of
+checkpoint_worker.py per phase runs every case; each case is reported as its own test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from test_sharded import launch
+
+SAVE_CASES = [f"save-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")] + ["bad-layouts"]
+LOAD_CASES = [f"load-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+                                reason="torch.distributed with gloo is not available")
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """The 2-rank save, then the loads on 1 and 4 ranks from its checkpoints."""
+    out = tmp_path_factory.mktemp("checkpoints")
+    results = {"save": launch(2, out, "checkpoint_worker.py", ["save"], prefix="save-")}
+    for world in (1, 4):
+        results[f"load{world}"] = launch(world, out, "checkpoint_worker.py", ["load"], prefix="load-")
+    return results
+
+
+def check(results: dict, case: str) -> None:
+    assert case in results, f"the worker did not run {case}"
+    failures = [f"rank {rank}:\n{r['note']}" for rank, r in enumerate(results[case]) if not r["ok"]]
+    assert not failures, "\n".join(failures)
+    notes = {r["note"] for r in results[case]}
+    assert len(notes) == 1, f"ranks disagree: {notes}"
+
+
+@pytest.mark.parametrize("case", SAVE_CASES)
+def test_save_on_two_ranks(checkpoints, case):
+    check(checkpoints["save"], case)
+
+
+@pytest.mark.parametrize("world", [1, 4])
+@pytest.mark.parametrize("case", LOAD_CASES)
+def test_load_on_other_world_sizes(checkpoints, case, world):
+    check(checkpoints[f"load{world}"], case)
