@@ -46,11 +46,21 @@ def _candidates() -> list[Path]:
 
 def _load() -> ctypes.CDLL:
     tried = []
-    for path in _candidates():
-        if path.is_file():
-            lib = ctypes.CDLL(str(path))
-            break
-        tried.append(str(path))
+    # NOTE: OpenMP threads that spin at barriers stall when another process takes a core. The
+    # library's OpenMP runtime reads its wait settings when it loads; unless the user chose them,
+    # it loads with a short spin (as the nibble CLI runs), and the environment is left as it was.
+    short_spin = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
+    if short_spin:
+        os.environ["GOMP_SPINCOUNT"] = "3000"
+    try:
+        for path in _candidates():
+            if path.is_file():
+                lib = ctypes.CDLL(str(path))
+                break
+            tried.append(str(path))
+    finally:
+        if short_spin:
+            del os.environ["GOMP_SPINCOUNT"]
     else:
         raise ImportError("nibble: libnibble_c.so not found (looked in " + ", ".join(tried) +
                           "); install with `pip install .` or build the repository and set NIBBLE_LIBRARY")

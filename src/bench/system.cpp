@@ -13,6 +13,7 @@
 #include <array>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <ctime>
 #include <fstream>
 #include <mutex>
@@ -210,6 +211,11 @@ nlohmann::json capture_environment() {
   env["cpu"] = model == std::string::npos ? std::string(kUnknown) : cpu.substr(model);
   env["cpu_cores"] = online_cpu_cores();
   env["threads"] = omp_get_max_threads();
+  // How OpenMP threads wait (the CLI sets GOMP_SPINCOUNT when the user set neither).
+  for (const char* name : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}) {
+    const char* value = std::getenv(name);
+    env[name] = value != nullptr ? nlohmann::json(value) : nlohmann::json();
+  }
   const std::int64_t memory_total = proc_kib_field("/proc/meminfo", "MemTotal:");
   env["memory_total_bytes"] = memory_total > 0 ? nlohmann::json(memory_total) : nlohmann::json();
 

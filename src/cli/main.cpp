@@ -2,8 +2,11 @@
 // stderr and an exit code (2 for nibble and flag errors, 1 for anything else).
 #include <fmt/format.h>
 
+#include <unistd.h>
+
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <cstdlib>
 #include <exception>
 #include <new>
 #include <string>
@@ -26,9 +29,25 @@ int report_error(std::string_view message, int exit_code) {
   return exit_code;
 }
 
+// NOTE: OpenMP threads that spin while they wait at a barrier stall the whole step when another
+// process takes a core: with libgomp's default spin (300,000 rounds) a 2-core machine trained 3-9x
+// slower beside one busy process. libgomp reads its wait settings from the environment when it
+// loads, before main() runs, so when the user has set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT,
+// nibble sets a short spin (kThreadSpin rounds, then the thread sleeps) and starts itself again,
+// once. If the restart fails, it carries on with libgomp's defaults.
+constexpr const char* kThreadSpin = "3000";
+
+void start_with_short_thread_spin(char** argv) {
+  if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("GOMP_SPINCOUNT") != nullptr) return;
+  if (setenv("GOMP_SPINCOUNT", kThreadSpin, 1) != 0) return;
+  execv("/proc/self/exe", argv);
+  unsetenv("GOMP_SPINCOUNT");
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
+  start_with_short_thread_spin(argv);
   CLI::App app{"nibble: training optimizers with fp32, bf16, 8-bit and 4-bit state.", "nibble"};
   // Every flag's help shows its default.
   app.option_defaults()->always_capture_default();
