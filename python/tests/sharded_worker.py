@@ -270,6 +270,58 @@ def case_nan_on_one_rank(mesh):
     return "skipped on every rank"
 
 
+def case_grad_scaler():
+    """torch.amp.GradScaler("cpu") on FSDP2 parameters: its inf check runs on DTensor gradients,
+    which reduce found_inf over the mesh (a max), so an inf in one rank's shard skips the step and
+    backs the scale off on every rank. The single-process run gets the same scaled gradients and
+    the inf at the same element, so every step, skipped or not, matches it."""
+    ref, sharded, opt_ref, opt_sh = fsdp_pair(nibble.AdamW8bit, dict(lr=1e-2))
+    scaler_ref, scaler_sh = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3) for _ in range(2))
+    inf_step, last = 4, dist.get_world_size() - 1
+    weight = next(iter(sharded.parameters()))
+    last_start = last * -(-weight.shape[0] // dist.get_world_size())  # the last rank's first row
+    scales = []
+    for step in range(STEPS):
+        x = batch(step)
+        for net, scaler in ((ref, scaler_ref), (sharded, scaler_sh)):
+            net.zero_grad()
+            scaler.scale(net(x).square().mean()).backward()
+        exact_grads(ref, sharded)
+        if step == inf_step:
+            with torch.no_grad():
+                next(iter(ref.parameters())).grad[last_start, 0] = float("inf")
+                if dist.get_rank() == last:
+                    weight.grad.to_local()[0, 0] = float("inf")
+            params_before = [full(p.detach()).clone() for p in sharded.parameters()]
+            state_before, _ = _save(opt_sh._groups[0].handle)
+        scaler_ref.step(opt_ref)
+        scaler_sh.step(opt_sh)
+        scaler_ref.update()
+        scaler_sh.update()
+        scales.append(scaler_sh.get_scale())
+        if scales[-1] != scaler_ref.get_scale():
+            raise AssertionError(f"step {step}: scale {scales[-1]}, single process {scaler_ref.get_scale()}")
+        if step == inf_step:
+            for i, (a, p) in enumerate(zip(params_before, sharded.parameters())):
+                if not torch.equal(a, full(p.detach())):
+                    raise AssertionError(f"parameter {i} changed in the step with an inf on rank {last}")
+            state_after, _ = _save(opt_sh._groups[0].handle)
+            for name, t in state_before.items():
+                if not torch.equal(t, state_after[name]):
+                    raise AssertionError(f"state {name} changed in the step with an inf on rank {last}")
+            if scales[-1] != scales[-2] / 2:
+                raise AssertionError(f"the scale did not back off: {scales[-2]} -> {scales[-1]}")
+    assert_params_equal(ref, sharded, "GradScaler")
+    assert_state_equal(opt_ref, opt_sh, ref, sharded, "GradScaler")
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (scales, opt_sh.counters()))
+    if any(s != seen[0] for s in seen) or seen[0][1] != [(STEPS - 1, 1)] or opt_ref.counters() != [(STEPS - 1, 1)]:
+        raise AssertionError(f"(scales, counters) per rank differ or miss the skip: {seen}")
+    if max(scales) <= 2.0 ** 12:
+        raise AssertionError(f"the scale should also have grown: {scales}")
+    return "skipped and backed off on every rank; equal"
+
+
 def case_ddp():
     from torch.nn.parallel import DistributedDataParallel
     ref = mlp()
@@ -335,6 +387,7 @@ def cases(mesh, world: int) -> dict:
     out["mixed-precisions"] = case_mixed_precisions
     out["clipping"] = lambda: case_clipping(mesh)
     out["nan-on-one-rank"] = lambda: case_nan_on_one_rank(mesh)
+    out["grad-scaler"] = case_grad_scaler
     out["ddp"] = case_ddp
     out["zero"] = case_zero
     out["bad-input"] = lambda: case_bad_input(mesh)
