@@ -347,6 +347,66 @@ def case_zero():
     return "equal"
 
 
+def case_zero_resume():
+    """ZeroRedundancyOptimizer over nibble: consolidate_state_dict(to=0) and state_dict() on rank
+    0, torch.save, then a fresh ZeRO optimizer loads it on every rank and trains on bit-identical
+    to the uninterrupted run (parameters, each rank's nibble state and step counters). Two groups,
+    8-bit and fp32, so that each rank's local optimizer maps ZeRO's global indices to its own."""
+    import io
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make(model):
+        net = DistributedDataParallel(copy.deepcopy(model))
+        params = list(net.module.parameters())
+        groups = [{"params": params[0::2]}, {"params": params[1::2], "precision": "fp32"}]
+        return net, ZeroRedundancyOptimizer(groups, optimizer_class=nibble.AdamW8bit, lr=1e-2, min_quant_size=0)
+
+    def train(net, opt, steps):
+        for step in steps:
+            net.zero_grad()
+            net(batch(step)).square().mean().backward()
+            opt.step()
+
+    half = STEPS // 2
+    net, opt = make(mlp())
+    train(net, opt, range(half))
+    opt.consolidate_state_dict(to=0)
+    blob = [None]
+    if dist.get_rank() == 0:
+        buffer = io.BytesIO()
+        torch.save({"model": net.module.state_dict(), "optim": opt.state_dict()}, buffer)
+        blob[0] = buffer.getvalue()
+    dist.broadcast_object_list(blob, src=0)
+    train(net, opt, range(half, STEPS))
+
+    saved = torch.load(io.BytesIO(blob[0]))
+    model = mlp()
+    model.load_state_dict(saved["model"])
+    net2, opt2 = make(model)
+    opt2.load_state_dict(saved["optim"])
+    train(net2, opt2, range(half, STEPS))
+    assert_params_equal(net.module, net2.module, "ZeRO resumed against uninterrupted")
+    if sorted(opt.optim._groups) != sorted(opt2.optim._groups):
+        raise AssertionError(f"groups with state: {sorted(opt.optim._groups)} and {sorted(opt2.optim._groups)}")
+    quantized = 0
+    for index, made in opt.optim._groups.items():
+        mine, _ = _save(made.handle)
+        theirs, _ = _save(opt2.optim._groups[index].handle)
+        for name, t in mine.items():
+            quantized += name.endswith(".codes")
+            if not torch.equal(t, theirs[name]):
+                raise AssertionError(f"state {name} of group {index} differs after the resume on rank "
+                                     f"{dist.get_rank()}")
+    if opt.optim.counters() != opt2.optim.counters():
+        raise AssertionError(f"counters {opt.optim.counters()} uninterrupted, {opt2.optim.counters()} resumed")
+    held = [0] * dist.get_world_size()
+    dist.all_gather_object(held, quantized)
+    if sum(held) == 0:
+        raise AssertionError("no rank held 8-bit state to resume")
+    return "equal"
+
+
 def expect_error(kind, words, fn) -> None:
     try:
         fn()
@@ -369,6 +429,9 @@ def case_bad_input(mesh):
     expect_error(ValueError, ["mesh"], lambda: opt.add_param_group({"params": [b]}))
     if len(opt.param_groups) != 1:
         raise AssertionError("a refused add_param_group left a group behind")
+    opt.state[a] = {"step": torch.tensor(1.0)}  # how ZeroRedundancyOptimizer hands state over
+    expect_error(ValueError, ["sharded", "load_state_dict"], opt.state_dict)
+    opt.state.clear()
     opt.add_param_group({"params": [plain]})  # plain tensors in a group of their own: replicated
     state = opt.state_dict()["state"]
     if not isinstance(state[0]["exp_avg"], DTensor) or isinstance(state[1]["exp_avg"], DTensor):
@@ -390,6 +453,7 @@ def cases(mesh, world: int) -> dict:
     out["grad-scaler"] = case_grad_scaler
     out["ddp"] = case_ddp
     out["zero"] = case_zero
+    out["zero-resume"] = case_zero_resume
     out["bad-input"] = lambda: case_bad_input(mesh)
     return out
 
