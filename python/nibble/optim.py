@@ -83,7 +83,9 @@ class _StateView(collections.defaultdict):
     """torch's `optimizer.state`. nibble keeps its state inside the library, so this stays empty,
     but it is true once the library holds state: torch.distributed.checkpoint's state-dict helpers
     take a step with zero gradients and lr 0 on an optimizer whose `state` is false, which would
-    decay nibble's moments and count a step."""
+    decay nibble's moments and count a step. An entry assigned to `state[param]` (one of
+    state_dict()'s per-parameter entries) is loaded into the library before the next step or
+    state read (NibbleOptimizer._load_assigned), and the view is empty again."""
 
     holds_state = False
 
@@ -393,6 +395,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if len(self.state):
+            self._load_assigned()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self._mesh is not None or (self._settings.get("max_grad_norm") and self._on_cpu()):
@@ -457,6 +461,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     def counters(self) -> list[tuple[int, int]]:
         """(steps taken, steps skipped) per parameter group that has stepped."""
+        if len(self.state):
+            self._load_assigned()
         out = []
         for index in sorted(self._groups):
             steps, skipped = ctypes.c_int64(), ctypes.c_int64()
@@ -466,6 +472,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state nibble holds (codes, scales and full-precision state)."""
+        if len(self.state):
+            self._load_assigned()
         total = 0
         for index in range(len(self.param_groups)):
             if not self.param_groups[index]["params"]:
@@ -480,6 +488,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
         Quantized state appears as uint8 "<name>.codes" plus float32 "<name>.absmax" (or
         "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device.
         A sharded optimizer's state is DTensors shaped like the parameters (see _sharded_state_dict)."""
+        if len(self.state):
+            self._load_assigned()
+        return self._state_dict()
+
+    def _state_dict(self) -> dict:
         if self._mesh is not None:
             return self._sharded_state_dict()
         state: dict[int, dict[str, torch.Tensor]] = {}
@@ -638,7 +651,57 @@ class NibbleOptimizer(torch.optim.Optimizer):
             made.key = self._fixed_key(self.param_groups[index])
             self._register(index, made)
 
+    def _load_assigned(self) -> None:
+        """Loads the entries assigned to `optimizer.state[param]` into nibble's state. torch's
+        ZeroRedundancyOptimizer restores a checkpoint that way: its load_state_dict writes each of
+        this rank's entries of the consolidated state_dict (the per-parameter entries of nibble's
+        state_dict()) into the local optimizer's `state` and never calls the local load_state_dict.
+        The other parameters keep their state; each group's step count becomes at least the
+        largest per-parameter step. Empty entries (left by reading `state[param]`) are dropped. On
+        a refusal the entries stay, so every later step refuses too rather than train without them."""
+        assigned = [(p, entry) for p, entry in self.state.items() if not (isinstance(entry, dict) and not entry)]
+        if not assigned:
+            self.state.clear()
+            return
+        if self._mesh is not None:
+            raise ValueError(f"optimizer.state was assigned state for {len(assigned)} parameter(s) of a sharded "
+                             "(DTensor) optimizer, which nibble does not read from there; load a sharded state with "
+                             "load_state_dict (e.g. through torch.distributed.checkpoint)")
+        where = {}
+        first = 0
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                where[id(p)] = (first + i, index, i)
+            first += len(group["params"])
+        current = self._state_dict()
+        for p, entry in assigned:
+            if id(p) not in where:
+                shape = tuple(p.shape) if isinstance(p, torch.Tensor) else p
+                raise ValueError(f"optimizer.state was assigned an entry for {shape!r}, which is not a parameter of "
+                                 "this optimizer")
+            key, index, i = where[id(p)]
+            if not isinstance(entry, dict) or not isinstance(entry.get("step"), torch.Tensor):
+                raise ValueError(f"optimizer.state[parameter {i} of group {index}] was assigned "
+                                 f"{type(entry).__name__} {sorted(entry) if isinstance(entry, dict) else ''}; nibble "
+                                 "loads one of its state_dict()'s per-parameter entries (with a tensor 'step')")
+            expected = set(current["state"][key])
+            if set(entry) != expected:
+                raise ValueError(f"optimizer.state[parameter {i} of group {index}] was assigned the entries "
+                                 f"{sorted(entry)}; this optimizer keeps {sorted(expected)}")
+            current["state"][key] = entry
+        for saved in current["param_groups"]:
+            if "nibble" in saved:
+                steps = [int(current["state"][key]["step"].item()) for key in saved["params"]]
+                saved["nibble"] = dict(saved["nibble"], step=str(max([int(saved["nibble"]["step"]), *steps])))
+        self._load_state_dict(current)
+        self.state.clear()
+
     def load_state_dict(self, state_dict: dict) -> None:
+        self._load_state_dict(state_dict)
+        # The whole state is replaced: entries assigned to optimizer.state before are superseded.
+        self.state.clear()
+
+    def _load_state_dict(self, state_dict: dict) -> None:
         groups = state_dict.get("param_groups")
         if not isinstance(groups, list) or len(groups) != len(self.param_groups):
             raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
@@ -994,6 +1057,8 @@ class SophiaG(NibbleOptimizer):
         list per parameter group (None for a parameter skips it); by default each parameter's
         gradient squared (the Gauss-Newton-Bartlett estimate when the gradient came from labels
         sampled from the model)."""
+        if len(self.state):
+            self._load_assigned()
         for index, group in enumerate(self.param_groups):
             if not group["params"]:
                 continue

@@ -270,6 +270,58 @@ def case_nan_on_one_rank(mesh):
     return "skipped on every rank"
 
 
+def case_grad_scaler():
+    """torch.amp.GradScaler("cpu") on FSDP2 parameters: its inf check runs on DTensor gradients,
+    which reduce found_inf over the mesh (a max), so an inf in one rank's shard skips the step and
+    backs the scale off on every rank. The single-process run gets the same scaled gradients and
+    the inf at the same element, so every step, skipped or not, matches it."""
+    ref, sharded, opt_ref, opt_sh = fsdp_pair(nibble.AdamW8bit, dict(lr=1e-2))
+    scaler_ref, scaler_sh = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3) for _ in range(2))
+    inf_step, last = 4, dist.get_world_size() - 1
+    weight = next(iter(sharded.parameters()))
+    last_start = last * -(-weight.shape[0] // dist.get_world_size())  # the last rank's first row
+    scales = []
+    for step in range(STEPS):
+        x = batch(step)
+        for net, scaler in ((ref, scaler_ref), (sharded, scaler_sh)):
+            net.zero_grad()
+            scaler.scale(net(x).square().mean()).backward()
+        exact_grads(ref, sharded)
+        if step == inf_step:
+            with torch.no_grad():
+                next(iter(ref.parameters())).grad[last_start, 0] = float("inf")
+                if dist.get_rank() == last:
+                    weight.grad.to_local()[0, 0] = float("inf")
+            params_before = [full(p.detach()).clone() for p in sharded.parameters()]
+            state_before, _ = _save(opt_sh._groups[0].handle)
+        scaler_ref.step(opt_ref)
+        scaler_sh.step(opt_sh)
+        scaler_ref.update()
+        scaler_sh.update()
+        scales.append(scaler_sh.get_scale())
+        if scales[-1] != scaler_ref.get_scale():
+            raise AssertionError(f"step {step}: scale {scales[-1]}, single process {scaler_ref.get_scale()}")
+        if step == inf_step:
+            for i, (a, p) in enumerate(zip(params_before, sharded.parameters())):
+                if not torch.equal(a, full(p.detach())):
+                    raise AssertionError(f"parameter {i} changed in the step with an inf on rank {last}")
+            state_after, _ = _save(opt_sh._groups[0].handle)
+            for name, t in state_before.items():
+                if not torch.equal(t, state_after[name]):
+                    raise AssertionError(f"state {name} changed in the step with an inf on rank {last}")
+            if scales[-1] != scales[-2] / 2:
+                raise AssertionError(f"the scale did not back off: {scales[-2]} -> {scales[-1]}")
+    assert_params_equal(ref, sharded, "GradScaler")
+    assert_state_equal(opt_ref, opt_sh, ref, sharded, "GradScaler")
+    seen = [None] * dist.get_world_size()
+    dist.all_gather_object(seen, (scales, opt_sh.counters()))
+    if any(s != seen[0] for s in seen) or seen[0][1] != [(STEPS - 1, 1)] or opt_ref.counters() != [(STEPS - 1, 1)]:
+        raise AssertionError(f"(scales, counters) per rank differ or miss the skip: {seen}")
+    if max(scales) <= 2.0 ** 12:
+        raise AssertionError(f"the scale should also have grown: {scales}")
+    return "skipped and backed off on every rank; equal"
+
+
 def case_ddp():
     from torch.nn.parallel import DistributedDataParallel
     ref = mlp()
@@ -295,6 +347,66 @@ def case_zero():
     return "equal"
 
 
+def case_zero_resume():
+    """ZeroRedundancyOptimizer over nibble: consolidate_state_dict(to=0) and state_dict() on rank
+    0, torch.save, then a fresh ZeRO optimizer loads it on every rank and trains on bit-identical
+    to the uninterrupted run (parameters, each rank's nibble state and step counters). Two groups,
+    8-bit and fp32, so that each rank's local optimizer maps ZeRO's global indices to its own."""
+    import io
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+    from torch.nn.parallel import DistributedDataParallel
+
+    def make(model):
+        net = DistributedDataParallel(copy.deepcopy(model))
+        params = list(net.module.parameters())
+        groups = [{"params": params[0::2]}, {"params": params[1::2], "precision": "fp32"}]
+        return net, ZeroRedundancyOptimizer(groups, optimizer_class=nibble.AdamW8bit, lr=1e-2, min_quant_size=0)
+
+    def train(net, opt, steps):
+        for step in steps:
+            net.zero_grad()
+            net(batch(step)).square().mean().backward()
+            opt.step()
+
+    half = STEPS // 2
+    net, opt = make(mlp())
+    train(net, opt, range(half))
+    opt.consolidate_state_dict(to=0)
+    blob = [None]
+    if dist.get_rank() == 0:
+        buffer = io.BytesIO()
+        torch.save({"model": net.module.state_dict(), "optim": opt.state_dict()}, buffer)
+        blob[0] = buffer.getvalue()
+    dist.broadcast_object_list(blob, src=0)
+    train(net, opt, range(half, STEPS))
+
+    saved = torch.load(io.BytesIO(blob[0]))
+    model = mlp()
+    model.load_state_dict(saved["model"])
+    net2, opt2 = make(model)
+    opt2.load_state_dict(saved["optim"])
+    train(net2, opt2, range(half, STEPS))
+    assert_params_equal(net.module, net2.module, "ZeRO resumed against uninterrupted")
+    if sorted(opt.optim._groups) != sorted(opt2.optim._groups):
+        raise AssertionError(f"groups with state: {sorted(opt.optim._groups)} and {sorted(opt2.optim._groups)}")
+    quantized = 0
+    for index, made in opt.optim._groups.items():
+        mine, _ = _save(made.handle)
+        theirs, _ = _save(opt2.optim._groups[index].handle)
+        for name, t in mine.items():
+            quantized += name.endswith(".codes")
+            if not torch.equal(t, theirs[name]):
+                raise AssertionError(f"state {name} of group {index} differs after the resume on rank "
+                                     f"{dist.get_rank()}")
+    if opt.optim.counters() != opt2.optim.counters():
+        raise AssertionError(f"counters {opt.optim.counters()} uninterrupted, {opt2.optim.counters()} resumed")
+    held = [0] * dist.get_world_size()
+    dist.all_gather_object(held, quantized)
+    if sum(held) == 0:
+        raise AssertionError("no rank held 8-bit state to resume")
+    return "equal"
+
+
 def expect_error(kind, words, fn) -> None:
     try:
         fn()
@@ -317,6 +429,9 @@ def case_bad_input(mesh):
     expect_error(ValueError, ["mesh"], lambda: opt.add_param_group({"params": [b]}))
     if len(opt.param_groups) != 1:
         raise AssertionError("a refused add_param_group left a group behind")
+    opt.state[a] = {"step": torch.tensor(1.0)}  # how ZeroRedundancyOptimizer hands state over
+    expect_error(ValueError, ["sharded", "load_state_dict"], opt.state_dict)
+    opt.state.clear()
     opt.add_param_group({"params": [plain]})  # plain tensors in a group of their own: replicated
     state = opt.state_dict()["state"]
     if not isinstance(state[0]["exp_avg"], DTensor) or isinstance(state[1]["exp_avg"], DTensor):
@@ -335,8 +450,10 @@ def cases(mesh, world: int) -> dict:
     out["mixed-precisions"] = case_mixed_precisions
     out["clipping"] = lambda: case_clipping(mesh)
     out["nan-on-one-rank"] = lambda: case_nan_on_one_rank(mesh)
+    out["grad-scaler"] = case_grad_scaler
     out["ddp"] = case_ddp
     out["zero"] = case_zero
+    out["zero-resume"] = case_zero_resume
     out["bad-input"] = lambda: case_bad_input(mesh)
     return out
 

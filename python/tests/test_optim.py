@@ -191,6 +191,48 @@ def test_state_dict_of_another_shape_is_refused_and_leaves_the_state():
     assert torch.equal(before["state"][0]["exp_avg"], after["state"][0]["exp_avg"])
 
 
+def test_state_assigned_per_parameter_is_loaded_before_the_next_step():
+    """torch's ZeroRedundancyOptimizer restores state by assigning state_dict()'s per-parameter
+    entries to optimizer.state[param]; here two of four, so the other two keep their own state."""
+    a, b = model(), model()
+    opt_a = nibble.AdamW8bit(a.parameters(), lr=1e-2, min_quant_size=0)
+    opt_b = nibble.AdamW8bit(b.parameters(), lr=1e-2, min_quant_size=0)
+    train(a, opt_a, 6)
+    train(b, opt_b, 3)
+    b.load_state_dict(a.state_dict())
+    saved = opt_a.state_dict()["state"]
+    params = list(b.parameters())
+    opt_b.state[params[0]] = saved[0]
+    opt_b.state[params[2]] = saved[2]
+    kept = opt_b._state_dict()["state"][1]
+    assert opt_b.counters() == [(6, 0)]  # the group's count follows the largest loaded step
+    assert len(opt_b.state) == 0
+    assert torch.equal(opt_b.state_dict()["state"][1]["exp_avg.codes"], kept["exp_avg.codes"])
+    opt_b.state[params[1]] = saved[1]
+    opt_b.state[params[3]] = saved[3]
+    train(a, opt_a, 4, seed=5)
+    train(b, opt_b, 4, seed=5)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_assigned_that_does_not_fit_is_refused_at_every_step():
+    net = model()
+    opt = nibble.AdamW8bit(net.parameters(), min_quant_size=0)
+    train(net, opt, 1)
+    opt.state[torch.nn.Parameter(torch.zeros(3))] = opt.state_dict()["state"][0]
+    with pytest.raises(ValueError, match=r"\(3,\).*not a parameter"):
+        opt.step()
+    opt.state.clear()
+    first = next(net.parameters())
+    before = first.detach().clone()
+    opt.state[first] = {"step": torch.tensor(1.0), "exp_avg": torch.zeros(first.shape)}
+    for _ in range(2):
+        with pytest.raises(ValueError, match="exp_avg.codes"):
+            opt.step()
+    assert torch.equal(first, before)
+
+
 def test_lr_scheduler_changes_the_step_like_torch():
     a, b = model(), model()
     opt_a = nibble.AdamW(a.parameters(), lr=1e-2)

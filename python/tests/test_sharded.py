@@ -19,7 +19,7 @@ LAUNCH_TIMEOUT_S = 240
 CASES = [f"fsdp-{a}-{p}" for a in ("sgd", "adam", "adamw", "lion", "qhm", "sophiag", "adafactor", "adamp")
          for p in ("fp32", "8bit", "4bit")]
 CASES += [f"{kind}-{a}" for a in ("adafactor", "adamp", "adamw") for kind in ("replicated", "whole-rows")]
-CASES += ["mixed-precisions", "clipping", "nan-on-one-rank", "ddp", "zero", "bad-input"]
+CASES += ["mixed-precisions", "clipping", "nan-on-one-rank", "grad-scaler", "ddp", "zero", "zero-resume", "bad-input"]
 
 pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
