@@ -52,7 +52,12 @@ TEST(BenchSystem, EnvironmentHasEveryKeyWithItsType) {
   ASSERT_TRUE(env.contains("gpu_memory_bytes"));
   EXPECT_TRUE(env["gpu_memory_bytes"].is_null() || env["gpu_memory_bytes"].is_number_integer())
       << env["gpu_memory_bytes"].dump();
-  EXPECT_EQ(env.size(), strings.size() + 5) << "unexpected keys in " << env.dump();
+  // How OpenMP threads wait: the variable's value, or null when it is not set.
+  for (const auto& key : {"OMP_WAIT_POLICY", "GOMP_SPINCOUNT"}) {
+    ASSERT_TRUE(env.contains(key)) << key;
+    EXPECT_TRUE(env[key].is_null() || env[key].is_string()) << key << " = " << env[key].dump();
+  }
+  EXPECT_EQ(env.size(), strings.size() + 7) << "unexpected keys in " << env.dump();
 }
 
 TEST(BenchSystem, EnvironmentValuesDescribeThisMachine) {

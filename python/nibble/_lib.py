@@ -51,7 +51,8 @@ def _load() -> ctypes.CDLL:
     # it loads with a short spin (as the nibble CLI runs), and the environment is left as it was.
     short_spin = "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ
     if short_spin:
-        os.environ["GOMP_SPINCOUNT"] = "3000"
+        os.environ["GOMP_SPINCOUNT"] = "300"
+    lib = None
     try:
         for path in _candidates():
             if path.is_file():
@@ -61,7 +62,7 @@ def _load() -> ctypes.CDLL:
     finally:
         if short_spin:
             del os.environ["GOMP_SPINCOUNT"]
-    else:
+    if lib is None:
         raise ImportError("nibble: libnibble_c.so not found (looked in " + ", ".join(tried) +
                           "); install with `pip install .` or build the repository and set NIBBLE_LIBRARY")
     vp, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32

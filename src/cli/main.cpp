@@ -31,11 +31,13 @@ int report_error(std::string_view message, int exit_code) {
 
 // NOTE: OpenMP threads that spin while they wait at a barrier stall the whole step when another
 // process takes a core: with libgomp's default spin (300,000 rounds) a 2-core machine trained 3-9x
-// slower beside one busy process. libgomp reads its wait settings from the environment when it
+// slower beside one busy process. A short spin (kThreadSpin rounds, then the thread sleeps) keeps
+// most of the idle speed of spinning and nearly all the speed of sleeping under load; `nibble
+// bench` records what a run used. libgomp reads its wait settings from the environment when it
 // loads, before main() runs, so when the user has set neither OMP_WAIT_POLICY nor GOMP_SPINCOUNT,
-// nibble sets a short spin (kThreadSpin rounds, then the thread sleeps) and starts itself again,
-// once. If the restart fails, it carries on with libgomp's defaults.
-constexpr const char* kThreadSpin = "3000";
+// nibble sets the short spin and starts itself again, once. If the restart fails, it carries on
+// with libgomp's defaults.
+constexpr const char* kThreadSpin = "300";
 
 void start_with_short_thread_spin(char** argv) {
   if (std::getenv("OMP_WAIT_POLICY") != nullptr || std::getenv("GOMP_SPINCOUNT") != nullptr) return;
