@@ -11,6 +11,7 @@
 #include <string>
 #include <vector>
 
+#include "nibble/algorithms.hpp"
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
@@ -78,31 +79,10 @@ void read_hyper(const nlohmann::json& j, nibble::Hyper& h) {
       if (!value.is_boolean()) throw nibble::InvalidArgument(fmt::format("hyper.{} must be true or false, got {}", key, value.dump()));
       field = value.get<bool>();
     };
-    if (key == "lr") number(h.lr);
-    else if (key == "weight_decay") number(h.weight_decay);
-    else if (key == "beta1") number(h.beta1);
-    else if (key == "beta2") number(h.beta2);
-    else if (key == "eps") number(h.eps);
-    else if (key == "momentum") number(h.momentum);
-    else if (key == "dampening") number(h.dampening);
-    else if (key == "nesterov") flag(h.nesterov);
-    else if (key == "amsgrad") flag(h.amsgrad);
-    else if (key == "maximize") flag(h.maximize);
-    else if (key == "bias_correction") flag(h.bias_correction);
-    else if (key == "decoupled_weight_decay") flag(h.decoupled_weight_decay);
-    else if (key == "nu") number(h.nu);
-    else if (key == "eps2") number(h.eps2);
-    else if (key == "clip_threshold") number(h.clip_threshold);
-    else if (key == "decay_rate") number(h.decay_rate);
-    else if (key == "first_moment") flag(h.first_moment);
-    else if (key == "relative_step") flag(h.relative_step);
-    else if (key == "scale_parameter") flag(h.scale_parameter);
-    else if (key == "warmup_init") flag(h.warmup_init);
-    else if (key == "delta") number(h.delta);
-    else if (key == "wd_ratio") number(h.wd_ratio);
-    else if (key == "rho") number(h.rho);
-    else if (key == "batch_tokens") number(h.batch_tokens);
-    else throw nibble::InvalidArgument(fmt::format("hyper.{} is not a nibble hyperparameter", key));
+    const nibble::HyperField* field = nibble::find_hyper_field(key);
+    if (field == nullptr) throw nibble::InvalidArgument(fmt::format("hyper.{} is not a nibble hyperparameter", key));
+    if (field->number != nullptr) number(h.*field->number);
+    else flag(h.*field->flag);
   }
 }
 

@@ -14,6 +14,7 @@
 #include "cli/commands.hpp"
 #include "cli/flags.hpp"
 #include "cli/param_sets.hpp"
+#include "nibble/algorithms.hpp"
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
 
@@ -27,27 +28,6 @@ struct OptimizersOptions {
   std::string json_path;
 };
 
-std::string state_note(Algorithm algorithm, const Hyper& hyper) {
-  switch (algorithm) {
-    case Algorithm::kSgd:
-      return hyper.momentum > 0.0f ? "momentum buffer" : "none (momentum 0)";
-    case Algorithm::kAdam:
-    case Algorithm::kAdamW:
-      return hyper.amsgrad ? "m, v, max v" : "m, v";
-    case Algorithm::kLion:
-      return "m";
-    case Algorithm::kAdafactor:
-      return std::string(hyper.first_moment ? "m, " : "") +
-             "factored v (fp32 rows/cols), full v for vectors";
-    case Algorithm::kAdamP:
-      return "m, v";
-    case Algorithm::kQhm:
-      return "momentum buffer";
-    case Algorithm::kSophiaG:
-      return "m, hessian EMA";
-  }
-  return "";
-}
 
 struct Row {
   Algorithm algorithm;
@@ -88,7 +68,7 @@ void run_optimizers(const OptimizersOptions& options) {
   for (Algorithm algorithm : all_algorithms()) {
     const Hyper hyper = default_hyper(algorithm);
     for (Precision precision : all_precisions()) {
-      Row row{algorithm, precision, 0.0, state_note(algorithm, hyper)};
+      Row row{algorithm, precision, 0.0, algorithm_spec(algorithm).state_note(hyper)};
       for (const ParamShape& p : *set) {
         const std::int64_t numel = shape_numel(p.shape);
         // As the optimizer does: tensors too small to amortise block scales keep fp32 state.

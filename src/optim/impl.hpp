@@ -14,12 +14,13 @@
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
 #include "math/step_constants.hpp"
+#include "nibble/algorithms.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/tensor.hpp"
 
 namespace nibble {
 
-inline constexpr int kMaxSlots = 3;
+inline constexpr int kMaxSlots = kMaxStateSlots;
 inline constexpr int kMaxBlock = 4096;
 inline constexpr int kFullPrecisionBlock = 256;  // iteration block for fp32/bf16 state
 inline constexpr std::int64_t kChunkElements = 1 << 16;
@@ -59,7 +60,8 @@ struct TensorState {
   // Adafactor, factored (rank >= 2): EMAs of row and column means of g^2 + eps1, fp32.
   bool factored = false;
   std::int64_t batch_rows = 1;  // shape[-2]; rows = batches * batch_rows
-  float* master = nullptr;      // fp32 copy of a bf16/fp16 parameter (CUDA, master_weights)
+  bool has_master = false;      // keeps an fp32 copy of a bf16/fp16 parameter (CUDA, master_weights)
+  float* master = nullptr;
   float* af_row = nullptr;      // [rows]
   float* af_col = nullptr;      // [batches * cols]
   // Scratch for the reductions of AdamP, Adafactor and rank-1 scales, allocated once.
@@ -97,22 +99,6 @@ struct Optimizer::Impl {
 };
 
 const math::Codebook& codebook(math::CodebookId id);
-
-// The state slots an algorithm keeps for a tensor: names and signedness.
-struct SlotSpec {
-  const char* name;
-  bool is_signed;
-};
-int slot_specs(Algorithm algorithm, const Hyper& hyper, bool factored, SlotSpec* out);
-bool is_factored(Algorithm algorithm, std::span<const std::int64_t> shape);
-using math::rounding_seed;
-
-// Whether a 4-bit state slot is scaled rank-1 (row/column max) rather than per block: only
-// non-negative states of >= 2-D tensors, and not SophiaG's Hessian, which update_hessian writes
-// outside the step's row/column-max pass.
-inline bool uses_rank1(bool requested, Algorithm algorithm, Precision precision, bool is_signed, std::size_t rank) {
-  return requested && precision == Precision::kInt4 && !is_signed && rank >= 2 && algorithm != Algorithm::kSophiaG;
-}
 
 namespace cpu {
 // The sum of squared gradients of the tensors that have one (and whose `counted` flag is not 0,

@@ -13,6 +13,7 @@
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "optim/impl.hpp"
+#include "optim/state_layout.hpp"
 
 namespace nibble {
 
@@ -29,27 +30,13 @@ const math::Codebook& codebook(math::CodebookId id) {
 
 namespace {
 
-bool name_matches(const std::string& name, const std::vector<std::string>& patterns) {
-  return std::any_of(patterns.begin(), patterns.end(),
-                     [&](const std::string& p) { return !p.empty() && name.find(p) != std::string::npos; });
-}
 
 void check_rate(std::string_view what, std::string_view group, float v) {
   if (!std::isfinite(v) || v < 0.0f)
     throw InvalidArgument(fmt::format("{} of parameter group {} must be finite and >= 0, got {}", what, group, v));
 }
 
-int resolve_block(Precision precision, int block_size) {
-  if (precision == Precision::kInt8) return block_size ? block_size : 256;
-  if (precision == Precision::kInt4) return block_size ? block_size : 128;
-  return kFullPrecisionBlock;
-}
 
-math::CodebookId codebook_for(Precision precision, bool is_signed) {
-  if (precision == Precision::kInt4)
-    return is_signed ? math::CodebookId::kDynamicSigned4 : math::CodebookId::kLinearUnsigned4;
-  return is_signed ? math::CodebookId::kDynamicSigned8 : math::CodebookId::kDynamicUnsigned8;
-}
 
 std::int64_t align64(std::int64_t bytes) { return (bytes + 63) / 64 * 64; }
 
@@ -59,6 +46,7 @@ void check_precision(Precision precision, std::string_view where) {
     throw InvalidArgument(fmt::format("state precision {} of {} is not one of fp32, bf16, 8bit, 4bit",
                                       static_cast<int>(precision), where));
 }
+
 
 // Names go into save()'s JSON header; the writer refuses what is not UTF-8, so refuse it here,
 // before any training, rather than at the first checkpoint.
@@ -115,23 +103,32 @@ std::vector<std::int64_t> global_shape_of(const Param& param, std::int64_t local
 
 // Refuses a split tensor for the algorithms whose update depends on statistics of the whole tensor;
 // reducing those statistics over the ranks would cost a collective per tensor per step.
-void check_split(const Param& param, Algorithm algo, std::size_t global_rank, bool rank1) {
-  if (!param.split) return;
-  const char* why = nullptr;
-  if (algo == Algorithm::kAdafactor)
-    why = global_rank >= 2 ? "adafactor's factored second moment keeps row and column means of the whole matrix"
-                           : "adafactor scales and clips its update by the RMS of the whole tensor";
-  else if (algo == Algorithm::kAdamP && global_rank >= 2)
-    why = "adamp's projection test takes cosines over whole rows and over the whole tensor";
-  else if (rank1)
-    why = "rank-1 4-bit second moments are scaled by row and column maxima of the whole matrix";
-  if (why != nullptr)
+void check_split(const TensorState& t, const AlgorithmSpec& algo, std::size_t global_rank, bool rank1_requested) {
+  if (!t.param.split) return;
+  std::string_view why = global_rank >= 2 && !algo.split_refusal_matrix.empty() ? algo.split_refusal_matrix
+                                                                                : algo.split_refusal_any;
+  for (int j = 0; j < t.slot_count && why.empty(); ++j)
+    if (uses_rank1(rank1_requested, algo, t.slots[j].precision, t.slots[j].is_signed, global_rank))
+      why = "rank-1 4-bit second moments are scaled by row and column maxima of the whole matrix";
+  if (!why.empty())
     throw InvalidArgument(fmt::format("parameter '{}' is split across ranks, and {}: keep it whole on one rank "
-                                      "(a replicated tensor) or use another algorithm", param.name, why));
+                                      "(a replicated tensor) or use another algorithm", t.param.name, why));
 }
 
-bool keeps_master(const TensorState& t, const OptimizerOptions& options) {
-  return options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
+
+// An fp32 array of t outside its slots (master weights, Adafactor's factors) by name, or none.
+struct PlainState {
+  float* data = nullptr;
+  std::int64_t count = 0;
+  bool non_negative = false;
+};
+PlainState plain_state(TensorState& t, std::string_view name) {
+  PlainState out;
+  for_each_region(t, [&](const Region& r, auto* pointer) {
+    if constexpr (std::is_same_v<decltype(pointer), float*>)
+      if (r.slot < 0 && r.name == name) out = {pointer, r.count, r.role == RegionRole::kFactor};
+  });
+  return out;
 }
 
 }  // namespace
@@ -140,15 +137,13 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   Impl& im = *impl_;
   const Algorithm algo = options.algorithm;
   Hyper hyper = options.hyper.value_or(default_hyper(algo));
-  if (algo == Algorithm::kAdamW) hyper.decoupled_weight_decay = true;
+  const AlgorithmSpec& spec = algorithm_spec(algo);
+  if (spec.always_decoupled) hyper.decoupled_weight_decay = true;
   validate_hyper(algo, hyper);
   options.hyper = hyper;
   im.hyper = hyper;
   if (groups.empty()) throw InvalidArgument("optimizer: no parameter groups were given");
-  if (options.block_size != 0 &&
-      (options.block_size < 16 || options.block_size > kMaxBlock || (options.block_size & (options.block_size - 1))))
-    throw InvalidArgument(fmt::format("block_size must be a power of two in [16, {}], got {}", kMaxBlock,
-                                      options.block_size));
+  check_block_size(options.block_size);
   check_precision(options.precision, "the optimizer");
   if (options.min_quant_size < 0)
     throw InvalidArgument(fmt::format("min_quant_size must be >= 0, got {}", options.min_quant_size));
@@ -199,35 +194,15 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.group = static_cast<int>(gi);
       t.offset = im.total_numel;
       im.total_numel += t.numel;
-      const std::size_t rank = param.shape.size();
-      t.cols = rank == 0 ? 1 : param.shape.back();
-      t.rows = t.cols > 0 ? t.numel / t.cols : 0;
-      t.batch_rows = rank >= 2 ? param.shape[rank - 2] : 1;
       t.lr = group.lr.value_or(hyper.lr);
       t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
-      if (name_matches(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
+      if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
-      Precision precision = group.precision.value_or(options.precision);
-      if (precision != Precision::kFp32 &&
-          (global_numel < options.min_quant_size || name_matches(param.name, options.full_precision_names)))
-        precision = Precision::kFp32;
-      t.precision = precision;
-      t.block = resolve_block(precision, options.block_size);
-      t.factored = is_factored(algo, global) && t.numel > 0;
-      SlotSpec specs[kMaxSlots];
-      t.slot_count = slot_specs(algo, hyper, t.factored, specs);
-      for (int j = 0; j < t.slot_count; ++j) {
-        Slot& s = t.slots[j];
-        s.name = specs[j].name;
-        s.is_signed = specs[j].is_signed;
-        s.precision = precision;
-        s.codebook = codebook_for(precision, s.is_signed);
-        const bool rank1 = uses_rank1(options.rank1_second_moment, algo, precision, s.is_signed, global_rank);
-        check_split(param, algo, global_rank, rank1);
-        s.rank1 = rank1 && t.numel > 0;
-        s.blocks = (t.numel + t.block - 1) / t.block;
-      }
-      check_split(param, algo, global_rank, false);
+      const Precision precision =
+          tensor_precision(group.precision.value_or(options.precision), global_numel, param.name, options);
+      layout_tensor(t, spec, hyper, precision, options, global);
+      check_split(t, spec, global_rank, options.rank1_second_moment);
+      t.has_master = options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
       if (algo == Algorithm::kAdamP && global_rank >= 2) {
         const std::int64_t rows0 = param.shape[0];
         // gp, gg, pp per row, then the dot products: per row, or per fixed segment of the tensor.
@@ -256,34 +231,11 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       return p;
     };
     for (TensorState& t : im.tensors) {
-      for (int j = 0; j < t.slot_count; ++j) {
-        Slot& s = t.slots[j];
-        switch (s.precision) {
-          case Precision::kFp32: s.f32 = reinterpret_cast<float*>(take(4 * t.numel, true)); break;
-          case Precision::kBf16: s.bf16 = reinterpret_cast<std::uint16_t*>(take(2 * t.numel, true)); break;
-          case Precision::kInt8:
-            s.codes = reinterpret_cast<std::uint8_t*>(take(t.numel, true));
-            s.absmax = reinterpret_cast<float*>(take(4 * s.blocks, true));
-            break;
-          case Precision::kInt4:
-            s.codes = reinterpret_cast<std::uint8_t*>(take((t.numel + 1) / 2, true));
-            if (s.rank1) {
-              s.row_max = reinterpret_cast<float*>(take(4 * t.rows, true));
-              s.col_max = reinterpret_cast<float*>(take(4 * t.cols, true));
-              s.next_row_max = reinterpret_cast<float*>(take(4 * t.rows, false));
-              s.next_col_max = reinterpret_cast<float*>(take(4 * t.cols, false));
-              im.max_cols = std::max(im.max_cols, t.cols);
-            } else {
-              s.absmax = reinterpret_cast<float*>(take(4 * s.blocks, true));
-            }
-            break;
-        }
-      }
-      if (keeps_master(t, options)) t.master = reinterpret_cast<float*>(take(4 * t.numel, true));
-      if (t.factored) {
-        t.af_row = reinterpret_cast<float*>(take(4 * t.rows, true));
-        t.af_col = reinterpret_cast<float*>(take(4 * (t.rows / t.batch_rows) * t.cols, true));
-      }
+      for_each_region(t, [&](const Region& r, auto*& pointer) {
+        pointer = reinterpret_cast<std::remove_reference_t<decltype(pointer)>>(take(r.bytes(), r.is_state()));
+      });
+      for (int j = 0; j < t.slot_count; ++j)
+        if (t.slots[j].rank1) im.max_cols = std::max(im.max_cols, t.cols);
     }
     if (pass == 0) {
       im.arena_bytes = cursor;
@@ -458,30 +410,27 @@ StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->s
 
 std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
   param(param_index);
-  const TensorState& t = impl_->tensors[param_index];
+  TensorState& t = impl_->tensors[param_index];
   std::vector<std::string> out;
   for (int j = 0; j < t.slot_count; ++j) out.push_back(t.slots[j].name);
-  if (t.master) out.emplace_back("master");
-  if (t.factored) {
-    out.emplace_back("exp_avg_sq_row");
-    out.emplace_back("exp_avg_sq_col");
-  }
+  for_each_region(t, [&](const Region& r, auto*) {
+    if (r.slot < 0) out.emplace_back(r.name);
+  });
   return out;
 }
 
 std::vector<float> Optimizer::state_values(std::size_t param_index, std::string_view name) const {
   param(param_index);
   HostState host = host_state(*impl_);
-  const TensorState& t = (*host.tensors)[param_index];
+  TensorState& t = (*host.tensors)[param_index];
   for (int j = 0; j < t.slot_count; ++j)
     if (t.slots[j].name == name) {
       std::vector<float> out(static_cast<std::size_t>(t.numel));
       cpu::read_slot(t, t.slots[j], out.data());
       return out;
     }
-  if (t.factored && name == "exp_avg_sq_row") return {t.af_row, t.af_row + t.rows};
-  if (t.factored && name == "exp_avg_sq_col") return {t.af_col, t.af_col + (t.rows / t.batch_rows) * t.cols};
-  if (t.master && name == "master") return {t.master, t.master + t.numel};
+  if (const PlainState plain = plain_state(t, name); plain.data != nullptr)
+    return {plain.data, plain.data + plain.count};
   throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
 }
 
@@ -510,19 +459,13 @@ void Optimizer::set_state_values(std::size_t param_index, std::string_view name,
   for (int j = 0; j < t.slot_count; ++j)
     if (t.slots[j].name == name) {
       slot = &t.slots[j];
-      // As in a loaded state file: second moments are >= 0; SophiaG's Hessian EMA may be negative.
-      non_negative = !slot->is_signed && im.options.algorithm != Algorithm::kSophiaG;
+      non_negative = slot_non_negative(algorithm_spec(im.options.algorithm), *slot);
     }
   if (slot == nullptr) {
-    if (t.master && name == "master") {
-      plain = t.master;
-    } else if (t.factored && name == "exp_avg_sq_row") {
-      plain = t.af_row, count = t.rows, non_negative = true;
-    } else if (t.factored && name == "exp_avg_sq_col") {
-      plain = t.af_col, count = (t.rows / t.batch_rows) * t.cols, non_negative = true;
-    } else {
+    const PlainState state = plain_state(t, name);
+    if (state.data == nullptr)
       throw InvalidArgument(fmt::format("parameter '{}' has no state named '{}'", t.param.name, name));
-    }
+    plain = state.data, count = state.count, non_negative = state.non_negative;
   }
   if (static_cast<std::int64_t>(values.size()) != count)
     throw InvalidArgument(fmt::format("parameter '{}': state '{}' takes {} values, got {}", t.param.name, name, count,
@@ -567,25 +510,11 @@ HostState host_state(Optimizer::Impl& impl) {
   state.copy = impl.tensors;
   const std::byte* from = cuda::arena_base(impl);
   std::byte* to = state.bytes.data();
-  auto move = [&](auto*& p) {
-    if (p != nullptr)
-      p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(to + (reinterpret_cast<const std::byte*>(p) - from));
-  };
-  for (TensorState& t : state.copy) {
-    for (Slot& s : t.slots) {
-      move(s.f32);
-      move(s.bf16);
-      move(s.codes);
-      move(s.absmax);
-      move(s.row_max);
-      move(s.col_max);
-      move(s.next_row_max);
-      move(s.next_col_max);
-    }
-    move(t.master);
-    move(t.af_row);
-    move(t.af_col);
-  }
+  for (TensorState& t : state.copy)
+    for_each_region(t, [&](const Region&, auto*& p) {
+      if (p != nullptr)
+        p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(to + (reinterpret_cast<const std::byte*>(p) - from));
+    });
   cuda::pull_counters(impl, state.copy);
   state.tensors = &state.copy;
   return state;

@@ -12,6 +12,7 @@
 #include "nibble/error.hpp"
 #include "nibble/safetensors.hpp"
 #include "optim/impl.hpp"
+#include "optim/state_layout.hpp"
 
 namespace nibble {
 namespace {
@@ -19,15 +20,6 @@ namespace {
 constexpr const char* kFormat = "nibble.optimizer_state";
 constexpr int kSchemaVersion = 1;
 
-const char* codebook_name(math::CodebookId id) {
-  switch (id) {
-    case math::CodebookId::kDynamicSigned8: return "dynamic_signed_8";
-    case math::CodebookId::kDynamicUnsigned8: return "dynamic_unsigned_8";
-    case math::CodebookId::kDynamicSigned4: return "dynamic_signed_4";
-    case math::CodebookId::kLinearUnsigned4: return "linear_unsigned_4";
-  }
-  return "unknown";
-}
 
 // What one stored tensor must look like, and where its bytes live in the optimizer.
 struct Entry {
@@ -40,40 +32,30 @@ struct Entry {
 };
 
 std::vector<Entry> entries(const Optimizer::Impl& im, std::vector<TensorState>& tensors, std::vector<std::int64_t>& steps) {
+  const AlgorithmSpec& algorithm = algorithm_spec(im.options.algorithm);
   std::vector<Entry> out;
   for (std::size_t i = 0; i < tensors.size(); ++i) {
     TensorState& t = tensors[i];
     const std::string prefix = fmt::format("state.{}.", i);
-    for (int j = 0; j < t.slot_count; ++j) {
-      Slot& s = t.slots[j];
-      const std::string base = prefix + s.name;
-      // Unsigned slots hold squares (exp_avg_sq, max_exp_avg_sq), except SophiaG's Hessian EMA,
-      // whose estimates may be negative (Hutchinson).
-      const bool square = !s.is_signed && im.options.algorithm != Algorithm::kSophiaG;
-      switch (s.precision) {
-        case Precision::kFp32: out.push_back({base, DType::F32, t.param.shape, s.f32, true, square}); break;
-        case Precision::kBf16: out.push_back({base, DType::BF16, t.param.shape, s.bf16, true, square}); break;
-        case Precision::kInt8:
-          out.push_back({base + ".codes", DType::U8, {t.numel}, s.codes, false});
-          out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true, true});
+    for_each_region(t, [&](const Region& r, auto* data) {
+      if (!r.is_state()) return;
+      Entry e{prefix, r.dtype, {r.count}, data, r.dtype != DType::U8};
+      if (r.slot >= 0) e.name += t.slots[r.slot].name;
+      if (r.slot >= 0 && !r.name.empty()) e.name += '.';
+      e.name += r.name;
+      switch (r.role) {
+        case RegionRole::kValues:
+          e.shape = t.param.shape;
+          e.non_negative = slot_non_negative(algorithm, t.slots[r.slot]);
           break;
-        case Precision::kInt4:
-          out.push_back({base + ".codes", DType::U8, {(t.numel + 1) / 2}, s.codes, false});
-          if (s.rank1) {
-            out.push_back({base + ".row_max", DType::F32, {t.rows}, s.row_max, true, true});
-            out.push_back({base + ".col_max", DType::F32, {t.cols}, s.col_max, true, true});
-          } else {
-            out.push_back({base + ".absmax", DType::F32, {s.blocks}, s.absmax, true, true});
-          }
-          break;
+        case RegionRole::kMaster: e.shape = t.param.shape; break;
+        case RegionRole::kScale:
+        case RegionRole::kFactor: e.non_negative = true; break;
+        case RegionRole::kCodes:
+        case RegionRole::kStagedScale: break;
       }
-    }
-    if (t.master) out.push_back({prefix + "master", DType::F32, t.param.shape, t.master, true});
-    if (t.factored) {
-      out.push_back({prefix + "exp_avg_sq_row", DType::F32, {t.rows}, t.af_row, true, true});
-      out.push_back(
-          {prefix + "exp_avg_sq_col", DType::F32, {(t.rows / t.batch_rows) * t.cols}, t.af_col, true, true});
-    }
+      out.push_back(std::move(e));
+    });
   }
   steps.resize(tensors.size());
   for (std::size_t i = 0; i < tensors.size(); ++i) steps[i] = tensors[i].step;
@@ -88,7 +70,7 @@ nlohmann::json layout(const Optimizer::Impl& im) {
     for (int j = 0; j < t.slot_count; ++j) {
       const Slot& s = t.slots[j];
       nlohmann::json slot = {{"name", s.name}, {"rank1", s.rank1}};
-      if (s.precision == Precision::kInt8 || s.precision == Precision::kInt4) slot["codebook"] = codebook_name(s.codebook);
+      if (is_quantized(s.precision)) slot["codebook"] = codebook_name(s.codebook);
       slots.push_back(slot);
     }
     nlohmann::json entry = {{"name", t.param.name},
@@ -106,37 +88,19 @@ nlohmann::json layout(const Optimizer::Impl& im) {
 }
 
 nlohmann::json hyper_json(const Hyper& h) {
-  return {{"lr", h.lr},
-          {"weight_decay", h.weight_decay},
-          {"beta1", h.beta1},
-          {"beta2", h.beta2},
-          {"eps", h.eps},
-          {"momentum", h.momentum},
-          {"dampening", h.dampening},
-          {"nesterov", h.nesterov},
-          {"amsgrad", h.amsgrad},
-          {"maximize", h.maximize},
-          {"bias_correction", h.bias_correction},
-          {"decoupled_weight_decay", h.decoupled_weight_decay},
-          {"nu", h.nu},
-          {"eps2", h.eps2},
-          {"clip_threshold", h.clip_threshold},
-          {"decay_rate", h.decay_rate},
-          {"first_moment", h.first_moment},
-          {"relative_step", h.relative_step},
-          {"scale_parameter", h.scale_parameter},
-          {"warmup_init", h.warmup_init},
-          {"delta", h.delta},
-          {"wd_ratio", h.wd_ratio},
-          {"rho", h.rho},
-          {"batch_tokens", h.batch_tokens}};
+  nlohmann::json out = nlohmann::json::object();
+  for (const HyperField& f : hyper_fields()) {
+    if (f.number != nullptr) out[std::string(f.name)] = h.*f.number;
+    else out[std::string(f.name)] = h.*f.flag;
+  }
+  return out;
 }
 
 std::vector<math::CodebookId> codebooks_used(const Optimizer::Impl& im) {
   bool used[math::kCodebookCount] = {};
   for (const TensorState& t : im.tensors)
     for (int j = 0; j < t.slot_count; ++j)
-      if (t.slots[j].precision == Precision::kInt8 || t.slots[j].precision == Precision::kInt4)
+      if (is_quantized(t.slots[j].precision))
         used[static_cast<int>(t.slots[j].codebook)] = true;
   std::vector<math::CodebookId> out;
   for (int i = 0; i < math::kCodebookCount; ++i)

@@ -665,7 +665,7 @@ void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimat
         const std::int64_t n = std::min(block, t.numel - b);
         float* h = load_block(t, t.slots[1], b, n, scratch.state[1], true);
         for (std::int64_t i = 0; i < n; ++i) math::sophia_hessian_update(h[i], est[b + i], k);
-        store_block(t, t.slots[1], b, n, h, rounding_seed(impl.options.seed, t.step) ^ 0x5f3759dfull, 1,
+        store_block(t, t.slots[1], b, n, h, math::rounding_seed(impl.options.seed, t.step) ^ 0x5f3759dfull, 1,
                     impl.options.stochastic_rounding);
       }
     }

@@ -1,0 +1,90 @@
+// The algorithm table: one entry per optimizer algorithm (its names, defaults, the hyperparameters
+// it reads and their valid ranges, the state it keeps, the whole-tensor statistics it needs), and
+// one entry per hyperparameter field. The optimizer, the CLI, the C interface (and through it the
+// Python package) read these tables; none keeps a list of its own.
+#pragma once
+
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+
+#include "nibble/hyper.hpp"
+
+namespace nibble {
+
+// One field of Hyper: its name (as the C interface's JSON, saved state and Python know it) and its
+// member. Exactly one of `number` and `flag` is set.
+struct HyperField {
+  std::string_view name;
+  float Hyper::*number = nullptr;
+  bool Hyper::*flag = nullptr;
+  // A flag that an algorithm which does not read it refuses when set (rather than ignoring it).
+  bool refused_unread = false;
+};
+std::span<const HyperField> hyper_fields();
+const HyperField* find_hyper_field(std::string_view name);
+
+// The valid values of a number an algorithm reads; every range also requires a finite value.
+enum class HyperRange : std::uint8_t {
+  kNonNegative,  // >= 0
+  kPositive,     // > 0
+  kBeta,         // [0, 1)
+  kUnit,         // [0, 1]
+  kDecayRate,    // [-1, 0)
+};
+struct HyperUse {
+  std::string_view name;  // a HyperField's name
+  HyperRange range;
+};
+
+// One elementwise state tensor an algorithm keeps per parameter. Signed: first moments; unsigned:
+// second moments and Hessians (their quantization codebooks differ).
+struct StateSlot {
+  std::string_view name;
+  bool is_signed;
+};
+inline constexpr int kMaxStateSlots = 3;
+
+// What an algorithm's step needs beyond element-wise math, each computed over a whole tensor.
+enum class Reduction : std::uint8_t {
+  kNone,
+  kProjection,       // AdamP: cosines of gradient and parameter per row and per tensor
+  kFactoredSecond,   // Adafactor: row/column means of g^2 for >= 2-D tensors, update and parameter RMS
+};
+
+struct AlgorithmSpec {
+  Algorithm id = Algorithm::kSgd;
+  std::string_view name = {};   // "adamw": the CLI, the C interface, saved state
+  std::string_view alias = {};  // another accepted name, or empty
+  std::string_view title = {};  // the algorithm and its paper, for listings
+  Hyper defaults = {};          // those of the paper's reference code
+  // The numbers it reads besides lr and weight_decay (read by all), validated in this order, and
+  // the flags it reads besides maximize (read by all). Numbers read only under a flag (Adafactor's
+  // beta1 with first_moment) are validated by `check`.
+  std::span<const HyperUse> numbers = {};
+  std::span<const std::string_view> flags = {};
+  // AdamW: weight decay is decoupled whatever `decoupled_weight_decay` says.
+  bool always_decoupled = false;
+  // Checks between fields that a range cannot say; throws InvalidArgument naming the values.
+  void (*check)(const Hyper&) = nullptr;
+  // The state slots it keeps for a tensor (factored: Adafactor's >= 2-D tensors); returns the count.
+  int (*slots)(const Hyper&, bool factored, StateSlot* out) = nullptr;
+  // A one-line description of its state for listings ("m, v").
+  std::string (*state_note)(const Hyper&) = nullptr;
+  Reduction reduction = Reduction::kNone;
+  // Second moments factored into row and column statistics for tensors of rank >= 2.
+  bool factors_matrices = false;
+  // Its Hessian EMA is written outside the step (update_hessian): no rank-1 scales for it.
+  bool hessian_slot = false;
+  // Why a tensor split across ranks is refused, for tensors of rank >= 2 and of any rank (empty:
+  // a split tensor steps like a whole one).
+  std::string_view split_refusal_matrix = {};
+  std::string_view split_refusal_any = {};
+};
+
+std::span<const AlgorithmSpec> algorithm_specs();
+const AlgorithmSpec& algorithm_spec(Algorithm algorithm);  // throws InvalidArgument for an unknown value
+
+}  // namespace nibble

@@ -1,0 +1,163 @@
+// State precisions: their names, blocks and codebooks, the per-tensor precision decision and
+// the layout of one tensor's state (see state_layout.hpp).
+#include "optim/state_layout.hpp"
+
+#include <algorithm>
+#include <array>
+#include <cctype>
+#include <ostream>
+#include <string>
+
+#include <fmt/format.h>
+
+#include "nibble/error.hpp"
+
+namespace nibble {
+namespace {
+
+struct PrecisionSpec {
+  Precision id;
+  std::string_view name;
+  std::array<std::string_view, 3> aliases;  // other accepted names (empty: none)
+};
+
+constexpr std::array kPrecisionSpecs = {
+    PrecisionSpec{Precision::kFp32, "fp32", {"32bit", "f32"}},
+    PrecisionSpec{Precision::kBf16, "bf16", {"16bit"}},
+    PrecisionSpec{Precision::kInt8, "8bit", {"int8"}},
+    PrecisionSpec{Precision::kInt4, "4bit", {"int4"}},
+};
+
+constexpr bool precisions_in_enum_order() {
+  for (std::size_t i = 0; i < kPrecisionSpecs.size(); ++i)
+    if (static_cast<std::size_t>(kPrecisionSpecs[i].id) != i) return false;
+  return true;
+}
+static_assert(precisions_in_enum_order(), "kPrecisionSpecs must list the precisions in the order of enum Precision");
+
+constexpr std::array kPrecisions = [] {
+  std::array<Precision, kPrecisionSpecs.size()> out{};
+  for (std::size_t i = 0; i < out.size(); ++i) out[i] = kPrecisionSpecs[i].id;
+  return out;
+}();
+
+}  // namespace
+
+bool name_contains_any(const std::string& name, const std::vector<std::string>& patterns) {
+  return std::any_of(patterns.begin(), patterns.end(),
+                     [&](const std::string& p) { return !p.empty() && name.find(p) != std::string::npos; });
+}
+
+std::span<const Precision> all_precisions() { return kPrecisions; }
+
+std::string_view precision_name(Precision precision) {
+  const auto i = static_cast<std::size_t>(precision);
+  return i < kPrecisionSpecs.size() ? kPrecisionSpecs[i].name : "unknown";
+}
+
+std::optional<Precision> precision_from_name(std::string_view name) {
+  std::string n(name);
+  std::transform(n.begin(), n.end(), n.begin(), [](unsigned char c) { return std::tolower(c); });
+  for (const PrecisionSpec& p : kPrecisionSpecs) {
+    if (p.name == n) return p.id;
+    for (std::string_view alias : p.aliases)
+      if (!alias.empty() && alias == n) return p.id;
+  }
+  return std::nullopt;
+}
+
+std::ostream& operator<<(std::ostream& os, Precision precision) { return os << precision_name(precision); }
+
+void check_block_size(int block_size) {
+  if (block_size != 0 && (block_size < 16 || block_size > kMaxBlock || (block_size & (block_size - 1))))
+    throw InvalidArgument(fmt::format("block_size must be a power of two in [16, {}], got {}", kMaxBlock, block_size));
+}
+
+int state_block(Precision precision, int block_size) {
+  switch (precision) {
+    case Precision::kInt8: return block_size ? block_size : kDefaultBlock8;
+    case Precision::kInt4: return block_size ? block_size : kDefaultBlock4;
+    case Precision::kFp32:
+    case Precision::kBf16: return kFullPrecisionBlock;
+  }
+  return kFullPrecisionBlock;
+}
+
+bool is_quantized(Precision precision) { return precision == Precision::kInt8 || precision == Precision::kInt4; }
+
+math::CodebookId state_codebook(Precision precision, bool is_signed) {
+  if (precision == Precision::kInt4)
+    return is_signed ? math::CodebookId::kDynamicSigned4 : math::CodebookId::kLinearUnsigned4;
+  return is_signed ? math::CodebookId::kDynamicSigned8 : math::CodebookId::kDynamicUnsigned8;
+}
+
+std::string_view codebook_name(math::CodebookId id) {
+  switch (id) {
+    case math::CodebookId::kDynamicSigned8: return "dynamic_signed_8";
+    case math::CodebookId::kDynamicUnsigned8: return "dynamic_unsigned_8";
+    case math::CodebookId::kDynamicSigned4: return "dynamic_signed_4";
+    case math::CodebookId::kLinearUnsigned4: return "linear_unsigned_4";
+  }
+  return "unknown";
+}
+
+bool uses_rank1(bool requested, const AlgorithmSpec& algorithm, Precision precision, bool is_signed,
+                std::size_t rank) {
+  return requested && precision == Precision::kInt4 && !is_signed && rank >= 2 && !algorithm.hessian_slot;
+}
+
+Precision tensor_precision(Precision requested, std::int64_t global_numel, const std::string& name,
+                           const OptimizerOptions& options) {
+  if (requested != Precision::kFp32 &&
+      (global_numel < options.min_quant_size || name_contains_any(name, options.full_precision_names)))
+    return Precision::kFp32;
+  return requested;
+}
+
+void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
+                   const OptimizerOptions& options, std::span<const std::int64_t> global_shape) {
+  const std::vector<std::int64_t>& shape = t.param.shape;
+  const std::size_t rank = shape.size();
+  t.cols = rank == 0 ? 1 : shape.back();
+  t.rows = t.cols > 0 ? t.numel / t.cols : 0;
+  t.batch_rows = rank >= 2 ? shape[rank - 2] : 1;
+  t.precision = precision;
+  t.block = state_block(precision, options.block_size);
+  t.factored = algorithm.factors_matrices && global_shape.size() >= 2 && t.numel > 0;
+  StateSlot specs[kMaxStateSlots];
+  t.slot_count = algorithm.slots(hyper, t.factored, specs);
+  for (int j = 0; j < t.slot_count; ++j) {
+    Slot& s = t.slots[j];
+    s.name = specs[j].name;
+    s.is_signed = specs[j].is_signed;
+    s.precision = precision;
+    s.codebook = state_codebook(precision, s.is_signed);
+    s.rank1 = uses_rank1(options.rank1_second_moment, algorithm, precision, s.is_signed, global_shape.size()) &&
+              t.numel > 0;
+    s.blocks = (t.numel + t.block - 1) / t.block;
+  }
+}
+
+std::int64_t tensor_state_bytes(TensorState& t) {
+  std::int64_t bytes = 0;
+  for_each_region(t, [&](const Region& r, auto*&) {
+    if (r.is_state()) bytes += r.bytes();
+  });
+  return bytes;
+}
+
+double state_bytes_per_element(Algorithm algorithm, const Hyper& hyper, Precision precision, int block_size,
+                               std::span<const std::int64_t> shape, bool rank1) {
+  TensorState t;
+  t.numel = shape_numel(shape);
+  if (t.numel == 0) return 0.0;
+  check_block_size(block_size);
+  t.param.shape.assign(shape.begin(), shape.end());
+  OptimizerOptions options;
+  options.block_size = block_size;
+  options.rank1_second_moment = rank1;
+  layout_tensor(t, algorithm_spec(algorithm), hyper, precision, options, shape);
+  return static_cast<double>(tensor_state_bytes(t)) / static_cast<double>(t.numel);
+}
+
+}  // namespace nibble
