@@ -12,6 +12,7 @@
 
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
+#include "math/scratch_layout.hpp"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -203,16 +204,15 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       layout_tensor(t, spec, hyper, precision, options, global);
       check_split(t, spec, global_rank, options.rank1_second_moment);
       t.has_master = options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
-      if (algo == Algorithm::kAdamP && global_rank >= 2) {
+      if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
+        // The dot products: per row, or per fixed segment of the tensor.
         const std::int64_t rows0 = param.shape[0];
-        // gp, gg, pp per row, then the dot products: per row, or per fixed segment of the tensor.
         const std::int64_t segments = (t.numel + kChunkElements - 1) / kChunkElements;
-        t.scratch.assign(static_cast<std::size_t>(3 * rows0 + std::max<std::int64_t>(rows0, segments)), 0.0);
+        t.scratch.assign(static_cast<std::size_t>(math::AdamPScratch{rows0}.doubles(std::max(rows0, segments))), 0.0);
       }
-      if (t.factored) {
-        const std::int64_t batches = t.rows / t.batch_rows;
-        t.scratch.assign(static_cast<std::size_t>(4 * t.rows + 2 * batches * t.cols), 0.0);
-      }
+      if (t.factored)
+        t.scratch.assign(static_cast<std::size_t>(math::AdafactorScratch{t.rows, t.cols, t.rows / t.batch_rows}.doubles()),
+                         0.0);
       im.tensors.push_back(std::move(t));
     }
   }

@@ -14,6 +14,7 @@
 #include "math/bf16.hpp"
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
+#include "math/scratch_layout.hpp"
 #include "nibble/error.hpp"
 #include "optim/cpu/codec_simd.hpp"
 #include "optim/impl.hpp"
@@ -227,10 +228,11 @@ void adamp_prepare(Optimizer::Impl& impl) {
     if (t.param.grad == nullptr || t.param.shape.size() < 2 || t.numel == 0) continue;
     const std::int64_t rows = adamp_view_rows(t);
     const std::int64_t len = t.numel / rows;
-    double* gp = t.scratch.data();
-    double* gg = gp + rows;
-    double* pp = gg + rows;
-    double* dot = pp + rows;
+    const math::AdamPScratch at{rows};
+    double* gp = t.scratch.data() + at.gp();
+    double* gg = t.scratch.data() + at.gg();
+    double* pp = t.scratch.data() + at.pp();
+    double* dot = t.scratch.data() + at.dot();
     const float* p = static_cast<const float*>(t.param.data);
     const float* g = static_cast<const float*>(t.param.grad);
 #pragma omp parallel
@@ -334,12 +336,13 @@ void adafactor_prepare(Optimizer::Impl& impl, float lr_scale) {
     double sum_pp = 0.0, sum_uu = 0.0;
     if (t.factored) {
       const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-      double* row_sum = t.scratch.data();     // [rows]
-      double* row_pp = row_sum + rows;        // [rows]
-      double* row_uu = row_pp + rows;         // [rows]
-      double* col_sum = row_uu + rows;        // [batches * cols]
-      double* r_factor = col_sum + batches * cols;  // [rows]
-      double* c_factor = r_factor + rows;           // [batches * cols]
+      const math::AdafactorScratch at{rows, cols, batches};
+      double* row_sum = t.scratch.data() + at.row_sum();
+      double* row_pp = t.scratch.data() + at.row_pp();
+      double* row_uu = t.scratch.data() + at.row_uu();
+      double* col_sum = t.scratch.data() + at.col_sum();
+      double* r_factor = t.scratch.data() + at.r_factor();
+      double* c_factor = t.scratch.data() + at.c_factor();
 #pragma omp parallel
       {
         for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
@@ -544,8 +547,9 @@ struct BlockRule {
             math::adamp_apply(p[i], perturb, 0.0f, 0.0f, adamp_decay, ka.step_size);
           }
         } else {
-          const double* gg = t.scratch.data() + adamp_view_rows(t);
-          const double* dot = t.scratch.data() + 3 * adamp_view_rows(t);
+          const math::AdamPScratch at{adamp_view_rows(t)};
+          const double* gg = t.scratch.data() + at.inv_norm();
+          const double* dot = t.scratch.data() + at.dot();
           const std::int64_t vlen = k.adamp_view == 1 ? t.numel / adamp_view_rows(t) : t.numel;
           // Row by row, so that the inner loop has loop-invariant projection terms.
           for (std::int64_t i = 0; i < n;) {
@@ -565,8 +569,9 @@ struct BlockRule {
         const bool fm = impl.hyper.first_moment;
         if (t.factored) {
           const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-          const double* r_factor = t.scratch.data() + 3 * rows + batches * cols;
-          const double* c_factor = r_factor + rows;
+          const math::AdafactorScratch at{rows, cols, batches};
+          const double* r_factor = t.scratch.data() + at.r_factor();
+          const double* c_factor = t.scratch.data() + at.c_factor();
           float* __restrict m = s0;
           // Row by row: one division per row segment, and a contiguous inner loop over columns.
           for (std::int64_t i = 0; i < n;) {

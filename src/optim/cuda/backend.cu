@@ -220,11 +220,12 @@ void create(Optimizer::Impl& impl) {
     std::int64_t scratch = 0;
     if (adamp && t.param.shape.size() >= 2 && t.numel > 0) {
       view_rows = t.param.shape[0];
-      scratch = 3 * view_rows + std::max<std::int64_t>(view_rows, 1);
+      scratch = math::AdamPScratch{view_rows}.doubles(std::max<std::int64_t>(view_rows, 1));
     } else if (adafactor && t.numel > 0) {
       view_rows = t.factored ? t.rows : 1;
       const std::int64_t batches = t.rows / t.batch_rows;
-      scratch = t.factored ? 4 * t.rows + 2 * batches * t.cols + 2 : 2;
+      // The two totals (sum p^2, sum u^2) after the factored statistics.
+      scratch = (t.factored ? math::AdafactorScratch{t.rows, t.cols, batches}.doubles() : 0) + 2;
       if (t.factored) {
         d.colpart0 = col_partials;
         d.col_row_blocks = (t.batch_rows + kColumnRows - 1) / kColumnRows;

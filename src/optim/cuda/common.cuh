@@ -14,6 +14,7 @@
 #include "math/bf16.hpp"
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
+#include "math/scratch_layout.hpp"
 #include "math/step_constants.hpp"
 #include "nibble/error.hpp"
 #include "nibble/hyper.hpp"

@@ -130,9 +130,10 @@ __global__ void __launch_bounds__(kReduceThreads) adamp_decide_kernel(Tables tb,
   if (t.grad == nullptr || t.view_rows == 0) return;
   const std::int64_t rows = t.view_rows, len = t.numel / rows;
   const double eps = cfg.hyper.eps;
-  double* gp = t.scratch;
-  double* gg = gp + rows;
-  double* pp = gg + rows;
+  const math::AdamPScratch at{rows};
+  double* gp = t.scratch + at.gp();
+  double* gg = t.scratch + at.gg();
+  double* pp = t.scratch + at.pp();
   double max_cos = 0.0, sgp = 0.0, sgg = 0.0, spp = 0.0;
   for (std::int64_t r = threadIdx.x; r < rows; r += kReduceThreads) {
     gp[r] = row_total(tb, t, r, 0);
@@ -170,7 +171,7 @@ __global__ void __launch_bounds__(kReduceThreads) adamp_dot_finalize_kernel(Tabl
   const DTensor& t = tb.tensors[blockIdx.x];
   const int view = tb.constants[blockIdx.x].adamp_view;
   if (t.grad == nullptr || t.view_rows == 0 || view == 0) return;
-  double* dot = t.scratch + 3 * t.view_rows;
+  double* dot = t.scratch + math::AdamPScratch{t.view_rows}.dot();
   if (view == 1) {
     for (std::int64_t r = threadIdx.x; r < t.view_rows; r += kReduceThreads) dot[r] = row_total(tb, t, r, 0);
     return;
@@ -182,13 +183,12 @@ __global__ void __launch_bounds__(kReduceThreads) adamp_dot_finalize_kernel(Tabl
 }
 
 // ---------------------------------------------------------------------------------------------
-// Adafactor. Scratch of a factored tensor, as on the CPU: row_sum, row_pp, row_uu [rows],
-// col_sum [batches * cols], r_factor [rows], c_factor [batches * cols], then sum_pp and sum_uu.
+// Adafactor. Scratch of a factored tensor as on the CPU (math::AdafactorScratch), then sum_pp and
+// sum_uu; an unfactored tensor keeps only the two sums.
 
 __device__ __forceinline__ double* adafactor_totals(const DTensor& t) {
   if (!t.factored) return t.scratch;
-  const std::int64_t batches = t.rows / t.batch_rows;
-  return t.scratch + 4 * t.rows + 2 * batches * t.cols;
+  return t.scratch + math::AdafactorScratch{t.rows, t.cols, t.rows / t.batch_rows}.totals();
 }
 
 // Per row segment: sum of g^2 + eps1 (factored tensors) and of p^2.
@@ -244,10 +244,11 @@ __global__ void __launch_bounds__(kReduceThreads) adafactor_finalize_kernel(Tabl
     return;
   }
   const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-  double* row_sum = t.scratch;
-  double* col_sum = t.scratch + 3 * rows;
-  double* r_factor = col_sum + batches * cols;
-  double* c_factor = r_factor + rows;
+  const math::AdafactorScratch at{rows, cols, batches};
+  double* row_sum = t.scratch + at.row_sum();
+  double* col_sum = t.scratch + at.col_sum();
+  double* r_factor = t.scratch + at.r_factor();
+  double* c_factor = t.scratch + at.c_factor();
   for (std::int64_t r = threadIdx.x; r < rows; r += kReduceThreads) {
     row_sum[r] = row_total(tb, t, r, 0);
     pp += row_total(tb, t, r, 1);

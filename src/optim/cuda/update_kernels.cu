@@ -270,16 +270,18 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
     } else {
       const std::int64_t rows0 = t.view_rows;
       const std::int64_t r = k.adamp_view == 1 ? e / (t.numel / rows0) : 0;
-      const double* inv_norm = t.scratch + rows0;
-      const double* dot = t.scratch + 3 * rows0;
+      const math::AdamPScratch at{rows0};
+      const double* inv_norm = t.scratch + at.inv_norm();
+      const double* dot = t.scratch + at.dot();
       math::adamp_apply(p, perturb, static_cast<float>(inv_norm[r]), static_cast<float>(dot[r]), k.adamp_decay,
                         k.adamp.step_size);
     }
   } else if constexpr (A == Algorithm::kAdafactor) {
     if (t.factored) {
       const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-      const double* r_factor = t.scratch + 3 * rows + batches * cols;
-      const double* c_factor = r_factor + rows;
+      const math::AdafactorScratch at{rows, cols, batches};
+      const double* r_factor = t.scratch + at.r_factor();
+      const double* c_factor = t.scratch + at.c_factor();
       const std::int64_t r = e / cols, c = e % cols;
       const float u = math::adafactor_factored(g, static_cast<float>(r_factor[r]),
                                                static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]), k.adafactor);
@@ -400,7 +402,7 @@ __global__ void __launch_bounds__(256) adamp_dot_kernel(Tables tb) {
   if (t.grad == nullptr || k.adamp_view == 0) return;
   stage_codebooks(tb, t, books);
   const std::int64_t row = (blockIdx.x - t.seg0) / t.segs_per_row;
-  const double* inv_norm = t.scratch + t.view_rows;
+  const double* inv_norm = t.scratch + math::AdamPScratch{t.view_rows}.inv_norm();
   const float inv = static_cast<float>(inv_norm[k.adamp_view == 1 ? row : 0]);
   const double sum = segment_sum(
       seg,
@@ -428,8 +430,9 @@ __global__ void __launch_bounds__(256) adafactor_uu_kernel(Tables tb) {
   double sum;
   if (t.factored) {
     const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-    const double* r_factor = t.scratch + 3 * rows + batches * cols;
-    const double* c_factor = r_factor + rows;
+    const math::AdafactorScratch at{rows, cols, batches};
+    const double* r_factor = t.scratch + at.r_factor();
+    const double* c_factor = t.scratch + at.c_factor();
     sum = segment_sum(
         seg,
         [&](std::int64_t e) {
