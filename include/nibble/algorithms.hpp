@@ -16,10 +16,12 @@ namespace nibble {
 
 // One field of Hyper: its name (as the C interface's JSON, saved state and Python know it) and its
 // member. Exactly one of `number` and `flag` is set.
+using HyperNumber = float Hyper::*;
+using HyperFlag = bool Hyper::*;
 struct HyperField {
   std::string_view name;
-  float Hyper::*number = nullptr;
-  bool Hyper::*flag = nullptr;
+  HyperNumber number = nullptr;
+  HyperFlag flag = nullptr;
   // A flag that an algorithm which does not read it refuses when set (rather than ignoring it).
   bool refused_unread = false;
 };

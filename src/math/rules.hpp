@@ -1,12 +1,15 @@
 // Per-element update rules of every nibble optimizer, for one element of one tensor, in fp32
 // "opmath". Each rule reads per-step constants (a *Step struct, filled once per tensor per step
-// by src/optim/step_constants.hpp) and updates the parameter and its state in place. The CPU
-// drivers and the CUDA kernels call these same functions: this file is the only copy of the math.
+// by its rule's fill()) and updates the parameter and its state in place. The CPU drivers and the
+// CUDA kernels call these same functions: this file is the only copy of the math. At its end, one
+// adaptor per algorithm and the list of them, from which both backends instantiate every rule.
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #include "math/common.hpp"
+#include "nibble/hyper.hpp"
 
 namespace nibble::math {
 
@@ -136,6 +139,173 @@ NIBBLE_HD void adafactor_apply(float& p, float update, float& m, const Adafactor
     u = m;
   }
   p = p * k.decay - u;
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rule adaptors. Each says which algorithms it steps (handles), fills its constants once per
+// tensor per step (fill), and, when kElementwise, updates one element with up to three state
+// values (update). kVariant is its one compile-time option (variant(hyper): AMSGrad, Adafactor's
+// first moment); the step writes back slots [0, kWrittenSlots). AdamP and Adafactor need
+// whole-tensor statistics first, so the backends give them their own passes.
+
+// What every rule's constants are made from, per tensor per step.
+struct StepInputs {
+  float lr;        // the group's lr times the schedule's lr_scale
+  float wd;        // the tensor's weight decay
+  float grad_mul;  // 1 / grad_scale times the clip coefficient, negated to maximize
+  float bc1, bc2;  // bias corrections 1 - beta^t (1 without bias_correction)
+  std::int64_t tensor_step;
+  double step;     // max(tensor_step, 1)
+};
+
+// The constants of one tensor's step: its rule's, and what the whole-tensor passes fill in.
+struct StepConstants {
+  SgdStep sgd;
+  AdamStep adam;
+  LionStep lion;
+  QhmStep qhm;
+  SophiaStep sophia;
+  AdamPStep adamp;
+  AdafactorStep adafactor;
+  float lr;
+  float adamp_decay;
+  int adamp_view;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
+  std::uint64_t rounding_seed;
+};
+
+struct RuleDefaults {
+  static constexpr bool kElementwise = true;
+  static constexpr bool kHasVariant = false;
+  static constexpr int kWrittenSlots = 3;
+  NIBBLE_HD static bool variant(const Hyper&) { return false; }
+};
+
+struct SgdRule : RuleDefaults {
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kSgd; }
+  NIBBLE_HD static const SgdStep& constants(const StepConstants& k) { return k.sgd; }
+  // On the first step the buffer is the gradient itself: keep = 0, grad_coef = 1.
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const bool first = in.tensor_step == 1;
+    const bool decoupled = h.decoupled_weight_decay;
+    k.sgd = {in.lr,
+             first ? 0.0f : h.momentum,
+             first || h.momentum == 0.0f ? 1.0f : 1.0f - h.dampening,
+             h.momentum,
+             h.nesterov ? 1.0f : 0.0f,
+             decoupled ? 0.0f : in.wd,
+             decoupled ? 1.0f - in.lr * in.wd : 1.0f,
+             in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float&, float&, const SgdStep& k) {
+    sgd_update(p, g, s0, k);
+  }
+};
+
+struct AdamRule : RuleDefaults {
+  static constexpr bool kHasVariant = true;  // AMSGrad
+  NIBBLE_HD static bool variant(const Hyper& h) { return h.amsgrad; }
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdam || a == Algorithm::kAdamW; }
+  NIBBLE_HD static const AdamStep& constants(const StepConstants& k) { return k.adam; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const bool decoupled = h.decoupled_weight_decay;
+    k.adam = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, in.lr / in.bc1,
+              1.0f / sqrtf(in.bc2), h.eps, decoupled ? 0.0f : in.wd,
+              decoupled ? 1.0f - in.lr * in.wd : 1.0f, in.grad_mul};
+  }
+  template <bool kAmsgrad>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float& s2, const AdamStep& k) {
+    adam_update<kAmsgrad>(p, g, s0, s1, s2, k);
+  }
+};
+
+struct LionRule : RuleDefaults {
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kLion; }
+  NIBBLE_HD static const LionStep& constants(const StepConstants& k) { return k.lion; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    k.lion = {in.lr, h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, 1.0f - in.lr * in.wd, in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float&, float&, const LionStep& k) {
+    lion_update(p, g, s0, k);
+  }
+};
+
+struct QhmRule : RuleDefaults {
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kQhm; }
+  NIBBLE_HD static const QhmStep& constants(const StepConstants& k) { return k.qhm; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const bool decoupled = h.decoupled_weight_decay;
+    k.qhm = {in.lr, h.momentum, 1.0f - h.momentum, h.nu, 1.0f - h.nu, decoupled ? 0.0f : in.wd,
+             decoupled ? 1.0f - in.lr * in.wd : 1.0f, in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float&, float&, const QhmStep& k) {
+    qhm_update(p, g, s0, k);
+  }
+};
+
+struct SophiaRule : RuleDefaults {
+  static constexpr int kWrittenSlots = 1;  // it reads its Hessian EMA; only update_hessian writes it
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kSophiaG; }
+  NIBBLE_HD static const SophiaStep& constants(const StepConstants& k) { return k.sophia; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    k.sophia = {in.lr, h.beta1, 1.0f - h.beta1, h.rho * h.batch_tokens, 1.0f - in.lr * in.wd, in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float&, const SophiaStep& k) {
+    sophia_update(p, g, s0, s1, k);
+  }
+};
+
+struct AdamPRule : RuleDefaults {
+  static constexpr bool kElementwise = false;  // its projection needs cosines over rows and tensors
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdamP; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    k.adamp = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, in.lr / in.bc1, 1.0f / sqrtf(in.bc2),
+               h.eps, h.nesterov ? 1.0f : 0.0f, in.grad_mul};
+    k.adamp_decay = 1.0f - in.lr * in.wd;
+  }
+};
+
+struct AdafactorRule : RuleDefaults {
+  static constexpr bool kElementwise = false;  // row/column statistics and the update's RMS first
+  static constexpr bool kHasVariant = true;    // the first moment
+  NIBBLE_HD static bool variant(const Hyper& h) { return h.first_moment; }
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdafactor; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const float beta2t = static_cast<float>(1.0 - ::pow(in.step, static_cast<double>(h.decay_rate)));
+    k.adafactor = {beta2t, 1.0f - beta2t, h.eps, in.grad_mul, 0.0f, h.beta1, 1.0f - h.beta1, 1.0f};
+  }
+};
+
+template <class... R>
+struct RuleList {};
+// Every algorithm's rule: the backends instantiate these and nothing else.
+using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdamPRule, AdafactorRule>;
+
+// Fills k from the rule that handles `algorithm`.
+template <class... R>
+NIBBLE_HD void fill_rule_constants(RuleList<R...>, StepConstants& k, Algorithm algorithm, const Hyper& h,
+                                   const StepInputs& in) {
+  ((R::handles(algorithm) ? R::fill(k, h, in) : void()), ...);
+}
+
+// Calls fn.template operator()<R, kVariant>() with the rule that handles `algorithm` and its
+// variant for h: the one place where an algorithm's runtime value becomes a compile-time rule.
+// Returns false when no rule handles it. Host code.
+template <class R, class Fn>
+void visit_variant(const Hyper& h, Fn& fn) {
+  if constexpr (R::kHasVariant) {
+    if (R::variant(h)) fn.template operator()<R, true>();
+    else fn.template operator()<R, false>();
+  } else {
+    fn.template operator()<R, false>();
+  }
+}
+template <class Fn, class... R>
+bool visit_rule(RuleList<R...>, Algorithm algorithm, const Hyper& h, Fn&& fn) {
+  return ((R::handles(algorithm) ? (visit_variant<R>(h, fn), true) : false) || ...);
 }
 
 }  // namespace nibble::math

@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstring>
 #include <limits>
+#include <type_traits>
 
 #include <fmt/format.h>
 
@@ -495,6 +496,12 @@ void rank1_commit(Optimizer::Impl& impl) {
 // ---------------------------------------------------------------------------------------------
 // The elementwise part of every algorithm, over one block.
 
+template <class R>
+inline constexpr bool kNoBlockRuleFor = false;
+
+// The update of one block by rule R (with its variant): the element-wise rules in one loop, AdamP
+// and Adafactor with the statistics their prepare passes left in the tensor's scratch.
+template <class R, bool kVariant>
 struct BlockRule {
   const Optimizer::Impl& impl;
   void operator()(const TensorState& t, std::int64_t b, std::int64_t n, float* __restrict p,
@@ -503,105 +510,65 @@ struct BlockRule {
     float* __restrict s0 = s[0];
     float* __restrict s1 = s[1];
     float* __restrict s2 = s[2];
-    switch (impl.options.algorithm) {
-      case Algorithm::kSgd:
-      {
-        // Constants copied to locals: through the reference the compiler must assume the stores
-        // alias them, reloads them every element and does not vectorise.
-        const math::SgdStep c = k.sgd;
-        for (std::int64_t i = 0; i < n; ++i) math::sgd_update(p[i], g[i], s0[i], c);
-      }
-        break;
-      case Algorithm::kAdam:
-      case Algorithm::kAdamW:
-        if (const math::AdamStep c = k.adam; impl.hyper.amsgrad) {
-          for (std::int64_t i = 0; i < n; ++i) math::adam_update<true>(p[i], g[i], s0[i], s1[i], s2[i], c);
-        } else {
-          for (std::int64_t i = 0; i < n; ++i) math::adam_update<false>(p[i], g[i], s0[i], s1[i], s2[i], c);
+    if constexpr (R::kElementwise) {
+      // Constants copied to a local: through the reference the compiler must assume the stores
+      // alias them, reloads them every element and does not vectorise.
+      const auto c = R::constants(k);
+      for (std::int64_t i = 0; i < n; ++i) R::template update<kVariant>(p[i], g[i], s0[i], s1[i], s2[i], c);
+    } else if constexpr (std::is_same_v<R, math::AdamPRule>) {
+      const math::AdamPStep ka = k.adamp;
+      const float adamp_decay = k.adamp_decay;
+      if (k.adamp_view == 0) {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], ka);
+          math::adamp_apply(p[i], perturb, 0.0f, 0.0f, adamp_decay, ka.step_size);
         }
-        break;
-      case Algorithm::kLion:
-      {
-        const math::LionStep c = k.lion;
-        for (std::int64_t i = 0; i < n; ++i) math::lion_update(p[i], g[i], s0[i], c);
-      }
-        break;
-      case Algorithm::kQhm:
-      {
-        const math::QhmStep c = k.qhm;
-        for (std::int64_t i = 0; i < n; ++i) math::qhm_update(p[i], g[i], s0[i], c);
-      }
-        break;
-      case Algorithm::kSophiaG:
-      {
-        const math::SophiaStep c = k.sophia;
-        for (std::int64_t i = 0; i < n; ++i) math::sophia_update(p[i], g[i], s0[i], s1[i], c);
-      }
-        break;
-      case Algorithm::kAdamP: {
-        const math::AdamPStep ka = k.adamp;
-        const float adamp_decay = k.adamp_decay;
-        if (k.adamp_view == 0) {
-          for (std::int64_t i = 0; i < n; ++i) {
+      } else {
+        const math::AdamPScratch at{adamp_view_rows(t)};
+        const double* gg = t.scratch.data() + at.inv_norm();
+        const double* dot = t.scratch.data() + at.dot();
+        const std::int64_t vlen = k.adamp_view == 1 ? t.numel / adamp_view_rows(t) : t.numel;
+        // Row by row, so that the inner loop has loop-invariant projection terms.
+        for (std::int64_t i = 0; i < n;) {
+          const std::int64_t r = (b + i) / vlen;
+          const std::int64_t end = std::min(n, (r + 1) * vlen - b);
+          const float ggr = static_cast<float>(gg[r]), dotr = static_cast<float>(dot[r]);
+          for (; i < end; ++i) {
             const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], ka);
-            math::adamp_apply(p[i], perturb, 0.0f, 0.0f, adamp_decay, ka.step_size);
-          }
-        } else {
-          const math::AdamPScratch at{adamp_view_rows(t)};
-          const double* gg = t.scratch.data() + at.inv_norm();
-          const double* dot = t.scratch.data() + at.dot();
-          const std::int64_t vlen = k.adamp_view == 1 ? t.numel / adamp_view_rows(t) : t.numel;
-          // Row by row, so that the inner loop has loop-invariant projection terms.
-          for (std::int64_t i = 0; i < n;) {
-            const std::int64_t r = (b + i) / vlen;
-            const std::int64_t end = std::min(n, (r + 1) * vlen - b);
-            const float ggr = static_cast<float>(gg[r]), dotr = static_cast<float>(dot[r]);
-            for (; i < end; ++i) {
-              const float perturb = math::adamp_perturb(g[i], s0[i], s1[i], ka);
-              math::adamp_apply(p[i], perturb, ggr, dotr, adamp_decay, ka.step_size);
-            }
+            math::adamp_apply(p[i], perturb, ggr, dotr, adamp_decay, ka.step_size);
           }
         }
-        break;
       }
-      case Algorithm::kAdafactor: {
-        const math::AdafactorStep ka = k.adafactor;
-        const bool fm = impl.hyper.first_moment;
-        if (t.factored) {
-          const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
-          const math::AdafactorScratch at{rows, cols, batches};
-          const double* r_factor = t.scratch.data() + at.r_factor();
-          const double* c_factor = t.scratch.data() + at.c_factor();
-          float* __restrict m = s0;
-          // Row by row: one division per row segment, and a contiguous inner loop over columns.
-          for (std::int64_t i = 0; i < n;) {
-            const std::int64_t e = b + i, r = e / cols, c0 = e % cols;
-            const std::int64_t len = std::min(n - i, cols - c0);
-            const float rf = static_cast<float>(r_factor[r]);
-            const double* __restrict cf = c_factor + (r / t.batch_rows) * cols + c0;
-            float* __restrict pr = p + i;
-            const float* __restrict gr = g + i;
-            float* __restrict mr = m + i;
-            if (fm) {
-              for (std::int64_t j = 0; j < len; ++j)
-                math::adafactor_apply<true>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
+    } else if constexpr (std::is_same_v<R, math::AdafactorRule>) {
+      const math::AdafactorStep ka = k.adafactor;
+      if (t.factored) {
+        const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+        const math::AdafactorScratch at{rows, cols, batches};
+        const double* r_factor = t.scratch.data() + at.r_factor();
+        const double* c_factor = t.scratch.data() + at.c_factor();
+        float* __restrict m = s0;
+        // Row by row: one division per row segment, and a contiguous inner loop over columns.
+        for (std::int64_t i = 0; i < n;) {
+          const std::int64_t e = b + i, r = e / cols, c0 = e % cols;
+          const std::int64_t len = std::min(n - i, cols - c0);
+          const float rf = static_cast<float>(r_factor[r]);
+          const double* __restrict cf = c_factor + (r / t.batch_rows) * cols + c0;
+          float* __restrict pr = p + i;
+          const float* __restrict gr = g + i;
+          float* __restrict mr = m + i;
+          for (std::int64_t j = 0; j < len; ++j)
+            math::adafactor_apply<kVariant>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
                                             mr[j], ka);
-            } else {
-              for (std::int64_t j = 0; j < len; ++j)
-                math::adafactor_apply<false>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
-                                             mr[j], ka);
-            }
-            i += len;
-          }
-        } else {
-          for (std::int64_t i = 0; i < n; ++i) {
-            const float u = math::adafactor_unfactored(g[i], s0[i], ka);
-            if (fm) math::adafactor_apply<true>(p[i], u, s1[i], ka);
-            else math::adafactor_apply<false>(p[i], u, s1[i], ka);
-          }
+          i += len;
         }
-        break;
+      } else {
+        for (std::int64_t i = 0; i < n; ++i) {
+          const float u = math::adafactor_unfactored(g[i], s0[i], ka);
+          math::adafactor_apply<kVariant>(p[i], u, s1[i], ka);
+        }
       }
+    } else {
+      static_assert(kNoBlockRuleFor<R>, "BlockRule: a rule that is neither element-wise nor AdamP or Adafactor");
     }
   }
 };
@@ -636,19 +603,19 @@ double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> coun
 
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
   fill_constants(impl, grad_mul, lr_scale);
-  const Algorithm algorithm = impl.options.algorithm;
-  BlockRule rule{impl};
   bool any_rank1 = false;
   for (const TensorState& t : impl.tensors)
     for (int j = 0; j < t.slot_count; ++j) any_rank1 = any_rank1 || t.slots[j].rank1;
-  if (algorithm == Algorithm::kAdamP) adamp_prepare(impl);
-  if (algorithm == Algorithm::kAdafactor) adafactor_prepare(impl, lr_scale);
-  if (any_rank1) rank1_prepare(impl, rule);
-  // SophiaG reads its Hessian EMA here but only update_hessian() writes it.
-  const unsigned store_mask = algorithm == Algorithm::kSophiaG ? 1u : (1u << kMaxSlots) - 1;
-  parallel_chunks(impl, [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
-    for_blocks(impl, t, ch.begin, ch.end, true, store_mask, scratch,
-               [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) { rule(t, b, n, p, g, s); });
+  math::visit_rule(math::Rules{}, impl.options.algorithm, impl.hyper, [&]<class R, bool kVariant>() {
+    BlockRule<R, kVariant> rule{impl};
+    if constexpr (std::is_same_v<R, math::AdamPRule>) adamp_prepare(impl);
+    if constexpr (std::is_same_v<R, math::AdafactorRule>) adafactor_prepare(impl, lr_scale);
+    if (any_rank1) rank1_prepare(impl, rule);
+    constexpr unsigned store_mask = (1u << R::kWrittenSlots) - 1;
+    parallel_chunks(impl, [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
+      for_blocks(impl, t, ch.begin, ch.end, true, store_mask, scratch,
+                 [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) { rule(t, b, n, p, g, s); });
+    });
   });
   if (any_rank1) rank1_commit(impl);
 }

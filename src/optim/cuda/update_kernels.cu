@@ -4,6 +4,8 @@
 // warp shuffles (and shared memory for blocks above 256 elements) and requantize in registers.
 // Also here: the dry runs that need the dequantized state (rank-1 scales, AdamP's projection dot
 // products, Adafactor's update RMS) and SophiaG's Hessian EMA.
+#include <type_traits>
+
 #include "optim/cuda/common.cuh"
 
 namespace nibble::cuda {
@@ -247,23 +249,15 @@ __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, c
 // ---------------------------------------------------------------------------------------------
 // One element of one algorithm: the same calls, in the same order, as the CPU driver's BlockRule.
 
-template <Algorithm>
+template <class R>
 inline constexpr bool kNoRuleFor = false;
 
-template <Algorithm A, bool kFlag>
+template <class R, bool kVariant>
 __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& s1, float& s2, const StepConstants& k,
                                            const DTensor& t, std::int64_t e) {
-  if constexpr (A == Algorithm::kSgd) {
-    math::sgd_update(p, g, s0, k.sgd);
-  } else if constexpr (A == Algorithm::kAdam || A == Algorithm::kAdamW) {
-    math::adam_update<kFlag>(p, g, s0, s1, s2, k.adam);
-  } else if constexpr (A == Algorithm::kLion) {
-    math::lion_update(p, g, s0, k.lion);
-  } else if constexpr (A == Algorithm::kQhm) {
-    math::qhm_update(p, g, s0, k.qhm);
-  } else if constexpr (A == Algorithm::kSophiaG) {
-    math::sophia_update(p, g, s0, s1, k.sophia);
-  } else if constexpr (A == Algorithm::kAdamP) {
+  if constexpr (R::kElementwise) {
+    R::template update<kVariant>(p, g, s0, s1, s2, R::constants(k));
+  } else if constexpr (std::is_same_v<R, math::AdamPRule>) {
     const float perturb = math::adamp_perturb(g, s0, s1, k.adamp);
     if (k.adamp_view == 0) {
       math::adamp_apply(p, perturb, 0.0f, 0.0f, k.adamp_decay, k.adamp.step_size);
@@ -276,7 +270,7 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
       math::adamp_apply(p, perturb, static_cast<float>(inv_norm[r]), static_cast<float>(dot[r]), k.adamp_decay,
                         k.adamp.step_size);
     }
-  } else if constexpr (A == Algorithm::kAdafactor) {
+  } else if constexpr (std::is_same_v<R, math::AdafactorRule>) {
     if (t.factored) {
       const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
       const math::AdafactorScratch at{rows, cols, batches};
@@ -285,13 +279,13 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
       const std::int64_t r = e / cols, c = e % cols;
       const float u = math::adafactor_factored(g, static_cast<float>(r_factor[r]),
                                                static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]), k.adafactor);
-      math::adafactor_apply<kFlag>(p, u, s0, k.adafactor);
+      math::adafactor_apply<kVariant>(p, u, s0, k.adafactor);
     } else {
       const float u = math::adafactor_unfactored(g, s0, k.adafactor);
-      math::adafactor_apply<kFlag>(p, u, s1, k.adafactor);
+      math::adafactor_apply<kVariant>(p, u, s1, k.adafactor);
     }
   } else {
-    static_assert(kNoRuleFor<A>, "apply_rule: an algorithm without an update rule here");
+    static_assert(kNoRuleFor<R>, "apply_rule: a rule that is neither element-wise nor AdamP or Adafactor");
   }
 }
 
@@ -316,7 +310,7 @@ __device__ __forceinline__ bool load_chunk_tensor(const Tables& tb, int index, B
 // ---------------------------------------------------------------------------------------------
 // The update pass.
 
-template <Algorithm A, bool kFlag>
+template <class R, bool kVariant>
 __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig cfg) {
   NIBBLE_SHARED(BlockShared, sh);
   if (tb.scalars->skip) return;
@@ -324,8 +318,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
   if (!load_chunk_tensor(tb, ch.tensor, sh)) return;
   const DTensor& t = sh.tensor;
   const StepConstants& k = sh.constants;
-  // SophiaG reads its Hessian EMA here, but only update_hessian writes it.
-  const int stored_slots = A == Algorithm::kSophiaG ? 1 : t.slot_count;
+  const int stored_slots = R::kWrittenSlots < t.slot_count ? R::kWrittenSlots : t.slot_count;
   for (std::int64_t base = ch.begin; base < ch.end; base += kPass) {
     const std::int64_t e0 = base + static_cast<std::int64_t>(threadIdx.x) * kPerThread;
     const std::int64_t left = ch.end - e0;
@@ -344,7 +337,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
     }
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i)
-      if (i < n) apply_rule<A, kFlag>(p[i], g[i], s[0][i], s[1][i], s[2][i], k, t, e0 + i);
+      if (i < n) apply_rule<R, kVariant>(p[i], g[i], s[0][i], s[1][i], s[2][i], k, t, e0 + i);
     if (n > 0) store8_param(t, cfg, k, e0, n, p);
     // Unrolled with a uniform condition, so that s stays in registers.
 #pragma unroll
@@ -356,7 +349,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
 
 // Rank-1 4-bit second moments: a dry run of the update finds each row's and column's maximum of
 // the new state; the update pass then quantizes with them.
-template <Algorithm A, bool kFlag>
+template <class R, bool kVariant>
 __global__ void __launch_bounds__(kThreads) rank1_max_kernel(Tables tb) {
   NIBBLE_SHARED(BlockShared, sh);
   if (tb.scalars->skip) return;
@@ -369,7 +362,7 @@ __global__ void __launch_bounds__(kThreads) rank1_max_kernel(Tables tb) {
   for (std::int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
     float p = load_param(t, e), s[kMaxSlots] = {0.0f, 0.0f, 0.0f};
     for (int j = 0; j < t.slot_count; ++j) s[j] = load_state(t, t.slots[j], sh.codebooks[j], e);
-    apply_rule<A, kFlag>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
+    apply_rule<R, kVariant>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
     for (int j = 0; j < t.slot_count; ++j) {
       const DSlot& slot = t.slots[j];
       if (!slot.rank1) continue;
@@ -490,48 +483,29 @@ __global__ void hessian_check_kernel(Tables tb, const float* const* estimates) {
     if (!math::is_finite_bits(math::float_bits(est[e]))) atomicMin(tb.bad_flag, ch.tensor);
 }
 
-template <Algorithm A, bool kFlag>
+template <class R, bool kVariant>
 void launch_update_for(const Tables& tb, const StepConfig& cfg, cudaStream_t stream) {
-  update_kernel<A, kFlag><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, cfg);
+  update_kernel<R, kVariant><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, cfg);
 }
 
-template <Algorithm A, bool kFlag>
+template <class R, bool kVariant>
 void launch_rank1_for(const Tables& tb, cudaStream_t stream) {
-  rank1_max_kernel<A, kFlag><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb);
-}
-
-// Calls fn.template operator()<A, flag>() for the configured algorithm: the flag is AMSGrad for
-// Adam/AdamW and the first moment for Adafactor.
-template <class Fn>
-void dispatch(const StepConfig& cfg, Fn&& fn) {
-  const bool amsgrad = cfg.hyper.amsgrad, first = cfg.hyper.first_moment;
-  switch (cfg.algorithm) {
-    case Algorithm::kSgd: return fn.template operator()<Algorithm::kSgd, false>();
-    case Algorithm::kAdam:
-      return amsgrad ? fn.template operator()<Algorithm::kAdam, true>() : fn.template operator()<Algorithm::kAdam, false>();
-    case Algorithm::kAdamW:
-      return amsgrad ? fn.template operator()<Algorithm::kAdamW, true>() : fn.template operator()<Algorithm::kAdamW, false>();
-    case Algorithm::kLion: return fn.template operator()<Algorithm::kLion, false>();
-    case Algorithm::kAdafactor:
-      return first ? fn.template operator()<Algorithm::kAdafactor, true>()
-                   : fn.template operator()<Algorithm::kAdafactor, false>();
-    case Algorithm::kAdamP: return fn.template operator()<Algorithm::kAdamP, false>();
-    case Algorithm::kQhm: return fn.template operator()<Algorithm::kQhm, false>();
-    case Algorithm::kSophiaG: return fn.template operator()<Algorithm::kSophiaG, false>();
-  }
+  rank1_max_kernel<R, kVariant><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb);
 }
 
 }  // namespace
 
 void launch_update(const Tables& tb, const StepConfig& config, cudaStream_t stream) {
   if (tb.chunk_count == 0) return;
-  dispatch(config, [&]<Algorithm A, bool kFlag>() { launch_update_for<A, kFlag>(tb, config, stream); });
+  math::visit_rule(math::Rules{}, config.algorithm, config.hyper,
+                   [&]<class R, bool kVariant>() { launch_update_for<R, kVariant>(tb, config, stream); });
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
 void launch_rank1_max(const Tables& tb, const StepConfig& config, cudaStream_t stream) {
   if (tb.chunk_count == 0) return;
-  dispatch(config, [&]<Algorithm A, bool kFlag>() { launch_rank1_for<A, kFlag>(tb, stream); });
+  math::visit_rule(math::Rules{}, config.algorithm, config.hyper,
+                   [&]<class R, bool kVariant>() { launch_rank1_for<R, kVariant>(tb, stream); });
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
