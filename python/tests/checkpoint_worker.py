@@ -21,7 +21,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import nibble
-from nibble.optim import _save
 from sharded_worker import batch, exact_grads, mlp
 
 STEPS_BEFORE, STEPS_AFTER = 5, 5
@@ -84,7 +83,7 @@ def codec_error_bound(opt) -> dict:
     """Per codebook: the largest distance from a normalised value in [-1, 1] to its code, as a
     fraction of the block's absmax (half the widest gap, or the smallest code of a map without 0)."""
     bounds = {}
-    for name, values in _save(opt._groups[0].handle)[0].items():
+    for name, values in opt._groups[0].save()[0].items():
         if name.startswith("codebook."):
             v = values.sort().values.double()
             gap = (v[1:] - v[:-1]).max().item() / 2
@@ -100,7 +99,7 @@ def new_run(kwargs):
 
 
 def save_state(opt) -> dict:
-    return _save(opt._groups[0].handle)[0]
+    return opt._groups[0].save()[0]
 
 
 def assert_equal(got: list, want: list, what: str) -> None:

@@ -19,7 +19,6 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import nibble
-from nibble.optim import _save
 
 STEPS = 10
 ALGORITHMS = {
@@ -100,8 +99,8 @@ def assert_state_equal(opt_ref, opt_sh, ref: torch.nn.Module, sharded: torch.nn.
     """Every state tensor of this rank's shards equals the matching slice of the single-process
     state: fp32 values, and for quantized state the codes and the per-block absmax. Returns how many
     tensors had quantized state."""
-    mine, _ = _save(opt_sh._groups[0].handle)
-    theirs, _ = _save(opt_ref._groups[0].handle)
+    mine, _ = opt_sh._groups[0].save()
+    theirs, _ = opt_ref._groups[0].save()
     quantized = 0
     for i, (pr, ps) in enumerate(zip(ref.parameters(), sharded.parameters())):
         cols = pr[0].numel() if pr.dim() else 1
@@ -247,7 +246,7 @@ def case_nan_on_one_rank(mesh):
     for step in range(3):
         step_both(ref, sharded, opt_ref, opt_sh, step)
     before = [full(p.detach()).clone() for p in sharded.parameters()]
-    state_before, _ = _save(opt_sh._groups[0].handle)
+    state_before, _ = opt_sh._groups[0].save()
     x = batch(3)
     sharded.zero_grad()
     sharded(x).square().mean().backward()
@@ -256,7 +255,7 @@ def case_nan_on_one_rank(mesh):
             next(iter(sharded.parameters())).grad.to_local().view(-1)[0] = float("nan")
     opt_sh.step()
     after = [full(p.detach()) for p in sharded.parameters()]
-    state_after, _ = _save(opt_sh._groups[0].handle)
+    state_after, _ = opt_sh._groups[0].save()
     for i, (a, b) in enumerate(zip(before, after)):
         if not torch.equal(a, b):
             raise AssertionError(f"parameter {i} changed in a step with a NaN gradient on the last rank")
@@ -293,7 +292,7 @@ def case_grad_scaler():
                 if dist.get_rank() == last:
                     weight.grad.to_local()[0, 0] = float("inf")
             params_before = [full(p.detach()).clone() for p in sharded.parameters()]
-            state_before, _ = _save(opt_sh._groups[0].handle)
+            state_before, _ = opt_sh._groups[0].save()
         scaler_ref.step(opt_ref)
         scaler_sh.step(opt_sh)
         scaler_ref.update()
@@ -305,7 +304,7 @@ def case_grad_scaler():
             for i, (a, p) in enumerate(zip(params_before, sharded.parameters())):
                 if not torch.equal(a, full(p.detach())):
                     raise AssertionError(f"parameter {i} changed in the step with an inf on rank {last}")
-            state_after, _ = _save(opt_sh._groups[0].handle)
+            state_after, _ = opt_sh._groups[0].save()
             for name, t in state_before.items():
                 if not torch.equal(t, state_after[name]):
                     raise AssertionError(f"state {name} changed in the step with an inf on rank {last}")
@@ -391,8 +390,8 @@ def case_zero_resume():
         raise AssertionError(f"groups with state: {sorted(opt.optim._groups)} and {sorted(opt2.optim._groups)}")
     quantized = 0
     for index, made in opt.optim._groups.items():
-        mine, _ = _save(made.handle)
-        theirs, _ = _save(opt2.optim._groups[index].handle)
+        mine, _ = made.save()
+        theirs, _ = opt2.optim._groups[index].save()
         for name, t in mine.items():
             quantized += name.endswith(".codes")
             if not torch.equal(t, theirs[name]):
