@@ -1,12 +1,14 @@
 """One optimizer of nibble's C library behind one torch parameter group: its creation from JSON
 options and parameters, every call made on it through the C interface, its destruction with the
-Python object, and the library's refusals as Python exceptions (ValueError for bad input)."""
+Python object, and the library's refusals as Python exceptions (ValueError for bad input), with the
+hyperparameters a torch class renames called by torch's argument names."""
 from __future__ import annotations
 
 import contextlib
 import ctypes
 import json
 import os
+import re
 import tempfile
 import weakref
 from typing import Optional, Sequence
@@ -19,6 +21,39 @@ DTYPES = {torch.float32: _lib.F32, torch.bfloat16: _lib.BF16, torch.float16: _li
 
 # The handles alive, by address: torch.ops.nibble.* receive a handle as an int and step its group.
 LIVE: "weakref.WeakValueDictionary[int, GroupHandle]" = weakref.WeakValueDictionary()
+
+
+def _check(code: int, algorithm: str = "", torch_names: Optional[dict[str, str]] = None) -> None:
+    """_lib.check, with the library's "<algorithm>: <hyperparameter> ..." refusals naming the torch
+    argument a class renamed (nibble's beta1 is torch's betas[0])."""
+    try:
+        _lib.check(code)
+    except ValueError as e:
+        message = str(e)
+        for name, torch_name in (torch_names or {}).items():
+            message = re.sub(rf"^({re.escape(algorithm)}): {re.escape(name)}\b", rf"\1: {torch_name} ({name})",
+                             message)
+        if message == str(e):
+            raise
+        raise ValueError(message) from None
+
+
+# NOTE: the C interface checks options only when it creates an optimizer, and refuses one without
+# parameters after its checks; the constructor of a torch optimizer checks a group at once, so it
+# creates one over a single fp32 element on the CPU and destroys it (microseconds).
+_PROBE_CELL = (ctypes.c_float * 1)(0.0)
+_PROBE_SHAPE = (ctypes.c_int64 * 1)(1)
+
+
+def check_options(options: dict, torch_names: Optional[dict[str, str]] = None) -> None:
+    """Raises what nibble_create raises for `options` (the device made cpu), or nothing."""
+    options = dict(options, device="cpu")
+    param = (_lib.NibbleParam * 1)(_lib.NibbleParam(b"options", 1, _PROBE_SHAPE, ctypes.addressof(_PROBE_CELL),
+                                                      None, _lib.F32, _lib.F32))
+    handle = ctypes.c_void_p()
+    _check(_lib.lib.nibble_create(json.dumps(options).encode(), param, 1, ctypes.byref(handle)),
+           options.get("algorithm", ""), torch_names)
+    _lib.lib.nibble_destroy(handle)
 
 
 class _DeviceScalar:
@@ -34,7 +69,8 @@ class GroupHandle:
 
     def __init__(self, options: dict, params: Sequence[torch.Tensor], device: torch.device,
                  grad_dtypes: list[torch.dtype], *, global_shapes: Sequence[Optional[torch.Size]] = (),
-                 splits: Sequence[bool] = (), counted: Optional[Sequence[int]] = None) -> None:
+                 splits: Sequence[bool] = (), counted: Optional[Sequence[int]] = None,
+                 torch_names: Optional[dict[str, str]] = None) -> None:
         """Creates the library's optimizer over `params` (this rank's tensors; for a DTensor its
         global shape and split flag, else None and False) with `options` (nibble's JSON options),
         on `device`. Sharded training gives `counted`: 1 for each parameter this rank counts in the
@@ -63,7 +99,8 @@ class GroupHandle:
                 structs[i].split = int(splits[i])
         handle = ctypes.c_void_p()
         text = json.dumps(options).encode()
-        create = lambda: _lib.check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)))  # noqa: E731
+        create = lambda: _check(_lib.lib.nibble_create(text, structs, len(params), ctypes.byref(handle)),  # noqa: E731
+                                options.get("algorithm", ""), torch_names)
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
             try:
                 create()

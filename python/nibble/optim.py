@@ -10,8 +10,9 @@ import torch
 
 from . import _ops, _state  # noqa: F401  (_ops registers torch.ops.nibble.step and step_device)
 from ._dtensor import is_dtensor, layout, local
-from ._handle import DTYPES, GroupHandle
+from ._handle import DTYPES, GroupHandle, check_options
 
+# The state precisions by their names in nibble (the library also takes aliases such as "int8").
 PRECISIONS = ("fp32", "bf16", "8bit", "4bit")
 
 
@@ -29,7 +30,12 @@ class _StateView(collections.defaultdict):
         return self.holds_state or len(self) > 0
 
 
-def _number(name: str, value: Any, low: float = 0.0, high: Optional[float] = None, open_high: bool = False) -> float:
+# NOTE: ranges and rules of hyperparameters and settings are the library's (nibble_create refuses a
+# bad one with a message naming it, checked at once by _check_group). Python checks only what the
+# library cannot see: the types of the values it turns into JSON, which cannot carry NaN or inf.
+
+def _number(name: str, value: Any) -> float:
+    """`value` (a number or a one-element tensor) as a finite float for nibble's JSON options."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1:
             raise ValueError(f"{name} must be a number or a one-element tensor, got a tensor of shape {tuple(value.shape)}")
@@ -39,16 +45,21 @@ def _number(name: str, value: Any, low: float = 0.0, high: Optional[float] = Non
     value = float(value)
     if not value == value or value in (float("inf"), float("-inf")):
         raise ValueError(f"{name} must be finite, got {value}")
-    if value < low or (high is not None and (value >= high if open_high else value > high)):
-        bound = f"[{low}, {high})" if open_high else (f"[{low}, {high}]" if high is not None else f">= {low}")
-        raise ValueError(f"{name} must be in {bound}, got {value}")
     return value
 
 
-def _betas(name: str, betas: Any) -> tuple[float, float]:
-    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-        raise ValueError(f"{name} must be a pair of numbers, got {betas!r}")
-    return (_number(f"{name}[0]", betas[0], 0.0, 1.0, True), _number(f"{name}[1]", betas[1], 0.0, 1.0, True))
+def _pair(name: str, value: Any) -> tuple[float, float]:
+    """A torch-style pair argument (betas, Adafactor's eps) as two numbers."""
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise ValueError(f"{name} must be a pair of numbers, got {value!r}")
+    return _number(f"{name}[0]", value[0]), _number(f"{name}[1]", value[1])
+
+
+def _integer(name: str, value: Any) -> int:
+    """An integer setting (JSON would read a float or a bool as one)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    return value
 
 
 class NibbleOptimizer(torch.optim.Optimizer):
@@ -57,6 +68,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     algorithm = ""
     default_precision = "fp32"
+    # nibble's hyperparameters that the subclass takes under another torch argument name, for the
+    # library's error messages: {"beta1": "betas[0]", ...}.
+    _torch_names: dict[str, str] = {}
     # torch.amp.GradScaler hands over grad_scale and found_inf instead of unscaling the gradients.
     _step_supports_amp_scaling = True
 
@@ -64,19 +78,13 @@ class NibbleOptimizer(torch.optim.Optimizer):
                  min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int,
                  max_grad_norm: float = 0.0) -> None:
         precision = self.default_precision if precision is None else precision
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
-            raise ValueError(f"block_size must be 0 (the default) or a power of two in [16, 4096], got {block_size!r}")
-        if block_size and (block_size < 16 or block_size > 4096 or block_size & (block_size - 1)):
-            raise ValueError(f"block_size must be 0 (the default) or a power of two in [16, 4096], got {block_size}")
-        if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
-            raise ValueError(f"min_quant_size must be an integer >= 0, got {min_quant_size!r}")
         max_grad_norm = _number("max_grad_norm", max_grad_norm)
         defaults = dict(defaults, precision=precision)
-        self._settings = {"block_size": block_size, "min_quant_size": min_quant_size, "master_weights": master_weights,
-                          "stochastic_rounding": stochastic_rounding, "seed": int(seed)}
-        if max_grad_norm > 0:
+        self._settings = {"block_size": _integer("block_size", block_size),
+                          "min_quant_size": _integer("min_quant_size", min_quant_size),
+                          "master_weights": master_weights, "stochastic_rounding": stochastic_rounding,
+                          "seed": int(seed)}
+        if max_grad_norm != 0:
             self._settings["max_grad_norm"] = max_grad_norm
         self._groups: dict[int, GroupHandle] = {}
         self._mesh: Any = None  # the device mesh of DTensor parameters: set, the optimizer is sharded
@@ -162,12 +170,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
         return group["lr"]
 
     def _check_group(self, group: dict) -> None:
-        """Validates a group's hyperparameters; raises ValueError naming the bad one."""
-        if group["precision"] not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {group['precision']!r}")
+        """Validates a group's settings and parameters; raises ValueError naming the bad one."""
+        options = self._options(group, torch.device("cpu"))
         if group.get("lr") is not None:
-            _number("lr", group["lr"])
-        self._hyper(group)
+            options["hyper"]["lr"] = _number("lr", self._lr(group))
+        check_options(options, self._torch_names)
         for p in group["params"]:
             if p.dtype not in DTYPES:
                 raise ValueError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
@@ -239,7 +246,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
             splits.append(split)
             counted.append(int(count))
         made = GroupHandle(options, [local(p) for p in params], device, grad_dtypes, global_shapes=global_shapes,
-                           splits=splits, counted=counted if self._mesh is not None else None)
+                           splits=splits, counted=counted if self._mesh is not None else None,
+                           torch_names=self._torch_names)
         made.key = key
         return made
 
@@ -372,7 +380,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
 #
 # Everything Python knows of each algorithm is in this section: its class (nibble's algorithm name,
 # torch's argument names and defaults), how a parameter group's arguments become nibble's
-# hyperparameters (_hyper), and the aliases with
+# hyperparameters (_hyper), the names torch gives nibble's (_torch_names), and the aliases with
 # another default precision at the end.
 
 def _settings(precision: Optional[str], block_size: int, min_quant_size: int, master_weights: bool,
@@ -381,6 +389,8 @@ def _settings(precision: Optional[str], block_size: int, min_quant_size: int, ma
             "master_weights": master_weights, "stochastic_rounding": stochastic_rounding, "seed": seed,
             "max_grad_norm": max_grad_norm}
 
+
+_BETAS = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
 
 class SGD(NibbleOptimizer):
@@ -397,11 +407,7 @@ class SGD(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        if g["nesterov"] and (g["momentum"] <= 0 or g["dampening"] != 0):
-            raise ValueError("nesterov needs momentum > 0 and dampening 0, got momentum "
-                             f"{g['momentum']} and dampening {g['dampening']}")
-        return {"momentum": _number("momentum", g["momentum"], 0.0, 1.0, True),
-                "dampening": _number("dampening", g["dampening"], 0.0, 1.0),
+        return {"momentum": _number("momentum", g["momentum"]), "dampening": _number("dampening", g["dampening"]),
                 "weight_decay": _number("weight_decay", g["weight_decay"]),
                 "nesterov": bool(g["nesterov"]), "maximize": bool(g["maximize"])}
 
@@ -410,6 +416,7 @@ class Adam(NibbleOptimizer):
     """Adam (weight decay added to the gradient), as torch.optim.Adam."""
 
     algorithm = "adam"
+    _torch_names = _BETAS
     default_weight_decay = 0.0
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -423,7 +430,7 @@ class Adam(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        b1, b2 = _betas("betas", g["betas"])
+        b1, b2 = _pair("betas", g["betas"])
         return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
                 "weight_decay": _number("weight_decay", g["weight_decay"]), "amsgrad": bool(g["amsgrad"]),
                 "maximize": bool(g["maximize"])}
@@ -440,6 +447,7 @@ class Lion(NibbleOptimizer):
     """Lion (Chen et al. 2023): the sign of an interpolated momentum, decoupled weight decay."""
 
     algorithm = "lion"
+    _torch_names = _BETAS
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
@@ -449,7 +457,7 @@ class Lion(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        b1, b2 = _betas("betas", g["betas"])
+        b1, b2 = _pair("betas", g["betas"])
         return {"beta1": b1, "beta2": b2, "weight_decay": _number("weight_decay", g["weight_decay"]),
                 "maximize": bool(g["maximize"])}
 
@@ -460,6 +468,7 @@ class Adafactor(NibbleOptimizer):
     moment."""
 
     algorithm = "adafactor"
+    _torch_names = {"eps": "eps[0]", "eps2": "eps[1]"}
 
     def __init__(self, params: Iterable, lr: Optional[float] = None, eps: tuple[float, float] = (1e-30, 1e-3),
                  clip_threshold: float = 1.0, decay_rate: float = -0.8, beta1: Optional[float] = None,
@@ -471,8 +480,6 @@ class Adafactor(NibbleOptimizer):
             raise ValueError("lr cannot be set together with relative_step=True (pass relative_step=False)")
         if lr is None and not relative_step:
             raise ValueError("lr must be given when relative_step=False")
-        if warmup_init and not relative_step:
-            raise ValueError("warmup_init needs relative_step=True")
         super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                                       beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                                       relative_step=relative_step, warmup_init=warmup_init, maximize=maximize),
@@ -487,13 +494,13 @@ class Adafactor(NibbleOptimizer):
             raise ValueError(f"eps must be a pair (eps1, eps2), got {eps!r}")
         hyper = {"eps": _number("eps[0]", eps[0]), "eps2": _number("eps[1]", eps[1]),
                  "clip_threshold": _number("clip_threshold", g["clip_threshold"]),
-                 "decay_rate": _number("decay_rate", g["decay_rate"], -1.0, 0.0),
+                 "decay_rate": _number("decay_rate", g["decay_rate"]),
                  "weight_decay": _number("weight_decay", g["weight_decay"]),
                  "scale_parameter": bool(g["scale_parameter"]), "relative_step": bool(g["relative_step"]),
                  "warmup_init": bool(g["warmup_init"]), "maximize": bool(g["maximize"]),
                  "first_moment": g["beta1"] is not None}
         if g["beta1"] is not None:
-            hyper["beta1"] = _number("beta1", g["beta1"], 0.0, 1.0, True)
+            hyper["beta1"] = _number("beta1", g["beta1"])
         return hyper
 
 
@@ -502,6 +509,7 @@ class AdamP(NibbleOptimizer):
     weights."""
 
     algorithm = "adamp"
+    _torch_names = _BETAS
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
@@ -513,10 +521,10 @@ class AdamP(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        b1, b2 = _betas("betas", g["betas"])
+        b1, b2 = _pair("betas", g["betas"])
         return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
                 "weight_decay": _number("weight_decay", g["weight_decay"]), "delta": _number("delta", g["delta"]),
-                "wd_ratio": _number("wd_ratio", g["wd_ratio"], 0.0, 1.0), "nesterov": bool(g["nesterov"]),
+                "wd_ratio": _number("wd_ratio", g["wd_ratio"]), "nesterov": bool(g["nesterov"]),
                 "maximize": bool(g["maximize"])}
 
 
@@ -533,7 +541,7 @@ class QHM(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        return {"momentum": _number("momentum", g["momentum"], 0.0, 1.0, True), "nu": _number("nu", g["nu"], 0.0, 1.0),
+        return {"momentum": _number("momentum", g["momentum"]), "nu": _number("nu", g["nu"]),
                 "weight_decay": _number("weight_decay", g["weight_decay"]), "maximize": bool(g["maximize"])}
 
 
@@ -542,6 +550,7 @@ class SophiaG(NibbleOptimizer):
     given with update_hessian(); bs is the tokens per batch that scales rho."""
 
     algorithm = "sophiag"
+    _torch_names = {**_BETAS, "batch_tokens": "bs"}
 
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, bs: int = 5120, *, maximize: bool = False,
@@ -551,10 +560,10 @@ class SophiaG(NibbleOptimizer):
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
 
     def _hyper(self, g: dict) -> dict:
-        b1, b2 = _betas("betas", g["betas"])
+        b1, b2 = _pair("betas", g["betas"])
         return {"beta1": b1, "beta2": b2, "rho": _number("rho", g["rho"]),
                 "weight_decay": _number("weight_decay", g["weight_decay"]),
-                "batch_tokens": _number("bs", g["bs"], 1.0), "maximize": bool(g["maximize"])}
+                "batch_tokens": _number("bs", g["bs"]), "maximize": bool(g["maximize"])}
 
     @torch.no_grad()
     def update_hessian(self, estimates: Optional[list[list[Optional[torch.Tensor]]]] = None) -> None:
