@@ -8,9 +8,8 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import _ops, _state  # noqa: F401  (_ops registers torch.ops.nibble.step and step_device)
-from ._dtensor import is_dtensor, layout, local
-from ._handle import DTYPES, GroupHandle, check_options
+from . import _dtensor, _handle, _state
+from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
 # The state precisions by their names in nibble (the library also takes aliases such as "int8").
 PRECISIONS = ("fp32", "bf16", "8bit", "4bit")
@@ -86,7 +85,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
                           "seed": int(seed)}
         if max_grad_norm != 0:
             self._settings["max_grad_norm"] = max_grad_norm
-        self._groups: dict[int, GroupHandle] = {}
+        self._groups: dict[int, _handle.GroupHandle] = {}
         self._mesh: Any = None  # the device mesh of DTensor parameters: set, the optimizer is sharded
         self._constructed = False
         self.last_grad_norm = float("nan")
@@ -118,11 +117,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
         """DTensor parameters: one device mesh for the whole optimizer, and no plain tensors in
         their group."""
         params = group["params"]
-        sharded = [i for i, p in enumerate(params) if is_dtensor(p)]
+        sharded = [i for i, p in enumerate(params) if _dtensor.is_dtensor(p)]
         if not sharded:
             return
         if len(sharded) != len(params):
-            plain = next(i for i, p in enumerate(params) if not is_dtensor(p))
+            plain = next(i for i, p in enumerate(params) if not _dtensor.is_dtensor(p))
             raise ValueError(f"parameter group {index} mixes DTensor parameters (parameter {sharded[0]}) with plain "
                              f"tensors (parameter {plain}); nibble steps a group as one sharded layout, so give the "
                              "plain tensors a group of their own")
@@ -131,7 +130,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
             if params[i].device_mesh != mesh:
                 raise ValueError(f"parameter group {index}: parameter {i} is on device mesh {params[i].device_mesh}, "
                                  f"parameter {sharded[0]} on {mesh}; a group's DTensors must share one mesh")
-            layout(params[i])
+            _dtensor.layout(params[i])
         if self._mesh is not None and self._mesh != mesh:
             raise ValueError(f"parameter group {index} is on device mesh {mesh}, an earlier group on {self._mesh}; "
                              "one nibble optimizer steps the parameters of one mesh")
@@ -174,9 +173,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
         options = self._options(group, torch.device("cpu"))
         if group.get("lr") is not None:
             options["hyper"]["lr"] = _number("lr", self._lr(group))
-        check_options(options, self._torch_names)
+        _handle.check_options(options, self._torch_names)
         for p in group["params"]:
-            if p.dtype not in DTYPES:
+            if p.dtype not in _handle.DTYPES:
                 raise ValueError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
             if not p.is_contiguous():
                 raise ValueError("parameters must be contiguous; got one with strides " + str(p.stride()))
@@ -198,7 +197,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
         freeze = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
         return tuple((k, freeze(v)) for k, v in group.items() if k not in ("params", "lr"))
 
-    def _nibble(self, index: int) -> GroupHandle:
+    def _nibble(self, index: int) -> _handle.GroupHandle:
         group = self.param_groups[index]
         existing = self._groups.get(index)
         key = self._fixed_key(group)
@@ -217,12 +216,12 @@ class NibbleOptimizer(torch.optim.Optimizer):
         self._register(index, made)
         return made
 
-    def _register(self, index: int, made: GroupHandle) -> None:
+    def _register(self, index: int, made: _handle.GroupHandle) -> None:
         made.register()
         self._groups[index] = made
         self.state.holds_state = True
 
-    def _create(self, index: int, group: dict) -> GroupHandle:
+    def _create(self, index: int, group: dict) -> _handle.GroupHandle:
         """A new nibble optimizer for `group` (zero state), not yet the one behind group `index`."""
         key = self._fixed_key(group)
         params = group["params"]
@@ -235,8 +234,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
                        for p in params]
         global_shapes, splits, counted = [], [], []
         for p in params:
-            if is_dtensor(p):
-                split, count = layout(p)
+            if _dtensor.is_dtensor(p):
+                split, count = _dtensor.layout(p)
                 global_shapes.append(p.shape)
             else:
                 # A plain tensor beside sharded ones is taken as replicated over the mesh.
@@ -245,9 +244,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 global_shapes.append(None)
             splits.append(split)
             counted.append(int(count))
-        made = GroupHandle(options, [local(p) for p in params], device, grad_dtypes, global_shapes=global_shapes,
-                           splits=splits, counted=counted if self._mesh is not None else None,
-                           torch_names=self._torch_names)
+        made = _handle.GroupHandle(options, [_dtensor.local(p) for p in params], device, grad_dtypes,
+                                   global_shapes=global_shapes, splits=splits,
+                                   counted=counted if self._mesh is not None else None,
+                                   torch_names=self._torch_names)
         made.key = key
         return made
 
@@ -257,10 +257,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
         keys += [k for k in new["hyper"] if old["hyper"].get(k) != new["hyper"].get(k)]
         return ", ".join(keys)
 
-    def _set_grads(self, index: int, made: GroupHandle) -> None:
+    def _set_grads(self, index: int, made: _handle.GroupHandle) -> None:
         grads = []
         for i, p in enumerate(self.param_groups[index]["params"]):
-            g = None if p.grad is None else local(p.grad)
+            g = None if p.grad is None else _dtensor.local(p.grad)
             if g is None:
                 grads.append(None)
                 continue
@@ -584,7 +584,7 @@ class SophiaG(NibbleOptimizer):
             keep = []
             for p, e in zip(group["params"], given):
                 if e is not None:
-                    e, p = local(e), local(p)
+                    e, p = _dtensor.local(e), _dtensor.local(p)
                     if e.shape != p.shape:
                         raise ValueError(f"a Hessian estimate has shape {tuple(e.shape)}, its parameter {tuple(p.shape)}")
                     e = e.to(device=p.device, dtype=torch.float32).contiguous()
