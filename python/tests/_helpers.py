@@ -1,4 +1,5 @@
-"""Helpers shared by nibble's Python tests. In the test process: the gloo marker, launching a
+"""Helpers shared by nibble's Python tests: the algorithms every test covers. In the test process:
+the gloo marker, launching a
 multi-rank worker (one process per rank, all killed past a timeout) and checking its per-case
 results. In a rank's process: starting gloo and running the cases, the model, data and exact
 gradients the workers compare with single-process nibble, and nibble's state as the library holds it."""
@@ -19,8 +20,26 @@ import pytest
 import torch
 import torch.distributed as dist
 
+import nibble
+
 HERE = Path(__file__).resolve().parent
 LAUNCH_TIMEOUT_S = 240
+
+# Every algorithm, with the keywords the sharded tests train it with: test_optim takes the classes,
+# sharded_worker and test_sharded the names.
+ALGORITHMS = {
+    "sgd": (nibble.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
+    "adam": (nibble.Adam, dict(lr=1e-2, weight_decay=1e-2)),
+    "adamw": (nibble.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "lion": (nibble.Lion, dict(lr=1e-3, weight_decay=0.1)),
+    "qhm": (nibble.QHM, dict(lr=0.05)),
+    "sophiag": (nibble.SophiaG, dict(lr=1e-3)),
+    "adafactor": (nibble.Adafactor, dict()),
+    "adamp": (nibble.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
+}
+WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
+REPLICATED = WHOLE_TENSOR + ("adamw",)  # also run on replicated and on whole-row DTensors
+SHARDED_PRECISIONS = ("fp32", "8bit", "4bit")
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -16,20 +16,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import nibble
-from _helpers import batch, exact_grads, expect_error, full, fully_sharded, library_state, mlp, rows_of, run_rank
+from _helpers import (ALGORITHMS, REPLICATED, SHARDED_PRECISIONS, WHOLE_TENSOR, batch, exact_grads, expect_error, full,
+                      fully_sharded, library_state, mlp, rows_of, run_rank)
 
 STEPS = 10
-ALGORITHMS = {
-    "sgd": (nibble.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    "adam": (nibble.Adam, dict(lr=1e-2, weight_decay=1e-2)),
-    "adamw": (nibble.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    "lion": (nibble.Lion, dict(lr=1e-3, weight_decay=0.1)),
-    "qhm": (nibble.QHM, dict(lr=0.05)),
-    "sophiag": (nibble.SophiaG, dict(lr=1e-3)),
-    "adafactor": (nibble.Adafactor, dict()),
-    "adamp": (nibble.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
-}
-WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
 
 
 def step_both(ref, sharded, opt_ref, opt_sh, step: int, hessian: bool = False, before_step=None) -> None:
@@ -386,9 +376,9 @@ def case_bad_input(mesh):
 def cases(mesh, world: int) -> dict:
     out = {}
     for name in ALGORITHMS:
-        for precision in ("fp32", "8bit", "4bit"):
+        for precision in SHARDED_PRECISIONS:
             out[f"fsdp-{name}-{precision}"] = case_algorithm(name, precision)
-    for name in ("adafactor", "adamp", "adamw"):
+    for name in REPLICATED:
         out[f"replicated-{name}"] = case_whole_tensors(name, mesh, False)
         out[f"whole-rows-{name}"] = case_whole_tensors(name, mesh, True)
     out["mixed-precisions"] = case_mixed_precisions

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import pytest
 
-from _helpers import assert_case, launch, needs_gloo
+from _helpers import ALGORITHMS, REPLICATED, SHARDED_PRECISIONS, assert_case, launch, needs_gloo
 
 WORKER = "sharded_worker.py"
-CASES = [f"fsdp-{a}-{p}" for a in ("sgd", "adam", "adamw", "lion", "qhm", "sophiag", "adafactor", "adamp")
-         for p in ("fp32", "8bit", "4bit")]
-CASES += [f"{kind}-{a}" for a in ("adafactor", "adamp", "adamw") for kind in ("replicated", "whole-rows")]
+CASES = [f"fsdp-{a}-{p}" for a in ALGORITHMS for p in SHARDED_PRECISIONS]
+CASES += [f"{kind}-{a}" for a in REPLICATED for kind in ("replicated", "whole-rows")]
 CASES += ["mixed-precisions", "clipping", "nan-on-one-rank", "grad-scaler", "ddp", "zero", "zero-resume", "bad-input"]
 
 pytestmark = needs_gloo
