@@ -378,10 +378,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
 # -- the algorithms, with PyTorch's and the papers' argument names --------------------------------
 #
-# Everything Python knows of each algorithm is in this section: its class (nibble's algorithm name,
-# torch's argument names and defaults), how a parameter group's arguments become nibble's
-# hyperparameters (_hyper), the names torch gives nibble's (_torch_names), and the aliases with
-# another default precision at the end.
+# Everything Python knows of each algorithm is in this section (but the names of Adafactor's factored
+# state, in _state.py): its class (nibble's algorithm name, torch's argument names and defaults), how
+# a parameter group's arguments become nibble's hyperparameters (_hyper), the names torch gives
+# nibble's (_torch_names), and the aliases with another default precision at the end.
 
 def _settings(precision: Optional[str], block_size: int, min_quant_size: int, master_weights: bool,
               stochastic_rounding: bool, seed: int, max_grad_norm: float) -> dict:
