@@ -6,23 +6,18 @@ Usage: python checkpoint_worker.py save|load RANK WORLD PORT OUT_DIR"""
 from __future__ import annotations
 
 import copy
-import datetime
 import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor
 
 import nibble
-from nibble.optim import _save
-from sharded_worker import batch, exact_grads, mlp
+from _helpers import batch, exact_grads, expect_error, full, fully_sharded, library_state, mlp, run_rank
 
 STEPS_BEFORE, STEPS_AFTER = 5, 5
 LR = 1e-2
@@ -43,15 +38,6 @@ CASES = {
 # These go through get/set_optimizer_state_dict (parameters named by their module paths); the others
 # through the optimizer's own state_dict/load_state_dict (parameters numbered).
 HELPER_CASES = ("fp32", "8bit", "4bit-cut")
-
-
-def sharded_model(ref: torch.nn.Module) -> torch.nn.Module:
-    sharded = copy.deepcopy(ref)
-    for layer in sharded:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(sharded)
-    return sharded
 
 
 def train(sharded, opt, steps: range) -> None:
@@ -76,7 +62,7 @@ def full_state(opt) -> dict:
     out = {}
     for key, entry in opt.state_dict()["state"].items():
         for name, t in entry.items():
-            out[(key, name)] = (t.full_tensor() if isinstance(t, DTensor) else t).detach().clone()
+            out[(key, name)] = full(t).detach().clone()
     return out
 
 
@@ -84,7 +70,7 @@ def codec_error_bound(opt) -> dict:
     """Per codebook: the largest distance from a normalised value in [-1, 1] to its code, as a
     fraction of the block's absmax (half the widest gap, or the smallest code of a map without 0)."""
     bounds = {}
-    for name, values in _save(opt._groups[0].handle)[0].items():
+    for name, values in library_state(opt).items():
         if name.startswith("codebook."):
             v = values.sort().values.double()
             gap = (v[1:] - v[:-1]).max().item() / 2
@@ -94,13 +80,9 @@ def codec_error_bound(opt) -> dict:
 
 def new_run(kwargs):
     ref = mlp()
-    sharded = sharded_model(ref)
+    sharded = fully_sharded(ref)
     return ref, sharded, nibble.AdamW(ref.parameters(), lr=LR, **kwargs), \
         nibble.AdamW(sharded.parameters(), lr=LR, **kwargs)
-
-
-def save_state(opt) -> dict:
-    return _save(opt._groups[0].handle)[0]
 
 
 def assert_equal(got: list, want: list, what: str) -> None:
@@ -132,15 +114,15 @@ def case_save(name: str, out: str) -> str:
     at_save = [p.full_tensor().detach().clone() for p in sharded.parameters()]
     bounds = codec_error_bound(opt_sh)
     # The same world size: a fresh optimizer takes the checkpoint back, codes and absmax included.
-    twin = sharded_model(mlp())
+    twin = fully_sharded(mlp())
     opt_twin = nibble.AdamW(twin.parameters(), lr=LR, **kwargs)
     load_checkpoint(name, twin, opt_twin, out)
-    assert_same_state(save_state(opt_sh), save_state(opt_twin), "DCP at the same world size")
+    assert_same_state(library_state(opt_sh), library_state(opt_twin), "DCP at the same world size")
     # get/set_optimizer_state_dict in memory, into a third optimizer.
-    third = sharded_model(mlp())
+    third = fully_sharded(mlp())
     opt_third = nibble.AdamW(third.parameters(), lr=LR, **kwargs)
     set_optimizer_state_dict(third, opt_third, get_optimizer_state_dict(sharded, opt_sh))
-    assert_same_state(save_state(opt_sh), save_state(opt_third), "get/set_optimizer_state_dict")
+    assert_same_state(library_state(opt_sh), library_state(opt_third), "get/set_optimizer_state_dict")
     if opt_third.counters() != opt_sh.counters():
         raise AssertionError(f"step counters {opt_third.counters()} after loading, {opt_sh.counters()} saved")
     # The run that is not interrupted, at 2 ranks, and the twin resumed from the checkpoint.
@@ -161,17 +143,10 @@ def case_save(name: str, out: str) -> str:
 
 
 def expect_refusal(opt, words, state_dict) -> None:
-    before, groups = save_state(opt), copy.deepcopy([{k: v for k, v in g.items() if k != "params"}
-                                                     for g in opt.param_groups])
-    try:
-        opt.load_state_dict(state_dict)
-    except ValueError as e:
-        for w in words:
-            if w not in str(e):
-                raise AssertionError(f"the error does not say {w!r}: {e}")
-    else:
-        raise AssertionError(f"a state_dict that should be refused ({words}) loaded")
-    assert_same_state(before, save_state(opt), f"a refused load ({words}) changed the state")
+    before = library_state(opt)
+    groups = copy.deepcopy([{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups])
+    expect_error(ValueError, words, lambda: opt.load_state_dict(state_dict))
+    assert_same_state(before, library_state(opt), f"a refused load ({words}) changed the state")
     now = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     if now != groups:
         raise AssertionError(f"a refused load ({words}) changed the parameter groups")
@@ -182,13 +157,13 @@ def case_bad_layouts() -> str:
     train(sharded, opt, range(2))
     good = opt.state_dict()
     other_ref = mlp()
-    lion = nibble.Lion(sharded_model(other_ref).parameters(), lr=1e-4)
+    lion = nibble.Lion(fully_sharded(other_ref).parameters(), lr=1e-4)
     expect_refusal(lion, ["'adamw'", "'lion'"], good)
     missing = copy.deepcopy(good)
     del missing["state"][2]["exp_avg_sq"]
     expect_refusal(opt, ["parameter 2", "'exp_avg_sq'"], missing)
     torch.manual_seed(1)
-    wider = sharded_model(torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 14),
+    wider = fully_sharded(torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 14),
                                               torch.nn.Tanh(), torch.nn.Linear(14, 3)))
     wider_opt = nibble.AdamW8bit(wider.parameters(), lr=LR)
     expect_refusal(opt, ["parameter 2", "[14, 128]", "[13, 128]"], wider_opt.state_dict())
@@ -254,29 +229,18 @@ def case_load(name: str, out: str) -> str:
 
 def main() -> None:
     phase, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    init_device_mesh("cpu", (world,))
-    cases = {}
-    for name in CASES:
+
+    def cases(mesh) -> dict:
+        found = {}
+        for name in CASES:
+            if phase == "save":
+                found[f"save-{name}"] = lambda name=name: case_save(name, out)
+            else:
+                found[f"load-{name}"] = lambda name=name: case_load(name, out)
         if phase == "save":
-            cases[f"save-{name}"] = lambda name=name: case_save(name, out)
-        else:
-            cases[f"load-{name}"] = lambda name=name: case_load(name, out)
-    if phase == "save":
-        cases["bad-layouts"] = case_bad_layouts
-    results = {}
-    for name, run in cases.items():
-        try:
-            results[name] = {"ok": True, "note": run()}
-        except Exception:  # reported to the test, which fails naming the case
-            results[name] = {"ok": False, "note": traceback.format_exc()}
-            print(f"case {name} failed:\n{results[name]['note']}", file=sys.stderr, flush=True)
-        dist.barrier()
-    with open(os.path.join(out, f"{phase}-rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+            found["bad-layouts"] = case_bad_layouts
+        return found
+    run_rank(rank, world, port, os.path.join(out, f"{phase}-rank{rank}.json"), cases)
 
 
 if __name__ == "__main__":

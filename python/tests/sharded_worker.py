@@ -6,11 +6,8 @@ Usage: python sharded_worker.py RANK WORLD PORT OUT_DIR"""
 from __future__ import annotations
 
 import copy
-import datetime
-import json
 import os
 import sys
-import traceback
 
 import torch
 import torch.distributed as dist
@@ -19,54 +16,10 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import nibble
-from nibble.optim import _save
+from _helpers import (ALGORITHMS, REPLICATED, SHARDED_PRECISIONS, WHOLE_TENSOR, batch, exact_grads, expect_error, full,
+                      fully_sharded, library_state, mlp, rows_of, run_rank)
 
 STEPS = 10
-ALGORITHMS = {
-    "sgd": (nibble.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
-    "adam": (nibble.Adam, dict(lr=1e-2, weight_decay=1e-2)),
-    "adamw": (nibble.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    "lion": (nibble.Lion, dict(lr=1e-3, weight_decay=0.1)),
-    "qhm": (nibble.QHM, dict(lr=0.05)),
-    "sophiag": (nibble.SophiaG, dict(lr=1e-3)),
-    "adafactor": (nibble.Adafactor, dict()),
-    "adamp": (nibble.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
-}
-WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
-
-
-def mlp() -> torch.nn.Module:
-    """(128, 32): 4096 elements, quantized by the global min_quant_size and block-aligned shards at 2
-    and 4 ranks; (13, 128): uneven shards; (3, 13) and (3,): fewer rows than 4 ranks (an empty
-    local shard)."""
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 13), torch.nn.Tanh(),
-                               torch.nn.Linear(13, 3))
-
-
-def batch(step: int) -> torch.Tensor:
-    return torch.randn(8, 32, generator=torch.Generator().manual_seed(100 + step))
-
-
-def rows_of(p: DTensor) -> tuple[int, int]:
-    """(first row, rows) of this rank's Shard(0) piece, torch.chunk's layout."""
-    n, world = p.shape[0], p.device_mesh.size()
-    piece = -(-n // world)
-    start = min(dist.get_rank() * piece, n)
-    return start, p.to_local().shape[0]
-
-
-def exact_grads(ref: torch.nn.Module, sharded: torch.nn.Module) -> None:
-    """Overwrites every sharded gradient with the exact slice of the single-process one."""
-    with torch.no_grad():
-        for pr, ps in zip(ref.parameters(), sharded.parameters()):
-            if isinstance(ps, DTensor) and ps.placements[0].is_shard():
-                start, rows = rows_of(ps)
-                ps.grad.to_local().copy_(pr.grad[start:start + rows])
-            elif isinstance(ps, DTensor):
-                ps.grad.to_local().copy_(pr.grad)
-            else:
-                ps.grad.copy_(pr.grad)
 
 
 def step_both(ref, sharded, opt_ref, opt_sh, step: int, hessian: bool = False, before_step=None) -> None:
@@ -84,10 +37,6 @@ def step_both(ref, sharded, opt_ref, opt_sh, step: int, hessian: bool = False, b
         opt_sh.update_hessian()
 
 
-def full(p: torch.Tensor) -> torch.Tensor:
-    return p.full_tensor() if isinstance(p, DTensor) else p
-
-
 def assert_params_equal(ref: torch.nn.Module, sharded: torch.nn.Module, what: str) -> None:
     for i, (pr, ps) in enumerate(zip(ref.parameters(), sharded.parameters())):
         got = full(ps.detach())
@@ -100,8 +49,8 @@ def assert_state_equal(opt_ref, opt_sh, ref: torch.nn.Module, sharded: torch.nn.
     """Every state tensor of this rank's shards equals the matching slice of the single-process
     state: fp32 values, and for quantized state the codes and the per-block absmax. Returns how many
     tensors had quantized state."""
-    mine, _ = _save(opt_sh._groups[0].handle)
-    theirs, _ = _save(opt_ref._groups[0].handle)
+    mine = library_state(opt_sh)
+    theirs = library_state(opt_ref)
     quantized = 0
     for i, (pr, ps) in enumerate(zip(ref.parameters(), sharded.parameters())):
         cols = pr[0].numel() if pr.dim() else 1
@@ -129,11 +78,7 @@ def assert_state_equal(opt_ref, opt_sh, ref: torch.nn.Module, sharded: torch.nn.
 
 def fsdp_pair(cls, kwargs):
     ref = mlp()
-    sharded = copy.deepcopy(ref)
-    for layer in sharded:
-        if isinstance(layer, torch.nn.Linear):
-            fully_shard(layer)
-    fully_shard(sharded)
+    sharded = fully_sharded(ref)
     return ref, sharded, cls(ref.parameters(), **kwargs), cls(sharded.parameters(), **kwargs)
 
 
@@ -247,7 +192,7 @@ def case_nan_on_one_rank(mesh):
     for step in range(3):
         step_both(ref, sharded, opt_ref, opt_sh, step)
     before = [full(p.detach()).clone() for p in sharded.parameters()]
-    state_before, _ = _save(opt_sh._groups[0].handle)
+    state_before = library_state(opt_sh)
     x = batch(3)
     sharded.zero_grad()
     sharded(x).square().mean().backward()
@@ -256,7 +201,7 @@ def case_nan_on_one_rank(mesh):
             next(iter(sharded.parameters())).grad.to_local().view(-1)[0] = float("nan")
     opt_sh.step()
     after = [full(p.detach()) for p in sharded.parameters()]
-    state_after, _ = _save(opt_sh._groups[0].handle)
+    state_after = library_state(opt_sh)
     for i, (a, b) in enumerate(zip(before, after)):
         if not torch.equal(a, b):
             raise AssertionError(f"parameter {i} changed in a step with a NaN gradient on the last rank")
@@ -293,7 +238,7 @@ def case_grad_scaler():
                 if dist.get_rank() == last:
                     weight.grad.to_local()[0, 0] = float("inf")
             params_before = [full(p.detach()).clone() for p in sharded.parameters()]
-            state_before, _ = _save(opt_sh._groups[0].handle)
+            state_before = library_state(opt_sh)
         scaler_ref.step(opt_ref)
         scaler_sh.step(opt_sh)
         scaler_ref.update()
@@ -305,7 +250,7 @@ def case_grad_scaler():
             for i, (a, p) in enumerate(zip(params_before, sharded.parameters())):
                 if not torch.equal(a, full(p.detach())):
                     raise AssertionError(f"parameter {i} changed in the step with an inf on rank {last}")
-            state_after, _ = _save(opt_sh._groups[0].handle)
+            state_after = library_state(opt_sh)
             for name, t in state_before.items():
                 if not torch.equal(t, state_after[name]):
                     raise AssertionError(f"state {name} changed in the step with an inf on rank {last}")
@@ -390,9 +335,9 @@ def case_zero_resume():
     if sorted(opt.optim._groups) != sorted(opt2.optim._groups):
         raise AssertionError(f"groups with state: {sorted(opt.optim._groups)} and {sorted(opt2.optim._groups)}")
     quantized = 0
-    for index, made in opt.optim._groups.items():
-        mine, _ = _save(made.handle)
-        theirs, _ = _save(opt2.optim._groups[index].handle)
+    for index in opt.optim._groups:
+        mine = library_state(opt.optim, index)
+        theirs = library_state(opt2.optim, index)
         for name, t in mine.items():
             quantized += name.endswith(".codes")
             if not torch.equal(t, theirs[name]):
@@ -405,17 +350,6 @@ def case_zero_resume():
     if sum(held) == 0:
         raise AssertionError("no rank held 8-bit state to resume")
     return "equal"
-
-
-def expect_error(kind, words, fn) -> None:
-    try:
-        fn()
-    except kind as e:
-        for w in words:
-            if w not in str(e):
-                raise AssertionError(f"the error does not say {w!r}: {e}")
-        return
-    raise AssertionError(f"no {kind.__name__} raised")
 
 
 def case_bad_input(mesh):
@@ -442,9 +376,9 @@ def case_bad_input(mesh):
 def cases(mesh, world: int) -> dict:
     out = {}
     for name in ALGORITHMS:
-        for precision in ("fp32", "8bit", "4bit"):
+        for precision in SHARDED_PRECISIONS:
             out[f"fsdp-{name}-{precision}"] = case_algorithm(name, precision)
-    for name in ("adafactor", "adamp", "adamw"):
+    for name in REPLICATED:
         out[f"replicated-{name}"] = case_whole_tensors(name, mesh, False)
         out[f"whole-rows-{name}"] = case_whole_tensors(name, mesh, True)
     out["mixed-precisions"] = case_mixed_precisions
@@ -460,20 +394,7 @@ def cases(mesh, world: int) -> dict:
 
 def main() -> None:
     rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    mesh = init_device_mesh("cpu", (world,))
-    results = {}
-    for name, run in cases(mesh, world).items():
-        try:
-            results[name] = {"ok": True, "note": run()}
-        except Exception:  # reported to the test, which fails naming the case
-            results[name] = {"ok": False, "note": traceback.format_exc()}
-        dist.barrier()
-    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-        json.dump(results, f)
-    dist.destroy_process_group()
+    run_rank(rank, world, port, os.path.join(out_dir, f"rank{rank}.json"), lambda mesh: cases(mesh, world))
 
 
 if __name__ == "__main__":

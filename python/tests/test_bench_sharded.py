@@ -9,11 +9,11 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+from _helpers import needs_gloo
+
+pytestmark = needs_gloo
 
 
 def test_two_ranks_write_json_and_csv(tmp_path):

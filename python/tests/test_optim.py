@@ -13,11 +13,12 @@ import pytest
 import torch
 
 import nibble
+from _helpers import ALGORITHMS
 from nibble import _lib
 
 CUDA = nibble.cuda_available() and torch.cuda.is_available()
 DEVICES = ["cpu"] + (["cuda"] if CUDA else [])
-ALL = [nibble.SGD, nibble.Adam, nibble.AdamW, nibble.Lion, nibble.Adafactor, nibble.AdamP, nibble.QHM, nibble.SophiaG]
+ALL = [cls for cls, _ in ALGORITHMS.values()]
 
 
 def model(seed: int = 0, device: str = "cpu") -> torch.nn.Module:

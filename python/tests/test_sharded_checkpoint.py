@@ -5,15 +5,13 @@ checkpoint_worker.py per phase runs every case; each case is reported as its own
 from __future__ import annotations
 
 import pytest
-import torch
 
-from test_sharded import launch
+from _helpers import assert_case, launch, needs_gloo
 
 SAVE_CASES = [f"save-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")] + ["bad-layouts"]
 LOAD_CASES = [f"load-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")]
 
-pytestmark = pytest.mark.skipif(not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
-                                reason="torch.distributed with gloo is not available")
+pytestmark = needs_gloo
 
 
 @pytest.fixture(scope="module")
@@ -26,20 +24,12 @@ def checkpoints(tmp_path_factory):
     return results
 
 
-def check(results: dict, case: str) -> None:
-    assert case in results, f"the worker did not run {case}"
-    failures = [f"rank {rank}:\n{r['note']}" for rank, r in enumerate(results[case]) if not r["ok"]]
-    assert not failures, "\n".join(failures)
-    notes = {r["note"] for r in results[case]}
-    assert len(notes) == 1, f"ranks disagree: {notes}"
-
-
 @pytest.mark.parametrize("case", SAVE_CASES)
 def test_save_on_two_ranks(checkpoints, case):
-    check(checkpoints["save"], case)
+    assert_case(checkpoints["save"], case)
 
 
 @pytest.mark.parametrize("world", [1, 4])
 @pytest.mark.parametrize("case", LOAD_CASES)
 def test_load_on_other_world_sizes(checkpoints, case, world):
-    check(checkpoints[f"load{world}"], case)
+    assert_case(checkpoints[f"load{world}"], case)

@@ -1,0 +1,292 @@
+"""state_dict() and load_state_dict() of nibble's optimizers: the library's state as PyTorch's
+per-parameter layout (plain, or DTensors for torch.distributed.checkpoint when sharded), loaded
+back whole, through load_state_dict, or entry by entry, through `optimizer.state[param]`."""
+from __future__ import annotations
+
+import json
+import os
+from typing import TYPE_CHECKING, Callable, Iterator
+
+import torch
+
+from . import _safetensors
+from ._dtensor import as_dtensor_like, is_dtensor, local
+from ._handle import GroupHandle
+
+if TYPE_CHECKING:
+    from .optim import NibbleOptimizer
+
+SHARDED_FORMAT = "nibble.sharded_state"
+
+
+def _numbered(opt: "NibbleOptimizer") -> Iterator[tuple[int, dict, int]]:
+    """(index, group, number of its first parameter) per parameter group: state_dict() numbers the
+    parameters of all groups in order, as torch.optim does."""
+    first = 0
+    for index, group in enumerate(opt.param_groups):
+        yield index, group, first
+        first += len(group["params"])
+
+
+def state_dict(opt: "NibbleOptimizer") -> dict:
+    """PyTorch's layout, {"state": {number: {"step", ...}}, "param_groups": [...]}: each group's
+    settings and parameter numbers, and for a group with parameters, nibble's sections (see
+    _plain_group and _sharded_group) and one state entry per parameter."""
+    per_group: Callable[[NibbleOptimizer, int, dict], tuple[dict, list[dict]]] = \
+        _sharded_group if opt._mesh is not None else _plain_group
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    groups = []
+    for index, group, first in _numbered(opt):
+        saved = {k: v for k, v in group.items() if k != "params"}
+        count = len(group["params"])
+        saved["params"] = list(range(first, first + count))
+        if count:
+            sections, entries = per_group(opt, index, group)
+            saved.update(sections)
+            for i, entry in enumerate(entries):
+                state[first + i] = entry
+        groups.append(saved)
+    return {"state": state, "param_groups": groups}
+
+
+def _plain_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dict, list[dict]]:
+    """The library's state file as it is: per parameter "step" and its state tensors (quantized ones
+    as "<name>.codes" and "<name>.absmax"), the file's metadata as "nibble" and its codebooks as
+    "nibble_codebooks"."""
+    tensors, metadata = opt._nibble(index).save()
+    codebooks = {k: v for k, v in tensors.items() if k.startswith("codebook.")}
+    steps = tensors["steps"]
+    entries = []
+    for i in range(len(group["params"])):
+        entry: dict[str, torch.Tensor] = {"step": steps[i].to(torch.float32)}
+        prefix = f"state.{i}."
+        for name, t in tensors.items():
+            if name.startswith(prefix):
+                entry[name[len(prefix):]] = t
+        entries.append(entry)
+    return {"nibble": metadata, "nibble_codebooks": codebooks}, entries
+
+
+# NOTE: the layout of a sharded checkpoint. Every per-parameter entry is a DTensor on the
+# parameter's mesh with its placements and its GLOBAL shape, so torch.distributed.checkpoint
+# cuts and joins it for any world size like the model's own weights; the only other entries are
+# plain tensors that are the same on every rank ("step", and Adafactor's factors of replicated
+# tensors). Quantized slots are stored as their dequantized fp32 values: their codes would
+# reshard, but the per-block absmax belongs to blocks that start where each rank's shard starts,
+# and FSDP2's ceil-division shards (uneven rows, 4-bit pairs, blocks wider than a shard) move
+# those starts with the world size, so no single global layout of absmax exists. Loading
+# re-quantizes block by block on each rank. The values are written so that the same blocks give
+# back the same codes and absmax (read_slot_portable in the library): resuming at the same world
+# size, or at one whose shards start on the same block boundaries, is exact; elsewhere each
+# value moves by at most the codec's round-trip error (half a code gap times the new block's
+# absmax). The price is a checkpoint of 4 bytes per element per quantized slot, like
+# torch.optim.AdamW's, while training memory stays quantized.
+
+def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dict, list[dict]]:
+    """The state of a sharded group, for torch.distributed.checkpoint (DCP): per parameter "step"
+    and one DTensor per state tensor (exp_avg, exp_avg_sq, master, ...) shaped like the parameter,
+    quantized state dequantized to fp32; the "nibble" section names the format, the algorithm, the
+    step counts and every parameter's global shape and state names."""
+    made = opt._nibble(index)
+    tensors, metadata = made.save()
+    layout = json.loads(metadata["layout"])
+    described = []
+    entries = []
+    for i, p in enumerate(group["params"]):
+        names = _state_names(layout[i])
+        entry: dict[str, torch.Tensor] = {"step": tensors["steps"][i].to(torch.float32)}
+        for name in names:
+            entry[name] = _sharded_entry(made, index, i, p, name, tensors)
+        entries.append(entry)
+        described.append({"shape": list(p.shape), "precision": layout[i]["precision"], "state": names})
+    return {"nibble": {"format": SHARDED_FORMAT, "algorithm": metadata["algorithm"], "step": metadata["step"],
+                       "skipped": metadata["skipped"], "layout": json.dumps(described)}}, entries
+
+
+def _sharded_entry(made: GroupHandle, index: int, i: int, p: torch.Tensor, name: str,
+                   tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    if name in ("exp_avg_sq_row", "exp_avg_sq_col"):
+        # Factored Adafactor runs only on tensors that no rank splits; replicated ones hold the
+        # same factors on every rank.
+        if is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
+            raise NotImplementedError(f"state_dict(): parameter {i} of group {index} keeps factored Adafactor "
+                                      f"state while sharded {list(p.placements)}; checkpoint it replicated")
+        return tensors[f"state.{i}.{name}"]
+    shape = local(p).shape
+    if f"state.{i}.{name}" in tensors:  # fp32 or bf16: exactly as held
+        values = tensors[f"state.{i}.{name}"].reshape(shape)
+    else:
+        values = torch.empty(shape, dtype=torch.float32)
+        made.state_values(i, name, values)
+    return as_dtensor_like(values, p)
+
+
+def _state_names(layout: dict) -> list[str]:
+    """The state tensors of one parameter in a nibble state file's layout entry."""
+    names = [slot["name"] for slot in layout["slots"]]
+    if layout.get("master"):
+        names.append("master")
+    if layout.get("factored"):
+        names += ["exp_avg_sq_row", "exp_avg_sq_col"]
+    return names
+
+
+def _count(meta: dict, key: str) -> int:
+    value = meta.get(key)
+    if not isinstance(value, str) or not value.isdigit():
+        raise ValueError(f"the state_dict's {key} count is {value!r}, not a whole number")
+    return int(value)
+
+
+def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
+    """Replaces every group's settings and state with the state_dict's, after checking all of it:
+    a refused state_dict leaves the optimizer as it was."""
+    groups = state_dict.get("param_groups")
+    if not isinstance(groups, list) or len(groups) != len(opt.param_groups):
+        raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else 'no'} parameter groups, "
+                         f"this optimizer has {len(opt.param_groups)}")
+    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        if len(saved.get("params", ())) != len(group["params"]):
+            raise ValueError(f"parameter group {index} of the state_dict holds {len(saved.get('params', ()))} "
+                             f"parameters, this optimizer's holds {len(group['params'])}")
+    if opt._mesh is not None:
+        _load_sharded(opt, state_dict, groups)
+        return
+    for index, saved in enumerate(groups):
+        meta = saved.get("nibble")
+        if isinstance(meta, dict) and meta.get("format") == SHARDED_FORMAT:
+            raise ValueError(f"parameter group {index}: the state_dict is the state of a sharded optimizer "
+                             "(DTensor parameters); load it into one over the same sharded parameters")
+    files = []
+    try:
+        for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+            if not group["params"]:
+                continue
+            tensors: dict[str, torch.Tensor] = dict(saved.get("nibble_codebooks", {}))
+            steps = []
+            for i, key in enumerate(saved["params"]):
+                entry = state_dict["state"].get(key, {})
+                steps.append(int(entry["step"].item()) if "step" in entry else 0)
+                for name, t in entry.items():
+                    if name != "step":
+                        tensors[f"state.{i}.{name}"] = t
+            tensors["steps"] = torch.tensor(steps, dtype=torch.int64)
+            files.append((index, _safetensors.write_temporary(tensors, saved.get("nibble", {}))))
+        # Everything is written; now the groups take the saved hyperparameters and their state.
+        for index, saved in enumerate(groups):
+            for key, value in saved.items():
+                if key not in ("params", "nibble", "nibble_codebooks"):
+                    opt.param_groups[index][key] = value
+            opt._check_group(opt.param_groups[index])
+            opt._groups.pop(index, None)
+        for index, path in files:
+            opt._nibble(index).load(path)
+    finally:
+        for _, path in files:
+            os.unlink(path)
+
+
+def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> None:
+    """Checks the whole sharded state against the optimizer, builds each group's nibble optimizer
+    anew from it, and only then swaps them in: a refused state changes nothing."""
+    updated = []
+    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        merged = dict(group)
+        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble")})
+        opt._check_group(merged)
+        updated.append(merged)
+    fresh: dict[int, GroupHandle] = {}
+    for index, (saved, group) in enumerate(zip(groups, updated)):
+        if not group["params"]:
+            continue
+        meta = saved.get("nibble")
+        if not isinstance(meta, dict) or meta.get("format") != SHARDED_FORMAT:
+            found = meta.get("format") if isinstance(meta, dict) else None
+            raise ValueError(f"parameter group {index}: the state_dict is not a sharded nibble state (format "
+                             f"{found!r}, expected {SHARDED_FORMAT!r}); a sharded optimizer loads the state_dict "
+                             "of a sharded one (any world size), e.g. through torch.distributed.checkpoint")
+        if meta.get("algorithm") != opt.algorithm:
+            raise ValueError(f"parameter group {index}: the state_dict holds {meta.get('algorithm')!r} state, this "
+                             f"optimizer runs {opt.algorithm!r}")
+        described = json.loads(meta["layout"])
+        if len(described) != len(group["params"]):
+            raise ValueError(f"parameter group {index}: the state_dict describes {len(described)} parameters, "
+                             f"this optimizer's group holds {len(group['params'])}")
+        made = opt._create(index, group)
+        live = json.loads(made.save()[1]["layout"])
+        tensor_steps = []
+        for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+            where = f"parameter {key!r} (group {index}, position {i})"
+            if list(described[i]["shape"]) != list(p.shape):
+                raise ValueError(f"{where}: the state_dict's global shape is {described[i]['shape']}, this "
+                                 f"optimizer's parameter has {list(p.shape)}")
+            names = _state_names(live[i])
+            if described[i]["state"] != names:
+                raise ValueError(f"{where}: the state_dict holds state {described[i]['state']}, this optimizer "
+                                 f"keeps {names}")
+            entry = state_dict.get("state", {}).get(key)
+            if not isinstance(entry, dict):
+                raise ValueError(f"{where}: the state_dict has no state for it")
+            for name in ["step"] + names:
+                if name not in entry or not isinstance(entry[name], torch.Tensor):
+                    raise ValueError(f"{where}: the state_dict has no tensor {name!r}")
+            tensor_steps.append(int(entry["step"].item()))
+            for name in names:
+                t = entry[name]
+                if is_dtensor(t) and list(t.shape) != list(p.shape):
+                    raise ValueError(f"{where}: state {name!r} has global shape {list(t.shape)}, the parameter "
+                                     f"{list(p.shape)}")
+                made.set_state_values(i, name, local(t).detach().to(device="cpu", dtype=torch.float32).contiguous())
+        made.set_step_counts(tensor_steps, _count(meta, "step"), _count(meta, "skipped"))
+        fresh[index] = made
+    # Everything checked and loaded: the groups take the saved hyperparameters and the state.
+    for index, merged in enumerate(updated):
+        opt.param_groups[index].update({k: v for k, v in merged.items() if k != "params"})
+        opt._groups.pop(index, None)
+    for index, made in fresh.items():
+        made.key = opt._fixed_key(opt.param_groups[index])
+        opt._register(index, made)
+
+
+def load_assigned(opt: "NibbleOptimizer") -> None:
+    """Loads the entries assigned to `optimizer.state[param]` into nibble's state. torch's
+    ZeroRedundancyOptimizer restores a checkpoint that way: its load_state_dict writes each of
+    this rank's entries of the consolidated state_dict (the per-parameter entries of nibble's
+    state_dict()) into the local optimizer's `state` and never calls the local load_state_dict.
+    The other parameters keep their state; each group's step count becomes at least the
+    largest per-parameter step. Empty entries (left by reading `state[param]`) are dropped. On
+    a refusal the entries stay, so every later step refuses too rather than train without them."""
+    assigned = [(p, entry) for p, entry in opt.state.items() if not (isinstance(entry, dict) and not entry)]
+    if not assigned:
+        opt.state.clear()
+        return
+    if opt._mesh is not None:
+        raise ValueError(f"optimizer.state was assigned state for {len(assigned)} parameter(s) of a sharded "
+                         "(DTensor) optimizer, which nibble does not read from there; load a sharded state with "
+                         "load_state_dict (e.g. through torch.distributed.checkpoint)")
+    where = {}
+    for index, group, first in _numbered(opt):
+        for i, p in enumerate(group["params"]):
+            where[id(p)] = (first + i, index, i)
+    current = state_dict(opt)
+    for p, entry in assigned:
+        if id(p) not in where:
+            shape = tuple(p.shape) if isinstance(p, torch.Tensor) else p
+            raise ValueError(f"optimizer.state was assigned an entry for {shape!r}, which is not a parameter of "
+                             "this optimizer")
+        key, index, i = where[id(p)]
+        if not isinstance(entry, dict) or not isinstance(entry.get("step"), torch.Tensor):
+            raise ValueError(f"optimizer.state[parameter {i} of group {index}] was assigned "
+                             f"{type(entry).__name__} {sorted(entry) if isinstance(entry, dict) else ''}; nibble "
+                             "loads one of its state_dict()'s per-parameter entries (with a tensor 'step')")
+        expected = set(current["state"][key])
+        if set(entry) != expected:
+            raise ValueError(f"optimizer.state[parameter {i} of group {index}] was assigned the entries "
+                             f"{sorted(entry)}; this optimizer keeps {sorted(expected)}")
+        current["state"][key] = entry
+    for saved in current["param_groups"]:
+        if "nibble" in saved:
+            steps = [int(current["state"][key]["step"].item()) for key in saved["params"]]
+            saved["nibble"] = dict(saved["nibble"], step=str(max([int(saved["nibble"]["step"]), *steps])))
+    load_state_dict(opt, current)
+    opt.state.clear()
