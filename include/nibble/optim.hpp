@@ -119,6 +119,11 @@ struct StateStats {
   double bytes_per_param() const { return params ? static_cast<double>(state_bytes) / params : 0.0; }
 };
 
+// The options an Optimizer would run with: hyperparameters filled in from the algorithm's defaults,
+// and every option checked (hyperparameters, precision, block size, sizes, device kind) as the
+// constructor checks them, without parameters. Throws InvalidArgument naming the bad value.
+OptimizerOptions resolve_options(OptimizerOptions options);
+
 class Optimizer {
  public:
   // Validates everything (hyperparameters, shapes, duplicates, block size) and allocates all

@@ -38,22 +38,10 @@ def _check(code: int, algorithm: str = "", torch_names: Optional[dict[str, str]]
         raise ValueError(message) from None
 
 
-# NOTE: the C interface checks options only when it creates an optimizer, and refuses one without
-# parameters after its checks; the constructor of a torch optimizer checks a group at once, so it
-# creates one over a single fp32 element on the CPU and destroys it (microseconds).
-_PROBE_CELL = (ctypes.c_float * 1)(0.0)
-_PROBE_SHAPE = (ctypes.c_int64 * 1)(1)
-
-
 def check_options(options: dict, torch_names: Optional[dict[str, str]] = None) -> None:
-    """Raises what nibble_create raises for `options` (the device made cpu), or nothing."""
-    options = dict(options, device="cpu")
-    param = (_lib.NibbleParam * 1)(_lib.NibbleParam(b"options", 1, _PROBE_SHAPE, ctypes.addressof(_PROBE_CELL),
-                                                      None, _lib.F32, _lib.F32))
-    handle = ctypes.c_void_p()
-    _check(_lib.lib.nibble_create(json.dumps(options).encode(), param, 1, ctypes.byref(handle)),
-           options.get("algorithm", ""), torch_names)
-    _lib.lib.nibble_destroy(handle)
+    """Raises what nibble_create would raise for `options` (nibble_check_options: no parameters,
+    no device needed), or nothing."""
+    _check(_lib.lib.nibble_check_options(json.dumps(options).encode()), options.get("algorithm", ""), torch_names)
 
 
 class _DeviceScalar:

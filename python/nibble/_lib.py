@@ -5,6 +5,7 @@ repository's build/ folder (a source checkout)."""
 from __future__ import annotations
 
 import ctypes
+import json
 import os
 from pathlib import Path
 
@@ -69,6 +70,8 @@ def _load() -> ctypes.CDLL:
     sigs = {
         "nibble_last_error": ([], ctypes.c_char_p),
         "nibble_cuda_available": ([], ctypes.c_int),
+        "nibble_check_options": ([ctypes.c_char_p], ctypes.c_int),
+        "nibble_tables_json": ([], ctypes.c_char_p),
         "nibble_create": ([ctypes.c_char_p, ctypes.POINTER(NibbleParam), i64, ctypes.POINTER(vp)], ctypes.c_int),
         "nibble_destroy": ([vp], None),
         "nibble_set_grads": ([vp, ctypes.POINTER(vp), i64, vp], ctypes.c_int),
@@ -105,6 +108,11 @@ def check(code: int) -> None:
     if code != 0:
         message = lib.nibble_last_error().decode("utf-8", "replace")
         raise _ERRORS.get(code, RuntimeError)(message)
+
+
+def tables() -> dict:
+    """The library's algorithm, precision and hyperparameter tables (nibble_tables_json)."""
+    return json.loads(lib.nibble_tables_json().decode())
 
 
 def cuda_available() -> bool:

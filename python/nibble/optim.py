@@ -8,11 +8,12 @@ from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import _dtensor, _handle, _state
+from . import _dtensor, _handle, _lib, _state
 from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
-# The state precisions by their names in nibble (the library also takes aliases such as "int8").
-PRECISIONS = ("fp32", "bf16", "8bit", "4bit")
+# The state precisions by their names in nibble, from the library's table (it also takes aliases
+# such as "int8").
+PRECISIONS = tuple(_lib.tables()["precisions"])
 
 
 class _StateView(collections.defaultdict):

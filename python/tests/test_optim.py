@@ -287,6 +287,27 @@ def test_bad_arguments_raise_value_error_naming_them(make, match):
         make(model().parameters())
 
 
+def test_every_algorithm_of_the_library_has_a_class_and_the_same_precisions():
+    tables = _lib.tables()
+    library = {a["name"] for a in tables["algorithms"]}
+    assert library == set(ALGORITHMS), "a library algorithm without a Python class, or the reverse"
+    assert nibble.optim.PRECISIONS == tuple(tables["precisions"])
+    for entry in tables["algorithms"]:
+        for name in [u["name"] for u in entry["numbers"]] + entry["flags"]:
+            assert name in entry["defaults"], f"{entry['name']} reads {name}, which has no default"
+
+
+def test_options_are_checked_without_parameters():
+    check = lambda options: _lib.check(_lib.lib.nibble_check_options(json.dumps(options).encode()))
+    check({"algorithm": "adamw", "precision": "8bit", "hyper": {"lr": 1e-3}})
+    with pytest.raises(ValueError, match=r"adamw: beta2 must be in \[0, 1\), got 1.5"):
+        check({"algorithm": "adamw", "hyper": {"beta2": 1.5}})
+    with pytest.raises(ValueError, match="block_size must be a power of two in \\[16, 4096\\], got 100"):
+        check({"algorithm": "lion", "block_size": 100})
+    with pytest.raises(ValueError, match="hyper.betas is not a nibble hyperparameter"):
+        check({"algorithm": "sgd", "hyper": {"betas": 0.9}})
+
+
 def test_changing_a_fixed_hyperparameter_after_stepping_is_refused():
     net = model()
     opt = nibble.AdamW(net.parameters())

@@ -86,6 +86,49 @@ void read_hyper(const nlohmann::json& j, nibble::Hyper& h) {
   }
 }
 
+const char* range_name(nibble::HyperRange range) {
+  switch (range) {
+    case nibble::HyperRange::kNonNegative: return ">= 0";
+    case nibble::HyperRange::kPositive: return "> 0";
+    case nibble::HyperRange::kBeta: return "[0, 1)";
+    case nibble::HyperRange::kUnit: return "[0, 1]";
+    case nibble::HyperRange::kDecayRate: return "[-1, 0)";
+  }
+  return "";
+}
+
+// The algorithm, precision and hyperparameter tables, for bindings that list or check them.
+nlohmann::ordered_json tables_json() {
+  nlohmann::ordered_json hyper = nlohmann::ordered_json::array();
+  for (const nibble::HyperField& f : nibble::hyper_fields())
+    hyper.push_back({{"name", f.name}, {"type", f.number != nullptr ? "number" : "flag"}});
+  nlohmann::ordered_json algorithms = nlohmann::ordered_json::array();
+  for (const nibble::AlgorithmSpec& a : nibble::algorithm_specs()) {
+    nlohmann::ordered_json defaults = nlohmann::ordered_json::object();
+    for (const nibble::HyperField& f : nibble::hyper_fields()) {
+      if (f.number != nullptr) defaults[std::string(f.name)] = a.defaults.*f.number;
+      else defaults[std::string(f.name)] = a.defaults.*f.flag;
+    }
+    nlohmann::ordered_json numbers = nlohmann::ordered_json::array();
+    for (const nibble::HyperUse& use : a.numbers) numbers.push_back({{"name", use.name}, {"range", range_name(use.range)}});
+    nlohmann::ordered_json flags = nlohmann::ordered_json::array();
+    for (std::string_view flag : a.flags) flags.push_back(flag);
+    nibble::StateSlot slots[nibble::kMaxStateSlots];
+    nlohmann::ordered_json state = nlohmann::ordered_json::array();
+    for (int j = 0, n = a.slots(a.defaults, false, slots); j < n; ++j) state.push_back(slots[j].name);
+    algorithms.push_back({{"name", a.name},
+                          {"alias", a.alias},
+                          {"title", a.title},
+                          {"defaults", defaults},
+                          {"numbers", numbers},
+                          {"flags", flags},
+                          {"state", state}});
+  }
+  nlohmann::ordered_json precisions = nlohmann::ordered_json::array();
+  for (nibble::Precision p : nibble::all_precisions()) precisions.push_back(nibble::precision_name(p));
+  return {{"algorithms", algorithms}, {"precisions", precisions}, {"hyper", hyper}};
+}
+
 nibble::OptimizerOptions read_options(const char* text) {
   nlohmann::json j;
   try {
@@ -147,6 +190,18 @@ extern "C" {
 const char* nibble_last_error(void) { return last_error.c_str(); }
 
 int nibble_cuda_available(void) { return nibble::cuda_built() && nibble::cuda_device_count() > 0 ? 1 : 0; }
+
+int nibble_check_options(const char* options_json) {
+  return guarded([&] {
+    require(options_json, "options_json");
+    (void)nibble::resolve_options(read_options(options_json));
+  });
+}
+
+const char* nibble_tables_json(void) {
+  static const std::string text = tables_json().dump();
+  return text.c_str();
+}
 
 int nibble_create(const char* options_json, const nibble_param* params, int64_t count, nibble_optimizer** out) {
   return guarded([&] {

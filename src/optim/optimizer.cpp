@@ -134,25 +134,32 @@ PlainState plain_state(TensorState& t, std::string_view name) {
 
 }  // namespace
 
-Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
-  Impl& im = *impl_;
+OptimizerOptions resolve_options(OptimizerOptions options) {
   const Algorithm algo = options.algorithm;
   Hyper hyper = options.hyper.value_or(default_hyper(algo));
-  const AlgorithmSpec& spec = algorithm_spec(algo);
-  if (spec.always_decoupled) hyper.decoupled_weight_decay = true;
+  if (algorithm_spec(algo).always_decoupled) hyper.decoupled_weight_decay = true;
   validate_hyper(algo, hyper);
   options.hyper = hyper;
-  im.hyper = hyper;
-  if (groups.empty()) throw InvalidArgument("optimizer: no parameter groups were given");
   check_block_size(options.block_size);
   check_precision(options.precision, "the optimizer");
   if (options.min_quant_size < 0)
     throw InvalidArgument(fmt::format("min_quant_size must be >= 0, got {}", options.min_quant_size));
   if (!std::isfinite(options.max_grad_norm) || options.max_grad_norm < 0.0f)
     throw InvalidArgument(fmt::format("max_grad_norm must be finite and >= 0, got {}", options.max_grad_norm));
-  const bool on_cuda = options.device == Device::kCuda;
-  if (options.device != Device::kCpu && !on_cuda)
+  if (options.device != Device::kCpu && options.device != Device::kCuda)
     throw InvalidArgument(fmt::format("device {} is not cpu or cuda", static_cast<int>(options.device)));
+  return options;
+}
+
+Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
+  Impl& im = *impl_;
+  options = resolve_options(std::move(options));
+  const Algorithm algo = options.algorithm;
+  const Hyper hyper = *options.hyper;
+  const AlgorithmSpec& spec = algorithm_spec(algo);
+  im.hyper = hyper;
+  if (groups.empty()) throw InvalidArgument("optimizer: no parameter groups were given");
+  const bool on_cuda = options.device == Device::kCuda;
   if (on_cuda && !cuda_built())
     throw DeviceError("a CUDA optimizer was asked for, but this nibble was built without CUDA (no nvcc at build time)");
   if (on_cuda && cuda_device_count() == 0)
