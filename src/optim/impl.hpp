@@ -104,10 +104,6 @@ namespace cpu {
 // The sum of squared gradients of the tensors that have one (and whose `counted` flag is not 0,
 // when given), in double, in chunk order; NaN/inf when not finite.
 double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted);
-// The gradient norm of grad * inv_scale from a sum of squares: the same arithmetic on every path.
-inline double grad_norm_from(double square_sum, float inv_scale) {
-  return std::sqrt(square_sum) * static_cast<double>(inv_scale);
-}
 // One optimizer step over every tensor that has a gradient (the step counters already advanced).
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);

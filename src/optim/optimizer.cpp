@@ -13,6 +13,7 @@
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 #include "math/scratch_layout.hpp"
+#include "math/step_policy.hpp"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -284,34 +285,22 @@ StepResult Optimizer::step(const StepOptions& options) {
     }
     return cuda::read_result(im);
   }
-  if (options.found_inf) {
+  const bool norm_computed = !options.found_inf && (options.grad_square_sum || im.options.check_finite ||
+                                                    im.options.max_grad_norm > 0.0f);
+  const double square_sum =
+      !norm_computed ? 0.0 : options.grad_square_sum ? *options.grad_square_sum : cpu::grad_square_sum(im, {});
+  const math::StepDecision decision =
+      math::decide_step(options.found_inf, norm_computed, square_sum, options.grad_scale, im.options.max_grad_norm);
+  result.grad_norm = decision.grad_norm;
+  result.skipped = decision.skip;
+  if (decision.skip) {
     ++im.skipped;
-    result.skipped = true;
-    result.step = im.steps;
-    return result;
+  } else {
+    ++im.steps;
+    for (TensorState& t : im.tensors)
+      if (t.param.grad != nullptr) ++t.step;
+    cpu::step(im, decision.grad_mul, options.lr_scale);
   }
-  const float inv_scale = 1.0f / options.grad_scale;
-  if (options.grad_square_sum || im.options.check_finite || im.options.max_grad_norm > 0.0f) {
-    result.grad_norm = cpu::grad_norm_from(options.grad_square_sum ? *options.grad_square_sum
-                                                                   : cpu::grad_square_sum(im, {}), inv_scale);
-    // The norm is summed in double; a norm beyond float range means some g / grad_scale would
-    // overflow to inf in the float update, so that step is skipped like an inf gradient.
-    if (!std::isfinite(result.grad_norm) || result.grad_norm > std::numeric_limits<float>::max()) {
-      ++im.skipped;
-      result.skipped = true;
-      result.step = im.steps;
-      return result;
-    }
-  }
-  float clip = 1.0f;
-  if (im.options.max_grad_norm > 0.0f) {
-    const double coef = im.options.max_grad_norm / (result.grad_norm + 1e-6);
-    if (coef < 1.0) clip = static_cast<float>(coef);
-  }
-  ++im.steps;
-  for (TensorState& t : im.tensors)
-    if (t.param.grad != nullptr) ++t.step;
-  cpu::step(im, inv_scale * clip, options.lr_scale);
   result.step = im.steps;
   return result;
 }

@@ -15,6 +15,7 @@
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
 #include "math/scratch_layout.hpp"
+#include "math/step_policy.hpp"
 #include "math/step_constants.hpp"
 #include "nibble/error.hpp"
 #include "nibble/hyper.hpp"

@@ -57,17 +57,11 @@ __global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, St
     for (long long c = threadIdx.x; c < tb.chunk_count; c += kBeginThreads) total += tb.partials[c];
     total = block_sum<kBeginThreads>(total, red);
   }
-  const float inv_scale = 1.0f / sc.grad_scale;
-  const double norm = norm_computed ? sqrt(total) * static_cast<double>(inv_scale) : CUDART_NAN;
-  bool skip = sc.found_inf != 0;
-  // A norm beyond float range means some g / grad_scale overflows in the float update.
-  if (norm_computed && (!isfinite(norm) || norm > static_cast<double>(FLT_MAX))) skip = true;
-  float clip = 1.0f;
-  if (!skip && cfg.max_grad_norm > 0.0f) {
-    const double coef = static_cast<double>(cfg.max_grad_norm) / (norm + 1e-6);
-    if (coef < 1.0) clip = static_cast<float>(coef);
-  }
-  const float grad_mul = inv_scale * clip;
+  const math::StepDecision decision =
+      math::decide_step(sc.found_inf != 0, norm_computed != 0, total, sc.grad_scale, cfg.max_grad_norm);
+  const bool skip = decision.skip;
+  const double norm = decision.grad_norm;
+  const float grad_mul = decision.grad_mul;
   const float lr_scale = sc.lr_scale;
   __syncthreads();
   if (threadIdx.x == 0) {
