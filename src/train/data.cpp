@@ -1,6 +1,6 @@
 // The character tokenizer, the text dataset with its contiguous train/validation split and random
-// batches, and the default corpus (Debian's fortunes). Every check runs before any work is done,
-// and every message names the file or value that was wrong.
+// batches, the default corpus (Debian's fortunes) and a run's batch source. Every check runs before
+// any work is done, and every message names the file or value that was wrong.
 #include "train/data.hpp"
 
 #include <fcntl.h>

@@ -1,6 +1,6 @@
 // The training data: a byte-level character tokenizer, a text corpus split contiguously into a
-// training and a validation part, and seeded random batches of (input, next-token target) windows.
-// The default corpus is the text of Debian's `fortunes` package.
+// training and a validation part, and seeded random batches of (input, next-token target) windows,
+// of text or of random tokens. The default corpus is the text of Debian's `fortunes` package.
 #pragma once
 
 #include <array>

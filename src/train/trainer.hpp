@@ -1,6 +1,6 @@
 // The training loop: batches from a text dataset through the GPT's forward and backward passes
 // into any nibble optimizer, with a schedule, clipping, accumulation, evaluation, logging and
-// checkpoints that resume a run bit for bit.
+// checkpoints that resume a run bit for bit (train/checkpoint.hpp; the plan: train/memory_plan.hpp).
 #pragma once
 
 #include <cstdint>
