@@ -15,6 +15,7 @@
 #include "model/gpt.hpp"
 #include "nibble/error.hpp"
 #include "nibble/tensor.hpp"
+#include "train/optimizer_setup.hpp"
 
 namespace nibble::bench {
 namespace {
@@ -158,7 +159,7 @@ TEST(MemoryPlan, MatchesWhatTheEngineAllocates) {
       EXPECT_EQ(plan.params, gpt.param_bytes());
       EXPECT_EQ(plan.grads, gpt.grad_bytes());
       EXPECT_EQ(plan.activations, gpt.activation_bytes());
-      Optimizer opt({ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
+      Optimizer opt(train::optimizer_param_groups(gpt.tensors()), oo);
       EXPECT_EQ(plan.optimizer_state, opt.state_stats().state_bytes);
       EXPECT_EQ(plan.workspace, a == Algorithm::kSophiaG ? plan.params : 0);
     }

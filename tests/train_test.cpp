@@ -13,6 +13,7 @@
 
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
+#include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
 namespace nibble::train {

@@ -13,6 +13,7 @@
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
 #include "nibble/tensor.hpp"
+#include "train/optimizer_setup.hpp"
 
 namespace nibble::bench {
 namespace {
@@ -237,7 +238,7 @@ RunRecord run_timing(const TimingSpec& spec, GpuSampler* sampler, const StepCall
     model::Gpt gpt(spec.config, spec.batch, T);
     gpt.init(spec.seed);
     std::optional<Optimizer> opt;
-    if (spec.mode == TimingMode::kStep) opt.emplace(std::vector<ParamGroup>{ParamGroup{gpt.optimizer_params(), {}, {}, {}}}, oo);
+    if (spec.mode == TimingMode::kStep) opt.emplace(train::optimizer_param_groups(gpt.tensors()), oo);
     std::vector<std::int32_t> tokens(static_cast<std::size_t>(spec.batch * (T + 1)));
     std::vector<std::int32_t> inputs(static_cast<std::size_t>(spec.batch * T)), targets(inputs.size());
     Rng rng(spec.seed);

@@ -17,6 +17,7 @@
 #include "model/gpt.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
+#include "train/checkpoint.hpp"
 #include "train/data.hpp"
 #include "train/trainer.hpp"
 

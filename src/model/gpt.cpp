@@ -207,8 +207,8 @@ const float* Gpt::probs() const {
   return a.probs;
 }
 
-std::vector<Param> Gpt::optimizer_params() {
-  std::vector<Param> out;
+std::vector<ModelTensor> Gpt::tensors() {
+  std::vector<ModelTensor> out;
   for (const ParamTensor& t : layout_) out.push_back({t.name, t.shape, params() + t.offset, grads() + t.offset});
   return out;
 }

@@ -9,7 +9,7 @@
 #include <string_view>
 #include <vector>
 
-#include "nibble/optim.hpp"
+#include "nibble/dtype.hpp"
 #include "nibble/tensor.hpp"
 
 namespace nibble::model {
@@ -34,6 +34,17 @@ struct ParamTensor {
   std::string name;
   std::vector<std::int64_t> shape;
   std::int64_t offset = 0;  // in floats, into the parameter and gradient buffers
+};
+
+// One parameter tensor of a built model, as training code sees it: where its values (of `dtype`)
+// and its fp32 gradient live, host or device memory as the engine keeps them. The model knows
+// nothing of optimizers; src/train turns these into optimizer parameters.
+struct ModelTensor {
+  std::string name;
+  std::vector<std::int64_t> shape;
+  void* data = nullptr;
+  float* grad = nullptr;
+  DType dtype = DType::F32;
 };
 
 // The parameter layout of a config: GPT-2 names, in GPT-2 order.
@@ -82,8 +93,8 @@ class Gpt {
   const float* logits() const;
   const float* probs() const;
 
-  // One optimizer parameter per tensor, pointing into the buffers; names are GPT-2's.
-  std::vector<Param> optimizer_params();
+  // Every parameter tensor, in layout order, pointing into the parameter and gradient buffers.
+  std::vector<ModelTensor> tensors();
 
   struct Acts;  // the activation arena's layout (internal)
 

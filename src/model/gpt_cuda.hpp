@@ -9,7 +9,6 @@
 #include <vector>
 
 #include "model/gpt.hpp"
-#include "nibble/optim.hpp"
 
 namespace nibble::model {
 
@@ -68,32 +67,20 @@ class CudaGpt {
   void synchronize() const;  // waits for the queued work
   void* stream() const;      // the cudaStream_t every launch goes to
 
-  // One optimizer parameter per tensor: device pointers, dtype F32 or BF16, fp32 gradients.
-  std::vector<Param> optimizer_params();
+  // Every parameter tensor, in layout order: device pointers, dtype F32 or BF16, fp32 gradients.
+  std::vector<ModelTensor> tensors();
 
-  struct Impl;
-
- private:
-  friend class CudaTrainStep;
-  std::unique_ptr<Impl> impl_;
-};
-
-// A whole training step captured once in a CUDA graph and replayed: zeroing the gradients, `accum`
-// micro-batches of forward and backward, the optimizer's step (its lr multiplier read from device
-// memory), and the copies of the batch in and of the losses and the step's result out, through
-// pinned host memory. The first run() does the same work eagerly (it fills the matrix products'
-// algorithm cache, which a capture must not query); the second captures; later ones replay.
-// The optimizer must be a CUDA optimizer over this model's optimizer_params().
-class CudaTrainStep {
- public:
-  CudaTrainStep(CudaGpt& gpt, Optimizer& optimizer, std::int64_t accum);
-  ~CudaTrainStep();
-  CudaTrainStep(const CudaTrainStep&) = delete;
-  CudaTrainStep& operator=(const CudaTrainStep&) = delete;
-  // tokens and targets: accum x batch x seq each, on the host. Returns the mean loss and fills
-  // `result` (skipped, gradient norm, steps taken).
-  float run(const std::int32_t* tokens, const std::int32_t* targets, float lr_scale, StepResult& result);
-  bool captured() const;
+  // Throws InvalidArgument naming the first of `count` tokens or targets (targets may be null)
+  // outside the vocabulary; forward() checks its batch so, enqueue_micro_batch() leaves it to the
+  // caller.
+  void check_tokens(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t count) const;
+  // One micro-batch of a training step, queued on stream() with no host work and no wait, so that
+  // a caller can capture it in a CUDA graph (train/cuda/train_step.cu): copies batch x seq
+  // `tokens` and `targets` in from pinned host memory (checked with check_tokens), runs the
+  // forward, copies the per-token losses out to pinned `token_losses`, and accumulates the
+  // gradient of loss_scale x the mean loss. zero_grad() is queued work of the same kind.
+  void enqueue_micro_batch(const std::int32_t* tokens, const std::int32_t* targets, float* token_losses,
+                           float loss_scale);
 
   struct Impl;
 

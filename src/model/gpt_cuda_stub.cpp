@@ -28,13 +28,9 @@ void CudaGpt::backward(float) { missing(); }
 void CudaGpt::zero_grad() { missing(); }
 std::vector<float> CudaGpt::logits() const { missing(); }
 void CudaGpt::synchronize() const { missing(); }
-std::vector<Param> CudaGpt::optimizer_params() { missing(); }
 void* CudaGpt::stream() const { missing(); }
-
-struct CudaTrainStep::Impl {};
-CudaTrainStep::CudaTrainStep(CudaGpt&, Optimizer&, std::int64_t) { missing(); }
-CudaTrainStep::~CudaTrainStep() = default;
-float CudaTrainStep::run(const std::int32_t*, const std::int32_t*, float, StepResult&) { missing(); }
-bool CudaTrainStep::captured() const { missing(); }
+std::vector<ModelTensor> CudaGpt::tensors() { missing(); }
+void CudaGpt::check_tokens(const std::int32_t*, const std::int32_t*, std::int64_t) const { missing(); }
+void CudaGpt::enqueue_micro_batch(const std::int32_t*, const std::int32_t*, float*, float) { missing(); }
 
 }  // namespace nibble::model

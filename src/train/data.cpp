@@ -1,6 +1,6 @@
 // The character tokenizer, the text dataset with its contiguous train/validation split and random
-// batches, and the default corpus (Debian's fortunes). Every check runs before any work is done,
-// and every message names the file or value that was wrong.
+// batches, the default corpus (Debian's fortunes) and a run's batch source. Every check runs before
+// any work is done, and every message names the file or value that was wrong.
 #include "train/data.hpp"
 
 #include <fcntl.h>
@@ -332,6 +332,40 @@ std::string default_corpus(const std::filesystem::path& directory) {
     if (!corpus.empty() && corpus.back() != '\n') corpus += '\n';
   }
   return corpus;
+}
+
+Batches::Batches(std::int64_t random_vocab, const std::filesystem::path& data, std::int64_t context,
+                 double validation_fraction)
+    : random_vocab_(random_vocab) {
+  if (random_vocab_ > 0) return;
+  text_.emplace(data.empty() ? TextDataset(default_corpus_description(), default_corpus(), context, validation_fraction)
+                             : TextDataset(data, context, validation_fraction));
+}
+
+std::int64_t Batches::vocab() const { return text_ ? text_->tokenizer().size() : random_vocab_; }
+
+std::string Batches::vocab_metadata() const {
+  return text_ ? text_->tokenizer().to_metadata() : fmt::format("random:{}", random_vocab_);
+}
+
+std::string Batches::describe() const {
+  if (!text_) return fmt::format("random tokens from a vocabulary of {}", random_vocab_);
+  return fmt::format("{} ({} train / {} validation tokens)", text_->name(), text_->token_count(Split::kTrain),
+                     text_->token_count(Split::kValidation));
+}
+
+void Batches::sample(Split split, std::int64_t batch, std::int64_t seq, Rng& rng, std::int32_t* inputs,
+                     std::int32_t* targets) const {
+  if (text_) return text_->sample_batch(split, batch, seq, rng, inputs, targets);
+  for (std::int64_t b = 0; b < batch; ++b) {
+    std::int32_t prev = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(random_vocab_)));
+    for (std::int64_t t = 0; t < seq; ++t) {
+      const auto next = static_cast<std::int32_t>(rng.below(static_cast<std::uint64_t>(random_vocab_)));
+      inputs[b * seq + t] = prev;
+      targets[b * seq + t] = next;
+      prev = next;
+    }
+  }
 }
 
 }  // namespace nibble::train

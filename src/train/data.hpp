@@ -1,11 +1,12 @@
 // The training data: a byte-level character tokenizer, a text corpus split contiguously into a
-// training and a validation part, and seeded random batches of (input, next-token target) windows.
-// The default corpus is the text of Debian's `fortunes` package.
+// training and a validation part, and seeded random batches of (input, next-token target) windows,
+// of text or of random tokens. The default corpus is the text of Debian's `fortunes` package.
 #pragma once
 
 #include <array>
 #include <cstdint>
 #include <filesystem>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -98,5 +99,24 @@ std::string default_corpus_description();
 // IoError (saying to install `fortunes`, which scripts/setup does) when the directory is missing
 // or holds no fortune file.
 std::string default_corpus(const std::filesystem::path& directory = default_corpus_path());
+
+// Where a training run's batches come from: a text's characters (the file `data`, or the default
+// corpus when it is empty), or, when random_vocab > 0, uniformly random tokens of that vocabulary.
+class Batches {
+ public:
+  Batches(std::int64_t random_vocab, const std::filesystem::path& data, std::int64_t context,
+          double validation_fraction);
+  std::int64_t vocab() const;
+  // The tokenizer's metadata, or "random:<vocab>".
+  std::string vocab_metadata() const;
+  std::string describe() const;
+  // Random: each row draws seq + 1 tokens; the targets are the inputs shifted by one, as in text.
+  void sample(Split split, std::int64_t batch, std::int64_t seq, Rng& rng, std::int32_t* inputs,
+              std::int32_t* targets) const;
+
+ private:
+  std::int64_t random_vocab_ = 0;
+  std::optional<TextDataset> text_;
+};
 
 }  // namespace nibble::train

@@ -1,6 +1,6 @@
 // The training loop: batches from a text dataset through the GPT's forward and backward passes
 // into any nibble optimizer, with a schedule, clipping, accumulation, evaluation, logging and
-// checkpoints that resume a run bit for bit.
+// checkpoints that resume a run bit for bit (train/checkpoint.hpp; the plan: train/memory_plan.hpp).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +13,7 @@
 #include "model/gpt_cuda.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/schedule.hpp"
+#include "train/memory_plan.hpp"
 
 namespace nibble::train {
 
@@ -74,24 +75,6 @@ struct StepLog {
   std::optional<float> val_loss;
 };
 
-// Bytes a training run holds, from the engine's own accounting, before anything is allocated.
-struct MemoryPlan {
-  std::int64_t params = 0;
-  std::int64_t grads = 0;
-  std::int64_t optimizer_state = 0;
-  std::int64_t activations = 0;
-  std::int64_t workspace = 0;  // SophiaG's Hessian-estimate buffer
-  std::int64_t total() const { return params + grads + optimizer_state + activations + workspace; }
-};
-
-// The optimizer options train() uses for these options and sequence length.
-OptimizerOptions optimizer_options(const TrainOptions& options, std::int64_t seq);
-// The memory of training `config` at (batch, seq) with the optimizer of `options`, on the device
-// `options.device` names (the CUDA engine in `compute` precision).
-MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
-                       const OptimizerOptions& options,
-                       model::CudaPrecision compute = model::CudaPrecision::kFp32);
-
 struct TrainSummary {
   std::int64_t steps = 0;
   double setup_s = 0.0;  // data, model, optimizer and the first evaluation, before step 1
@@ -107,13 +90,5 @@ struct TrainSummary {
 // Runs training; `on_step` (optional) sees every step's log. Throws nibble::Error on bad options,
 // data or checkpoints, before anything is written.
 TrainSummary train(const TrainOptions& options, const std::function<void(const StepLog&)>& on_step = {});
-
-// The model a checkpoint holds, for sampling: config, tokenizer vocabulary metadata, parameters.
-struct LoadedModel {
-  model::GptConfig config;
-  std::string vocab_metadata;
-  std::vector<float> params;
-};
-LoadedModel load_model(const std::filesystem::path& checkpoint_dir);
 
 }  // namespace nibble::train

@@ -14,6 +14,7 @@
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/rng.hpp"
+#include "train/optimizer_setup.hpp"
 
 namespace nibble::model {
 namespace {
@@ -128,8 +129,8 @@ TEST(CudaGpt, FiftyTrainingStepsMatchTheCpuEngine) {
   OptimizerOptions og = oc;
   og.device = Device::kCuda;
   og.cuda_stream = gpu.stream();  // the model's own stream: the step is ordered after the backward
-  Optimizer opt_cpu({ParamGroup{cpu.optimizer_params(), {}, {}, {}}}, oc);
-  Optimizer opt_gpu({ParamGroup{gpu.optimizer_params(), {}, {}, {}}}, og);
+  Optimizer opt_cpu(train::optimizer_param_groups(cpu.tensors()), oc);
+  Optimizer opt_gpu(train::optimizer_param_groups(gpu.tensors()), og);
   Rng rng(3);
   std::vector<std::int32_t> tokens(BT), targets(BT);
   for (int step = 0; step < 50; ++step) {

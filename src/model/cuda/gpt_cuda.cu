@@ -5,7 +5,6 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
-#include <cstring>
 #include <string>
 #include <vector>
 
@@ -149,6 +148,9 @@ struct CudaGpt::Impl {
   float forward(const std::int32_t* tokens, const std::int32_t* targets);
   template <class T>
   void backward(float loss_scale);
+  template <class T>
+  void enqueue_micro_batch(const std::int32_t* tokens, const std::int32_t* targets, float* token_losses,
+                           float loss_scale);
 };
 
 CudaGptMemory cuda_gpt_memory(const GptConfig& config, std::int64_t batch, std::int64_t seq, CudaPrecision precision) {
@@ -286,23 +288,21 @@ void* CudaGpt::stream() const { return impl_->stream; }
 
 void CudaGpt::synchronize() const { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
-std::vector<Param> CudaGpt::optimizer_params() {
+std::vector<ModelTensor> CudaGpt::tensors() {
   Impl& im = *impl_;
-  std::vector<Param> out;
+  std::vector<ModelTensor> out;
   const bool bf16 = im.options.precision == CudaPrecision::kBf16;
   std::byte* params = bf16 ? reinterpret_cast<std::byte*>(im.carve<__nv_bfloat16>().params)
                            : reinterpret_cast<std::byte*>(im.carve<float>().params);
   float* grads = bf16 ? im.carve<__nv_bfloat16>().grads : im.carve<float>().grads;
   const std::int64_t element = bf16 ? 2 : 4;
-  for (const ParamTensor& t : im.layout) {
-    Param p{t.name, t.shape, params + t.offset * element, grads + t.offset};
-    p.dtype = bf16 ? DType::BF16 : DType::F32;
-    out.push_back(std::move(p));
-  }
+  for (const ParamTensor& t : im.layout)
+    out.push_back({t.name, t.shape, params + t.offset * element, grads + t.offset, bf16 ? DType::BF16 : DType::F32});
   return out;
 }
 
-static void check_tokens(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t n, std::int64_t V) {
+void CudaGpt::check_tokens(const std::int32_t* tokens, const std::int32_t* targets, std::int64_t n) const {
+  const std::int64_t V = impl_->config.vocab;
   for (std::int64_t i = 0; i < n; ++i) {
     if (tokens[i] < 0 || tokens[i] >= V)
       throw InvalidArgument("token " + std::to_string(tokens[i]) + " at position " + std::to_string(i) +
@@ -345,7 +345,6 @@ void CudaGpt::Impl::enqueue_forward(bool with_targets) {
 template <class T>
 float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* targets) {
   const std::int64_t BT = batch * seq;
-  check_tokens(tokens, targets, BT, config.vocab);
   Layout<T> a = carve<T>();
   check(cudaMemcpyAsync(a.tokens, tokens, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
         "cudaMemcpyAsync");
@@ -403,6 +402,7 @@ void CudaGpt::Impl::backward(float loss_scale) {
 }
 
 float CudaGpt::forward(const std::int32_t* tokens, const std::int32_t* targets) {
+  check_tokens(tokens, targets, impl_->batch * impl_->seq);
   if (impl_->options.precision == CudaPrecision::kBf16) return impl_->forward<__nv_bfloat16>(tokens, targets);
   return impl_->forward<float>(tokens, targets);
 }
@@ -412,128 +412,23 @@ void CudaGpt::backward(float loss_scale) {
   impl_->backward<float>(loss_scale);
 }
 
-// ---------------------------------------------------------------------------------------------
-// The whole training step in a CUDA graph.
-
-struct CudaTrainStep::Impl {
-  CudaGpt& gpt;
-  Optimizer& optimizer;
-  std::int64_t accum = 1, bt = 0;
-  DeviceScalars scalars;
-  std::int32_t* tokens = nullptr;  // pinned: accum x BT each
-  std::int32_t* targets = nullptr;
-  float* losses = nullptr;
-  struct In {
-    float lr_scale, grad_scale;
-    int found_inf;
-  };
-  struct Out {
-    int skipped;
-    double grad_norm;
-    long long steps;
-  };
-  In* in = nullptr;    // pinned
-  Out* out = nullptr;  // pinned
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  std::int64_t runs = 0;
-
-  Impl(CudaGpt& g, Optimizer& o, std::int64_t a) : gpt(g), optimizer(o), accum(a) {}
-  ~Impl() {
-    if (exec != nullptr) cudaGraphExecDestroy(exec);
-    if (graph != nullptr) cudaGraphDestroy(graph);
-    cudaFreeHost(tokens);
-    cudaFreeHost(targets);
-    cudaFreeHost(losses);
-    cudaFreeHost(in);
-    cudaFreeHost(out);
-  }
-
-  // The step's work, queued on the model's stream; only device work and pinned-memory copies, so
-  // it can be captured.
-  template <class T>
-  void enqueue() {
-    CudaGpt::Impl& g = *gpt.impl_;
-    Layout<T> a = g.carve<T>();
-    const auto bytes = static_cast<std::size_t>(bt) * 4;
-    check(cudaMemsetAsync(a.grads, 0, static_cast<std::size_t>(g.count) * sizeof(float), g.stream), "cudaMemsetAsync");
-    for (std::int64_t m = 0; m < accum; ++m) {
-      check(cudaMemcpyAsync(a.tokens, tokens + m * bt, bytes, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
-      check(cudaMemcpyAsync(a.targets, targets + m * bt, bytes, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
-      g.enqueue_forward<T>(true);
-      check(cudaMemcpyAsync(losses + m * bt, a.losses, bytes, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
-      g.backward<T>(1.0f / static_cast<float>(accum));
-    }
-    check(cudaMemcpyAsync(scalars.lr_scale, &in->lr_scale, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(scalars.grad_scale, &in->grad_scale, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(scalars.found_inf, &in->found_inf, 4, cudaMemcpyHostToDevice, g.stream), "cudaMemcpyAsync");
-    optimizer.enqueue_step();
-    check(cudaMemcpyAsync(&out->skipped, scalars.skipped_last, 4, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(&out->grad_norm, scalars.grad_norm, 8, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(&out->steps, scalars.steps, 8, cudaMemcpyDeviceToHost, g.stream), "cudaMemcpyAsync");
-  }
-
-  void enqueue_any() {
-    if (gpt.impl_->options.precision == CudaPrecision::kBf16) enqueue<__nv_bfloat16>();
-    else enqueue<float>();
-  }
-};
-
-CudaTrainStep::CudaTrainStep(CudaGpt& gpt, Optimizer& optimizer, std::int64_t accum)
-    : impl_(std::make_unique<Impl>(gpt, optimizer, accum)) {
-  Impl& im = *impl_;
-  if (accum <= 0) throw InvalidArgument("accum must be positive, got " + std::to_string(accum));
-  if (optimizer.device() != Device::kCuda)
-    throw InvalidArgument("a CUDA training step needs a CUDA optimizer; this one runs on the CPU");
-  optimizer.set_cuda_stream(gpt.stream());
-  im.scalars = optimizer.device_scalars();
-  im.bt = gpt.batch() * gpt.seq();
-  const auto n = static_cast<std::size_t>(accum * im.bt);
-  check(cudaMallocHost(&im.tokens, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.targets, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.losses, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.in, sizeof(Impl::In)), "cudaMallocHost");
-  check(cudaMallocHost(&im.out, sizeof(Impl::Out)), "cudaMallocHost");
+template <class T>
+void CudaGpt::Impl::enqueue_micro_batch(const std::int32_t* tokens, const std::int32_t* targets, float* token_losses,
+                                        float loss_scale) {
+  Layout<T> a = carve<T>();
+  const auto bytes = static_cast<std::size_t>(batch * seq) * 4;
+  check(cudaMemcpyAsync(a.tokens, tokens, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  check(cudaMemcpyAsync(a.targets, targets, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  enqueue_forward<T>(true);
+  check(cudaMemcpyAsync(token_losses, a.losses, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  backward<T>(loss_scale);
 }
 
-CudaTrainStep::~CudaTrainStep() = default;
-
-bool CudaTrainStep::captured() const { return impl_->exec != nullptr; }
-
-float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets, float lr_scale, StepResult& result) {
-  Impl& im = *impl_;
-  CudaGpt::Impl& g = *im.gpt.impl_;
-  const std::int64_t n = im.accum * im.bt;
-  check_tokens(tokens, targets, n, g.config.vocab);
-  check(cudaStreamSynchronize(g.stream), "cudaStreamSynchronize");  // the pinned buffers are free
-  std::memcpy(im.tokens, tokens, static_cast<std::size_t>(n) * 4);
-  std::memcpy(im.targets, targets, static_cast<std::size_t>(n) * 4);
-  *im.in = {lr_scale, 1.0f, 0};
-  if (im.runs == 0) {
-    // Eagerly first: fills the matrix-product algorithm cache, which capture must not query.
-    im.enqueue_any();
-  } else {
-    if (im.exec == nullptr) {
-      check(cudaStreamBeginCapture(g.stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
-      try {
-        im.enqueue_any();
-      } catch (...) {
-        cudaGraph_t broken = nullptr;
-        cudaStreamEndCapture(g.stream, &broken);
-        if (broken != nullptr) cudaGraphDestroy(broken);
-        throw;
-      }
-      check(cudaStreamEndCapture(g.stream, &im.graph), "cudaStreamEndCapture");
-      check(cudaGraphInstantiate(&im.exec, im.graph, 0), "cudaGraphInstantiate");
-    }
-    check(cudaGraphLaunch(im.exec, g.stream), "cudaGraphLaunch");
-  }
-  check(cudaStreamSynchronize(g.stream), "cudaStreamSynchronize");
-  ++im.runs;
-  result.skipped = im.out->skipped != 0;
-  result.grad_norm = im.out->grad_norm;
-  result.step = im.out->steps;
-  return step_loss({im.losses, static_cast<std::size_t>(n)}, im.bt);
+void CudaGpt::enqueue_micro_batch(const std::int32_t* tokens, const std::int32_t* targets, float* token_losses,
+                                  float loss_scale) {
+  if (impl_->options.precision == CudaPrecision::kBf16)
+    return impl_->enqueue_micro_batch<__nv_bfloat16>(tokens, targets, token_losses, loss_scale);
+  impl_->enqueue_micro_batch<float>(tokens, targets, token_losses, loss_scale);
 }
 
 }  // namespace nibble::model
