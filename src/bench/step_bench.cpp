@@ -9,7 +9,6 @@
 #include <chrono>
 #include <cstring>
 #include <nlohmann/json.hpp>
-#include <span>
 #include <utility>
 
 #include "bench/report.hpp"
@@ -120,7 +119,7 @@ struct HostParams {
   }
 };
 
-OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, const StepBenchOptions& bench) {
+OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, const StepBenchOptions& run) {
   OptimizerOptions options;
   options.algorithm = algorithm;
   options.hyper = default_hyper(algorithm);
@@ -131,9 +130,9 @@ OptimizerOptions optimizer_options(Algorithm algorithm, Precision precision, con
     options.hyper->weight_decay = 0.01f;
   }
   options.precision = precision;
-  options.block_size = bench.block_size;
-  options.check_finite = bench.check_finite;
-  options.max_grad_norm = bench.max_grad_norm;
+  options.block_size = run.block_size;
+  options.check_finite = run.check_finite;
+  options.max_grad_norm = run.max_grad_norm;
   return options;
 }
 

@@ -76,42 +76,42 @@ void report_progress(const bench::StepBenchRow& r, std::size_t done, std::size_t
              r.gbps, 100.0 * r.ratio);
 }
 
-void check_options(const StepBenchFlags& options, bool params_given) {
-  if (options.device != "cpu" && options.device != "cuda") {
-    throw InvalidArgument(fmt::format("unknown device '{}' (known: cpu, cuda)", options.device));
+void check_options(const StepBenchFlags& flags, bool params_given) {
+  if (flags.device != "cpu" && flags.device != "cuda") {
+    throw InvalidArgument(fmt::format("unknown device '{}' (known: cpu, cuda)", flags.device));
   }
-  const bool cuda = options.device == "cuda";
-  if (options.levels && !cuda) {
+  const bool cuda = flags.device == "cuda";
+  if (flags.levels && !cuda) {
     throw InvalidArgument(
         "--levels times the AdamW fp32 loop and foreach GPU baselines beside the fused step; it "
         "needs --device cuda");
   }
-  if (params_given && options.params <= 0) {
-    throw InvalidArgument(fmt::format("--params must be positive, got {}", options.params));
+  if (params_given && flags.params <= 0) {
+    throw InvalidArgument(fmt::format("--params must be positive, got {}", flags.params));
   }
-  if (options.steps < 1) {
-    throw InvalidArgument(fmt::format("--steps must be at least 1, got {}", options.steps));
+  if (flags.steps < 1) {
+    throw InvalidArgument(fmt::format("--steps must be at least 1, got {}", flags.steps));
   }
-  if (options.warmup < 0) {
-    throw InvalidArgument(fmt::format("--warmup must not be negative, got {}", options.warmup));
+  if (flags.warmup < 0) {
+    throw InvalidArgument(fmt::format("--warmup must not be negative, got {}", flags.warmup));
   }
-  if (options.threads < 0) {
-    throw InvalidArgument(fmt::format("--threads must not be negative, got {}", options.threads));
+  if (flags.threads < 0) {
+    throw InvalidArgument(fmt::format("--threads must not be negative, got {}", flags.threads));
   }
-  if (cuda && options.threads > 0) {
+  if (cuda && flags.threads > 0) {
     throw InvalidArgument(fmt::format(
         "--threads {} sets OpenMP threads of the CPU step; it has no meaning with --device cuda",
-        options.threads));
+        flags.threads));
   }
-  if (options.block_size < 0) {
+  if (flags.block_size < 0) {
     throw InvalidArgument(
-        fmt::format("--block-size must not be negative, got {}", options.block_size));
+        fmt::format("--block-size must not be negative, got {}", flags.block_size));
   }
 }
 
 // Whether the device asked for exists; after every flag check, before any work.
-void check_device(const StepBenchFlags& options) {
-  if (options.device != "cuda") return;
+void check_device(const StepBenchFlags& flags) {
+  if (flags.device != "cuda") return;
   if (!cuda_built()) {
     throw DeviceError(
         "--device cuda: this nibble was built without the CUDA backend (no nvcc found at "
@@ -124,19 +124,19 @@ void check_device(const StepBenchFlags& options) {
   }
 }
 
-void run_step_bench(StepBenchFlags options, bool params_given, bool steps_given) {
-  if (options.device == "cuda" && !steps_given) options.steps = kCudaDefaultSteps;
-  check_options(options, params_given);
-  bench::StepBenchOptions bench_options;
-  bench_options.algorithms =
-      parse_names<Algorithm>(options.algorithms, all_algorithms(), algorithm_from_name, "algorithm",
+void run_step_bench(StepBenchFlags flags, bool params_given, bool steps_given) {
+  if (flags.device == "cuda" && !steps_given) flags.steps = kCudaDefaultSteps;
+  check_options(flags, params_given);
+  bench::StepBenchOptions options;
+  options.algorithms =
+      parse_names<Algorithm>(flags.algorithms, all_algorithms(), algorithm_from_name, "algorithm",
                              join_names(all_algorithms(), algorithm_name));
-  bench_options.precisions =
-      parse_names<Precision>(options.precisions, all_precisions(), precision_from_name, "precision",
+  options.precisions =
+      parse_names<Precision>(flags.precisions, all_precisions(), precision_from_name, "precision",
                              join_names(all_precisions(), precision_name));
-  const std::vector<Algorithm>& algorithms = bench_options.algorithms;
-  const std::vector<Precision>& precisions = bench_options.precisions;
-  if (options.levels &&
+  const std::vector<Algorithm>& algorithms = options.algorithms;
+  const std::vector<Precision>& precisions = options.precisions;
+  if (flags.levels &&
       (std::find(algorithms.begin(), algorithms.end(), Algorithm::kAdamW) == algorithms.end() ||
        std::find(precisions.begin(), precisions.end(), Precision::kFp32) == precisions.end())) {
     throw InvalidArgument(
@@ -145,102 +145,102 @@ void run_step_bench(StepBenchFlags options, bool params_given, bool steps_given)
   }
 
   if (params_given) {
-    bench_options.tensors.push_back({"flat", {options.params}});
-    bench_options.set_label = "one flat tensor";
+    options.tensors.push_back({"flat", {flags.params}});
+    options.set_label = "one flat tensor";
   } else {
-    auto named = param_set_from_name(options.set);
+    auto named = param_set_from_name(flags.set);
     if (!named) {
       throw InvalidArgument(
-          fmt::format("unknown parameter set '{}' (known: {})", options.set, kParamSetNames));
+          fmt::format("unknown parameter set '{}' (known: {})", flags.set, kParamSetNames));
     }
-    for (ParamShape& p : *named) bench_options.tensors.push_back({std::move(p.name), std::move(p.shape)});
-    bench_options.set_label = fmt::format("{} ({} tensors)", options.set, bench_options.tensors.size());
+    for (ParamShape& p : *named) options.tensors.push_back({std::move(p.name), std::move(p.shape)});
+    options.set_label = fmt::format("{} ({} tensors)", flags.set, options.tensors.size());
   }
 
-  check_device(options);
+  check_device(flags);
   std::ofstream json_out;
   std::ofstream csv_out;
-  if (!options.json_path.empty()) json_out = open_output(options.json_path);
-  if (!options.csv_path.empty()) csv_out = open_output(options.csv_path);
+  if (!flags.json_path.empty()) json_out = open_output(flags.json_path);
+  if (!flags.csv_path.empty()) csv_out = open_output(flags.csv_path);
 
-  bench_options.device = options.device == "cuda" ? Device::kCuda : Device::kCpu;
-  bench_options.warmup = options.warmup;
-  bench_options.steps = options.steps;
-  bench_options.threads = options.threads;
-  bench_options.block_size = options.block_size;
-  bench_options.check_finite = options.check_finite;
-  bench_options.max_grad_norm = options.max_grad_norm;
-  bench_options.levels = options.levels;
-  bench_options.seed = options.seed;
-  const bench::StepBenchRun run = bench::run_step_bench(bench_options, report_progress);
+  options.device = flags.device == "cuda" ? Device::kCuda : Device::kCpu;
+  options.warmup = flags.warmup;
+  options.steps = flags.steps;
+  options.threads = flags.threads;
+  options.block_size = flags.block_size;
+  options.check_finite = flags.check_finite;
+  options.max_grad_norm = flags.max_grad_norm;
+  options.levels = flags.levels;
+  options.seed = flags.seed;
+  const bench::StepBenchRun run = bench::run_step_bench(options, report_progress);
 
   fmt::print("{}\n\n", run.header);
   fmt::print("{}", bench::step_bench_table(run.rows));
-  if (json_out.is_open()) finish_output(json_out, options.json_path, bench::step_bench_json(run.rows));
-  if (csv_out.is_open()) finish_output(csv_out, options.csv_path, bench::step_bench_csv(run.rows));
+  if (json_out.is_open()) finish_output(json_out, flags.json_path, bench::step_bench_json(run.rows));
+  if (csv_out.is_open()) finish_output(csv_out, flags.csv_path, bench::step_bench_csv(run.rows));
 }
 
 }  // namespace
 
 void add_step_bench_command(CLI::App& app) {
-  auto options = std::make_shared<StepBenchFlags>();
+  auto flags = std::make_shared<StepBenchFlags>();
   CLI::App* sub = app.add_subcommand(
       "step-bench",
       "Time the optimizer step alone for each algorithm and state precision, on the CPU or a CUDA "
       "GPU, and compare its achieved bandwidth with the copy bandwidth measured in the same run.");
-  sub->add_option("--device", options->device,
+  sub->add_option("--device", flags->device,
                   "Device to step on: cpu, or cuda (a build with the CUDA backend and a visible "
                   "GPU; parameters, gradients and state then live in GPU memory)");
-  sub->add_option("--algorithms", options->algorithms,
+  sub->add_option("--algorithms", flags->algorithms,
                   fmt::format("Comma-separated algorithms to run (default: all of {})",
                               join_names(all_algorithms(), algorithm_name)))
       ->delimiter(',')
       ->option_text("NAME,...");
-  sub->add_option("--precisions", options->precisions,
+  sub->add_option("--precisions", flags->precisions,
                   fmt::format("Comma-separated state precisions to run (default: all of {})",
                               join_names(all_precisions(), precision_name)))
       ->delimiter(',')
       ->option_text("NAME,...");
-  sub->add_option("--set", options->set, fmt::format("Parameter set to step: {}", kParamSetNames));
-  CLI::Option* params = sub->add_option("--params", options->params,
+  sub->add_option("--set", flags->set, fmt::format("Parameter set to step: {}", kParamSetNames));
+  CLI::Option* params = sub->add_option("--params", flags->params,
                                         "Step one flat tensor of N parameters instead of --set")
                             ->check(at_least(1))
                             ->option_text("N");
-  sub->add_option("--warmup", options->warmup,
+  sub->add_option("--warmup", flags->warmup,
                   "Untimed steps after the set-up step (optimizer construction + first step), on "
                   "either device")
       ->check(non_negative());
   CLI::Option* steps =
-      sub->add_option("--steps", options->steps,
+      sub->add_option("--steps", flags->steps,
                       fmt::format("Timed steps per row (at least 1); default {} on cpu, {} on cuda",
                                   kCpuDefaultSteps, kCudaDefaultSteps))
           ->check(at_least(1))
           ->default_str(fmt::format("{} on cpu, {} on cuda", kCpuDefaultSteps, kCudaDefaultSteps));
-  sub->add_option("--threads", options->threads,
+  sub->add_option("--threads", flags->threads,
                   "OpenMP threads of the CPU step; 0 keeps OpenMP's default (cpu only; refused "
                   "with --device cuda)")
       ->check(number_in(0, false, 4096, false));
-  sub->add_option("--block-size", options->block_size,
+  sub->add_option("--block-size", flags->block_size,
                   "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
                   "for 4-bit)")
       ->check(number_in(0, false, 4096, false));
-  sub->add_option("--seed", options->seed, "Seed of the random parameters and gradients")->check(non_negative());
-  sub->add_flag("--check-finite", options->check_finite,
+  sub->add_option("--seed", flags->seed, "Seed of the random parameters and gradients")->check(non_negative());
+  sub->add_flag("--check-finite", flags->check_finite,
                 "Run the optimizer's gradient pre-pass that skips steps with inf/NaN gradients (on "
                 "by default in the library; off here so the step compares with fused optimizer "
                 "kernels that have none). Counted as 4 more bytes per parameter");
-  sub->add_option("--max-grad-norm", options->max_grad_norm,
+  sub->add_option("--max-grad-norm", flags->max_grad_norm,
                   "Clip gradients to this global norm (0: off); runs the same pre-pass")
       ->check(non_negative());
-  sub->add_flag("--levels", options->levels,
+  sub->add_flag("--levels", flags->levels,
                 "cuda only: beside nibble's fused AdamW fp32 row, time two AdamW fp32 baselines "
                 "on the same parameters: 'loop' (one launch of an elementwise AdamW kernel per "
                 "tensor) and 'foreach' (three op-by-op passes, m, v, then p, each one launch over "
                 "all tensors). Needs adamw and fp32 among the selected algorithms and precisions; "
                 "the baselines run no gradient pre-pass");
-  sub->add_option("--json", options->json_path, "Also write the results to FILE as JSON")
+  sub->add_option("--json", flags->json_path, "Also write the results to FILE as JSON")
       ->option_text("FILE");
-  sub->add_option("--csv", options->csv_path, "Also write the results to FILE as CSV")
+  sub->add_option("--csv", flags->csv_path, "Also write the results to FILE as CSV")
       ->option_text("FILE");
   sub->footer(
       "Columns: level, the implementation (fused: nibble's optimizer; loop, foreach: the --levels "
@@ -257,8 +257,8 @@ void add_step_bench_command(CLI::App& app) {
       "optimizer state allocated per parameter; setup_ms, optimizer construction + first step "
       "(synchronised). threads in JSON/CSV is 0 on cuda. Progress goes to stderr, one line per "
       "row.");
-  sub->callback([options, params, steps] {
-    run_step_bench(*options, params->count() > 0, steps->count() > 0);
+  sub->callback([flags, params, steps] {
+    run_step_bench(*flags, params->count() > 0, steps->count() > 0);
   });
 }
 
