@@ -184,14 +184,21 @@ void fill_figures(StepBenchRow& r, const std::vector<double>& times, double move
   r.effective_ratio = r.memcpy_gbps > 0.0 ? floor * params / seconds / 1e9 / r.memcpy_gbps : 0.0;
 }
 
+// A row's identity and the copy bandwidth it is judged against; its figures come from fill_figures.
+StepBenchRow new_row(const char* device, Algorithm algorithm, Precision precision, std::int64_t params,
+                     double memcpy_gbps) {
+  StepBenchRow row;
+  row.device = device;
+  row.algorithm = algorithm;
+  row.precision = precision;
+  row.params = params;
+  row.memcpy_gbps = memcpy_gbps;
+  return row;
+}
+
 StepBenchRow run_cpu_row(HostParams& buffers, Algorithm algorithm, Precision precision,
                          const StepBenchOptions& options, double memcpy_gbps) {
-  StepBenchRow result;
-  result.device = "cpu";
-  result.algorithm = algorithm;
-  result.precision = precision;
-  result.params = buffers.layout.params;
-  result.memcpy_gbps = memcpy_gbps;
+  StepBenchRow result = new_row("cpu", algorithm, precision, buffers.layout.params, memcpy_gbps);
   result.threads = omp_get_max_threads();
 
   std::vector<ParamGroup> groups(1);
@@ -249,12 +256,7 @@ struct DeviceParams {
 // Every launch goes to the default stream; the optimizer and the timer share it.
 StepBenchRow run_cuda_row(const DeviceParams& buffers, Algorithm algorithm, Precision precision,
                           const StepBenchOptions& options, double copy_gbps) {
-  StepBenchRow result;
-  result.device = "cuda";
-  result.algorithm = algorithm;
-  result.precision = precision;
-  result.params = buffers.layout.params;
-  result.memcpy_gbps = copy_gbps;
+  StepBenchRow result = new_row("cuda", algorithm, precision, buffers.layout.params, copy_gbps);
 
   std::vector<ParamGroup> groups(1);
   groups[0].params = buffers.make_params();
@@ -286,13 +288,8 @@ StepBenchRow run_cuda_row(const DeviceParams& buffers, Algorithm algorithm, Prec
 // An AdamW fp32 baseline of --levels on the same parameters, hyperparameters as the fused row.
 StepBenchRow run_level_row(const DeviceParams& buffers, cuda::AdamWLevel level,
                            const StepBenchOptions& options, double copy_gbps) {
-  StepBenchRow result;
-  result.device = "cuda";
-  result.algorithm = Algorithm::kAdamW;
-  result.precision = Precision::kFp32;
+  StepBenchRow result = new_row("cuda", Algorithm::kAdamW, Precision::kFp32, buffers.layout.params, copy_gbps);
   result.level = cuda::adamw_level_name(level);
-  result.params = buffers.layout.params;
-  result.memcpy_gbps = copy_gbps;
 
   const Hyper hyper = *optimizer_options(Algorithm::kAdamW, Precision::kFp32, options).hyper;
   std::vector<cuda::AdamWTensor> tensors;
