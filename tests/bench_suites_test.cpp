@@ -6,12 +6,13 @@
 
 #include <algorithm>
 #include <cmath>
+#include <set>
 #include <string>
 #include <vector>
 
 #include "bench/report.hpp"
 #include "bench/runner.hpp"
-#include "bench/suites.hpp"
+#include "bench/suite_registry.hpp"
 #include "model/gpt.hpp"
 #include "nibble/error.hpp"
 #include "nibble/tensor.hpp"
@@ -64,52 +65,65 @@ TEST(BenchLists, BadListsNameTheBadEntry) {
 }
 
 TEST(BenchOptions, EveryDefaultIsValidOnTheCpu) {
-  for (Suite s : {Suite::kBatchSweep, Suite::kProfile, Suite::kModelSweep, Suite::kConvergence, Suite::kMemoryPlan}) {
-    SCOPED_TRACE(std::string(suite_name(s)));
-    EXPECT_NO_THROW(validate(s, default_suite_options(s, BenchDevice::kCpu)));
-    EXPECT_EQ(suite_from_name(suite_name(s)), s);
+  for (const SuiteDefinition* s : all_suites()) {
+    SCOPED_TRACE(std::string(s->name));
+    EXPECT_NO_THROW(validate(*s, default_suite_options(*s, BenchDevice::kCpu)));
+    EXPECT_EQ(&suite_from_name(s->name), s);
   }
 }
 
+// The table is what the CLI's help, its suite argument and the default tour are made from.
+TEST(BenchOptions, TheRegistryListsEverySuiteOnceWithItsParts) {
+  std::set<std::string_view> names;
+  for (const SuiteDefinition* s : all_suites()) {
+    EXPECT_TRUE(names.insert(s->name).second) << s->name << " is listed twice";
+    EXPECT_FALSE(s->description.empty()) << s->name;
+    EXPECT_TRUE(s->set_defaults && s->defaults_flags && s->run) << s->name;
+  }
+  for (const char* name : {"batch-sweep", "profile", "model-sweep", "convergence", "memory-plan"})
+    EXPECT_EQ(suite_from_name(name).name, name);
+  EXPECT_EQ(suite_names([](const SuiteDefinition& s) { return s.in_default_tour; }, " then "), "batch-sweep then profile");
+}
+
 TEST(BenchOptions, BadOptionsAreRefusedWithTheirName) {
-  auto o = default_suite_options(Suite::kBatchSweep, BenchDevice::kCpu);
+  auto o = default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCpu);
   o.batches.clear();
-  EXPECT_NE(error_of([&] { validate(Suite::kBatchSweep, o); }).find("batch list is empty"), std::string::npos);
-  o = default_suite_options(Suite::kBatchSweep, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("batch-sweep"), o); }).find("batch list is empty"), std::string::npos);
+  o = default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCpu);
   o.batches = {8, -2};
-  EXPECT_NE(error_of([&] { validate(Suite::kBatchSweep, o); }).find("-2"), std::string::npos);
-  o = default_suite_options(Suite::kProfile, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("batch-sweep"), o); }).find("-2"), std::string::npos);
+  o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.optimizers.clear();
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("optimizer list is empty"), std::string::npos);
-  o = default_suite_options(Suite::kProfile, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("optimizer list is empty"), std::string::npos);
+  o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.measure_steps = 0;
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("measured steps"), std::string::npos);
-  o = default_suite_options(Suite::kProfile, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("measured steps"), std::string::npos);
+  o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.preset = "huge";
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("'huge'"), std::string::npos);
-  o = default_suite_options(Suite::kProfile, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("'huge'"), std::string::npos);
+  o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.seq = 100000;
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("100000"), std::string::npos);
-  o = default_suite_options(Suite::kModelSweep, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("100000"), std::string::npos);
+  o = default_suite_options(suite_from_name("model-sweep"), BenchDevice::kCpu);
   o.presets = {"tiny", "nano"};
-  EXPECT_NE(error_of([&] { validate(Suite::kModelSweep, o); }).find("'nano'"), std::string::npos);
-  o = default_suite_options(Suite::kConvergence, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("model-sweep"), o); }).find("'nano'"), std::string::npos);
+  o = default_suite_options(suite_from_name("convergence"), BenchDevice::kCpu);
   o.target_loss.reset();
   o.time_budget_s = 0;
   o.max_steps = 0;
-  EXPECT_NE(error_of([&] { validate(Suite::kConvergence, o); }).find("target loss, a time budget or a step limit"),
+  EXPECT_NE(error_of([&] { validate(suite_from_name("convergence"), o); }).find("target loss, a time budget or a step limit"),
             std::string::npos);
-  o = default_suite_options(Suite::kConvergence, BenchDevice::kCpu);
+  o = default_suite_options(suite_from_name("convergence"), BenchDevice::kCpu);
   o.time_budget_s = -1;
-  EXPECT_NE(error_of([&] { validate(Suite::kConvergence, o); }).find("-1"), std::string::npos);
-  o = default_suite_options(Suite::kMemoryPlan, BenchDevice::kCpu);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("convergence"), o); }).find("-1"), std::string::npos);
+  o = default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCpu);
   o.memory_size = -5;
-  EXPECT_NE(error_of([&] { validate(Suite::kMemoryPlan, o); }).find("-5"), std::string::npos);
-  o = default_suite_options(Suite::kProfile, BenchDevice::kCuda);
-  EXPECT_NE(error_of([&] { validate(Suite::kProfile, o); }).find("profile and model-sweep time the CPU engine"),
+  EXPECT_NE(error_of([&] { validate(suite_from_name("memory-plan"), o); }).find("-5"), std::string::npos);
+  o = default_suite_options(suite_from_name("profile"), BenchDevice::kCuda);
+  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("profile and model-sweep time the CPU engine"),
             std::string::npos);
-  EXPECT_NO_THROW(validate(Suite::kBatchSweep, default_suite_options(Suite::kBatchSweep, BenchDevice::kCuda)));
-  EXPECT_NO_THROW(validate(Suite::kMemoryPlan, default_suite_options(Suite::kMemoryPlan, BenchDevice::kCuda)));
+  EXPECT_NO_THROW(validate(suite_from_name("batch-sweep"), default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCuda)));
+  EXPECT_NO_THROW(validate(suite_from_name("memory-plan"), default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCuda)));
 }
 
 TEST(HostMemory, BuffersAreCountedAndTheLimitRefusesBeforeTouching) {
@@ -264,7 +278,7 @@ TEST(BenchRun, TrainingRecordsWarmupSteadyAndTarget) {
   EXPECT_EQ(stopped.steps.size(), 4u);
 }
 
-SuiteOptions tiny_options(Suite suite) {
+SuiteOptions tiny_options(const SuiteDefinition& suite) {
   SuiteOptions o = default_suite_options(suite, BenchDevice::kCpu);
   o.preset = "tiny";
   o.seq = 16;
@@ -279,7 +293,7 @@ SuiteOptions tiny_options(Suite suite) {
 
 TEST(BenchSuite, BatchSweepTablesDeltasAndPlot) {
   std::vector<Progress> events;
-  const SuiteOutput out = run_suite(Suite::kBatchSweep, tiny_options(Suite::kBatchSweep),
+  const SuiteOutput out = run_suite(suite_from_name("batch-sweep"), tiny_options(suite_from_name("batch-sweep")),
                                     [&](const Progress& p) { events.push_back(p); });
   EXPECT_EQ(out.report.suite, "batch-sweep");
   const Table& runs = table(out.report, "runs");
@@ -311,9 +325,9 @@ TEST(BenchSuite, BatchSweepTablesDeltasAndPlot) {
 }
 
 TEST(BenchSuite, ProfileHasAbsoluteAndRelativeTables) {
-  SuiteOptions o = tiny_options(Suite::kProfile);
+  SuiteOptions o = tiny_options(suite_from_name("profile"));
   o.optimizers = parse_optimizers("adamw:fp32,adamw:4bit,sophiag:fp32", kFp32);
-  const SuiteOutput out = run_suite(Suite::kProfile, o);
+  const SuiteOutput out = run_suite(suite_from_name("profile"), o);
   const Table& runs = table(out.report, "runs");
   ASSERT_EQ(runs.rows.size(), 3u);
   const Table& deltas = table(out.report, "deltas");
@@ -336,7 +350,7 @@ TEST(BenchSuite, ProfileHasAbsoluteAndRelativeTables) {
 }
 
 TEST(BenchSuite, ModelSweepContinuesPastAnOutOfMemoryModel) {
-  SuiteOptions o = tiny_options(Suite::kModelSweep);
+  SuiteOptions o = tiny_options(suite_from_name("model-sweep"));
   o.presets = {"tiny", "char"};
   o.batch = 1;
   o.seq = 16;
@@ -351,7 +365,7 @@ TEST(BenchSuite, ModelSweepContinuesPastAnOutOfMemoryModel) {
   const std::int64_t char_need = plan_for_mode(chr, 1, 16, TimingMode::kForward, oo).total();
   ASSERT_LT(tiny_need, char_need);
   o.memory_limit = (tiny_need + char_need) / 2;
-  const SuiteOutput out = run_suite(Suite::kModelSweep, o);
+  const SuiteOutput out = run_suite(suite_from_name("model-sweep"), o);
   const Table& runs = table(out.report, "runs");
   ASSERT_EQ(runs.rows.size(), 4u);
   EXPECT_EQ(std::get<std::string>(cell(runs, 0, "status")), "ok");
@@ -363,7 +377,7 @@ TEST(BenchSuite, ModelSweepContinuesPastAnOutOfMemoryModel) {
 }
 
 TEST(BenchSuite, ConvergenceAcrossSeedsWithConfidenceIntervals) {
-  SuiteOptions o = tiny_options(Suite::kConvergence);
+  SuiteOptions o = tiny_options(suite_from_name("convergence"));
   o.optimizers = parse_optimizers("adamw:fp32,sgd:fp32", kFp32);
   o.seeds = {1, 2, 3};
   o.max_steps = 20;
@@ -371,7 +385,7 @@ TEST(BenchSuite, ConvergenceAcrossSeedsWithConfidenceIntervals) {
   o.eval_every = 5;
   o.target_loss = 3.9f;  // the tiny model starts near ln(65) = 4.17
   o.lr = 3e-3f;
-  const SuiteOutput out = run_suite(Suite::kConvergence, o);
+  const SuiteOutput out = run_suite(suite_from_name("convergence"), o);
   const Table& runs = table(out.report, "runs");
   ASSERT_EQ(runs.rows.size(), 6u);
   const Table& summary = table(out.report, "summary");
@@ -391,12 +405,12 @@ TEST(BenchSuite, ConvergenceAcrossSeedsWithConfidenceIntervals) {
 }
 
 TEST(BenchSuite, MemoryPlanFindsTheLargestBatchThatFits) {
-  SuiteOptions o = default_suite_options(Suite::kMemoryPlan, BenchDevice::kCpu);
+  SuiteOptions o = default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCpu);
   o.presets = {"small"};
   o.optimizers = parse_optimizers("adamw:fp32,adamw:8bit", kFp32);
   o.batches = {1, 8};
   o.memory_size = std::int64_t{16} * 1000 * 1000 * 1000;  // 16 GB
-  const SuiteOutput out = run_suite(Suite::kMemoryPlan, o);
+  const SuiteOutput out = run_suite(suite_from_name("memory-plan"), o);
   const Table& largest = table(out.report, "largest-batch");
   ASSERT_EQ(largest.rows.size(), 2u);
   model::GptConfig config = model::gpt_preset("small");
@@ -417,12 +431,12 @@ TEST(BenchSuite, MemoryPlanFindsTheLargestBatchThatFits) {
 }
 
 TEST(BenchSuite, MemoryPlanMeasuresWhatFits) {
-  SuiteOptions o = default_suite_options(Suite::kMemoryPlan, BenchDevice::kCpu);
+  SuiteOptions o = default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCpu);
   o.presets = {"tiny"};
   o.optimizers = parse_optimizers("adamw:fp32,lion:8bit", kFp32);
   o.batches = {2};
   o.measure = true;
-  const SuiteOutput out = run_suite(Suite::kMemoryPlan, o);
+  const SuiteOutput out = run_suite(suite_from_name("memory-plan"), o);
   const Table& measured = table(out.report, "measured");
   ASSERT_EQ(measured.rows.size(), 2u);
   for (std::size_t i = 0; i < 2; ++i) {

@@ -1,6 +1,6 @@
-// The benchmark lab's suites: the experiments people run to choose an optimizer. Each suite turns
-// its options into runs of the engine, and the runs into a report (tables of every raw
-// measurement plus the environment), readable text tables and SVG plots.
+// What a suite of the benchmark lab takes and gives: the options every suite reads from (each
+// suite uses some), progress while it runs, and its output: a report of every raw measurement plus
+// the environment, readable text tables and SVG plots. The suites themselves are in suite_registry.
 #pragma once
 
 #include <cstdint>
@@ -15,11 +15,6 @@
 #include "bench/runner.hpp"
 
 namespace nibble::bench {
-
-enum class Suite { kBatchSweep, kProfile, kModelSweep, kConvergence, kMemoryPlan };
-std::string_view suite_name(Suite suite);  // "batch-sweep", ...
-// Throws InvalidArgument naming the unknown suite and listing the known ones.
-Suite suite_from_name(std::string_view name);
 
 enum class BenchDevice { kCpu, kCuda };
 // Throws InvalidArgument for anything but "cpu" and "cuda".
@@ -54,13 +49,6 @@ struct SuiteOptions {
   std::int64_t measure_max = 0;             // bytes
 };
 
-// The defaults of a suite on a device: small enough on the CPU to finish in minutes on two cores,
-// sized for one large GPU on CUDA.
-SuiteOptions default_suite_options(Suite suite, BenchDevice device);
-// Throws InvalidArgument naming the first option a suite cannot run with (empty lists, a step
-// count or batch below 1, an unknown preset, a convergence run with neither target nor budget).
-void validate(Suite suite, const SuiteOptions& options);
-
 // What the lab reports while it runs: run `index` of `count` started, or a step of it finished.
 struct Progress {
   std::size_t index = 0;
@@ -82,9 +70,5 @@ struct SuiteOutput {
   std::string text;  // the tables for the terminal
   std::vector<Plot> plots;
 };
-
-// Runs a suite. Throws InvalidArgument for bad options before the first run; a run that does not
-// fit in memory is a row with status "out of memory" and the suite goes on.
-SuiteOutput run_suite(Suite suite, const SuiteOptions& options, const ProgressCallback& progress = {});
 
 }  // namespace nibble::bench

@@ -14,7 +14,7 @@
 #include <string>
 #include <vector>
 
-#include "bench/suites.hpp"
+#include "bench/suite_registry.hpp"
 #include "bench/svg.hpp"
 #include "cli/commands.hpp"
 #include "cli/flags.hpp"
@@ -76,7 +76,7 @@ std::vector<std::string> split_names(const std::string& text, const char* what) 
 }
 
 // The suite's defaults with every flag the user gave laid over them.
-bench::SuiteOptions options_for(bench::Suite suite, const BenchFlags& f) {
+bench::SuiteOptions options_for(const bench::SuiteDefinition& suite, const BenchFlags& f) {
   const bench::BenchDevice device = bench::bench_device_from_name(f.device);
   bench::SuiteOptions o = bench::default_suite_options(suite, device);
   const std::vector<Precision> precisions = bench::parse_precisions(f.precisions);
@@ -160,13 +160,13 @@ class ProgressLine {
   std::chrono::steady_clock::time_point start_{};
 };
 
-void run_one(bench::Suite suite, const BenchFlags& f) {
+void run_one(const bench::SuiteDefinition& suite, const BenchFlags& f) {
   const bench::SuiteOptions o = options_for(suite, f);
   bench::validate(suite, o);
   ProgressLine progress(f.quiet);
   const bench::SuiteOutput out = bench::run_suite(suite, o, [&](const bench::Progress& p) { progress(p); });
   fmt::print("\n{}", out.text);
-  const std::string stem(bench::suite_name(suite));
+  const std::string stem(suite.name);
   std::vector<std::filesystem::path> written = bench::write_report(out.report, f.out_dir, stem);
   if (!f.no_plots) {
     for (const bench::Plot& plot : out.plots) {
@@ -191,10 +191,11 @@ void run_bench(BenchFlags& f) {
                               ec ? ec.message() : std::string("not a directory")));
   if (f.threads > 0) omp_set_num_threads(f.threads);
   if (f.suite.empty()) {
-    // The default tour: throughput against batch size, then the optimizer profile.
-    const bench::Suite tour[] = {bench::Suite::kBatchSweep, bench::Suite::kProfile};
-    for (bench::Suite s : tour) bench::validate(s, options_for(s, f));  // every flag checked before the first run
-    for (bench::Suite s : tour) run_one(s, f);
+    std::vector<const bench::SuiteDefinition*> tour;
+    for (const bench::SuiteDefinition* s : bench::all_suites())
+      if (s->in_default_tour) tour.push_back(s);
+    for (const bench::SuiteDefinition* s : tour) bench::validate(*s, options_for(*s, f));  // every flag checked before the first run
+    for (const bench::SuiteDefinition* s : tour) run_one(*s, f);
     return;
   }
   run_one(bench::suite_from_name(f.suite), f);
@@ -203,37 +204,11 @@ void run_bench(BenchFlags& f) {
 // The CPU defaults of every suite, for --help.
 std::string defaults_text() {
   std::string text = "CPU defaults per suite (--device cuda has larger ones):";
-  for (bench::Suite suite : {bench::Suite::kBatchSweep, bench::Suite::kProfile, bench::Suite::kModelSweep,
-                             bench::Suite::kConvergence, bench::Suite::kMemoryPlan}) {
-    const bench::SuiteOptions o = bench::default_suite_options(suite, bench::BenchDevice::kCpu);
+  for (const bench::SuiteDefinition* suite : bench::all_suites()) {
+    const bench::SuiteOptions o = bench::default_suite_options(*suite, bench::BenchDevice::kCpu);
     std::vector<std::string> labels;
     for (const bench::OptimizerChoice& c : o.optimizers) labels.push_back(c.label());
-    const std::string optimizers = fmt::format("{}", fmt::join(labels, ","));
-    auto join = [](const auto& list) { return fmt::format("{}", fmt::join(list, ",")); };
-    text += fmt::format("\n  {}: --optimizers {}", bench::suite_name(suite), optimizers);
-    switch (suite) {
-      case bench::Suite::kBatchSweep:
-        text += fmt::format(" --preset {} --seq {} --batches {} --warmup-steps {} --steps {}", o.preset, o.seq,
-                            join(o.batches), o.warmup_steps, o.measure_steps);
-        break;
-      case bench::Suite::kProfile:
-        text += fmt::format(" --preset {} --seq {} --batch {} --warmup-steps {} --steps {} --eval-batches {}", o.preset,
-                            o.seq, o.batch, o.warmup_steps, o.measure_steps, o.eval_batches);
-        break;
-      case bench::Suite::kModelSweep:
-        text += fmt::format(" --presets {} --batch {} --seq {} --warmup-steps {} --steps {}", join(o.presets), o.batch,
-                            o.seq, o.warmup_steps, o.measure_steps);
-        break;
-      case bench::Suite::kConvergence:
-        text += fmt::format(" --preset {} --batch {} --seeds {} --target-loss {} --time-budget {} --max-steps {} "
-                            "--eval-every {}",
-                            o.preset, o.batch, join(o.seeds), o.target_loss ? *o.target_loss : 0.0f, o.time_budget_s,
-                            o.max_steps, o.eval_every);
-        break;
-      case bench::Suite::kMemoryPlan:
-        text += fmt::format(" --presets {} --batches {} (seq: each preset's context)", join(o.presets), join(o.batches));
-        break;
-    }
+    text += fmt::format("\n  {}: --optimizers {}{}", suite->name, fmt::join(labels, ","), suite->defaults_flags(o));
   }
   return text + "\nOutputs in --out: <suite>.json, <suite>-<table>.csv and <suite>-*.svg.";
 }
@@ -242,19 +217,21 @@ std::string defaults_text() {
 
 void add_bench_command(CLI::App& app) {
   auto flags = std::make_shared<BenchFlags>();
+  std::string suites;
+  for (const bench::SuiteDefinition* suite : bench::all_suites())
+    suites += fmt::format("{}{} ({})", suites.empty() ? "" : ", ", suite->name, suite->description);
+  auto all = [](const bench::SuiteDefinition&) { return true; };
   CLI::App* cmd = app.add_subcommand(
       "bench",
-      "The optimizer profiling lab. Suites: batch-sweep (tokens/s per optimizer x batch size, with the difference "
-      "to the baseline), profile (warm-up, step time, tokens/s, peak memory by part, RSS, GPU use, losses per "
-      "optimizer), model-sweep (forward / forward+backward / step time per model preset; out-of-memory rows), "
-      "convergence (time and steps to a target validation loss and the loss after a time budget, over seeds, with "
-      "confidence intervals), memory-plan (predicted peak memory and the largest batch that fits). Without a suite: "
-      "batch-sweep then profile on the char preset. Every flag left out takes the suite's default for the device; "
-      "the first optimizer is the baseline.");
+      fmt::format("The optimizer profiling lab. Suites: {}. Without a suite: {} on the char preset. Every flag left "
+                  "out takes the suite's default for the device; the first optimizer is the baseline.",
+                  suites, bench::suite_names([](const bench::SuiteDefinition& s) { return s.in_default_tour; }, " then ")));
   flags->app = cmd;
   BenchFlags& f = *flags;
-  cmd->add_option("suite", f.suite, "batch-sweep, profile, model-sweep, convergence or memory-plan (none: the default tour)");
-  cmd->add_option("--device", f.device, "cpu or cuda (cuda: batch-sweep, convergence and memory-plan on the CUDA engine in bf16; --vocab N trains on random tokens of N)");
+  cmd->add_option("suite", f.suite, fmt::format("{} (none: the default tour)", bench::suite_names(all, " or ")));
+  cmd->add_option("--device", f.device,
+                  fmt::format("cpu or cuda (cuda: {} on the CUDA engine in bf16; --vocab N trains on random tokens of N)",
+                              bench::suite_names([](const bench::SuiteDefinition& s) { return s.runs_on_cuda; }, " and ")));
   cmd->add_option("--optimizers", f.optimizers,
                   "Comma-separated name[:precision], e.g. adamw,adamw:8bit,lion:4bit; the first is the baseline");
   cmd->add_option("--precisions", f.precisions, "Precisions for --optimizers entries without one (fp32, bf16, 8bit, 4bit)");

@@ -1,15 +1,16 @@
-// The GPU side of `nibble step-bench --device cuda`: device buffers, a seeded random fill, device
-// copy bandwidth and per-step CUDA-event timing, plus the AdamW fp32 baselines that `--levels` sets
-// beside nibble's fused step (AdamW: Loshchilov & Hutter, "Decoupled Weight Decay Regularization").
+// The GPU side of the step benchmark (`nibble step-bench --device cuda`): device buffers, a seeded
+// random fill, timed device copies and per-step CUDA-event timing, plus the AdamW fp32 baselines that
+// `--levels` sets beside nibble's fused step (AdamW: Loshchilov & Hutter, "Decoupled Weight Decay
+// Regularization"). It reuses the optimizer's CUDA helpers and per-element rule (optim/cuda/common.cuh).
 #include <algorithm>
 #include <string>
 #include <utility>
 
+#include "bench/cuda/step_baselines.hpp"
 #include "nibble/error.hpp"
 #include "optim/cuda/common.cuh"
-#include "optim/cuda/step_bench.hpp"
 
-namespace nibble::cuda {
+namespace nibble::bench::cuda {
 namespace {
 
 constexpr int kFillThreads = 256;
@@ -179,7 +180,7 @@ DeviceBuffer::DeviceBuffer(std::size_t bytes, const char* what) : bytes_(bytes) 
       throw OutOfMemory("out of GPU memory: step-bench's " + std::string(what) + " needs " + std::to_string(bytes) +
                             " bytes, " + std::to_string(free) + " are free",
                         static_cast<long long>(bytes), static_cast<long long>(free));
-    throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
+    ::nibble::cuda::throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
   }
 }
 
@@ -227,13 +228,13 @@ std::vector<double> time_calls(int count, const std::function<void()>& call, voi
   return ms;
 }
 
-CopyBandwidth measure_copy_bandwidth(std::size_t bytes, void* stream) {
+CopyTimes time_device_copies(std::size_t bytes, void* stream) {
   // Both buffers must fit beside what is already allocated, with room left for the driver.
   constexpr std::size_t kHeadroom = std::size_t{256} << 20;
   std::size_t free = 0, total = 0;
   NIBBLE_CUDA_CHECK(cudaMemGetInfo(&free, &total));
   const std::size_t fits = free > kHeadroom ? (free - kHeadroom) / 2 : 0;
-  CopyBandwidth result;
+  CopyTimes result;
   result.bytes = std::min(bytes, fits) / 256 * 256;
   if (result.bytes < (std::size_t{1} << 20)) {
     throw OutOfMemory("out of GPU memory: step-bench's copy-bandwidth measurement needs two buffers of " +
@@ -248,10 +249,7 @@ CopyBandwidth measure_copy_bandwidth(std::size_t bytes, void* stream) {
     NIBBLE_CUDA_CHECK(cudaMemcpyAsync(target.data(), source.data(), result.bytes, cudaMemcpyDeviceToDevice, s));
   };
   copy();
-  std::vector<double> ms = time_calls(kTimedCopies, copy, stream);
-  std::sort(ms.begin(), ms.end());
-  const double median = ms.size() % 2 == 1 ? ms[ms.size() / 2] : 0.5 * (ms[ms.size() / 2 - 1] + ms[ms.size() / 2]);
-  result.gbps = 2.0 * static_cast<double>(result.bytes) / (median * 1e-3) / 1e9;
+  result.ms = time_calls(kTimedCopies, copy, stream);
   return result;
 }
 
@@ -334,4 +332,4 @@ double AdamWBaseline::bytes_moved_per_param() const {
   return level_ == AdamWLevel::kLoop ? kAdamWFp32BytesPerParam : kForeachBytesPerParam;
 }
 
-}  // namespace nibble::cuda
+}  // namespace nibble::bench::cuda

@@ -1,5 +1,5 @@
-// What `nibble step-bench --device cuda` needs on the GPU: device buffers, a seeded random fill,
-// device copy bandwidth, per-call timing with CUDA events, and the two AdamW fp32 baselines
+// What the step benchmark (bench/step_bench.hpp) needs on the GPU: device buffers, a seeded random
+// fill, timed device copies, per-call timing with CUDA events, and the two AdamW fp32 baselines
 // ("loop", "foreach") that nibble's fused step is compared with. Backend-free: no CUDA header.
 #pragma once
 
@@ -10,7 +10,7 @@
 
 #include "nibble/hyper.hpp"
 
-namespace nibble::cuda {
+namespace nibble::bench::cuda {
 
 // Device memory from cudaMalloc, freed when destroyed. Allocation throws OutOfMemory (with the
 // requested and free bytes) when the GPU lacks the memory, DeviceError on any other failure.
@@ -46,15 +46,15 @@ void synchronize_stream(void* stream);
 // spends waiting for the host to launch the next kernel counts against the call that caused it.
 std::vector<double> time_calls(int count, const std::function<void()>& call, void* stream);
 
-struct CopyBandwidth {
-  double gbps = 0.0;      // bytes read + written per second / 1e9, median of the timed copies
-  std::size_t bytes = 0;  // bytes of one copy (read once, written once)
+struct CopyTimes {
+  std::size_t bytes = 0;   // bytes of one copy (read once, written once)
+  std::vector<double> ms;  // milliseconds of each timed copy
 };
 
 // Device-to-device cudaMemcpyAsync of `bytes` (less when two such buffers would not fit in free
-// memory), one warm-up copy then the median of kTimedCopies, each timed with CUDA events.
+// memory): one warm-up copy, then kTimedCopies copies, each timed with CUDA events.
 inline constexpr int kTimedCopies = 10;
-CopyBandwidth measure_copy_bandwidth(std::size_t bytes, void* stream);
+CopyTimes time_device_copies(std::size_t bytes, void* stream);
 
 // ---------------------------------------------------------------------------------------------
 // AdamW fp32 baselines: the implementation levels that fused multi-tensor kernels replace.
@@ -105,4 +105,4 @@ class AdamWBaseline {
   std::int64_t chunk_count_ = 0;
 };
 
-}  // namespace nibble::cuda
+}  // namespace nibble::bench::cuda
