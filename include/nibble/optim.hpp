@@ -187,6 +187,12 @@ class Optimizer {
   std::unique_ptr<Impl> impl_;
 };
 
+// The optimizer state bytes an Optimizer over these groups would allocate (its state_stats()), decided
+// as its constructor decides every tensor's state (precision by size and name, blocks, factoring,
+// rank-1 scales, master weights of 16-bit parameters); parameters need no data. Throws as
+// resolve_options does.
+std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options);
+
 // Bytes of optimizer state per element for a tensor of `numel` elements (scales included), as the
 // optimizer would allocate it; 0 for none.
 double state_bytes_per_element(Algorithm algorithm, const Hyper& hyper, Precision precision,

@@ -64,20 +64,19 @@ void run_optimizers(const OptimizersOptions& options) {
     }
   }
 
+  ParamGroup group;
+  for (const ParamShape& p : *set) group.params.push_back(Param{.name = p.name, .shape = p.shape});
   std::vector<Row> rows;
   for (Algorithm algorithm : all_algorithms()) {
-    const Hyper hyper = default_hyper(algorithm);
+    OptimizerOptions oo;
+    oo.algorithm = algorithm;
+    oo.block_size = options.block_size;
+    oo.min_quant_size = options.min_quant_size;
     for (Precision precision : all_precisions()) {
-      Row row{algorithm, precision, 0.0, algorithm_spec(algorithm).state_note(hyper)};
-      for (const ParamShape& p : *set) {
-        const std::int64_t numel = shape_numel(p.shape);
-        // As the optimizer does: tensors too small to amortise block scales keep fp32 state.
-        const Precision used = numel < options.min_quant_size ? Precision::kFp32 : precision;
-        row.state_bytes += static_cast<double>(numel) *
-                           state_bytes_per_element(algorithm, hyper, used, options.block_size,
-                                                   p.shape, /*rank1=*/false);
-      }
-      rows.push_back(std::move(row));
+      oo.precision = precision;
+      // Counted as the optimizer allocates it (small tensors keep fp32 state, and so on).
+      const double bytes = static_cast<double>(planned_state_bytes(std::span<const ParamGroup>(&group, 1), oo));
+      rows.push_back(Row{algorithm, precision, bytes, algorithm_spec(algorithm).state_note(default_hyper(algorithm))});
     }
   }
 

@@ -152,6 +152,23 @@ OptimizerOptions resolve_options(OptimizerOptions options) {
   return options;
 }
 
+std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options_in) {
+  const OptimizerOptions options = resolve_options(options_in);
+  const AlgorithmSpec& spec = algorithm_spec(options.algorithm);
+  std::int64_t bytes = 0;
+  for (const ParamGroup& group : groups) {
+    if (group.precision) check_precision(*group.precision, "a parameter group");
+    for (const Param& param : group.params) {
+      TensorState t;
+      t.param = param;
+      t.numel = shape_numel(param.shape);
+      plan_tensor_state(t, spec, *options.hyper, group.precision, options, global_shape_of(param, t.numel));
+      bytes += tensor_state_bytes(t);
+    }
+  }
+  return bytes;
+}
+
 Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
   Impl& im = *impl_;
   options = resolve_options(std::move(options));
@@ -197,7 +214,6 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       }
       check_dtypes(param, on_cuda);
       const std::vector<std::int64_t> global = global_shape_of(param, t.numel);
-      const std::int64_t global_numel = shape_numel(global);
       const std::size_t global_rank = global.size();
       t.param = param;
       t.group = static_cast<int>(gi);
@@ -207,11 +223,8 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
       if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
-      const Precision precision =
-          tensor_precision(group.precision.value_or(options.precision), global_numel, param.name, options);
-      layout_tensor(t, spec, hyper, precision, options, global);
+      plan_tensor_state(t, spec, hyper, group.precision, options, global);
       check_split(t, spec, global_rank, options.rank1_second_moment);
-      t.has_master = options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
       if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
         // The dot products: per row, or per fixed segment of the tensor.
         const std::int64_t rows0 = param.shape[0];

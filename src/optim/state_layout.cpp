@@ -138,6 +138,15 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
   }
 }
 
+void plan_tensor_state(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper,
+                       std::optional<Precision> group_precision, const OptimizerOptions& options,
+                       std::span<const std::int64_t> global_shape) {
+  const Precision precision = tensor_precision(group_precision.value_or(options.precision), shape_numel(global_shape),
+                                               t.param.name, options);
+  layout_tensor(t, algorithm, hyper, precision, options, global_shape);
+  t.has_master = options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;
+}
+
 std::int64_t tensor_state_bytes(TensorState& t) {
   std::int64_t bytes = 0;
   for_each_region(t, [&](const Region& r, auto*&) {

@@ -4,6 +4,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -51,6 +52,12 @@ Precision tensor_precision(Precision requested, std::int64_t global_numel, const
 // parameter (t.param, t.numel set) and the global shape. Allocates nothing.
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
                    const OptimizerOptions& options, std::span<const std::int64_t> global_shape);
+
+// Both of the above, as the optimizer decides a tensor's state: the group's precision or the
+// optimizer's, then the layout; and whether it keeps fp32 master weights.
+void plan_tensor_state(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper,
+                       std::optional<Precision> group_precision, const OptimizerOptions& options,
+                       std::span<const std::int64_t> global_shape);
 
 // One array of a tensor's state.
 enum class RegionRole : std::uint8_t {

@@ -1,5 +1,5 @@
 // The memory plan: the CPU engine's buffers counted from the model's sizes, the CUDA engine's from
-// its own carve of one allocation, and the optimizer's state from its per-element rules.
+// its own carve of one allocation, and the optimizer's state as the optimizer itself plans it.
 #include "train/memory_plan.hpp"
 
 #include <fmt/format.h>
@@ -13,20 +13,18 @@ namespace nibble::train {
 
 std::int64_t planned_optimizer_state_bytes(const model::GptConfig& config, const OptimizerOptions& options,
                                            model::CudaPrecision compute) {
-  const Hyper hyper = options.hyper ? *options.hyper : default_hyper(options.algorithm);
-  double state = 0.0;
+  // The optimizer's own decision over the model's tensors, as the engine will hand them over: bf16
+  // parameters on CUDA in bf16 compute (fp32 master weights when asked for), fp32 otherwise.
+  const bool bf16 = options.device == Device::kCuda && compute == model::CudaPrecision::kBf16;
+  ParamGroup group;
   for (const model::ParamTensor& t : model::gpt_param_layout(config)) {
-    const std::int64_t numel = shape_numel(t.shape);
-    const Precision precision = numel < options.min_quant_size ? Precision::kFp32 : options.precision;
-    state += state_bytes_per_element(options.algorithm, hyper, precision, options.block_size, t.shape,
-                                     options.rank1_second_moment) *
-             static_cast<double>(numel);
+    Param param;
+    param.name = t.name;
+    param.shape = t.shape;
+    param.dtype = bf16 ? DType::BF16 : DType::F32;
+    group.params.push_back(std::move(param));
   }
-  std::int64_t bytes = static_cast<std::int64_t>(std::llround(state));
-  // fp32 master weights of bf16 parameters (of tensors with numel > 0: every GPT tensor).
-  if (options.device == Device::kCuda && options.master_weights && compute == model::CudaPrecision::kBf16)
-    bytes += 4 * model::gpt_param_count(config);
-  return bytes;
+  return planned_state_bytes(std::span<const ParamGroup>(&group, 1), options);
 }
 
 MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
