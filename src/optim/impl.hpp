@@ -75,9 +75,7 @@ struct Chunk {
   std::int64_t begin, end;
 };
 
-namespace cuda {
-struct DeviceState;  // src/optim/cuda/backend.cu
-}
+class Backend;
 
 struct Optimizer::Impl {
   OptimizerOptions options;
@@ -89,9 +87,9 @@ struct Optimizer::Impl {
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
   std::int64_t max_cols = 0;
   int threads = 1;
-  Buffer arena;                    // CPU: all state; CUDA: unused (the state lives in `device`)
+  Buffer arena;                    // CPU: all state; CUDA: unused (the state lives on the device)
   std::int64_t arena_bytes = 0;
-  std::unique_ptr<cuda::DeviceState, void (*)(cuda::DeviceState*)> device{nullptr, nullptr};
+  std::unique_ptr<Backend> backend;  // the device's half of every operation
   std::int64_t state_bytes = 0;
   std::int64_t total_numel = 0;
   std::int64_t steps = 0;
@@ -124,35 +122,41 @@ struct HostState {
   std::vector<TensorState> copy;
   Buffer bytes;
 };
-HostState host_state(Optimizer::Impl& impl);
-// Writes a changed host copy (and impl's step counts) back to the device; nothing on the CPU.
-void commit_host_state(Optimizer::Impl& impl, HostState& state);
 
-namespace cuda {
-// All of these throw Unsupported in a build without CUDA.
-// Allocates the state arena on the current device, zeroed.
-std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes);
-// Builds the device tables (tensors, chunks, codebooks, scalars) once the layout is carved, and
-// copies bf16/fp16 parameters into their fp32 master weights.
-void create(Optimizer::Impl& impl);
-void set_scalars(Optimizer::Impl& impl, float grad_scale, float lr_scale, bool found_inf);
-// Uploads the gradient pointers of every tensor, asynchronously on the optimizer's stream.
-void set_grads(Optimizer::Impl& impl);
-void set_stream(Optimizer::Impl& impl, void* stream);
-void enqueue_step(Optimizer::Impl& impl);
-// Waits for the queued work and returns the last step's result; refreshes impl's step counts.
-StepResult read_result(Optimizer::Impl& impl);
-void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into);
-void push_counters(Optimizer::Impl& impl);
-void set_grad(Optimizer::Impl& impl, std::size_t index);
-// Returns the index of the first estimate tensor holding inf or NaN, or -1, then applies them.
-std::int64_t update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
-void download(const Optimizer::Impl& impl, std::byte* host);
-void upload(Optimizer::Impl& impl, const std::byte* host);
-std::byte* arena_base(const Optimizer::Impl& impl);
-DeviceScalars scalars(const Optimizer::Impl& impl);
-void synchronize(const Optimizer::Impl& impl);
-void destroy(DeviceState* state);
-}  // namespace cuda
+// A device's half of the optimizer: where its state lives, how a step is decided and run, and how
+// the host reads and writes the state. The front end (optimizer.cpp) validates, lays the state out
+// and calls these; it never asks which device it runs on. The step policy (norm, skip, clip) is
+// math::decide_step on both.
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  // The state arena, zeroed, once its size is known; then, once the layout is carved into it,
+  // whatever the device keeps besides (CUDA: tables, scalars, master weights).
+  virtual std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes) = 0;
+  virtual void create(Optimizer::Impl& impl) = 0;
+  // One step with scalars already checked (CUDA may return before it ran: options.synchronize).
+  virtual StepResult step(Optimizer::Impl& impl, const StepOptions& options) = 0;
+  virtual double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted) = 0;
+  virtual void enqueue_step(Optimizer::Impl& impl) = 0;
+  virtual DeviceScalars scalars(const Optimizer::Impl& impl) const = 0;
+  virtual void synchronize(const Optimizer::Impl& impl) const = 0;
+  virtual void set_stream(Optimizer::Impl& impl, void* stream) = 0;
+  // After impl's gradient pointers changed (one tensor's, or any of them).
+  virtual void grad_changed(Optimizer::Impl& impl, std::size_t index) = 0;
+  virtual void grads_changed(Optimizer::Impl& impl) = 0;
+  // Folds the estimates into the Hessian EMA; throws InvalidArgument naming the first tensor whose
+  // estimate holds inf or NaN, with nothing applied.
+  virtual void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) = 0;
+  // Brings impl's step counters up to date with the device's.
+  virtual void refresh_counters(Optimizer::Impl& impl) = 0;
+  virtual HostState host_state(Optimizer::Impl& impl) = 0;
+  // Writes a changed host copy (and impl's step counts) back to the device.
+  virtual void commit_host_state(Optimizer::Impl& impl, HostState& state) = 0;
+};
+std::unique_ptr<Backend> make_cpu_backend();   // src/optim/cpu/backend.cpp
+std::unique_ptr<Backend> make_cuda_backend();  // src/optim/cuda/backend.cu; without CUDA it refuses
+
+inline HostState host_state(Optimizer::Impl& impl) { return impl.backend->host_state(impl); }
+inline void commit_host_state(Optimizer::Impl& impl, HostState& state) { impl.backend->commit_host_state(impl, state); }
 
 }  // namespace nibble

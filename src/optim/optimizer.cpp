@@ -178,10 +178,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   im.hyper = hyper;
   if (groups.empty()) throw InvalidArgument("optimizer: no parameter groups were given");
   const bool on_cuda = options.device == Device::kCuda;
-  if (on_cuda && !cuda_built())
-    throw DeviceError("a CUDA optimizer was asked for, but this nibble was built without CUDA (no nvcc at build time)");
-  if (on_cuda && cuda_device_count() == 0)
-    throw DeviceError("a CUDA optimizer was asked for, but no CUDA device is visible (no GPU or no driver)");
+  im.backend = on_cuda ? make_cuda_backend() : make_cpu_backend();
   im.options = options;
   im.threads = std::max(1, omp_get_max_threads());
 
@@ -244,7 +241,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     std::int64_t cursor = 0;
     std::int64_t counted = 0;
     std::byte* base = nullptr;
-    if (pass == 1) base = on_cuda ? cuda::allocate_arena(im, im.arena_bytes) : im.arena.data();
+    if (pass == 1) base = im.backend->allocate_arena(im, im.arena_bytes);
     auto take = [&](std::int64_t bytes, bool state) -> std::byte* {
       std::byte* p = base ? base + cursor : nullptr;
       cursor += align64(bytes);
@@ -260,7 +257,6 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     }
     if (pass == 0) {
       im.arena_bytes = cursor;
-      if (!on_cuda) im.arena = Buffer(static_cast<std::size_t>(cursor));
     }
     im.state_bytes = counted;
   }
@@ -271,7 +267,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   im.chunk_partials.assign(im.chunks.size(), 0.0);
   im.constants.assign(im.tensors.size(), StepConstants{});
   if (im.max_cols > 0) im.thread_scratch.assign(static_cast<std::size_t>(im.threads * im.max_cols), 0.0f);
-  if (on_cuda) cuda::create(im);
+  im.backend->create(im);
 }
 
 Optimizer::~Optimizer() = default;
@@ -284,63 +280,22 @@ StepResult Optimizer::step(const StepOptions& options) {
     throw InvalidArgument(fmt::format("grad_scale must be finite and > 0, got {}", options.grad_scale));
   if (!std::isfinite(options.lr_scale) || options.lr_scale < 0.0f)
     throw InvalidArgument(fmt::format("lr_scale must be finite and >= 0, got {}", options.lr_scale));
-  StepResult result;
-  result.grad_norm = std::numeric_limits<double>::quiet_NaN();
-  if (im.device) {
-    if (options.grad_square_sum)
-      throw InvalidArgument("a step with a gradient square sum from all ranks runs on the CPU backend only "
-                            "(this optimizer is on CUDA)");
-    cuda::set_scalars(im, options.grad_scale, options.lr_scale, options.found_inf);
-    cuda::enqueue_step(im);
-    if (!options.synchronize) {
-      result.step = -1;
-      return result;
-    }
-    return cuda::read_result(im);
-  }
-  const bool norm_computed = !options.found_inf && (options.grad_square_sum || im.options.check_finite ||
-                                                    im.options.max_grad_norm > 0.0f);
-  const double square_sum =
-      !norm_computed ? 0.0 : options.grad_square_sum ? *options.grad_square_sum : cpu::grad_square_sum(im, {});
-  const math::StepDecision decision =
-      math::decide_step(options.found_inf, norm_computed, square_sum, options.grad_scale, im.options.max_grad_norm);
-  result.grad_norm = decision.grad_norm;
-  result.skipped = decision.skip;
-  if (decision.skip) {
-    ++im.skipped;
-  } else {
-    ++im.steps;
-    for (TensorState& t : im.tensors)
-      if (t.param.grad != nullptr) ++t.step;
-    cpu::step(im, decision.grad_mul, options.lr_scale);
-  }
-  result.step = im.steps;
-  return result;
+  return im.backend->step(im, options);
 }
 
 double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
   Impl& im = *impl_;
-  if (im.device)
-    throw InvalidArgument("grad_square_sum() runs on the CPU backend only (this optimizer is on CUDA)");
   if (!counted.empty() && counted.size() != im.tensors.size())
     throw InvalidArgument(fmt::format("grad_square_sum needs {} flags (one per parameter), got {}", im.tensors.size(),
                                       counted.size()));
-  return cpu::grad_square_sum(im, counted);
+  return im.backend->grad_square_sum(im, counted);
 }
 
-void Optimizer::enqueue_step() {
-  if (!impl_->device) throw InvalidArgument("enqueue_step() is for CUDA optimizers; a CPU optimizer steps with step()");
-  cuda::enqueue_step(*impl_);
-}
+void Optimizer::enqueue_step() { impl_->backend->enqueue_step(*impl_); }
 
-DeviceScalars Optimizer::device_scalars() const {
-  if (!impl_->device) throw InvalidArgument("device_scalars() is for CUDA optimizers; this one runs on the CPU");
-  return cuda::scalars(*impl_);
-}
+DeviceScalars Optimizer::device_scalars() const { return impl_->backend->scalars(*impl_); }
 
-void Optimizer::synchronize() const {
-  if (impl_->device) cuda::synchronize(*impl_);
-}
+void Optimizer::synchronize() const { impl_->backend->synchronize(*impl_); }
 
 Device Optimizer::device() const { return impl_->options.device; }
 
@@ -351,27 +306,14 @@ void Optimizer::update_hessian(std::span<const float* const> estimates) {
   if (estimates.size() != im.tensors.size())
     throw InvalidArgument(fmt::format("update_hessian needs {} estimates (one per parameter), got {}",
                                       im.tensors.size(), estimates.size()));
-  if (im.device) {
-    if (const std::int64_t bad = cuda::update_hessian(im, estimates); bad >= 0)
-      throw InvalidArgument(fmt::format("Hessian estimate of '{}' holds inf or NaN", im.tensors[bad].param.name));
-    return;
-  }
-  for (std::size_t i = 0; i < im.tensors.size(); ++i) {
-    const float* e = estimates[i];
-    if (e == nullptr) continue;
-    for (std::int64_t k = 0; k < im.tensors[i].numel; ++k)
-      if (!std::isfinite(e[k]))
-        throw InvalidArgument(fmt::format("Hessian estimate of '{}' holds {} at element {}",
-                                          im.tensors[i].param.name, e[k], k));
-  }
-  cpu::update_hessian(im, estimates);
+  im.backend->update_hessian(im, estimates);
 }
 
 void Optimizer::set_grad(std::size_t param_index, void* grad) {
   if (param_index >= impl_->tensors.size())
     throw InvalidArgument(fmt::format("parameter index {} is out of range (have {})", param_index, impl_->tensors.size()));
   impl_->tensors[param_index].param.grad = grad;
-  if (impl_->device) cuda::set_grad(*impl_, param_index);
+  impl_->backend->grad_changed(*impl_, param_index);
 }
 
 void Optimizer::set_grads(std::span<void* const> grads) {
@@ -384,22 +326,21 @@ void Optimizer::set_grads(std::span<void* const> grads) {
     changed = changed || im.tensors[i].param.grad != grads[i];
     im.tensors[i].param.grad = grads[i];
   }
-  if (im.device && changed) cuda::set_grads(im);
+  if (changed) im.backend->grads_changed(im);
 }
 
 void Optimizer::set_cuda_stream(void* stream) {
-  if (!impl_->device) throw InvalidArgument("set_cuda_stream() is for CUDA optimizers; this one runs on the CPU");
-  cuda::set_stream(*impl_, stream);
+  impl_->backend->set_stream(*impl_, stream);
 }
 
 const OptimizerOptions& Optimizer::options() const { return impl_->options; }
 const Hyper& Optimizer::hyper() const { return impl_->hyper; }
 std::int64_t Optimizer::step_count() const {
-  if (impl_->device) cuda::pull_counters(*impl_, impl_->tensors);
+  impl_->backend->refresh_counters(*impl_);
   return impl_->steps;
 }
 std::int64_t Optimizer::skipped_steps() const {
-  if (impl_->device) cuda::pull_counters(*impl_, impl_->tensors);
+  impl_->backend->refresh_counters(*impl_);
   return impl_->skipped;
 }
 std::size_t Optimizer::param_count() const { return impl_->tensors.size(); }
@@ -506,34 +447,6 @@ void Optimizer::set_step_counts(std::span<const std::int64_t> tensor_steps, std:
   im.steps = steps;
   im.skipped = skipped;
   commit_host_state(im, host);
-}
-
-HostState host_state(Optimizer::Impl& impl) {
-  HostState state;
-  if (!impl.device) {
-    state.tensors = &impl.tensors;
-    return state;
-  }
-  state.bytes = Buffer(static_cast<std::size_t>(impl.arena_bytes));
-  cuda::download(impl, state.bytes.data());
-  state.copy = impl.tensors;
-  const std::byte* from = cuda::arena_base(impl);
-  std::byte* to = state.bytes.data();
-  for (TensorState& t : state.copy)
-    for_each_region(t, [&](const Region&, auto*& p) {
-      if (p != nullptr)
-        p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(to + (reinterpret_cast<const std::byte*>(p) - from));
-    });
-  cuda::pull_counters(impl, state.copy);
-  state.tensors = &state.copy;
-  return state;
-}
-
-void commit_host_state(Optimizer::Impl& impl, HostState& state) {
-  if (!impl.device) return;
-  cuda::upload(impl, state.bytes.data());
-  for (std::size_t i = 0; i < impl.tensors.size(); ++i) impl.tensors[i].step = state.copy[i].step;
-  cuda::push_counters(impl);
 }
 
 }  // namespace nibble

@@ -10,11 +10,16 @@
 #include <cmath>
 #include <cstring>
 #include <cstddef>
+#include <limits>
+#include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
+#include "nibble/device.hpp"
 #include "optim/cuda/common.cuh"
 #include "optim/impl.hpp"
+#include "optim/state_layout.hpp"
 
 namespace nibble::cuda {
 
@@ -51,7 +56,7 @@ struct DeviceState {
 
 namespace {
 
-DeviceState& state(const Optimizer::Impl& impl) { return *impl.device; }
+DeviceState& state(const Optimizer::Impl& impl);  // the CUDA backend's, defined below
 
 void* device_alloc(DeviceState& ds, std::size_t bytes, const char* what) {
   void* p = nullptr;
@@ -172,11 +177,7 @@ DTensor describe(const TensorState& t) {
   return d;
 }
 
-}  // namespace
-
-std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes) {
-  impl.device = {new DeviceState, &destroy};
-  DeviceState& ds = state(impl);
+std::byte* allocate_arena(Optimizer::Impl& impl, DeviceState& ds, std::int64_t bytes) {
   ds.stream = static_cast<cudaStream_t>(impl.options.cuda_stream);
   ds.arena_bytes = bytes;
   if (bytes > 0) {
@@ -409,8 +410,6 @@ void upload(Optimizer::Impl& impl, const std::byte* host) {
   copy_and_wait(ds, ds.arena, host, static_cast<std::size_t>(ds.arena_bytes), cudaMemcpyHostToDevice);
 }
 
-std::byte* arena_base(const Optimizer::Impl& impl) { return state(impl).arena; }
-
 DeviceScalars scalars(const Optimizer::Impl& impl) {
   DScalars* s = state(impl).tb.scalars;
   DeviceScalars out;
@@ -426,6 +425,79 @@ DeviceScalars scalars(const Optimizer::Impl& impl) {
 
 void synchronize(const Optimizer::Impl& impl) { NIBBLE_CUDA_CHECK(cudaStreamSynchronize(state(impl).stream)); }
 
-void destroy(DeviceState* ds) { delete ds; }
+class CudaBackend final : public Backend {
+ public:
+  std::unique_ptr<DeviceState> ds;
 
+  std::byte* allocate_arena(Optimizer::Impl& impl, std::int64_t bytes) override {
+    ds = std::make_unique<DeviceState>();
+    return cuda::allocate_arena(impl, *ds, bytes);
+  }
+  void create(Optimizer::Impl& impl) override { cuda::create(impl); }
+
+  StepResult step(Optimizer::Impl& impl, const StepOptions& options) override {
+    if (options.grad_square_sum)
+      throw InvalidArgument("a step with a gradient square sum from all ranks runs on the CPU backend only "
+                            "(this optimizer is on CUDA)");
+    set_scalars(impl, options.grad_scale, options.lr_scale, options.found_inf);
+    cuda::enqueue_step(impl);
+    if (!options.synchronize) {
+      StepResult queued;
+      queued.grad_norm = std::numeric_limits<double>::quiet_NaN();
+      queued.step = -1;
+      return queued;
+    }
+    return read_result(impl);
+  }
+  double grad_square_sum(Optimizer::Impl&, std::span<const std::uint8_t>) override {
+    throw InvalidArgument("grad_square_sum() runs on the CPU backend only (this optimizer is on CUDA)");
+  }
+  void enqueue_step(Optimizer::Impl& impl) override { cuda::enqueue_step(impl); }
+  DeviceScalars scalars(const Optimizer::Impl& impl) const override { return cuda::scalars(impl); }
+  void synchronize(const Optimizer::Impl& impl) const override { cuda::synchronize(impl); }
+  void set_stream(Optimizer::Impl& impl, void* stream) override { cuda::set_stream(impl, stream); }
+  void grad_changed(Optimizer::Impl& impl, std::size_t index) override { set_grad(impl, index); }
+  void grads_changed(Optimizer::Impl& impl) override { set_grads(impl); }
+  void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) override {
+    if (const std::int64_t bad = cuda::update_hessian(impl, estimates); bad >= 0)
+      throw InvalidArgument("Hessian estimate of '" + impl.tensors[bad].param.name + "' holds inf or NaN");
+  }
+  void refresh_counters(Optimizer::Impl& impl) override { pull_counters(impl, impl.tensors); }
+
+  HostState host_state(Optimizer::Impl& impl) override {
+    HostState state;
+    state.bytes = Buffer(static_cast<std::size_t>(impl.arena_bytes));
+    download(impl, state.bytes.data());
+    state.copy = impl.tensors;
+    const std::byte* from = ds->arena;
+    std::byte* to = state.bytes.data();
+    for (TensorState& t : state.copy)
+      for_each_region(t, [&](const Region&, auto*& p) {
+        if (p != nullptr)
+          p = reinterpret_cast<std::remove_reference_t<decltype(p)>>(to + (reinterpret_cast<const std::byte*>(p) - from));
+      });
+    pull_counters(impl, state.copy);
+    state.tensors = &state.copy;
+    return state;
+  }
+  void commit_host_state(Optimizer::Impl& impl, HostState& state) override {
+    upload(impl, state.bytes.data());
+    for (std::size_t i = 0; i < impl.tensors.size(); ++i) impl.tensors[i].step = state.copy[i].step;
+    push_counters(impl);
+  }
+};
+
+DeviceState& state(const Optimizer::Impl& impl) { return *static_cast<const CudaBackend&>(*impl.backend).ds; }
+
+}  // namespace
 }  // namespace nibble::cuda
+
+namespace nibble {
+
+std::unique_ptr<Backend> make_cuda_backend() {
+  if (cuda_device_count() == 0)
+    throw DeviceError("a CUDA optimizer was asked for, but no CUDA device is visible (no GPU or no driver)");
+  return std::make_unique<cuda::CudaBackend>();
+}
+
+}  // namespace nibble
