@@ -11,6 +11,10 @@ import torch
 from . import _dtensor, _handle, _lib, _state
 from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
+# The public classes, exported by the package as they are listed here.
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "Adam8bit", "Adam4bit",
+           "AdamW8bit", "AdamW4bit", "Lion8bit", "NibbleOptimizer"]
+
 # The state precisions by their names in nibble, from the library's table (it also takes aliases
 # such as "int8").
 PRECISIONS = tuple(_lib.tables()["precisions"])
