@@ -13,6 +13,7 @@
 
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
+#include "nibble/safetensors.hpp"
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
@@ -200,6 +201,30 @@ TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
   r.steps = 2;  // the checkpoint is past the run's end
   EXPECT_THROW(train(r), FormatError);
   EXPECT_EQ(read_bytes(dir_ / "ckpt" / "model.safetensors"), model_bytes);
+  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+
+  // A model file without the vocabulary it was trained on: refused by name, nothing changed.
+  {
+    SafetensorsFile f = load_safetensors(dir_ / "ckpt" / "model.safetensors");
+    f.metadata.erase("vocab_bytes");
+    std::vector<TensorView> views;
+    for (const NamedTensor& t : f.tensors) views.push_back({t.name, t.tensor.dtype(), t.tensor.shape(), t.tensor.data()});
+    save_safetensors(dir_ / "ckpt" / "model.safetensors", views, f.metadata);
+  }
+  r = o;
+  r.resume = true;
+  r.steps = 8;
+  EXPECT_THROW(
+      {
+        try {
+          train(r);
+        } catch (const FormatError& e) {
+          EXPECT_NE(std::string(e.what()).find("'vocab_bytes' is missing"), std::string::npos) << e.what();
+          throw;
+        }
+      },
+      FormatError);
+  EXPECT_THROW(load_model(dir_ / "ckpt"), FormatError);
   EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
 
   // A truncated model file.

@@ -103,6 +103,13 @@ void read_params(const SafetensorsFile& f, const fs::path& file, const std::vect
   }
 }
 
+// The vocabulary the checkpoint was trained with, as its metadata holds it.
+const std::string& saved_vocab(const SafetensorsFile& f, const fs::path& file) {
+  const auto it = f.metadata.find("vocab_bytes");
+  if (it == f.metadata.end()) throw FormatError(fmt::format("{}: metadata 'vocab_bytes' is missing", file.string()));
+  return it->second;
+}
+
 }  // namespace
 
 // NOTE: the model file is written after the optimizer file, and both carry the step: a crash
@@ -145,7 +152,7 @@ RunPosition resume_from_checkpoint(const fs::path& dir, const model::GptConfig& 
                                     "differs from this run's ({}, {}, {}, {}, {})",
                                     file.string(), saved.layers, saved.heads, saved.width, saved.context, saved.vocab,
                                     config.layers, config.heads, config.width, config.context, config.vocab));
-  if (f.metadata.at("vocab_bytes") != vocab)
+  if (saved_vocab(f, file) != vocab)
     throw StateMismatch(fmt::format("{}: the checkpoint's vocabulary differs from this data's", file.string()));
   const std::int64_t step = parse_int(f.metadata, "step", file);
   if (step < 0 || step > max_step)
@@ -169,9 +176,7 @@ LoadedModel load_model(const fs::path& dir) {
   const fs::path file = dir / "model.safetensors";
   LoadedModel m;
   m.config = config_from_metadata(f.metadata, file);
-  const auto it = f.metadata.find("vocab_bytes");
-  if (it == f.metadata.end()) throw FormatError(fmt::format("{}: metadata 'vocab_bytes' is missing", file.string()));
-  m.vocab_metadata = it->second;
+  m.vocab_metadata = saved_vocab(f, file);
   m.params.resize(static_cast<std::size_t>(model::gpt_param_count(m.config)));
   read_params(f, file, model::gpt_param_layout(m.config), m.params.data());
   return m;

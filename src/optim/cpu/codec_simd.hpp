@@ -1,12 +1,13 @@
-// AVX2 versions of the block codecs of src/math/codebook.hpp: eight values per instruction with
+// AVX2 versions of the block codecs of src/math/state_codec.hpp: eight values per instruction with
 // the same float formulas in the same order, so codes and decoded values are bit-identical to the
-// scalar functions (tests compare them). No gathers: the per-decade constants come from registers.
+// scalar runs they end in (tests compare them). No gathers: the per-decade constants come from registers.
 #pragma once
 
 #include <cstdint>
 #include <cstring>
 
 #include "math/codebook.hpp"
+#include "math/state_codec.hpp"
 
 #if defined(__AVX2__)
 #include <immintrin.h>
@@ -139,7 +140,7 @@ inline void encode8_block(const math::Codebook& cb, const float* __restrict x, f
       const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
       _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
     }
-    for (; i < n; ++i) codes[i] = math::codebook_encode(cb, x[i] * inv);
+    math::encode8_run(cb, x, inv, codes, i, n);
   });
 }
 
@@ -152,7 +153,7 @@ inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restri
       const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
       _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
     }
-    for (; i < n; ++i) out[i] = cb.values[codes[i]] * scale;
+    math::decode8_run(cb, codes, scale, out, i, n);
   });
 }
 
@@ -171,10 +172,7 @@ inline void encode4_block(const math::Codebook& cb, const float* __restrict x, f
       const int bytes = _mm_cvtsi128_si32(_mm_packus_epi16(words, words));
       std::memcpy(codes + i / 2, &bytes, 4);
     }
-    for (; i + 1 < n; i += 2)
-      codes[i / 2] = static_cast<std::uint8_t>(math::codebook_encode(cb, x[i] * inv) |
-                                               (math::codebook_encode(cb, x[i + 1] * inv) << 4));
-    if (i < n) codes[i / 2] = math::codebook_encode(cb, x[i] * inv);
+    math::encode4_run(cb, x, inv, codes, i, n);
   });
 }
 
@@ -192,7 +190,7 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
       const __m256i c = _mm256_and_si256(_mm256_srlv_epi32(lanes, shifts), _mm256_set1_epi32(0xf));
       _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
     }
-    for (; i < n; ++i) out[i] = cb.values[(codes[i >> 1] >> ((i & 1) * 4)) & 0xfu] * scale;
+    math::decode4_run(cb, codes, scale, out, i, n);
   });
 }
 
@@ -200,26 +198,19 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
 
 inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
                           std::uint8_t* __restrict codes, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) codes[i] = math::codebook_encode(cb, x[i] * inv);
+  math::encode8_run(cb, x, inv, codes, 0, n);
 }
-
 inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) out[i] = cb.values[codes[i]] * scale;
+  math::decode8_run(cb, codes, scale, out, 0, n);
 }
-
 inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
                           std::uint8_t* __restrict codes, std::int64_t n) {
-  std::int64_t i = 0;
-  for (; i + 1 < n; i += 2)
-    codes[i / 2] = static_cast<std::uint8_t>(math::codebook_encode(cb, x[i] * inv) |
-                                             (math::codebook_encode(cb, x[i + 1] * inv) << 4));
-  if (i < n) codes[i / 2] = math::codebook_encode(cb, x[i] * inv);
+  math::encode4_run(cb, x, inv, codes, 0, n);
 }
-
 inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) out[i] = cb.values[(codes[i >> 1] >> ((i & 1) * 4)) & 0xfu] * scale;
+  math::decode4_run(cb, codes, scale, out, 0, n);
 }
 
 #endif

@@ -186,8 +186,10 @@ void for_my_rows(std::int64_t rows, Fn&& fn) {
   if (r0 < r1) fn(r0, r1);
 }
 
-template <class Fn>
-void parallel_chunks(Optimizer::Impl& impl, Fn&& fn) {
+// fn(chunk index, chunk, tensor, scratch) for the chunks of every tensor `wanted(tensor index)`
+// accepts, split statically among the threads of one parallel region.
+template <class Wanted, class Fn>
+void parallel_chunks_of(Optimizer::Impl& impl, Wanted&& wanted, Fn&& fn) {
   const std::int64_t count = static_cast<std::int64_t>(impl.chunks.size());
 #pragma omp parallel
   {
@@ -195,11 +197,16 @@ void parallel_chunks(Optimizer::Impl& impl, Fn&& fn) {
 #pragma omp for schedule(static)
     for (std::int64_t c = 0; c < count; ++c) {
       const Chunk& ch = impl.chunks[c];
-      TensorState& t = impl.tensors[ch.tensor];
-      if (t.param.grad == nullptr) continue;
-      fn(c, ch, t, scratch);
+      if (!wanted(ch.tensor)) continue;
+      fn(c, ch, impl.tensors[ch.tensor], scratch);
     }
   }
+}
+
+// The chunks of the tensors that have a gradient this step.
+template <class Fn>
+void parallel_chunks(Optimizer::Impl& impl, Fn&& fn) {
+  parallel_chunks_of(impl, [&](int i) { return impl.tensors[i].param.grad != nullptr; }, fn);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -622,26 +629,19 @@ void step(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
 
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) {
   const math::SophiaHessianStep k{impl.hyper.beta2, 1.0f - impl.hyper.beta2};
-  const std::int64_t count = static_cast<std::int64_t>(impl.chunks.size());
-#pragma omp parallel
-  {
-    BlockScratch scratch;
-#pragma omp for schedule(static)
-    for (std::int64_t c = 0; c < count; ++c) {
-      const Chunk& ch = impl.chunks[c];
-      TensorState& t = impl.tensors[ch.tensor];
-      const float* est = estimates[ch.tensor];
-      if (est == nullptr) continue;
-      const std::int64_t block = t.block;
-      for (std::int64_t b = ch.begin; b < ch.end; b += block) {
-        const std::int64_t n = std::min(block, t.numel - b);
-        float* h = load_block(t, t.slots[1], b, n, scratch.state[1], true);
-        for (std::int64_t i = 0; i < n; ++i) math::sophia_hessian_update(h[i], est[b + i], k);
-        store_block(t, t.slots[1], b, n, h, math::rounding_seed(impl.options.seed, t.step) ^ 0x5f3759dfull, 1,
-                    impl.options.stochastic_rounding);
-      }
-    }
-  }
+  parallel_chunks_of(
+      impl, [&](int i) { return estimates[i] != nullptr; },
+      [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
+        const float* est = estimates[ch.tensor];
+        const std::int64_t block = t.block;
+        for (std::int64_t b = ch.begin; b < ch.end; b += block) {
+          const std::int64_t n = std::min(block, t.numel - b);
+          float* h = load_block(t, t.slots[1], b, n, scratch.state[1], true);
+          for (std::int64_t i = 0; i < n; ++i) math::sophia_hessian_update(h[i], est[b + i], k);
+          store_block(t, t.slots[1], b, n, h, math::rounding_seed(impl.options.seed, t.step) ^ 0x5f3759dfull, 1,
+                      impl.options.stochastic_rounding);
+        }
+      });
 }
 
 void read_slot(const TensorState& t, const Slot& slot, float* out) {

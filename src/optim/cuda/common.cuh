@@ -176,6 +176,20 @@ __device__ __forceinline__ float load_state(const DTensor& t, const DSlot& s, co
 }
 
 // Copies the codebooks a tensor's slots use into shared memory (decode indexes them per thread).
+// The reduction segment this block sums, with its tensor and the tensor's step constants; t is
+// null when there is nothing to sum (the step is skipped, or the tensor has no gradient).
+struct SegmentWork {
+  DChunk seg;
+  const DTensor* t;
+  const math::StepConstants* k;
+};
+__device__ __forceinline__ SegmentWork segment_work(const Tables& tb) {
+  if (tb.scalars->skip) return {DChunk{}, nullptr, nullptr};
+  const DChunk seg = tb.segments[blockIdx.x];
+  const DTensor& t = tb.tensors[seg.tensor];
+  return {seg, t.grad == nullptr ? nullptr : &t, &tb.constants[seg.tensor]};
+}
+
 __device__ __forceinline__ void stage_codebooks(const Tables& tb, const DTensor& t, math::Codebook* shared) {
   for (int j = 0; j < t.slot_count; ++j) {
     const Precision p = static_cast<Precision>(t.slots[j].precision);

@@ -87,10 +87,10 @@ __global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, St
 // Per segment of a row of the channel view: sums of g * p, g^2 and p^2.
 __global__ void __launch_bounds__(kReduceThreads) adamp_row_sums_kernel(Tables tb) {
   __shared__ double red[kReduceThreads];
-  if (tb.scalars->skip) return;
-  const DChunk seg = tb.segments[blockIdx.x];
-  const DTensor& t = tb.tensors[seg.tensor];
-  if (t.grad == nullptr) return;
+  const SegmentWork work = segment_work(tb);
+  if (work.t == nullptr) return;
+  const DChunk seg = work.seg;
+  const DTensor& t = *work.t;
   double gp = 0.0, gg = 0.0, pp = 0.0;
   for (std::int64_t e = seg.begin + threadIdx.x; e < seg.end; e += kReduceThreads) {
     const double g = load_grad(t, e), p = load_param(t, e);
@@ -188,11 +188,11 @@ __device__ __forceinline__ double* adafactor_totals(const DTensor& t) {
 // Per row segment: sum of g^2 + eps1 (factored tensors) and of p^2.
 __global__ void __launch_bounds__(kReduceThreads) adafactor_row_sums_kernel(Tables tb) {
   __shared__ double red[kReduceThreads];
-  if (tb.scalars->skip) return;
-  const DChunk seg = tb.segments[blockIdx.x];
-  const DTensor& t = tb.tensors[seg.tensor];
-  if (t.grad == nullptr) return;
-  const math::AdafactorStep k = tb.constants[seg.tensor].adafactor;
+  const SegmentWork work = segment_work(tb);
+  if (work.t == nullptr) return;
+  const DChunk seg = work.seg;
+  const DTensor& t = *work.t;
+  const math::AdafactorStep k = work.k->adafactor;
   double sq = 0.0, pp = 0.0;
   for (std::int64_t e = seg.begin + threadIdx.x; e < seg.end; e += kReduceThreads) {
     if (t.factored) sq += math::adafactor_square(load_grad(t, e), k);

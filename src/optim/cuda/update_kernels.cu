@@ -388,11 +388,11 @@ __global__ void __launch_bounds__(256) adamp_dot_kernel(Tables tb) {
   __shared__ double red[256];
   NIBBLE_SHARED(SlotBooks, slot_books);
   Codebook* books = slot_books.books;
-  if (tb.scalars->skip) return;
-  const DChunk seg = tb.segments[blockIdx.x];
-  const DTensor& t = tb.tensors[seg.tensor];
-  const StepConstants& k = tb.constants[seg.tensor];
-  if (t.grad == nullptr || k.adamp_view == 0) return;
+  const SegmentWork work = segment_work(tb);
+  if (work.t == nullptr || work.k->adamp_view == 0) return;
+  const DChunk seg = work.seg;
+  const DTensor& t = *work.t;
+  const StepConstants& k = *work.k;
   stage_codebooks(tb, t, books);
   const std::int64_t row = (blockIdx.x - t.seg0) / t.segs_per_row;
   const double* inv_norm = t.scratch + math::AdamPScratch{t.view_rows}.inv_norm();
@@ -414,11 +414,11 @@ __global__ void __launch_bounds__(256) adafactor_uu_kernel(Tables tb) {
   __shared__ double red[256];
   NIBBLE_SHARED(SlotBooks, slot_books);
   Codebook* books = slot_books.books;
-  if (tb.scalars->skip) return;
-  const DChunk seg = tb.segments[blockIdx.x];
-  const DTensor& t = tb.tensors[seg.tensor];
-  const StepConstants& k = tb.constants[seg.tensor];
-  if (t.grad == nullptr) return;
+  const SegmentWork work = segment_work(tb);
+  if (work.t == nullptr) return;
+  const DChunk seg = work.seg;
+  const DTensor& t = *work.t;
+  const StepConstants& k = *work.k;
   stage_codebooks(tb, t, books);
   double sum;
   if (t.factored) {

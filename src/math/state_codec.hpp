@@ -1,0 +1,37 @@
+// The block-wise state codecs as plain loops over a run of elements [from, n) of one block: codes
+// of 8-bit state one per byte, of 4-bit state two per byte (element 2k in the low nibble, runs
+// start at an even element). Host+device; the CPU's AVX2 codecs (src/optim/cpu/codec_simd.hpp) are
+// specialisations that end in these for their tails, so both give the same codes and values.
+#pragma once
+
+#include <cstdint>
+
+#include "math/codebook.hpp"
+#include "math/common.hpp"
+
+namespace nibble::math {
+
+NIBBLE_HD void encode8_run(const Codebook& cb, const float* __restrict x, float inv, std::uint8_t* __restrict codes,
+                           std::int64_t from, std::int64_t n) {
+  for (std::int64_t i = from; i < n; ++i) codes[i] = codebook_encode(cb, x[i] * inv);
+}
+
+NIBBLE_HD void decode8_run(const Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                           float* __restrict out, std::int64_t from, std::int64_t n) {
+  for (std::int64_t i = from; i < n; ++i) out[i] = cb.values[codes[i]] * scale;
+}
+
+NIBBLE_HD void encode4_run(const Codebook& cb, const float* __restrict x, float inv, std::uint8_t* __restrict codes,
+                           std::int64_t from, std::int64_t n) {
+  std::int64_t i = from;
+  for (; i + 1 < n; i += 2)
+    codes[i / 2] = static_cast<std::uint8_t>(codebook_encode(cb, x[i] * inv) | (codebook_encode(cb, x[i + 1] * inv) << 4));
+  if (i < n) codes[i / 2] = codebook_encode(cb, x[i] * inv);
+}
+
+NIBBLE_HD void decode4_run(const Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                           float* __restrict out, std::int64_t from, std::int64_t n) {
+  for (std::int64_t i = from; i < n; ++i) out[i] = cb.values[(codes[i >> 1] >> ((i & 1) * 4)) & 0xfu] * scale;
+}
+
+}  // namespace nibble::math
