@@ -11,6 +11,15 @@
 
 namespace nibble::math {
 
+// How a slot's values are stored. Backends switch on this, not on the precision, so a precision
+// that stores like another (8-bit codes of another codebook, say) adds no case to them.
+enum class StateStorage : std::uint8_t {
+  kF32,     // fp32 values
+  kBf16,    // bf16 bits
+  kCodes8,  // one code per byte, scaled per block (or rank-1)
+  kCodes4,  // two codes per byte, element 2k in the low nibble
+};
+
 NIBBLE_HD void encode8_run(const Codebook& cb, const float* __restrict x, float inv, std::uint8_t* __restrict codes,
                            std::int64_t from, std::int64_t n) {
   for (std::int64_t i = from; i < n; ++i) codes[i] = codebook_encode(cb, x[i] * inv);

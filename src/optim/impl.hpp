@@ -13,6 +13,7 @@
 
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
+#include "math/state_codec.hpp"
 #include "math/step_constants.hpp"
 #include "nibble/algorithms.hpp"
 #include "nibble/optim.hpp"
@@ -30,6 +31,7 @@ struct Slot {
   std::string name;
   bool is_signed = true;  // first moments are signed; second moments and Hessians are not
   Precision precision = Precision::kFp32;
+  math::StateStorage storage = math::StateStorage::kF32;
   math::CodebookId codebook = math::CodebookId::kDynamicSigned8;
   bool rank1 = false;  // 4-bit, scaled by min(row max, column max) instead of a block absmax
   float* f32 = nullptr;

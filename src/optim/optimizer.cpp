@@ -45,8 +45,8 @@ std::int64_t align64(std::int64_t bytes) { return (bytes + 63) / 64 * 64; }
 void check_precision(Precision precision, std::string_view where) {
   const auto known = all_precisions();
   if (std::find(known.begin(), known.end(), precision) == known.end())
-    throw InvalidArgument(fmt::format("state precision {} of {} is not one of fp32, bf16, 8bit, 4bit",
-                                      static_cast<int>(precision), where));
+    throw InvalidArgument(fmt::format("state precision {} of {} is not one of {}", static_cast<int>(precision), where,
+                                      precision_names()));
 }
 
 

@@ -15,18 +15,34 @@
 namespace nibble {
 namespace {
 
+// One entry per state precision: its names, how its values are stored, its default quantization
+// block and the codebooks of its signed and unsigned slots (quantized precisions).
 struct PrecisionSpec {
   Precision id;
   std::string_view name;
   std::array<std::string_view, 3> aliases;  // other accepted names (empty: none)
+  math::StateStorage storage;
+  int default_block;  // fp32/bf16: the iteration block
+  math::CodebookId signed_codebook = math::CodebookId::kDynamicSigned8;
+  math::CodebookId unsigned_codebook = math::CodebookId::kDynamicUnsigned8;
 };
 
 constexpr std::array kPrecisionSpecs = {
-    PrecisionSpec{Precision::kFp32, "fp32", {"32bit", "f32"}},
-    PrecisionSpec{Precision::kBf16, "bf16", {"16bit"}},
-    PrecisionSpec{Precision::kInt8, "8bit", {"int8"}},
-    PrecisionSpec{Precision::kInt4, "4bit", {"int4"}},
+    PrecisionSpec{Precision::kFp32, "fp32", {"32bit", "f32"}, math::StateStorage::kF32, kFullPrecisionBlock},
+    PrecisionSpec{Precision::kBf16, "bf16", {"16bit"}, math::StateStorage::kBf16, kFullPrecisionBlock},
+    PrecisionSpec{Precision::kInt8, "8bit", {"int8"}, math::StateStorage::kCodes8, kDefaultBlock8,
+                  math::CodebookId::kDynamicSigned8, math::CodebookId::kDynamicUnsigned8},
+    PrecisionSpec{Precision::kInt4, "4bit", {"int4"}, math::StateStorage::kCodes4, kDefaultBlock4,
+                  math::CodebookId::kDynamicSigned4, math::CodebookId::kLinearUnsigned4},
 };
+
+const PrecisionSpec& precision_spec(Precision precision) {
+  const auto i = static_cast<std::size_t>(precision);
+  if (i >= kPrecisionSpecs.size())
+    throw InvalidArgument(fmt::format("state precision {} is not one of {}", static_cast<int>(precision),
+                                      precision_names()));
+  return kPrecisionSpecs[i];
+}
 
 constexpr bool precisions_in_enum_order() {
   for (std::size_t i = 0; i < kPrecisionSpecs.size(); ++i)
@@ -73,22 +89,26 @@ void check_block_size(int block_size) {
     throw InvalidArgument(fmt::format("block_size must be a power of two in [16, {}], got {}", kMaxBlock, block_size));
 }
 
-int state_block(Precision precision, int block_size) {
-  switch (precision) {
-    case Precision::kInt8: return block_size ? block_size : kDefaultBlock8;
-    case Precision::kInt4: return block_size ? block_size : kDefaultBlock4;
-    case Precision::kFp32:
-    case Precision::kBf16: return kFullPrecisionBlock;
-  }
-  return kFullPrecisionBlock;
+std::string precision_names() {
+  std::string out;
+  for (const PrecisionSpec& p : kPrecisionSpecs) out += fmt::format("{}{}", out.empty() ? "" : ", ", p.name);
+  return out;
 }
 
-bool is_quantized(Precision precision) { return precision == Precision::kInt8 || precision == Precision::kInt4; }
+math::StateStorage state_storage(Precision precision) { return precision_spec(precision).storage; }
+
+bool is_quantized(Precision precision) {
+  const math::StateStorage s = state_storage(precision);
+  return s == math::StateStorage::kCodes8 || s == math::StateStorage::kCodes4;
+}
+
+int state_block(Precision precision, int block_size) {
+  return is_quantized(precision) && block_size != 0 ? block_size : precision_spec(precision).default_block;
+}
 
 math::CodebookId state_codebook(Precision precision, bool is_signed) {
-  if (precision == Precision::kInt4)
-    return is_signed ? math::CodebookId::kDynamicSigned4 : math::CodebookId::kLinearUnsigned4;
-  return is_signed ? math::CodebookId::kDynamicSigned8 : math::CodebookId::kDynamicUnsigned8;
+  const PrecisionSpec& p = precision_spec(precision);
+  return is_signed ? p.signed_codebook : p.unsigned_codebook;
 }
 
 std::string_view codebook_name(math::CodebookId id) {
@@ -131,6 +151,7 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
     s.name = specs[j].name;
     s.is_signed = specs[j].is_signed;
     s.precision = precision;
+    s.storage = state_storage(precision);
     s.codebook = state_codebook(precision, s.is_signed);
     s.rank1 = uses_rank1(options.rank1_second_moment, algorithm, precision, s.is_signed, global_shape.size()) &&
               t.numel > 0;

@@ -20,6 +20,10 @@ namespace nibble {
 inline constexpr int kDefaultBlock8 = 256;
 inline constexpr int kDefaultBlock4 = 128;
 
+// The storage of a precision's values, and its name list for messages ("fp32, bf16, 8bit, 4bit").
+math::StateStorage state_storage(Precision precision);
+std::string precision_names();
+
 // Throws InvalidArgument unless block_size is 0 (the default) or a power of two in [16, kMaxBlock].
 void check_block_size(int block_size);
 // The block a precision iterates and scales by: block_size or its default; fp32/bf16 state is
@@ -85,14 +89,14 @@ template <class Fn>
 void for_each_region(TensorState& t, Fn&& fn) {
   for (int j = 0; j < t.slot_count; ++j) {
     Slot& s = t.slots[j];
-    switch (s.precision) {
-      case Precision::kFp32: fn(Region{RegionRole::kValues, j, "", DType::F32, t.numel}, s.f32); break;
-      case Precision::kBf16: fn(Region{RegionRole::kValues, j, "", DType::BF16, t.numel}, s.bf16); break;
-      case Precision::kInt8:
+    switch (s.storage) {
+      case math::StateStorage::kF32: fn(Region{RegionRole::kValues, j, "", DType::F32, t.numel}, s.f32); break;
+      case math::StateStorage::kBf16: fn(Region{RegionRole::kValues, j, "", DType::BF16, t.numel}, s.bf16); break;
+      case math::StateStorage::kCodes8:
         fn(Region{RegionRole::kCodes, j, "codes", DType::U8, t.numel}, s.codes);
         fn(Region{RegionRole::kScale, j, "absmax", DType::F32, s.blocks}, s.absmax);
         break;
-      case Precision::kInt4:
+      case math::StateStorage::kCodes4:
         fn(Region{RegionRole::kCodes, j, "codes", DType::U8, (t.numel + 1) / 2}, s.codes);
         if (s.rank1) {
           fn(Region{RegionRole::kScale, j, "row_max", DType::F32, t.rows}, s.row_max);

@@ -19,6 +19,7 @@
 #include "nibble/error.hpp"
 #include "optim/cpu/codec_simd.hpp"
 #include "optim/impl.hpp"
+#include "optim/state_layout.hpp"
 
 namespace nibble::cpu {
 namespace {
@@ -58,22 +59,22 @@ float rank1_scale(const float* row_max, const float* col_max, std::int64_t e, st
 // The block's state as floats: the fp32 state itself when `in_place`, else decoded into `local`.
 float* load_block(const TensorState& t, const Slot& s, std::int64_t begin, std::int64_t n,
                   float* __restrict local, bool in_place) {
-  switch (s.precision) {
-    case Precision::kFp32:
+  switch (s.storage) {
+    case math::StateStorage::kF32:
       if (in_place) return s.f32 + begin;
       std::memcpy(local, s.f32 + begin, static_cast<std::size_t>(n) * sizeof(float));
       return local;
-    case Precision::kBf16: {
+    case math::StateStorage::kBf16: {
       const std::uint16_t* __restrict h = s.bf16 + begin;
       for (std::int64_t i = 0; i < n; ++i) local[i] = math::bf16_to_float(h[i]);
       return local;
     }
-    case Precision::kInt8: {
+    case math::StateStorage::kCodes8: {
       const Codebook& cb = codebook(s.codebook);
       decode8_block(cb, s.codes + begin, s.absmax[begin / t.block], local, n);
       return local;
     }
-    case Precision::kInt4: {
+    case math::StateStorage::kCodes4: {
       const Codebook& cb = codebook(s.codebook);
       if (s.rank1) {
         for (std::int64_t i = 0; i < n; ++i) {
@@ -92,11 +93,11 @@ float* load_block(const TensorState& t, const Slot& s, std::int64_t begin, std::
 void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::int64_t n,
                  const float* __restrict x, std::uint64_t seed, int slot_index,
                  bool stochastic) {
-  switch (s.precision) {
-    case Precision::kFp32:
+  switch (s.storage) {
+    case math::StateStorage::kF32:
       if (x != s.f32 + begin) std::memcpy(s.f32 + begin, x, static_cast<std::size_t>(n) * sizeof(float));
       return;
-    case Precision::kBf16: {
+    case math::StateStorage::kBf16: {
       std::uint16_t* __restrict h = s.bf16 + begin;
       if (stochastic) {
         const std::uint64_t base = static_cast<std::uint64_t>(t.offset + begin) * kMaxSlots + slot_index;
@@ -107,7 +108,7 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
       }
       return;
     }
-    case Precision::kInt8: {
+    case math::StateStorage::kCodes8: {
       const Codebook& cb = codebook(s.codebook);
       const float absmax = block_absmax(x, n);
       const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
@@ -115,7 +116,7 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
       encode8_block(cb, x, inv, s.codes + begin, n);
       return;
     }
-    case Precision::kInt4: {
+    case math::StateStorage::kCodes4: {
       const Codebook& cb = codebook(s.codebook);
       std::uint8_t* __restrict c = s.codes + begin / 2;
       if (s.rank1) {
@@ -660,7 +661,7 @@ void read_slot(const TensorState& t, const Slot& slot, float* out) {
 // with it the same codes, whenever it is given the same blocks.
 void read_slot_portable(const TensorState& t, const Slot& slot, float* out) {
   read_slot(t, slot, out);
-  if ((slot.precision != Precision::kInt8 && slot.precision != Precision::kInt4) || slot.rank1) return;
+  if (!is_quantized(slot.precision) || slot.rank1) return;
   const Codebook& cb = codebook(slot.codebook);
   const std::uint8_t code_of_plus_one = math::codebook_encode(cb, 1.0f);
   const std::uint8_t code_of_minus_one = math::codebook_encode(cb, -1.0f);
@@ -670,7 +671,7 @@ void read_slot_portable(const TensorState& t, const Slot& slot, float* out) {
     if (!(absmax > 0.0f) || block_absmax(out + b, n) == absmax) continue;
     for (std::int64_t i = 0; i < n; ++i) {
       const std::int64_t e = b + i;
-      const std::uint8_t code = slot.precision == Precision::kInt8 ? slot.codes[e] : nibble_at(slot.codes, e);
+      const std::uint8_t code = slot.storage == math::StateStorage::kCodes8 ? slot.codes[e] : nibble_at(slot.codes, e);
       if (code == code_of_minus_one && cb.values[code] < 0.0f) {
         out[e] = -absmax;
         break;

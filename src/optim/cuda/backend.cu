@@ -155,22 +155,22 @@ DTensor describe(const TensorState& t) {
   d.slot_count = t.slot_count;
   d.param_type = element_type(t.param.dtype);
   d.grad_type = element_type(t.param.grad_dtype);
-  d.precision = static_cast<std::uint8_t>(t.precision);
   d.factored = t.factored ? 1 : 0;
   for (int j = 0; j < t.slot_count; ++j) {
     const Slot& s = t.slots[j];
     DSlot& o = d.slots[j];
-    switch (s.precision) {
-      case Precision::kFp32: o.data = s.f32; break;
-      case Precision::kBf16: o.data = s.bf16; break;
-      default: o.data = s.codes; break;
+    switch (s.storage) {
+      case math::StateStorage::kF32: o.data = s.f32; break;
+      case math::StateStorage::kBf16: o.data = s.bf16; break;
+      case math::StateStorage::kCodes8:
+      case math::StateStorage::kCodes4: o.data = s.codes; break;
     }
     o.absmax = s.absmax;
     o.row_max = s.row_max;
     o.col_max = s.col_max;
     o.next_row_max = s.next_row_max;
     o.next_col_max = s.next_col_max;
-    o.precision = static_cast<std::uint8_t>(s.precision);
+    o.storage = s.storage;
     o.codebook = static_cast<std::uint8_t>(s.codebook);
     o.rank1 = s.rank1 ? 1 : 0;
   }

@@ -15,6 +15,7 @@
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
 #include "math/scratch_layout.hpp"
+#include "math/state_codec.hpp"
 #include "math/step_policy.hpp"
 #include "math/step_constants.hpp"
 #include "nibble/error.hpp"
@@ -38,7 +39,7 @@ struct DSlot {
   float* col_max = nullptr;
   float* next_row_max = nullptr;
   float* next_col_max = nullptr;
-  std::uint8_t precision = 0;  // Precision
+  math::StateStorage storage = math::StateStorage::kF32;
   std::uint8_t codebook = 0;   // math::CodebookId
   std::uint8_t rank1 = 0;
 };
@@ -59,7 +60,7 @@ struct DTensor {
   float lr = 0.0f, weight_decay = 0.0f;
   int block = 256;
   int slot_count = 0;
-  std::uint8_t param_type = kF32, grad_type = kF32, precision = 0, factored = 0;
+  std::uint8_t param_type = kF32, grad_type = kF32, factored = 0;
   DSlot slots[kMaxSlots];
 };
 
@@ -162,11 +163,11 @@ __device__ __forceinline__ std::uint8_t nibble_at(const std::uint8_t* codes, std
 // A state value as the CPU backend dequantizes it: code value times the block's (or the
 // row/column) scale.
 __device__ __forceinline__ float load_state(const DTensor& t, const DSlot& s, const math::Codebook& cb, std::int64_t e) {
-  switch (static_cast<Precision>(s.precision)) {
-    case Precision::kFp32: return static_cast<const float*>(s.data)[e];
-    case Precision::kBf16: return math::bf16_to_float(static_cast<const std::uint16_t*>(s.data)[e]);
-    case Precision::kInt8: return cb.values[static_cast<const std::uint8_t*>(s.data)[e]] * s.absmax[e / t.block];
-    case Precision::kInt4: {
+  switch (s.storage) {
+    case math::StateStorage::kF32: return static_cast<const float*>(s.data)[e];
+    case math::StateStorage::kBf16: return math::bf16_to_float(static_cast<const std::uint16_t*>(s.data)[e]);
+    case math::StateStorage::kCodes8: return cb.values[static_cast<const std::uint8_t*>(s.data)[e]] * s.absmax[e / t.block];
+    case math::StateStorage::kCodes4: {
       const float v = cb.values[nibble_at(static_cast<const std::uint8_t*>(s.data), e)];
       if (s.rank1) return v * math::min_f(s.row_max[e / t.cols], s.col_max[e % t.cols]);
       return v * s.absmax[e / t.block];
@@ -175,7 +176,6 @@ __device__ __forceinline__ float load_state(const DTensor& t, const DSlot& s, co
   return 0.0f;
 }
 
-// Copies the codebooks a tensor's slots use into shared memory (decode indexes them per thread).
 // The reduction segment this block sums, with its tensor and the tensor's step constants; t is
 // null when there is nothing to sum (the step is skipped, or the tensor has no gradient).
 struct SegmentWork {
@@ -190,10 +190,11 @@ __device__ __forceinline__ SegmentWork segment_work(const Tables& tb) {
   return {seg, t.grad == nullptr ? nullptr : &t, &tb.constants[seg.tensor]};
 }
 
+// Copies the codebooks a tensor's slots use into shared memory (decode indexes them per thread).
 __device__ __forceinline__ void stage_codebooks(const Tables& tb, const DTensor& t, math::Codebook* shared) {
   for (int j = 0; j < t.slot_count; ++j) {
-    const Precision p = static_cast<Precision>(t.slots[j].precision);
-    if (p != Precision::kInt8 && p != Precision::kInt4) continue;
+    const math::StateStorage st = t.slots[j].storage;
+    if (st != math::StateStorage::kCodes8 && st != math::StateStorage::kCodes4) continue;
     const auto* src = reinterpret_cast<const std::uint32_t*>(&tb.codebooks[t.slots[j].codebook]);
     auto* dst = reinterpret_cast<std::uint32_t*>(&shared[j]);
     for (unsigned w = threadIdx.x; w < sizeof(math::Codebook) / 4; w += blockDim.x) dst[w] = src[w];

@@ -112,17 +112,17 @@ __device__ __forceinline__ void store8_param(const DTensor& t, const StepConfig&
 
 __device__ __forceinline__ void load8_state(const DTensor& t, const DSlot& s, const Codebook& cb, std::int64_t e0, int n,
                                             float* out) {
-  switch (static_cast<Precision>(s.precision)) {
-    case Precision::kFp32:
+  switch (s.storage) {
+    case math::StateStorage::kF32:
       return load8_f32(static_cast<const float*>(s.data) + e0, n, out);
-    case Precision::kBf16: {
+    case math::StateStorage::kBf16: {
       std::uint16_t h[kPerThread];
       load8_u16(static_cast<const std::uint16_t*>(s.data) + e0, n, h);
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) out[i] = math::bf16_to_float(h[i]);
       return;
     }
-    case Precision::kInt8: {
+    case math::StateStorage::kCodes8: {
       const auto* codes = static_cast<const std::uint8_t*>(s.data) + e0;
       std::uint8_t c[kPerThread];
       if (n == kPerThread) {
@@ -142,7 +142,7 @@ __device__ __forceinline__ void load8_state(const DTensor& t, const DSlot& s, co
       for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? cb.values[c[i]] * scale : 0.0f;
       return;
     }
-    case Precision::kInt4: {
+    case math::StateStorage::kCodes4: {
       if (s.rank1) {
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) out[i] = i < n ? load_state(t, s, cb, e0 + i) : 0.0f;
@@ -183,10 +183,10 @@ __device__ __forceinline__ unsigned group_max(unsigned v, int group, unsigned* w
 __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, const Codebook& cb, const StepConfig& cfg,
                                              std::uint64_t seed, int slot, std::int64_t e0, int n, const float* x,
                                              unsigned* warp_buffer) {
-  switch (static_cast<Precision>(s.precision)) {
-    case Precision::kFp32:
+  switch (s.storage) {
+    case math::StateStorage::kF32:
       return store8_f32(static_cast<float*>(s.data) + e0, n, x);
-    case Precision::kBf16: {
+    case math::StateStorage::kBf16: {
       std::uint16_t h[kPerThread];
 #pragma unroll
       for (int i = 0; i < kPerThread; ++i) {
@@ -199,9 +199,9 @@ __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, c
       }
       return store8_u16(static_cast<std::uint16_t*>(s.data) + e0, n, h);
     }
-    case Precision::kInt8:
-    case Precision::kInt4: {
-      const bool four = static_cast<Precision>(s.precision) == Precision::kInt4;
+    case math::StateStorage::kCodes8:
+    case math::StateStorage::kCodes4: {
+      const bool four = s.storage == math::StateStorage::kCodes4;
       std::uint8_t c[kPerThread];
       if (four && s.rank1) {
 #pragma unroll
