@@ -490,6 +490,21 @@ std::vector<Setting> settings_for(Algorithm a) {
               // batch_tokens 10: rho * bs * h is small, so most ratios clip to 1.
               {"small_batch_maximize", with(a, [](Hyper& h) {
                  h.lr = 3e-4f; h.batch_tokens = 10.0f; h.weight_decay = 0.2f; h.maximize = true; })}};
+    case A::kAdopt:
+      // clip_exponent 0: every normalised gradient clipped to +-1, so the clip is exercised.
+      return {{"default_l2", with(a, [](Hyper& h) { h.weight_decay = 1e-2f; })},
+              {"decoupled_tight_clip_maximize", with(a, [](Hyper& h) {
+                 h.lr = 2e-3f; h.beta1 = 0.8f; h.beta2 = 0.99f; h.clip_exponent = 0.0f; h.weight_decay = 0.1f;
+                 h.decoupled_weight_decay = true; h.maximize = true; })},
+              {"no_clip", with(a, [](Hyper& h) { h.lr = 1e-3f; h.clip_exponent = -1.0f; h.eps = 1e-3f; })}};
+    case A::kAdEMAMix:
+      return {{"default_wd", with(a, [](Hyper& h) { h.weight_decay = 1e-2f; })},
+              // Warm-ups of 12 and 15 of the 20 steps: alpha and beta3 are still rising for most of them.
+              {"warmup_maximize", with(a, [](Hyper& h) {
+                 h.lr = 2e-3f; h.alpha = 5.0f; h.beta3 = 0.999f; h.alpha_warmup = 12.0f; h.beta3_warmup = 15.0f;
+                 h.weight_decay = 0.1f; h.maximize = true; })},
+              {"no_bias_correction", with(a, [](Hyper& h) {
+                 h.lr = 1e-3f; h.bias_correction = false; h.alpha = 8.0f; h.eps = 1e-6f; })}};
   }
   return {};
 }

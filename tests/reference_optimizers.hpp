@@ -95,6 +95,8 @@ class RefOptimizer {
         case Algorithm::kSophiaG: sophia(t, g, lr); break;
         case Algorithm::kAdamP: adamp(t, g, grads[i], lr); break;
         case Algorithm::kAdafactor: adafactor(t, g, lr); break;
+        case Algorithm::kAdopt: adopt(t, g, lr); break;
+        case Algorithm::kAdEMAMix: ademamix(t, g, lr); break;
       }
     }
     return norm;
@@ -143,6 +145,15 @@ class RefOptimizer {
       case Algorithm::kSophiaG:
         add("exp_avg", t.numel);
         add("hessian", t.numel);
+        break;
+      case Algorithm::kAdopt:
+        add("exp_avg", t.numel);
+        add("exp_avg_sq", t.numel);
+        break;
+      case Algorithm::kAdEMAMix:
+        add("exp_avg", t.numel);
+        add("exp_avg_sq", t.numel);
+        add("exp_avg_slow", t.numel);
         break;
       case Algorithm::kAdafactor:
         if (h_.first_moment) add("exp_avg", t.numel);
@@ -349,6 +360,55 @@ class RefOptimizer {
       double step = u[e] * scale;
       if (m) step = (*m)[e] = h_.beta1 * (*m)[e] + (1.0 - h_.beta1) * step;
       t.p[e] = t.p[e] * decay - step;
+    }
+  }
+
+  // ADOPT (iShohei220/adopt): the first step sets v = g^2 and nothing else; later ones clip the
+  // normalised gradient to +-(steps before)^clip_exponent, move m, step, then update v.
+  void adopt(RefTensor& t, const std::vector<double>& g0, double lr) {
+    const double b1 = h_.beta1, b2 = h_.beta2, eps = h_.eps, wd = t.weight_decay;
+    const double clip = h_.clip_exponent < 0.0f ? HUGE_VAL
+                                                : std::pow(static_cast<double>(t.step - 1), h_.clip_exponent);
+    std::vector<double>& m = t.get("exp_avg");
+    std::vector<double>& v = t.get("exp_avg_sq");
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      double& p = t.p[e];
+      double g = g0[e];
+      if (!h_.decoupled_weight_decay) g += wd * p;
+      if (t.step == 1) {
+        v[e] = g * g;
+        continue;
+      }
+      if (h_.decoupled_weight_decay) p *= 1.0 - lr * wd;
+      const double n = std::clamp(g / std::max(std::sqrt(v[e]), eps), -clip, clip);
+      m[e] = b1 * m[e] + (1.0 - b1) * n;
+      p -= lr * m[e];
+      v[e] = b2 * v[e] + (1.0 - b2) * g * g;
+    }
+  }
+
+  // AdEMAMix (apple/ml-ademamix): alpha warms up linearly from 0 over alpha_warmup steps, beta3
+  // linearly in half-life from beta1 over beta3_warmup steps; decoupled weight decay.
+  void ademamix(RefTensor& t, const std::vector<double>& g, double lr) {
+    const double b1 = h_.beta1, b2 = h_.beta2, eps = h_.eps, n = static_cast<double>(t.step);
+    double alpha = h_.alpha, b3 = h_.beta3;
+    if (h_.alpha_warmup > 0.0f && n < h_.alpha_warmup) alpha = n / h_.alpha_warmup * h_.alpha;
+    if (h_.beta3_warmup > 0.0f && n < h_.beta3_warmup) {
+      const double a = n / h_.beta3_warmup;
+      auto half_life = [](double beta) { return std::log(0.5) / std::log(beta + 1e-8) - 1.0; };
+      b3 = std::pow(0.5, 1.0 / ((1.0 - a) * half_life(b1) + a * half_life(h_.beta3) + 1.0));
+    }
+    const double bc1 = h_.bias_correction ? 1.0 - std::pow(b1, n) : 1.0;
+    const double bc2 = h_.bias_correction ? 1.0 - std::pow(b2, n) : 1.0;
+    std::vector<double>& m = t.get("exp_avg");
+    std::vector<double>& v = t.get("exp_avg_sq");
+    std::vector<double>& slow = t.get("exp_avg_slow");
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      m[e] = b1 * m[e] + (1.0 - b1) * g[e];
+      slow[e] = b3 * slow[e] + (1.0 - b3) * g[e];
+      v[e] = b2 * v[e] + (1.0 - b2) * g[e] * g[e];
+      const double update = (m[e] / bc1 + alpha * slow[e]) / (std::sqrt(v[e]) / std::sqrt(bc2) + eps);
+      t.p[e] -= lr * (update + t.weight_decay * t.p[e]);
     }
   }
 

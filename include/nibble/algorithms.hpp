@@ -24,12 +24,16 @@ struct HyperField {
   HyperFlag flag = nullptr;
   // A flag that an algorithm which does not read it refuses when set (rather than ignoring it).
   bool refused_unread = false;
+  // Written to every state file (the fields of the first state schema); fields added since are
+  // written only for the algorithms that read them, so existing algorithms' files do not change.
+  bool in_every_file = true;
 };
 std::span<const HyperField> hyper_fields();
 const HyperField* find_hyper_field(std::string_view name);
 
 // The valid values of a number an algorithm reads; every range also requires a finite value.
 enum class HyperRange : std::uint8_t {
+  kFinite,       // any finite value
   kNonNegative,  // >= 0
   kPositive,     // > 0
   kBeta,         // [0, 1)
@@ -87,6 +91,8 @@ struct AlgorithmSpec {
 };
 
 std::span<const AlgorithmSpec> algorithm_specs();
+// Whether the algorithm reads the hyperparameter (lr, weight_decay and maximize: every one).
+bool reads_hyper(const AlgorithmSpec& algorithm, std::string_view field);
 const AlgorithmSpec& algorithm_spec(Algorithm algorithm);  // throws InvalidArgument for an unknown value
 
 }  // namespace nibble

@@ -6,7 +6,9 @@
 
 namespace nibble {
 
-enum class Algorithm : std::uint8_t { kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG };
+enum class Algorithm : std::uint8_t {
+  kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix
+};
 enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4 };
 
 // Every hyperparameter of every algorithm; each algorithm reads the ones it names.
@@ -36,5 +38,10 @@ struct Hyper {
   float wd_ratio = 0.1f;        // AdamP: weight-decay ratio of projected tensors
   float rho = 0.04f;            // SophiaG
   float batch_tokens = 5120.0f; // SophiaG: the `bs` that multiplies rho
+  float beta3 = 0.9999f;        // AdEMAMix: the slow EMA of the gradient
+  float alpha = 2.0f;           // AdEMAMix: weight of the slow EMA in the update
+  float alpha_warmup = 0.0f;    // AdEMAMix: steps over which alpha rises linearly from 0 (0: none)
+  float beta3_warmup = 0.0f;    // AdEMAMix: steps over which beta3 rises from beta1, linearly in half-life
+  float clip_exponent = 0.25f;  // ADOPT: normalised gradients clipped to +-(t-1)^clip_exponent (< 0: none)
 };
 }  // namespace nibble

@@ -12,8 +12,8 @@ from . import _dtensor, _handle, _lib, _state
 from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
 # The public classes, exported by the package as they are listed here.
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "Adam8bit", "Adam4bit",
-           "AdamW8bit", "AdamW4bit", "Lion8bit", "NibbleOptimizer"]
+__all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
+           "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer"]
 
 # The state precisions by their names in nibble, from the library's table (it also takes aliases
 # such as "int8").
@@ -597,6 +597,60 @@ class SophiaG(NibbleOptimizer):
             made.update_hessian(keep)
 
 
+class ADOPT(NibbleOptimizer):
+    """ADOPT (Taniguchi et al. 2024), as its authors' code: the gradient normalised by the second
+    moment of the earlier steps, clipped to +-(step - 1)**clip_exponent (None: no clipping), then
+    momentum; the first step only records the second moment. decouple: AdamW-style weight decay."""
+
+    algorithm = "adopt"
+    _torch_names = {**_BETAS, "decoupled_weight_decay": "decouple"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.9999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, decouple: bool = False,
+                 clip_exponent: Optional[float] = 0.25, *, maximize: bool = False, precision: Optional[str] = None,
+                 block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                                      clip_exponent=clip_exponent, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _pair("betas", g["betas"])
+        clip = -1.0 if g["clip_exponent"] is None else _number("clip_exponent", g["clip_exponent"])
+        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "decoupled_weight_decay": bool(g["decouple"]), "clip_exponent": clip, "maximize": bool(g["maximize"])}
+
+
+class AdEMAMix(NibbleOptimizer):
+    """AdEMAMix (Pagliardini et al. 2024), as its authors' code: Adam's fast EMA plus alpha times a
+    slow EMA (betas[2]) over the same second moment, decoupled weight decay; alpha_warmup and
+    beta3_warmup (steps, None: none) warm alpha up from 0 and beta3 up from betas[0]."""
+
+    algorithm = "ademamix"
+    _torch_names = {"beta1": "betas[0]", "beta2": "betas[1]", "beta3": "betas[2]"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float, float] = (0.9, 0.999, 0.9999),
+                 alpha: float = 2.0, beta3_warmup: Optional[int] = None, alpha_warmup: Optional[int] = None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
+                 precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                 max_grad_norm: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
+                                      alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+
+    def _hyper(self, g: dict) -> dict:
+        betas = g["betas"]
+        if not isinstance(betas, (tuple, list)) or len(betas) != 3:
+            raise ValueError(f"betas must be three numbers, got {betas!r}")
+        warmup = {k: 0.0 if g[k] is None else float(_integer(k, g[k])) for k in ("alpha_warmup", "beta3_warmup")}
+        return {"beta1": _number("betas[0]", betas[0]), "beta2": _number("betas[1]", betas[1]),
+                "beta3": _number("betas[2]", betas[2]), "alpha": _number("alpha", g["alpha"]),
+                "eps": _number("eps", g["eps"]), "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "maximize": bool(g["maximize"]), **warmup}
+
+
 def _with_precision(base: type, precision: str, name: str) -> type:
     """An alias class whose precision defaults to `precision` (AdamW8bit, ...)."""
     return type(name, (base,), {"default_precision": precision, "__doc__": f"{base.__name__} with {precision} state."})
@@ -607,3 +661,4 @@ Adam4bit = _with_precision(Adam, "4bit", "Adam4bit")
 AdamW8bit = _with_precision(AdamW, "8bit", "AdamW8bit")
 AdamW4bit = _with_precision(AdamW, "4bit", "AdamW4bit")
 Lion8bit = _with_precision(Lion, "8bit", "Lion8bit")
+AdEMAMix8bit = _with_precision(AdEMAMix, "8bit", "AdEMAMix8bit")

@@ -8,6 +8,7 @@ import copy
 import ctypes
 import io
 import json
+import math
 
 import pytest
 import torch
@@ -91,6 +92,91 @@ def raw_step(cls, precision: str, steps: int) -> list[torch.Tensor]:
     finally:
         _lib.lib.nibble_destroy(handle)
     return [p.detach().clone() for p in params]
+
+
+class PlainADOPT(torch.optim.Optimizer):
+    """ADOPT as its authors' code steps it (iShohei220/adopt), written out in torch for this test."""
+
+    def __init__(self, params, lr, betas, eps, weight_decay, decouple, clip_exponent):
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
+                                      clip_exponent=clip_exponent))
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            b1, b2 = g["betas"]
+            for p in g["params"]:
+                s = self.state[p]
+                if not s:
+                    s.update(step=0, m=torch.zeros_like(p), v=torch.zeros_like(p))
+                grad = p.grad if g["decouple"] else p.grad + g["weight_decay"] * p
+                if s["step"] == 0:
+                    s["v"].addcmul_(grad, grad)
+                else:
+                    if g["decouple"]:
+                        p.mul_(1 - g["lr"] * g["weight_decay"])
+                    n = grad / s["v"].sqrt().clamp(min=g["eps"])
+                    if g["clip_exponent"] is not None:
+                        c = s["step"] ** g["clip_exponent"]
+                        n.clamp_(-c, c)
+                    s["m"].lerp_(n, 1 - b1)
+                    p.add_(s["m"], alpha=-g["lr"])
+                    s["v"].mul_(b2).addcmul_(grad, grad, value=1 - b2)
+                s["step"] += 1
+
+
+class PlainAdEMAMix(torch.optim.Optimizer):
+    """AdEMAMix as its authors' code steps it (apple/ml-ademamix), written out in torch for this test."""
+
+    def __init__(self, params, lr, betas, alpha, alpha_warmup, beta3_warmup, eps, weight_decay):
+        super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, alpha_warmup=alpha_warmup,
+                                      beta3_warmup=beta3_warmup, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self):
+        half_life = lambda beta: math.log(0.5) / math.log(beta + 1e-8) - 1
+        for g in self.param_groups:
+            b1, b2, b3_final = g["betas"]
+            for p in g["params"]:
+                s = self.state[p]
+                if not s:
+                    s.update(step=0, m=torch.zeros_like(p), slow=torch.zeros_like(p), v=torch.zeros_like(p))
+                s["step"] += 1
+                t = s["step"]
+                alpha, b3 = g["alpha"], b3_final
+                if g["alpha_warmup"] and t < g["alpha_warmup"]:
+                    alpha = t / g["alpha_warmup"] * g["alpha"]
+                if g["beta3_warmup"] and t < g["beta3_warmup"]:
+                    a = t / g["beta3_warmup"]
+                    b3 = 0.5 ** (1 / ((1 - a) * half_life(b1) + a * half_life(b3_final) + 1))
+                s["m"].mul_(b1).add_(p.grad, alpha=1 - b1)
+                s["slow"].mul_(b3).add_(p.grad, alpha=1 - b3)
+                s["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
+                denom = (s["v"].sqrt() / math.sqrt(1 - b2 ** t)).add_(g["eps"])
+                update = (s["m"] / (1 - b1 ** t) + alpha * s["slow"]) / denom
+                p.add_(update + g["weight_decay"] * p, alpha=-g["lr"])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("ours,theirs,kwargs", [
+    (nibble.ADOPT, PlainADOPT, dict(lr=1e-2, betas=(0.9, 0.9999), eps=1e-6, weight_decay=0.01, decouple=False,
+                                    clip_exponent=0.25)),
+    # Unclipped ADOPT divides by the first step's |g|: eps 1e-3 keeps near-zero gradients from blowing up.
+    (nibble.ADOPT, PlainADOPT, dict(lr=1e-3, betas=(0.8, 0.99), eps=1e-3, weight_decay=0.1, decouple=True,
+                                    clip_exponent=None)),
+    (nibble.AdEMAMix, PlainAdEMAMix, dict(lr=1e-2, betas=(0.9, 0.999, 0.9999), alpha=2.0, alpha_warmup=None,
+                                          beta3_warmup=None, eps=1e-8, weight_decay=0.01)),
+    (nibble.AdEMAMix, PlainAdEMAMix, dict(lr=5e-3, betas=(0.9, 0.999, 0.999), alpha=5.0, alpha_warmup=12,
+                                          beta3_warmup=15, eps=1e-8, weight_decay=0.1)),
+])
+def test_fp32_matches_the_authors_update(device, ours, theirs, kwargs):
+    """ADOPT and AdEMAMix against their authors' updates written plainly in torch, 20 steps."""
+    a, b = model(device=device), model(device=device)
+    train(a, ours(a.parameters(), **kwargs), 20)
+    train(b, theirs(b.parameters(), **kwargs), 20)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert max_diff(a, model(device=device)) > 1e-3, "the run did not move the parameters"
 
 
 def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():

@@ -88,6 +88,7 @@ void read_hyper(const nlohmann::json& j, nibble::Hyper& h) {
 
 const char* range_name(nibble::HyperRange range) {
   switch (range) {
+    case nibble::HyperRange::kFinite: return "finite";
     case nibble::HyperRange::kNonNegative: return ">= 0";
     case nibble::HyperRange::kPositive: return "> 0";
     case nibble::HyperRange::kBeta: return "[0, 1)";

@@ -141,6 +141,54 @@ NIBBLE_HD void adafactor_apply(float& p, float update, float& m, const Adafactor
   p = p * k.decay - u;
 }
 
+// ADOPT (Taniguchi et al., arXiv 2411.02853), as its authors' code: the gradient normalised by the
+// second moment of the steps before it and clipped to +-clip, then the momentum and the step, then
+// the second moment. A tensor's first step only sets v = g^2 (first = 1). clip is +inf for none.
+struct AdoptStep {
+  float lr, one_minus_beta1, beta2, one_minus_beta2, eps, clip, l2, decay, grad_mul, first;
+};
+NIBBLE_HD void adopt_update(float& p, float g, float& m, float& v, const AdoptStep& k) {
+  g = g * k.grad_mul + k.l2 * p;
+  if (k.first != 0.0f) {
+    v = g * g;
+    return;
+  }
+  p = p * k.decay;
+  const float n = min_f(max_f(g / max_f(sqrtf(v), k.eps), -k.clip), k.clip);
+  m = m + k.one_minus_beta1 * (n - m);
+  p = p - k.lr * m;
+  v = k.beta2 * v + k.one_minus_beta2 * (g * g);
+}
+
+// AdEMAMix (Pagliardini et al., arXiv 2409.03463): Adam's bias-corrected fast EMA plus alpha times
+// a slow EMA (beta3), over the same second moment; decoupled weight decay.
+struct AdemamixStep {
+  float beta1, one_minus_beta1, beta2, one_minus_beta2, beta3, one_minus_beta3, inv_bc1, inv_bc2_sqrt, alpha, eps,
+      lr, decay, grad_mul;
+};
+NIBBLE_HD void ademamix_update(float& p, float g, float& m, float& v, float& slow, const AdemamixStep& k) {
+  g = g * k.grad_mul;
+  p = p * k.decay;
+  m = k.beta1 * m + k.one_minus_beta1 * g;
+  slow = k.beta3 * slow + k.one_minus_beta3 * g;
+  v = k.beta2 * v + k.one_minus_beta2 * (g * g);
+  const float denom = sqrtf(v) * k.inv_bc2_sqrt + k.eps;
+  p = p - k.lr * ((m * k.inv_bc1 + k.alpha * slow) / denom);
+}
+
+// AdEMAMix's warm-ups of alpha (linear from 0) and beta3 (linear in half-life from beta1) over
+// `warmup` steps each, as the authors' schedulers; their final values from step `warmup` on.
+NIBBLE_HD double ademamix_alpha(double alpha, double step, double warmup) {
+  return warmup > 0.0 && step < warmup ? step / warmup * alpha : alpha;
+}
+NIBBLE_HD double ademamix_beta3(double beta1, double beta3, double step, double warmup) {
+  if (!(warmup > 0.0 && step < warmup)) return beta3;
+  const double a = step / warmup;
+  const double half_life_start = ::log(0.5) / ::log(beta1 + 1e-8) - 1.0;
+  const double half_life_end = ::log(0.5) / ::log(beta3 + 1e-8) - 1.0;
+  return ::pow(0.5, 1.0 / ((1.0 - a) * half_life_start + a * half_life_end + 1.0));
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rule adaptors. Each says which algorithms it steps (handles), fills its constants once per
 // tensor per step (fill), and, when kElementwise, updates one element with up to three state
@@ -167,6 +215,8 @@ struct StepConstants {
   SophiaStep sophia;
   AdamPStep adamp;
   AdafactorStep adafactor;
+  AdoptStep adopt;
+  AdemamixStep ademamix;
   float lr;
   float adamp_decay;
   int adamp_view;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
@@ -258,6 +308,40 @@ struct SophiaRule : RuleDefaults {
   }
 };
 
+struct AdoptRule : RuleDefaults {
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdopt; }
+  NIBBLE_HD static const AdoptStep& constants(const StepConstants& k) { return k.adopt; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const bool decoupled = h.decoupled_weight_decay;
+    const double updates = static_cast<double>(in.tensor_step > 1 ? in.tensor_step - 1 : 0);
+    const float clip = h.clip_exponent < 0.0f ? bits_float(0x7f800000u)
+                                              : static_cast<float>(::pow(updates, static_cast<double>(h.clip_exponent)));
+    k.adopt = {in.lr, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, h.eps, clip, decoupled ? 0.0f : in.wd,
+               decoupled ? 1.0f - in.lr * in.wd : 1.0f, in.grad_mul, in.tensor_step <= 1 ? 1.0f : 0.0f};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float&, const AdoptStep& k) {
+    adopt_update(p, g, s0, s1, k);
+  }
+};
+
+struct AdemamixRule : RuleDefaults {
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdEMAMix; }
+  NIBBLE_HD static const AdemamixStep& constants(const StepConstants& k) { return k.ademamix; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    // 1 - beta3 from the double: beta3 near 1 rounded to float first would lose most of its digits.
+    const double beta3 = ademamix_beta3(h.beta1, h.beta3, in.step, h.beta3_warmup);
+    k.ademamix = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, static_cast<float>(beta3),
+                  static_cast<float>(1.0 - beta3), 1.0f / in.bc1,
+                  1.0f / sqrtf(in.bc2), static_cast<float>(ademamix_alpha(h.alpha, in.step, h.alpha_warmup)), h.eps, in.lr,
+                  1.0f - in.lr * in.wd, in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float& s2, const AdemamixStep& k) {
+    ademamix_update(p, g, s0, s1, s2, k);
+  }
+};
+
 struct AdamPRule : RuleDefaults {
   static constexpr bool kElementwise = false;  // its projection needs cosines over rows and tensors
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdamP; }
@@ -282,7 +366,8 @@ struct AdafactorRule : RuleDefaults {
 template <class... R>
 struct RuleList {};
 // Every algorithm's rule: the backends instantiate these and nothing else.
-using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdamPRule, AdafactorRule>;
+using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdoptRule, AdemamixRule, AdamPRule,
+                       AdafactorRule>;
 
 // Fills k from the rule that handles `algorithm`.
 template <class... R>

@@ -42,6 +42,11 @@ constexpr std::array kHyperFields = {
     HyperField{"wd_ratio", &Hyper::wd_ratio},
     HyperField{"rho", &Hyper::rho},
     HyperField{"batch_tokens", &Hyper::batch_tokens},
+    HyperField{"beta3", &Hyper::beta3, nullptr, false, false},
+    HyperField{"alpha", &Hyper::alpha, nullptr, false, false},
+    HyperField{"alpha_warmup", &Hyper::alpha_warmup, nullptr, false, false},
+    HyperField{"beta3_warmup", &Hyper::beta3_warmup, nullptr, false, false},
+    HyperField{"clip_exponent", &Hyper::clip_exponent, nullptr, false, false},
 };
 
 // Defaults: Hyper's own values, changed where the algorithm's reference code differs.
@@ -64,12 +69,20 @@ constexpr HyperUse kAdamPNumbers[] = {{"beta1", R::kBeta}, {"beta2", R::kBeta}, 
 constexpr HyperUse kSophiaNumbers[] = {
     {"beta1", R::kBeta}, {"beta2", R::kBeta}, {"rho", R::kPositive}, {"batch_tokens", R::kPositive}};
 
+constexpr HyperUse kAdoptNumbers[] = {
+    {"beta1", R::kBeta}, {"beta2", R::kBeta}, {"eps", R::kPositive}, {"clip_exponent", R::kFinite}};
+constexpr HyperUse kAdemamixNumbers[] = {{"beta1", R::kBeta},  {"beta2", R::kBeta},         {"beta3", R::kBeta},
+                                         {"eps", R::kPositive}, {"alpha", R::kNonNegative},
+                                         {"alpha_warmup", R::kNonNegative}, {"beta3_warmup", R::kNonNegative}};
+
 constexpr std::string_view kSgdFlags[] = {"nesterov", "decoupled_weight_decay"};
 constexpr std::string_view kAdamFlags[] = {"amsgrad", "bias_correction", "decoupled_weight_decay"};
 constexpr std::string_view kAdamWFlags[] = {"amsgrad", "bias_correction"};
 constexpr std::string_view kAdafactorFlags[] = {"first_moment", "relative_step", "scale_parameter", "warmup_init"};
 constexpr std::string_view kAdamPFlags[] = {"nesterov", "bias_correction"};
 constexpr std::string_view kQhmFlags[] = {"decoupled_weight_decay"};
+constexpr std::string_view kAdoptFlags[] = {"decoupled_weight_decay"};
+constexpr std::string_view kAdemamixFlags[] = {"bias_correction"};
 
 void check_range(std::string_view algo, std::string_view what, float v, HyperRange range);
 
@@ -222,6 +235,39 @@ constexpr std::array kAlgorithmSpecs = {
         .state_note = [](const Hyper&) -> std::string { return "m, hessian EMA"; },
         .hessian_slot = true,
     },
+    AlgorithmSpec{
+        .id = Algorithm::kAdopt,
+        .name = "adopt",
+        .title = "ADOPT (Taniguchi et al., 2024)",
+        .defaults = hyper_with([](Hyper& h) {
+          h.beta2 = 0.9999f;
+          h.eps = 1e-6f;
+        }),
+        .numbers = kAdoptNumbers,
+        .flags = kAdoptFlags,
+        .slots = [](const Hyper&, bool, StateSlot* out) {
+          out[0] = {"exp_avg", true};
+          out[1] = {"exp_avg_sq", false};
+          return 2;
+        },
+        .state_note = [](const Hyper&) -> std::string { return "m, v"; },
+    },
+    AlgorithmSpec{
+        .id = Algorithm::kAdEMAMix,
+        .name = "ademamix",
+        .title = "AdEMAMix (Pagliardini et al., 2024)",
+        .defaults = Hyper{},
+        .numbers = kAdemamixNumbers,
+        .flags = kAdemamixFlags,
+        .always_decoupled = true,
+        .slots = [](const Hyper&, bool, StateSlot* out) {
+          out[0] = {"exp_avg", true};
+          out[1] = {"exp_avg_sq", false};
+          out[2] = {"exp_avg_slow", true};
+          return 3;
+        },
+        .state_note = [](const Hyper&) -> std::string { return "m, v, slow m"; },
+    },
 };
 
 // The enum's values and the table's order are the same, so a lookup is an index.
@@ -250,6 +296,8 @@ void check_range(std::string_view algo, std::string_view what, float v, HyperRan
   };
   if (!std::isfinite(v)) fail("finite");
   switch (range) {
+    case HyperRange::kFinite:
+      break;
     case HyperRange::kNonNegative:
       if (v < 0.0f) fail(">= 0");
       break;
@@ -294,6 +342,13 @@ const HyperField* find_hyper_field(std::string_view name) {
 }
 
 std::span<const AlgorithmSpec> algorithm_specs() { return kAlgorithmSpecs; }
+
+bool reads_hyper(const AlgorithmSpec& algorithm, std::string_view field) {
+  if (field == "lr" || field == "weight_decay" || field == "maximize") return true;
+  for (const HyperUse& use : algorithm.numbers)
+    if (use.name == field) return true;
+  return reads_flag(algorithm, field);
+}
 
 const AlgorithmSpec& algorithm_spec(Algorithm algorithm) {
   const auto i = static_cast<std::size_t>(algorithm);

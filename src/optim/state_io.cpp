@@ -87,9 +87,10 @@ nlohmann::json layout(const Optimizer::Impl& im) {
   return params;
 }
 
-nlohmann::json hyper_json(const Hyper& h) {
+nlohmann::json hyper_json(const AlgorithmSpec& algorithm, const Hyper& h) {
   nlohmann::json out = nlohmann::json::object();
   for (const HyperField& f : hyper_fields()) {
+    if (!f.in_every_file && !reads_hyper(algorithm, f.name)) continue;
     if (f.number != nullptr) out[std::string(f.name)] = h.*f.number;
     else out[std::string(f.name)] = h.*f.flag;
   }
@@ -159,7 +160,7 @@ void Optimizer::save(const std::filesystem::path& path) const {
       {"algorithm", std::string(algorithm_name(im.options.algorithm))},
       {"step", std::to_string(im.steps)},
       {"skipped", std::to_string(im.skipped)},
-      {"hyper", hyper_json(im.hyper).dump()},
+      {"hyper", hyper_json(algorithm_spec(im.options.algorithm), im.hyper).dump()},
       {"layout", layout(im).dump()},
   };
   save_safetensors(path, views, metadata);
