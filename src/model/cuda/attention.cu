@@ -14,6 +14,8 @@
 #include <string>
 #include <type_traits>
 
+#include "core/cuda/check.cuh"
+#include "model/cuda/convert.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -66,17 +68,6 @@ struct Tiles {
 
 // Tile counts go in gridDim.y (at most 65535); (batch, head) pairs go in gridDim.x.
 constexpr std::int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, float>)
-    return x;
-  else
-    return __float2bfloat16(x);
-}
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
@@ -940,11 +931,7 @@ __global__ void __launch_bounds__(kTcThreads)
 // ---------------------------------------------------------------------------------------------
 // Launchers.
 
-void check_launch(const char* kernel) {
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess)
-    throw DeviceError(std::string("CUDA kernel ") + kernel + " failed to launch: " + cudaGetErrorString(error));
-}
+using nibble::cuda::check_launch;
 
 // Raises a kernel's dynamic shared-memory limit above the default 48 KB.
 template <class Kernel>

@@ -13,6 +13,8 @@
 #include <string>
 #include <type_traits>
 
+#include "core/cuda/check.cuh"
+#include "model/cuda/convert.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -79,22 +81,6 @@ constexpr i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
 // that feeds an add is written mul(a, b) (__fmul_rn, which nvcc never fuses): the kernels round
 // like the CPU code and differ from it only in the order of long sums and in expf/tanhf.
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-
-template <class T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return __bfloat162float(v);
-}
-
-template <class T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ unsigned bf16_bits(float v) {
   return static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
@@ -692,11 +678,7 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-void check_launch(const char* kernel) {
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess)
-    throw DeviceError(std::string("CUDA kernel ") + kernel + " failed to launch: " + cudaGetErrorString(error));
-}
+using nibble::cuda::check_launch;
 
 void require_size(const char* where, const char* name, i64 value) {
   if (value < 0) throw InvalidArgument(std::string(where) + ": negative size " + name + " = " + std::to_string(value));
