@@ -15,6 +15,7 @@
 
 #include "core/cuda/check.cuh"
 #include "model/cuda/convert.cuh"
+#include "model/cuda/gelu.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -60,16 +61,6 @@ constexpr std::int64_t kBiasMaxChunks = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
-
-// GELU, tanh approximation, with the CPU engine's constants and order of operations (explicitly
-// rounded, so no multiply-add is contracted).
-__device__ __forceinline__ float gelu_tanh(float x) {
-  constexpr float kScale = 0.7978845608028654f;  // sqrt(2 / pi)
-  constexpr float kCubic = 0.044715f;
-  const float cubic = __fmul_rn(__fmul_rn(__fmul_rn(kCubic, x), x), x);
-  const float t = tanhf(__fmul_rn(kScale, __fadd_rn(x, cubic)));
-  return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
-}
 
 template <class T>
 struct alignas(16) Pack16 {
