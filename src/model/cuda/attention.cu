@@ -494,26 +494,24 @@ __device__ __forceinline__ std::array<E*, sizeof...(Counts) + 1> shared_tiles(Co
   return tiles;
 }
 
-// The tile shapes of each family, and how it brings a tile of rows into shared memory.
+// Each family's tiles with what the streaming below needs of them: the rows a block owns, the rows
+// of a streamed key tile (forward, dQ) and query tile (dK/dV), and how a tile of rows comes into
+// shared memory.
 template <class T, int HD>
-struct CoreFamily {
+struct CoreFamily : Tiles<HD> {
   using Shared = float;
-  static constexpr int kRows = Tiles<HD>::kRows;      // rows a block owns
-  static constexpr int kKeys = Tiles<HD>::kCols;      // keys per streamed tile (forward, dQ)
-  static constexpr int kQueries = Tiles<HD>::kCols;   // queries per streamed tile (dK/dV)
-  static constexpr int kThreads = Tiles<HD>::kThreads;
+  static constexpr int kKeys = Tiles<HD>::kCols;
+  static constexpr int kQueries = Tiles<HD>::kCols;
   template <int ROWS>
   static __device__ __forceinline__ void load(float* dst, const T* src, std::int64_t row_stride, int valid) {
-    load_rows<T, HD, ROWS, kThreads>(dst, src, row_stride, valid);
+    load_rows<T, HD, ROWS, Tiles<HD>::kThreads>(dst, src, row_stride, valid);
   }
 };
 
 template <int HD>
-struct TcFamily {
+struct TcFamily : TcTiles<HD> {
   using Shared = bf16;
   static constexpr int kRows = kTcRows;
-  static constexpr int kKeys = TcTiles<HD>::kKeys;
-  static constexpr int kQueries = TcTiles<HD>::kQueries;
   static constexpr int kThreads = kTcThreads;
   template <int ROWS>
   static __device__ __forceinline__ void load(bf16* dst, const bf16* src, std::int64_t row_stride, int valid) {
@@ -578,8 +576,7 @@ __device__ __forceinline__ void for_each_seeing_query_tile(typename Family::Shar
 template <class T, int HD>
 __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
     attention_forward_kernel(T* out, float* lse, const T* qkv, int Tn, std::int64_t C, int NH, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  using Family = CoreFamily<T, HD>;
+  using Cfg = CoreFamily<T, HD>;
   constexpr int NJ = Cfg::kColsPerThread;
   const auto [sQ, sK, sV, sP] =
       shared_tiles<float>(Cfg::kRows * Cfg::kStride, Cfg::kCols * Cfg::kStride, Cfg::kCols * Cfg::kStride);
@@ -588,7 +585,7 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
   const int q0 = owned_query_tile();
   const auto [tx, r0] = row_lanes();
 
-  load_own_rows<Family>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
 
   float m[kRowsPerThread], l[kRowsPerThread], o[kRowsPerThread][Cfg::kChans];
 #pragma unroll
@@ -601,7 +598,7 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
 
   // Tile 0 holds key 0, which every row may see (rows past T clamp their limit to T - 1), so every
   // row max is finite from the first tile on and exp2f(m_old - m_new) never meets -inf - -inf.
-  for_each_visible_key_tile<Family>(sK, sV, head, q0, [&](int k0) {
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kRowsPerThread][NJ];
     dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);
 #pragma unroll
@@ -675,8 +672,7 @@ template <class T, int HD>
 __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
     attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
                                   std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  using Family = CoreFamily<T, HD>;
+  using Cfg = CoreFamily<T, HD>;
   constexpr int NJ = Cfg::kColsPerThread;
   // sS holds P^T, then dS^T, of the current query tile.
   const auto [sK, sV, sQ, sdO, sS, sLse, sDsum] =
@@ -687,8 +683,8 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
   const int k0 = owned_key_tile();
   const auto [tx, r0] = row_lanes();
 
-  load_own_rows<Family>(sK, head.k, head.C3, k0, Tn);
-  load_own_rows<Family>(sV, head.v, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sK, head.k, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sV, head.v, head.C3, k0, Tn);
 
   float dk[kRowsPerThread][Cfg::kChans], dv[kRowsPerThread][Cfg::kChans];
 #pragma unroll
@@ -696,7 +692,7 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
 #pragma unroll
     for (int c = 0; c < Cfg::kChans; ++c) dk[i][c] = dv[i][c] = 0.0f;
 
-  for_each_seeing_query_tile<Family>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
+  for_each_seeing_query_tile<Cfg>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
     // Transposed scores: rows are this block's keys, columns the tile's queries.
     float s[kRowsPerThread][NJ], ds[kRowsPerThread][NJ];
     dot_rows<HD, NJ>(s, sK + r0 * Cfg::kStride, sQ + tx * Cfg::kStride);    // S^T = K Q^T
@@ -740,8 +736,7 @@ template <class T, int HD>
 __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
     attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
                                  std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  using Family = CoreFamily<T, HD>;
+  using Cfg = CoreFamily<T, HD>;
   constexpr int NJ = Cfg::kColsPerThread;
   // sS holds dS of the current key tile.
   const auto [sQ, sdO, sK, sV, sS] = shared_tiles<float>(Cfg::kRows * Cfg::kStride, Cfg::kRows * Cfg::kStride,
@@ -751,8 +746,8 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
   const int q0 = owned_query_tile();
   const auto [tx, r0] = row_lanes();
 
-  load_own_rows<Family>(sQ, head.q, head.C3, q0, Tn);
-  load_own_rows<Family>(sdO, head.rows_of(dout), C, q0, Tn);
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sdO, head.rows_of(dout), C, q0, Tn);
 
   float lse2[kRowsPerThread], dsum_i[kRowsPerThread], dq[kRowsPerThread][Cfg::kChans];
 #pragma unroll
@@ -762,7 +757,7 @@ __global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
     for (int c = 0; c < Cfg::kChans; ++c) dq[i][c] = 0.0f;
   }
 
-  for_each_visible_key_tile<Family>(sK, sV, head, q0, [&](int k0) {
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kRowsPerThread][NJ], dp[kRowsPerThread][NJ];
     dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);    // S = Q K^T
     dot_rows<HD, NJ>(dp, sdO + r0 * Cfg::kStride, sV + tx * Cfg::kStride);  // dP = dO V^T
@@ -789,8 +784,7 @@ template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_forward_tc_kernel(bf16* out, float* lse, const bf16* qkv, int Tn, std::int64_t C, int NH,
                                 float scale_log2) {
-  using Cfg = TcTiles<HD>;
-  using Family = TcFamily<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kKeyBlocks = Cfg::kKeys / 8;
   const auto [sQ, sK, sV] = shared_tiles<bf16>(kTcRows * kStride, Cfg::kKeys * kStride);
 
@@ -798,7 +792,7 @@ __global__ void __launch_bounds__(kTcThreads)
   const int q0 = owned_query_tile();
   const auto [g, t, w0] = fragment_lanes();
 
-  load_own_rows<Family>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
   __syncthreads();
   unsigned qa[Cfg::kSteps][4];
 #pragma unroll
@@ -817,7 +811,7 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   zero_fragments(o);
 
-  for_each_visible_key_tile<Family>(sK, sV, head, q0, [&](int k0) {
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kKeyBlocks][4];  // S = Q K^T, 16 rows x 64 keys of this warp
     zero_fragments(s);
 #pragma unroll
@@ -873,8 +867,7 @@ template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_backward_dkv_tc_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dsum,
                                      int Tn, std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = TcTiles<HD>;
-  using Family = TcFamily<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kQueryBlocks = Cfg::kQueries / 8;
   const auto [sK, sV, sQ, sdO, statistics] =
       shared_tiles<bf16>(kTcRows * kStride, kTcRows * kStride, Cfg::kQueries * kStride, Cfg::kQueries * kStride);
@@ -885,15 +878,15 @@ __global__ void __launch_bounds__(kTcThreads)
   const int k0 = owned_key_tile();
   const auto [g, t, w0] = fragment_lanes();
 
-  load_own_rows<Family>(sK, head.k, head.C3, k0, Tn);
-  load_own_rows<Family>(sV, head.v, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sK, head.k, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sV, head.v, head.C3, k0, Tn);
 
   const int key[2] = {k0 + w0 + g, k0 + w0 + g + 8};  // keys of fragment rows 0 and 1
   float dk[Cfg::kDBlocks][4], dv[Cfg::kDBlocks][4];
   zero_fragments(dk);
   zero_fragments(dv);
 
-  for_each_seeing_query_tile<Family>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
+  for_each_seeing_query_tile<Cfg>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
     float s[kQueryBlocks][4], dp[kQueryBlocks][4];  // S^T and dP^T: 16 keys x kQueries queries
     score_strips<HD>(s, dp, sK, sQ, sV, sdO, w0, g, t);
 #pragma unroll
@@ -937,8 +930,7 @@ template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_backward_dq_tc_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dsum,
                                     int Tn, std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = TcTiles<HD>;
-  using Family = TcFamily<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kKeyBlocks = Cfg::kKeys / 8;
   const auto [sQ, sdO, sK, sV] = shared_tiles<bf16>(kTcRows * kStride, kTcRows * kStride, Cfg::kKeys * kStride);
 
@@ -946,8 +938,8 @@ __global__ void __launch_bounds__(kTcThreads)
   const int q0 = owned_query_tile();
   const auto [g, t, w0] = fragment_lanes();
 
-  load_own_rows<Family>(sQ, head.q, head.C3, q0, Tn);
-  load_own_rows<Family>(sdO, head.rows_of(dout), C, q0, Tn);
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sdO, head.rows_of(dout), C, q0, Tn);
 
   int row[2];
   float lse2[2], dsum_r[2], dq[Cfg::kDBlocks][4];
@@ -958,7 +950,7 @@ __global__ void __launch_bounds__(kTcThreads)
   }
   zero_fragments(dq);
 
-  for_each_visible_key_tile<Family>(sK, sV, head, q0, [&](int k0) {
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kKeyBlocks][4], dp[kKeyBlocks][4];  // S = Q K^T and dP = dO V^T: 16 queries x 64 keys
     score_strips<HD>(s, dp, sQ, sK, sdO, sV, w0, g, t);
 #pragma unroll
