@@ -7,6 +7,7 @@
 #include <utility>
 
 #include "bench/cuda/step_baselines.hpp"
+#include "core/cuda/check.cuh"
 #include "nibble/error.hpp"
 #include "optim/cuda/common.cuh"
 

@@ -7,6 +7,7 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <array>
 #include <climits>
 #include <cmath>
 #include <cstddef>
@@ -14,6 +15,8 @@
 #include <string>
 #include <type_traits>
 
+#include "core/cuda/check.cuh"
+#include "model/cuda/convert.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -66,17 +69,6 @@ struct Tiles {
 
 // Tile counts go in gridDim.y (at most 65535); (batch, head) pairs go in gridDim.x.
 constexpr std::int64_t kMaxGridY = 65535;
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, float>)
-    return x;
-  else
-    return __float2bfloat16(x);
-}
 
 __device__ __forceinline__ bool aligned16(const void* p) { return (reinterpret_cast<std::uintptr_t>(p) & 15u) == 0; }
 
@@ -215,6 +207,15 @@ __device__ __forceinline__ float row_sum(float v) {
   return v;
 }
 
+// The thread's place in the mapping above: lane tx of its half-warp, first row r0.
+struct RowLanes {
+  int tx, r0;
+};
+__device__ __forceinline__ RowLanes row_lanes() {
+  const int tx = threadIdx.x % kLanesPerRow, r0 = threadIdx.x / kLanesPerRow * kRowsPerThread;
+  return {tx, r0};
+}
+
 // dst[chan] = scale * acc[chan] for the thread's channels of one HD-wide row in device memory.
 template <class T, int HD>
 __device__ __forceinline__ void store_row(T* dst, const float (&acc)[HD / kLanesPerRow], float scale, int tx) {
@@ -224,278 +225,6 @@ __device__ __forceinline__ void store_row(T* dst, const float (&acc)[HD / kLanes
 #pragma unroll
     for (int v = 0; v < Cfg::kVec; ++v)
       dst[g * kLanesPerRow * Cfg::kVec + tx * Cfg::kVec + v] = from_float<T>(acc[g * Cfg::kVec + v] * scale);
-}
-
-// ---------------------------------------------------------------------------------------------
-// Forward. Block (b*NH + h, query tile); query tiles are issued last-first, because under the
-// causal mask the last tiles have the most key tiles to visit.
-
-template <class T, int HD>
-__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
-    attention_forward_kernel(T* out, float* lse, const T* qkv, int Tn, std::int64_t C, int NH, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  constexpr int NJ = Cfg::kColsPerThread;
-  extern __shared__ float4 smem_f4[];
-  float* sQ = reinterpret_cast<float*>(smem_f4);
-  float* sK = sQ + Cfg::kRows * Cfg::kStride;
-  float* sV = sK + Cfg::kCols * Cfg::kStride;
-  float* sP = sV + Cfg::kCols * Cfg::kStride;
-
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * Cfg::kRows;
-  const int tx = threadIdx.x % kLanesPerRow, r0 = threadIdx.x / kLanesPerRow * kRowsPerThread;
-  const T* q_base = qkv + b * Tn * C3 + h * HD;  // row t of this head's q at q_base + t * C3
-  const T* k_base = q_base + C;
-  const T* v_base = q_base + 2 * C;
-
-  load_rows<T, HD, Cfg::kRows, Cfg::kThreads>(sQ, q_base + q0 * C3, C3, min(Cfg::kRows, Tn - q0));
-
-  // Scores live in the log2 domain (scaled by scale * log2 e) so that exp2f is the only exponential.
-  float m[kRowsPerThread], l[kRowsPerThread], o[kRowsPerThread][Cfg::kChans];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    m[i] = -INFINITY;
-    l[i] = 0.0f;  // this thread's share of the row sum; the 16 shares are added at the end
-#pragma unroll
-    for (int c = 0; c < Cfg::kChans; ++c) o[i][c] = 0.0f;
-  }
-
-  // Key tiles up to the block's last visible key. Tile 0 holds key 0, which every row may see (rows
-  // past T clamp their limit to T - 1), so every row max is finite from the first tile on and
-  // exp2f(m_old - m_new) never meets -inf - -inf.
-  const int last_key = min(q0 + Cfg::kRows - 1, Tn - 1);
-  const int key_tiles = last_key / Cfg::kCols + 1;
-  for (int kt = 0; kt < key_tiles; ++kt) {
-    const int k0 = kt * Cfg::kCols;
-    __syncthreads();  // the previous tile's sK, sV, sP are consumed
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sK, k_base + k0 * C3, C3, min(Cfg::kCols, Tn - k0));
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sV, v_base + k0 * C3, C3, min(Cfg::kCols, Tn - k0));
-    __syncthreads();
-
-    float s[kRowsPerThread][NJ];
-    dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i) {
-      const int limit = min(q0 + r0 + i, Tn - 1);
-      float tile_max = -INFINITY;
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        s[i][j] = k0 + tx + kLanesPerRow * j <= limit ? s[i][j] * scale_log2 : -INFINITY;
-        tile_max = fmaxf(tile_max, s[i][j]);
-      }
-      const float m_new = fmaxf(m[i], row_max(tile_max));
-      const float alpha = exp2f(m[i] - m_new);
-      m[i] = m_new;
-      float sum = 0.0f;
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const float p = exp2f(s[i][j] - m_new);
-        sP[(r0 + i) * Cfg::kScoreStride + tx + kLanesPerRow * j] = p;
-        sum += p;
-      }
-      l[i] = l[i] * alpha + sum;
-#pragma unroll
-      for (int c = 0; c < Cfg::kChans; ++c) o[i][c] *= alpha;
-    }
-    __syncthreads();  // sP complete
-    accumulate_rows<HD, Cfg::kCols>(o, sP + r0 * Cfg::kScoreStride, sV, tx);
-  }
-
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const float total = row_sum(l[i]);
-    const int q = q0 + r0 + i;
-    if (q < Tn) {
-      store_row<T, HD>(out + (b * Tn + q) * C + h * HD, o[i], 1.0f / total, tx);
-      if (tx == 0) lse[bh * Tn + q] = m[i] * kLn2 + logf(total);
-    }
-  }
-}
-
-// ---------------------------------------------------------------------------------------------
-// Backward, step 1: dsum[b, h, t] = dout[b, t, head h] . out[b, t, head h] (= sum over keys of
-// P * dP, the softmax backward's row term). One warp per row; in [B, T, C] the rows of HD are
-// contiguous, row r = (b T + t) NH + h.
-
-constexpr int kDsumWarps = 8;
-
-template <class T, int HD>
-__global__ void __launch_bounds__(32 * kDsumWarps)
-    attention_backward_dsum_kernel(float* dsum, const T* dout, const T* out, std::int64_t rows, int Tn, int NH) {
-  const int lane = threadIdx.x % 32;
-  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kDsumWarps + threadIdx.x / 32; r < rows;
-       r += static_cast<std::int64_t>(gridDim.x) * kDsumWarps) {
-    const T* a = dout + r * HD;
-    const T* o = out + r * HD;
-    float acc = 0.0f;
-#pragma unroll
-    for (int c = lane; c < HD; c += 32) acc = fmaf(to_float(a[c]), to_float(o[c]), acc);
-#pragma unroll
-    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (lane == 0) {
-      const std::int64_t h = r % NH, bt = r / NH, t = bt % Tn, b = bt / Tn;
-      dsum[(b * NH + h) * Tn + t] = acc;
-    }
-  }
-}
-
-// Backward, step 2: dK and dV. Block (b*NH + h, key tile) owns kRows keys and visits every query
-// tile that can see them, in order, accumulating dV += P^T dO and dK += dS^T Q in registers; the
-// block writes its rows of dk and dv once, so no other block touches them.
-
-template <class T, int HD>
-__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
-    attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
-                                  std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  constexpr int NJ = Cfg::kColsPerThread;
-  extern __shared__ float4 smem_f4[];
-  float* sK = reinterpret_cast<float*>(smem_f4);
-  float* sV = sK + Cfg::kRows * Cfg::kStride;
-  float* sQ = sV + Cfg::kRows * Cfg::kStride;
-  float* sdO = sQ + Cfg::kCols * Cfg::kStride;
-  float* sS = sdO + Cfg::kCols * Cfg::kStride;  // P^T, then dS^T, of the current query tile
-  float* sLse = sS + Cfg::kRows * Cfg::kScoreStride;
-  float* sDsum = sLse + Cfg::kCols;
-
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int k0 = blockIdx.y * Cfg::kRows;
-  const int tx = threadIdx.x % kLanesPerRow, r0 = threadIdx.x / kLanesPerRow * kRowsPerThread;
-  const T* q_base = qkv + b * Tn * C3 + h * HD;
-  const T* k_base = q_base + C;
-  const T* v_base = q_base + 2 * C;
-  const T* do_base = dout + b * Tn * C + h * HD;
-  const float* lse_row = lse + bh * Tn;
-  const float* dsum_row = dsum + bh * Tn;
-
-  load_rows<T, HD, Cfg::kRows, Cfg::kThreads>(sK, k_base + k0 * C3, C3, min(Cfg::kRows, Tn - k0));
-  load_rows<T, HD, Cfg::kRows, Cfg::kThreads>(sV, v_base + k0 * C3, C3, min(Cfg::kRows, Tn - k0));
-
-  float dk[kRowsPerThread][Cfg::kChans], dv[kRowsPerThread][Cfg::kChans];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-    for (int c = 0; c < Cfg::kChans; ++c) dk[i][c] = dv[i][c] = 0.0f;
-
-  // Queries before k0 see none of these keys.
-  const int query_tiles = (Tn + Cfg::kCols - 1) / Cfg::kCols;
-  for (int qt = k0 / Cfg::kCols; qt < query_tiles; ++qt) {
-    const int q0 = qt * Cfg::kCols;
-    __syncthreads();  // the previous tile's sQ, sdO, sS, sLse, sDsum are consumed
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sQ, q_base + q0 * C3, C3, min(Cfg::kCols, Tn - q0));
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sdO, do_base + q0 * C, C, min(Cfg::kCols, Tn - q0));
-    for (int c = threadIdx.x; c < Cfg::kCols; c += Cfg::kThreads) {
-      const bool valid = q0 + c < Tn;
-      sLse[c] = valid ? lse_row[q0 + c] * kLog2e : 0.0f;
-      sDsum[c] = valid ? dsum_row[q0 + c] : 0.0f;
-    }
-    __syncthreads();
-
-    // Transposed scores: rows are this block's keys, columns the tile's queries.
-    float s[kRowsPerThread][NJ], ds[kRowsPerThread][NJ];
-    dot_rows<HD, NJ>(s, sK + r0 * Cfg::kStride, sQ + tx * Cfg::kStride);    // S^T = K Q^T
-    dot_rows<HD, NJ>(ds, sV + r0 * Cfg::kStride, sdO + tx * Cfg::kStride);  // dP^T = V dO^T
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int c = tx + kLanesPerRow * j, key = k0 + r0 + i, q = q0 + c;
-        const float p = key <= q && q < Tn ? exp2f(s[i][j] * scale_log2 - sLse[c]) : 0.0f;
-        ds[i][j] = p * (ds[i][j] - sDsum[c]);
-        sS[(r0 + i) * Cfg::kScoreStride + c] = p;
-      }
-    __syncthreads();  // sS = P^T complete
-    accumulate_rows<HD, Cfg::kCols>(dv, sS + r0 * Cfg::kScoreStride, sdO, tx);
-    __syncthreads();  // P^T consumed
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) sS[(r0 + i) * Cfg::kScoreStride + tx + kLanesPerRow * j] = ds[i][j];
-    __syncthreads();  // sS = dS^T complete
-    accumulate_rows<HD, Cfg::kCols>(dk, sS + r0 * Cfg::kScoreStride, sQ, tx);
-  }
-
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int key = k0 + r0 + i;
-    if (key < Tn) {
-      T* row = dqkv + (b * Tn + key) * C3 + h * HD;
-      store_row<T, HD>(row + C, dk[i], scale, tx);
-      store_row<T, HD>(row + 2 * C, dv[i], 1.0f, tx);
-    }
-  }
-}
-
-// Backward, step 3: dQ. Block (b*NH + h, query tile) owns kRows queries and visits the key tiles
-// they can see, in order, recomputing P and dP and accumulating dQ += dS K in registers: dQ is
-// written once by its owner, with no atomics (at the price of computing S and dP a second time).
-
-template <class T, int HD>
-__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
-    attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
-                                 std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = Tiles<HD>;
-  constexpr int NJ = Cfg::kColsPerThread;
-  extern __shared__ float4 smem_f4[];
-  float* sQ = reinterpret_cast<float*>(smem_f4);
-  float* sdO = sQ + Cfg::kRows * Cfg::kStride;
-  float* sK = sdO + Cfg::kRows * Cfg::kStride;
-  float* sV = sK + Cfg::kCols * Cfg::kStride;
-  float* sS = sV + Cfg::kCols * Cfg::kStride;  // dS of the current key tile
-
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * Cfg::kRows;
-  const int tx = threadIdx.x % kLanesPerRow, r0 = threadIdx.x / kLanesPerRow * kRowsPerThread;
-  const T* q_base = qkv + b * Tn * C3 + h * HD;
-  const T* k_base = q_base + C;
-  const T* v_base = q_base + 2 * C;
-  const T* do_base = dout + b * Tn * C + h * HD;
-
-  load_rows<T, HD, Cfg::kRows, Cfg::kThreads>(sQ, q_base + q0 * C3, C3, min(Cfg::kRows, Tn - q0));
-  load_rows<T, HD, Cfg::kRows, Cfg::kThreads>(sdO, do_base + q0 * C, C, min(Cfg::kRows, Tn - q0));
-
-  float lse2[kRowsPerThread], dsum_i[kRowsPerThread], dq[kRowsPerThread][Cfg::kChans];
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int q = q0 + r0 + i;
-    lse2[i] = q < Tn ? lse[bh * Tn + q] * kLog2e : 0.0f;
-    dsum_i[i] = q < Tn ? dsum[bh * Tn + q] : 0.0f;
-#pragma unroll
-    for (int c = 0; c < Cfg::kChans; ++c) dq[i][c] = 0.0f;
-  }
-
-  const int last_key = min(q0 + Cfg::kRows - 1, Tn - 1);
-  const int key_tiles = last_key / Cfg::kCols + 1;
-  for (int kt = 0; kt < key_tiles; ++kt) {
-    const int k0 = kt * Cfg::kCols;
-    __syncthreads();  // the previous tile's sK, sV, sS are consumed
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sK, k_base + k0 * C3, C3, min(Cfg::kCols, Tn - k0));
-    load_rows<T, HD, Cfg::kCols, Cfg::kThreads>(sV, v_base + k0 * C3, C3, min(Cfg::kCols, Tn - k0));
-    __syncthreads();
-
-    float s[kRowsPerThread][NJ], dp[kRowsPerThread][NJ];
-    dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);    // S = Q K^T
-    dot_rows<HD, NJ>(dp, sdO + r0 * Cfg::kStride, sV + tx * Cfg::kStride);  // dP = dO V^T
-#pragma unroll
-    for (int i = 0; i < kRowsPerThread; ++i)
-#pragma unroll
-      for (int j = 0; j < NJ; ++j) {
-        const int c = tx + kLanesPerRow * j, q = q0 + r0 + i, key = k0 + c;
-        const float p = key <= q && q < Tn ? exp2f(s[i][j] * scale_log2 - lse2[i]) : 0.0f;
-        sS[(r0 + i) * Cfg::kScoreStride + c] = p * (dp[i][j] - dsum_i[i]);
-      }
-    __syncthreads();  // sS = dS complete
-    accumulate_rows<HD, Cfg::kCols>(dq, sS + r0 * Cfg::kScoreStride, sK, tx);
-  }
-
-#pragma unroll
-  for (int i = 0; i < kRowsPerThread; ++i) {
-    const int q = q0 + r0 + i;
-    if (q < Tn) store_row<T, HD>(dqkv + (b * Tn + q) * C3 + h * HD, dq[i], scale, tx);
-  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -589,6 +318,15 @@ __device__ __forceinline__ float quad_sum(float v) {
   return v + __shfl_xor_sync(0xffffffffu, v, 2);
 }
 
+// The thread's fragment coordinates g and t (above), and w0, the first of its warp's 16 rows.
+struct FragmentLanes {
+  int g, t, w0;
+};
+__device__ __forceinline__ FragmentLanes fragment_lanes() {
+  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, w0 = threadIdx.x / 32 * 16;
+  return {g, t, w0};
+}
+
 // dst[r][0, HD) = src row r for r < valid, zeros for valid <= r < ROWS, bf16 as is.
 template <int HD, int ROWS>
 __device__ __forceinline__ void copy_rows(bf16* dst, const bf16* src, std::int64_t row_stride, int valid) {
@@ -624,26 +362,437 @@ __device__ __forceinline__ void store_fragment_row(bf16* dst, const float (&acc)
   }
 }
 
+
+// All zeros: the start of an mma accumulator strip.
+template <int N>
+__device__ __forceinline__ void zero_fragments(float (&acc)[N][4]) {
+#pragma unroll
+  for (int n = 0; n < N; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[n][e] = 0.0f;
+}
+
+// The two score strips of the backward, over the head dim: s = A1 B1^T and dp = A2 B2^T for the
+// warp's 16 rows (from w0) of the shared tiles A1 and A2 and the NB * 8 rows of B1 and B2 (which
+// hold their matrices transposed, as K does for Q K^T).
+template <int HD, int NB>
+__device__ __forceinline__ void score_strips(float (&s)[NB][4], float (&dp)[NB][4], const bf16* A1, const bf16* B1,
+                                             const bf16* A2, const bf16* B2, int w0, int g, int t) {
+  using Cfg = TcTiles<HD>;
+  constexpr int kStride = Cfg::kStride;
+  zero_fragments(s);
+  zero_fragments(dp);
+#pragma unroll
+  for (int kc = 0; kc < Cfg::kSteps; ++kc) {
+    unsigned a1[4], a2[4];
+    load_a(a1, A1, kStride, w0, kc * 16, g, t);
+    load_a(a2, A2, kStride, w0, kc * 16, g, t);
+#pragma unroll
+    for (int n = 0; n < NB; ++n) {
+      unsigned b1[2], b2[2];
+      load_b_nk(b1, B1, kStride, kc * 16, n * 8, g, t);
+      load_b_nk(b2, B2, kStride, kc * 16, n * 8, g, t);
+      mma_bf16(s[n], a1, b1);
+      mma_bf16(dp[n], a2, b2);
+    }
+  }
+}
+
+// acc += p M: a 16 x (NB * 8) strip of probabilities or score gradients, still in accumulator
+// layout (rounded to bf16 here), times the (NB * 8) x HD shared tile M.
+template <int HD, int NB>
+__device__ __forceinline__ void accumulate_strip(float (&acc)[HD / 8][4], const float (&p)[NB][4], const bf16* M,
+                                                 int g, int t) {
+  using Cfg = TcTiles<HD>;
+#pragma unroll
+  for (int kc = 0; kc < NB / 2; ++kc) {
+    unsigned pa[4];
+    accumulators_to_a(pa, p[2 * kc], p[2 * kc + 1]);
+#pragma unroll
+    for (int n = 0; n < Cfg::kDBlocks; ++n) {
+      unsigned mb[2];
+      load_b_kn(mb, M, Cfg::kStride, kc * 16, n * 8, g, t);
+      mma_bf16(acc[n], pa, mb);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// What both kernel families share: where a block's rows lie, the softmax arithmetic, and the
+// streaming of the other side's tiles through shared memory.
+
+// The block's (batch, head) pair, blockIdx.x = b * NH + h. Row t of the head in a [B, T, width]
+// tensor starts at (b T + t) width + h HD: qkv has width 3C (the head's keys C and its values 2C
+// after its queries), out and dout width C. Its rows of lse and dsum [B, NH, T] start at bh T.
+template <class T, int HD>
+struct HeadView {
+  std::int64_t bh, b, h, C, C3;
+  int Tn;
+  const T* q;  // row t at q + t * C3
+  const T* k;
+  const T* v;
+
+  __device__ __forceinline__ HeadView(const T* qkv, int Tn_, std::int64_t C_, int NH)
+      : bh(blockIdx.x), b(bh / NH), h(bh % NH), C(C_), C3(3 * C_), Tn(Tn_), q(qkv + b * Tn_ * C3 + h * HD),
+        k(q + C_), v(q + 2 * C_) {}
+
+  // Row 0 of the head in a [B, T, C] tensor (dout).
+  __device__ __forceinline__ const T* rows_of(const T* x) const { return x + b * Tn * C + h * HD; }
+  // Offset of row t of the head in a tensor of `width` columns.
+  __device__ __forceinline__ std::int64_t offset(int t, std::int64_t width) const {
+    return (b * Tn + t) * width + h * HD;
+  }
+};
+
+// Scores live in the log2 domain (scaled by scale * log2 e) so that exp2f is the only exponential.
+// A key past a row's limit (the causal mask, or T - 1) scores -inf.
+__device__ __forceinline__ float masked_score(float s, float scale_log2, int key, int limit) {
+  return key <= limit ? s * scale_log2 : -INFINITY;
+}
+
+// Online softmax: raises the running row max m to cover a tile whose max is tile_max; returns the
+// factor that rescales what was summed under the old max.
+__device__ __forceinline__ float raise_max(float& m, float tile_max) {
+  const float m_new = fmaxf(m, tile_max);
+  const float alpha = exp2f(m - m_new);
+  m = m_new;
+  return alpha;
+}
+
+// The natural log-sum-exp of a row from its log2-domain max and its sum of exp2f(s - max).
+__device__ __forceinline__ float row_lse(float m, float total) { return m * kLn2 + logf(total); }
+
+// What the backward needs of query q from the forward: its lse in the log2 domain and its dsum;
+// zeros for a query past T.
+__device__ __forceinline__ void query_statistics(float& lse2, float& dsum_q, const float* lse_row,
+                                                 const float* dsum_row, int q, int Tn) {
+  const bool valid = q < Tn;
+  lse2 = valid ? lse_row[q] * kLog2e : 0.0f;
+  dsum_q = valid ? dsum_row[q] : 0.0f;
+}
+
+// P of query q and key, recomputed from the query's lse2; 0 where the causal mask hides the key or
+// the query is past T.
+__device__ __forceinline__ float probability(float s, float scale_log2, float lse2, int key, int q, int Tn) {
+  return key <= q && q < Tn ? exp2f(s * scale_log2 - lse2) : 0.0f;
+}
+
+// The first row of the block's own tile of T: query tiles (forward, dQ) are issued last-first,
+// because under the causal mask the last tiles have the most key tiles to visit; key tiles (dK/dV)
+// in order. Both families own kBlockRows rows (checked at the launchers).
+__device__ __forceinline__ int owned_query_tile() { return (gridDim.y - 1 - blockIdx.y) * kBlockRows; }
+__device__ __forceinline__ int owned_key_tile() { return blockIdx.y * kBlockRows; }
+
+// A kernel's dynamic shared memory as consecutive tiles of E: pointers to the first tile (at the
+// start) and to each following one, given the element counts of every tile but the last.
+template <class E, class... Counts>
+__device__ __forceinline__ std::array<E*, sizeof...(Counts) + 1> shared_tiles(Counts... counts) {
+  extern __shared__ float4 smem_f4[];
+  std::array<E*, sizeof...(Counts) + 1> tiles{reinterpret_cast<E*>(smem_f4)};
+  int i = 0;
+  ((tiles[i + 1] = tiles[i] + counts, ++i), ...);
+  return tiles;
+}
+
+// Each family's tiles with what the streaming below needs of them: the rows a block owns, the rows
+// of a streamed key tile (forward, dQ) and query tile (dK/dV), and how a tile of rows comes into
+// shared memory.
+template <class T, int HD>
+struct CoreFamily : Tiles<HD> {
+  using Shared = float;
+  static constexpr int kKeys = Tiles<HD>::kCols;
+  static constexpr int kQueries = Tiles<HD>::kCols;
+  template <int ROWS>
+  static __device__ __forceinline__ void load(float* dst, const T* src, std::int64_t row_stride, int valid) {
+    load_rows<T, HD, ROWS, Tiles<HD>::kThreads>(dst, src, row_stride, valid);
+  }
+};
+
+template <int HD>
+struct TcFamily : TcTiles<HD> {
+  using Shared = bf16;
+  static constexpr int kRows = kTcRows;
+  static constexpr int kThreads = kTcThreads;
+  template <int ROWS>
+  static __device__ __forceinline__ void load(bf16* dst, const bf16* src, std::int64_t row_stride, int valid) {
+    copy_rows<HD, ROWS>(dst, src, row_stride, valid);
+  }
+};
+
+// The block's own kRows rows from `first` on: rows first .. of the head's q (k, v) in qkv, or of
+// dout (stride C).
+template <class Family, class T>
+__device__ __forceinline__ void load_own_rows(typename Family::Shared* dst, const T* rows, std::int64_t row_stride,
+                                              int first, int Tn) {
+  Family::template load<Family::kRows>(dst, rows + first * row_stride, row_stride, min(Family::kRows, Tn - first));
+}
+
+// Streams the key tiles that queries q0 .. q0 + kRows - 1 can see through sK and sV, in order,
+// calling body(k0) once tile k0 .. k0 + kKeys - 1 is in place.
+template <class Family, class T, int HD, class Body>
+__device__ __forceinline__ void for_each_visible_key_tile(typename Family::Shared* sK, typename Family::Shared* sV,
+                                                          const HeadView<T, HD>& head, int q0, Body&& body) {
+  constexpr int kKeys = Family::kKeys;
+  const int last_key = min(q0 + Family::kRows - 1, head.Tn - 1);
+  const int key_tiles = last_key / kKeys + 1;
+  for (int kt = 0; kt < key_tiles; ++kt) {
+    const int k0 = kt * kKeys;
+    __syncthreads();  // the previous tile's shared memory is consumed
+    Family::template load<kKeys>(sK, head.k + k0 * head.C3, head.C3, min(kKeys, head.Tn - k0));
+    Family::template load<kKeys>(sV, head.v + k0 * head.C3, head.C3, min(kKeys, head.Tn - k0));
+    __syncthreads();
+    body(k0);
+  }
+}
+
+// Streams the query tiles that can see keys from k0 on (queries before k0 see none of them)
+// through sQ and sdO, with each query's statistics in sLse and sDsum, in order, calling body(q0)
+// once tile q0 .. q0 + kQueries - 1 is in place.
+template <class Family, class T, int HD, class Body>
+__device__ __forceinline__ void for_each_seeing_query_tile(typename Family::Shared* sQ, typename Family::Shared* sdO,
+                                                           float* sLse, float* sDsum, const HeadView<T, HD>& head,
+                                                           const T* dout, const float* lse, const float* dsum, int k0,
+                                                           Body&& body) {
+  constexpr int kQueries = Family::kQueries;
+  const T* do_rows = head.rows_of(dout);
+  const float* lse_row = lse + head.bh * head.Tn;
+  const float* dsum_row = dsum + head.bh * head.Tn;
+  const int query_tiles = (head.Tn + kQueries - 1) / kQueries;
+  for (int qt = k0 / kQueries; qt < query_tiles; ++qt) {
+    const int q0 = qt * kQueries;
+    __syncthreads();  // the previous tile's shared memory is consumed
+    Family::template load<kQueries>(sQ, head.q + q0 * head.C3, head.C3, min(kQueries, head.Tn - q0));
+    Family::template load<kQueries>(sdO, do_rows + q0 * head.C, head.C, min(kQueries, head.Tn - q0));
+    for (int c = threadIdx.x; c < kQueries; c += Family::kThreads)
+      query_statistics(sLse[c], sDsum[c], lse_row, dsum_row, q0 + c, head.Tn);
+    __syncthreads();
+    body(q0);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Forward. Block (b*NH + h, query tile).
+
+template <class T, int HD>
+__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
+    attention_forward_kernel(T* out, float* lse, const T* qkv, int Tn, std::int64_t C, int NH, float scale_log2) {
+  using Cfg = CoreFamily<T, HD>;
+  constexpr int NJ = Cfg::kColsPerThread;
+  const auto [sQ, sK, sV, sP] =
+      shared_tiles<float>(Cfg::kRows * Cfg::kStride, Cfg::kCols * Cfg::kStride, Cfg::kCols * Cfg::kStride);
+
+  const HeadView<T, HD> head(qkv, Tn, C, NH);
+  const int q0 = owned_query_tile();
+  const auto [tx, r0] = row_lanes();
+
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
+
+  float m[kRowsPerThread], l[kRowsPerThread], o[kRowsPerThread][Cfg::kChans];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    m[i] = -INFINITY;
+    l[i] = 0.0f;  // this thread's share of the row sum; the 16 shares are added at the end
+#pragma unroll
+    for (int c = 0; c < Cfg::kChans; ++c) o[i][c] = 0.0f;
+  }
+
+  // Tile 0 holds key 0, which every row may see (rows past T clamp their limit to T - 1), so every
+  // row max is finite from the first tile on and exp2f(m_old - m_new) never meets -inf - -inf.
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
+    float s[kRowsPerThread][NJ];
+    dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i) {
+      const int limit = min(q0 + r0 + i, Tn - 1);
+      float tile_max = -INFINITY;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        s[i][j] = masked_score(s[i][j], scale_log2, k0 + tx + kLanesPerRow * j, limit);
+        tile_max = fmaxf(tile_max, s[i][j]);
+      }
+      const float alpha = raise_max(m[i], row_max(tile_max));
+      float sum = 0.0f;
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        const float p = exp2f(s[i][j] - m[i]);
+        sP[(r0 + i) * Cfg::kScoreStride + tx + kLanesPerRow * j] = p;
+        sum += p;
+      }
+      l[i] = l[i] * alpha + sum;
+#pragma unroll
+      for (int c = 0; c < Cfg::kChans; ++c) o[i][c] *= alpha;
+    }
+    __syncthreads();  // sP complete
+    accumulate_rows<HD, Cfg::kCols>(o, sP + r0 * Cfg::kScoreStride, sV, tx);
+  });
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const float total = row_sum(l[i]);
+    const int q = q0 + r0 + i;
+    if (q < Tn) {
+      store_row<T, HD>(out + head.offset(q, C), o[i], 1.0f / total, tx);
+      if (tx == 0) lse[head.bh * Tn + q] = row_lse(m[i], total);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Backward, step 1: dsum[b, h, t] = dout[b, t, head h] . out[b, t, head h] (= sum over keys of
+// P * dP, the softmax backward's row term). One warp per row; in [B, T, C] the rows of HD are
+// contiguous, row r = (b T + t) NH + h.
+
+constexpr int kDsumWarps = 8;
+
+template <class T, int HD>
+__global__ void __launch_bounds__(32 * kDsumWarps)
+    attention_backward_dsum_kernel(float* dsum, const T* dout, const T* out, std::int64_t rows, int Tn, int NH) {
+  const int lane = threadIdx.x % 32;
+  for (std::int64_t r = static_cast<std::int64_t>(blockIdx.x) * kDsumWarps + threadIdx.x / 32; r < rows;
+       r += static_cast<std::int64_t>(gridDim.x) * kDsumWarps) {
+    const T* a = dout + r * HD;
+    const T* o = out + r * HD;
+    float acc = 0.0f;
+#pragma unroll
+    for (int c = lane; c < HD; c += 32) acc = fmaf(to_float(a[c]), to_float(o[c]), acc);
+#pragma unroll
+    for (int offset = 16; offset > 0; offset /= 2) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (lane == 0) {
+      const std::int64_t h = r % NH, bt = r / NH, t = bt % Tn, b = bt / Tn;
+      dsum[(b * NH + h) * Tn + t] = acc;
+    }
+  }
+}
+
+// Backward, step 2: dK and dV. Block (b*NH + h, key tile) owns kRows keys and visits every query
+// tile that can see them, in order, accumulating dV += P^T dO and dK += dS^T Q in registers; the
+// block writes its rows of dk and dv once, so no other block touches them.
+
+template <class T, int HD>
+__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
+    attention_backward_dkv_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
+                                  std::int64_t C, int NH, float scale, float scale_log2) {
+  using Cfg = CoreFamily<T, HD>;
+  constexpr int NJ = Cfg::kColsPerThread;
+  // sS holds P^T, then dS^T, of the current query tile.
+  const auto [sK, sV, sQ, sdO, sS, sLse, sDsum] =
+      shared_tiles<float>(Cfg::kRows * Cfg::kStride, Cfg::kRows * Cfg::kStride, Cfg::kCols * Cfg::kStride,
+                          Cfg::kCols * Cfg::kStride, Cfg::kRows * Cfg::kScoreStride, Cfg::kCols);
+
+  const HeadView<T, HD> head(qkv, Tn, C, NH);
+  const int k0 = owned_key_tile();
+  const auto [tx, r0] = row_lanes();
+
+  load_own_rows<Cfg>(sK, head.k, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sV, head.v, head.C3, k0, Tn);
+
+  float dk[kRowsPerThread][Cfg::kChans], dv[kRowsPerThread][Cfg::kChans];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+    for (int c = 0; c < Cfg::kChans; ++c) dk[i][c] = dv[i][c] = 0.0f;
+
+  for_each_seeing_query_tile<Cfg>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
+    // Transposed scores: rows are this block's keys, columns the tile's queries.
+    float s[kRowsPerThread][NJ], ds[kRowsPerThread][NJ];
+    dot_rows<HD, NJ>(s, sK + r0 * Cfg::kStride, sQ + tx * Cfg::kStride);    // S^T = K Q^T
+    dot_rows<HD, NJ>(ds, sV + r0 * Cfg::kStride, sdO + tx * Cfg::kStride);  // dP^T = V dO^T
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        const int c = tx + kLanesPerRow * j;
+        const float p = probability(s[i][j], scale_log2, sLse[c], k0 + r0 + i, q0 + c, Tn);
+        ds[i][j] = p * (ds[i][j] - sDsum[c]);
+        sS[(r0 + i) * Cfg::kScoreStride + c] = p;
+      }
+    __syncthreads();  // sS = P^T complete
+    accumulate_rows<HD, Cfg::kCols>(dv, sS + r0 * Cfg::kScoreStride, sdO, tx);
+    __syncthreads();  // P^T consumed
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) sS[(r0 + i) * Cfg::kScoreStride + tx + kLanesPerRow * j] = ds[i][j];
+    __syncthreads();  // sS = dS^T complete
+    accumulate_rows<HD, Cfg::kCols>(dk, sS + r0 * Cfg::kScoreStride, sQ, tx);
+  });
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int key = k0 + r0 + i;
+    if (key < Tn) {
+      T* row = dqkv + head.offset(key, head.C3);
+      store_row<T, HD>(row + C, dk[i], scale, tx);
+      store_row<T, HD>(row + 2 * C, dv[i], 1.0f, tx);
+    }
+  }
+}
+
+// Backward, step 3: dQ. Block (b*NH + h, query tile) owns kRows queries and visits the key tiles
+// they can see, in order, recomputing P and dP and accumulating dQ += dS K in registers: dQ is
+// written once by its owner, with no atomics (at the price of computing S and dP a second time).
+
+template <class T, int HD>
+__global__ void __launch_bounds__(Tiles<HD>::kThreads, 2)
+    attention_backward_dq_kernel(T* dqkv, const T* dout, const T* qkv, const float* lse, const float* dsum, int Tn,
+                                 std::int64_t C, int NH, float scale, float scale_log2) {
+  using Cfg = CoreFamily<T, HD>;
+  constexpr int NJ = Cfg::kColsPerThread;
+  // sS holds dS of the current key tile.
+  const auto [sQ, sdO, sK, sV, sS] = shared_tiles<float>(Cfg::kRows * Cfg::kStride, Cfg::kRows * Cfg::kStride,
+                                                         Cfg::kCols * Cfg::kStride, Cfg::kCols * Cfg::kStride);
+
+  const HeadView<T, HD> head(qkv, Tn, C, NH);
+  const int q0 = owned_query_tile();
+  const auto [tx, r0] = row_lanes();
+
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sdO, head.rows_of(dout), C, q0, Tn);
+
+  float lse2[kRowsPerThread], dsum_i[kRowsPerThread], dq[kRowsPerThread][Cfg::kChans];
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    query_statistics(lse2[i], dsum_i[i], lse + head.bh * Tn, dsum + head.bh * Tn, q0 + r0 + i, Tn);
+#pragma unroll
+    for (int c = 0; c < Cfg::kChans; ++c) dq[i][c] = 0.0f;
+  }
+
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
+    float s[kRowsPerThread][NJ], dp[kRowsPerThread][NJ];
+    dot_rows<HD, NJ>(s, sQ + r0 * Cfg::kStride, sK + tx * Cfg::kStride);    // S = Q K^T
+    dot_rows<HD, NJ>(dp, sdO + r0 * Cfg::kStride, sV + tx * Cfg::kStride);  // dP = dO V^T
+#pragma unroll
+    for (int i = 0; i < kRowsPerThread; ++i)
+#pragma unroll
+      for (int j = 0; j < NJ; ++j) {
+        const int c = tx + kLanesPerRow * j;
+        const float p = probability(s[i][j], scale_log2, lse2[i], k0 + c, q0 + r0 + i, Tn);
+        sS[(r0 + i) * Cfg::kScoreStride + c] = p * (dp[i][j] - dsum_i[i]);
+      }
+    __syncthreads();  // sS = dS complete
+    accumulate_rows<HD, Cfg::kCols>(dq, sS + r0 * Cfg::kScoreStride, sK, tx);
+  });
+
+#pragma unroll
+  for (int i = 0; i < kRowsPerThread; ++i) {
+    const int q = q0 + r0 + i;
+    if (q < Tn) store_row<T, HD>(dqkv + head.offset(q, head.C3), dq[i], scale, tx);
+  }
+}
+
 template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_forward_tc_kernel(bf16* out, float* lse, const bf16* qkv, int Tn, std::int64_t C, int NH,
                                 float scale_log2) {
-  using Cfg = TcTiles<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kKeyBlocks = Cfg::kKeys / 8;
-  extern __shared__ float4 smem_f4[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_f4);
-  bf16* sK = sQ + kTcRows * kStride;
-  bf16* sV = sK + Cfg::kKeys * kStride;
+  const auto [sQ, sK, sV] = shared_tiles<bf16>(kTcRows * kStride, Cfg::kKeys * kStride);
 
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * kTcRows;
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, w0 = threadIdx.x / 32 * 16;
-  const bf16* q_base = qkv + b * Tn * C3 + h * HD;
-  const bf16* k_base = q_base + C;
-  const bf16* v_base = q_base + 2 * C;
+  const HeadView<bf16, HD> head(qkv, Tn, C, NH);
+  const int q0 = owned_query_tile();
+  const auto [g, t, w0] = fragment_lanes();
 
-  copy_rows<HD, kTcRows>(sQ, q_base + q0 * C3, C3, min(kTcRows, Tn - q0));
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
   __syncthreads();
   unsigned qa[Cfg::kSteps][4];
 #pragma unroll
@@ -660,25 +809,11 @@ __global__ void __launch_bounds__(kTcThreads)
     m[r] = -INFINITY;
     l[r] = 0.0f;  // this lane's share of the row sum; the quad's four shares are added at the end
   }
-#pragma unroll
-  for (int n = 0; n < Cfg::kDBlocks; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) o[n][e] = 0.0f;
+  zero_fragments(o);
 
-  const int last_key = min(q0 + kTcRows - 1, Tn - 1);
-  const int key_tiles = last_key / Cfg::kKeys + 1;
-  for (int kt = 0; kt < key_tiles; ++kt) {
-    const int k0 = kt * Cfg::kKeys;
-    __syncthreads();  // the previous tile's sK, sV are consumed
-    copy_rows<HD, Cfg::kKeys>(sK, k_base + k0 * C3, C3, min(Cfg::kKeys, Tn - k0));
-    copy_rows<HD, Cfg::kKeys>(sV, v_base + k0 * C3, C3, min(Cfg::kKeys, Tn - k0));
-    __syncthreads();
-
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kKeyBlocks][4];  // S = Q K^T, 16 rows x 64 keys of this warp
-#pragma unroll
-    for (int n = 0; n < kKeyBlocks; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = 0.0f;
+    zero_fragments(s);
 #pragma unroll
     for (int kc = 0; kc < Cfg::kSteps; ++kc)
 #pragma unroll
@@ -693,16 +828,13 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int n = 0; n < kKeyBlocks; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int key = k0 + n * 8 + 2 * t + e % 2;
-        s[n][e] = key <= limit[e / 2] ? s[n][e] * scale_log2 : -INFINITY;
+        s[n][e] = masked_score(s[n][e], scale_log2, k0 + n * 8 + 2 * t + e % 2, limit[e / 2]);
         tile_max[e / 2] = fmaxf(tile_max[e / 2], s[n][e]);
       }
     float alpha[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float m_new = fmaxf(m[r], quad_max(tile_max[r]));
-      alpha[r] = exp2f(m[r] - m_new);
-      m[r] = m_new;
+      alpha[r] = raise_max(m[r], quad_max(tile_max[r]));
       l[r] *= alpha[r];
     }
 #pragma unroll
@@ -716,26 +848,15 @@ __global__ void __launch_bounds__(kTcThreads)
     for (int n = 0; n < Cfg::kDBlocks; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) o[n][e] *= alpha[e / 2];
-
-#pragma unroll
-    for (int kc = 0; kc < Cfg::kKeys / 16; ++kc) {  // O += P V
-      unsigned pa[4];
-      accumulators_to_a(pa, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-      for (int n = 0; n < Cfg::kDBlocks; ++n) {
-        unsigned vb[2];
-        load_b_kn(vb, sV, kStride, kc * 16, n * 8, g, t);
-        mma_bf16(o[n], pa, vb);
-      }
-    }
-  }
+    accumulate_strip<HD>(o, s, sV, g, t);  // O += P V
+  });
 
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const float total = quad_sum(l[r]);
     if (row[r] < Tn) {
-      store_fragment_row<HD>(out + (b * Tn + row[r]) * C + h * HD, o, r, 1.0f / total, t);
-      if (t == 0) lse[bh * Tn + row[r]] = m[r] * kLn2 + logf(total);
+      store_fragment_row<HD>(out + head.offset(row[r], C), o, r, 1.0f / total, t);
+      if (t == 0) lse[head.bh * Tn + row[r]] = row_lse(m[r], total);
     }
   }
 }
@@ -746,75 +867,34 @@ template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_backward_dkv_tc_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dsum,
                                      int Tn, std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = TcTiles<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kQueryBlocks = Cfg::kQueries / 8;
-  extern __shared__ float4 smem_f4[];
-  bf16* sK = reinterpret_cast<bf16*>(smem_f4);
-  bf16* sV = sK + kTcRows * kStride;
-  bf16* sQ = sV + kTcRows * kStride;
-  bf16* sdO = sQ + Cfg::kQueries * kStride;
-  float* sLse = reinterpret_cast<float*>(sdO + Cfg::kQueries * kStride);
+  const auto [sK, sV, sQ, sdO, statistics] =
+      shared_tiles<bf16>(kTcRows * kStride, kTcRows * kStride, Cfg::kQueries * kStride, Cfg::kQueries * kStride);
+  float* sLse = reinterpret_cast<float*>(statistics);
   float* sDsum = sLse + Cfg::kQueries;
 
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int k0 = blockIdx.y * kTcRows;
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, w0 = threadIdx.x / 32 * 16;
-  const bf16* q_base = qkv + b * Tn * C3 + h * HD;
-  const bf16* k_base = q_base + C;
-  const bf16* v_base = q_base + 2 * C;
-  const bf16* do_base = dout + b * Tn * C + h * HD;
-  const float* lse_row = lse + bh * Tn;
-  const float* dsum_row = dsum + bh * Tn;
+  const HeadView<bf16, HD> head(qkv, Tn, C, NH);
+  const int k0 = owned_key_tile();
+  const auto [g, t, w0] = fragment_lanes();
 
-  copy_rows<HD, kTcRows>(sK, k_base + k0 * C3, C3, min(kTcRows, Tn - k0));
-  copy_rows<HD, kTcRows>(sV, v_base + k0 * C3, C3, min(kTcRows, Tn - k0));
+  load_own_rows<Cfg>(sK, head.k, head.C3, k0, Tn);
+  load_own_rows<Cfg>(sV, head.v, head.C3, k0, Tn);
 
   const int key[2] = {k0 + w0 + g, k0 + w0 + g + 8};  // keys of fragment rows 0 and 1
   float dk[Cfg::kDBlocks][4], dv[Cfg::kDBlocks][4];
-#pragma unroll
-  for (int n = 0; n < Cfg::kDBlocks; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.0f;
+  zero_fragments(dk);
+  zero_fragments(dv);
 
-  const int query_tiles = (Tn + Cfg::kQueries - 1) / Cfg::kQueries;
-  for (int qt = k0 / Cfg::kQueries; qt < query_tiles; ++qt) {  // queries before k0 see none of these keys
-    const int q0 = qt * Cfg::kQueries;
-    __syncthreads();  // the previous tile's sQ, sdO, sLse, sDsum are consumed
-    copy_rows<HD, Cfg::kQueries>(sQ, q_base + q0 * C3, C3, min(Cfg::kQueries, Tn - q0));
-    copy_rows<HD, Cfg::kQueries>(sdO, do_base + q0 * C, C, min(Cfg::kQueries, Tn - q0));
-    for (int c = threadIdx.x; c < Cfg::kQueries; c += kTcThreads) {
-      const bool valid = q0 + c < Tn;
-      sLse[c] = valid ? lse_row[q0 + c] * kLog2e : 0.0f;
-      sDsum[c] = valid ? dsum_row[q0 + c] : 0.0f;
-    }
-    __syncthreads();
-
+  for_each_seeing_query_tile<Cfg>(sQ, sdO, sLse, sDsum, head, dout, lse, dsum, k0, [&](int q0) {
     float s[kQueryBlocks][4], dp[kQueryBlocks][4];  // S^T and dP^T: 16 keys x kQueries queries
-#pragma unroll
-    for (int n = 0; n < kQueryBlocks; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-    for (int kc = 0; kc < Cfg::kSteps; ++kc) {
-      unsigned ka[4], va[4];
-      load_a(ka, sK, kStride, w0, kc * 16, g, t);
-      load_a(va, sV, kStride, w0, kc * 16, g, t);
-#pragma unroll
-      for (int n = 0; n < kQueryBlocks; ++n) {
-        unsigned qb[2], ob[2];
-        load_b_nk(qb, sQ, kStride, kc * 16, n * 8, g, t);
-        load_b_nk(ob, sdO, kStride, kc * 16, n * 8, g, t);
-        mma_bf16(s[n], ka, qb);
-        mma_bf16(dp[n], va, ob);
-      }
-    }
+    score_strips<HD>(s, dp, sK, sQ, sV, sdO, w0, g, t);
 #pragma unroll
     for (int n = 0; n < kQueryBlocks; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int c = n * 8 + 2 * t + e % 2, q = q0 + c;
-        const float p = key[e / 2] <= q && q < Tn ? exp2f(s[n][e] * scale_log2 - sLse[c]) : 0.0f;
+        const int c = n * 8 + 2 * t + e % 2;
+        const float p = probability(s[n][e], scale_log2, sLse[c], key[e / 2], q0 + c, Tn);
         s[n][e] = p;                           // P^T
         dp[n][e] = p * (dp[n][e] - sDsum[c]);  // dS^T
       }
@@ -833,12 +913,12 @@ __global__ void __launch_bounds__(kTcThreads)
         mma_bf16(dk[n], da, qb);
       }
     }
-  }
+  });
 
 #pragma unroll
   for (int r = 0; r < 2; ++r)
     if (key[r] < Tn) {
-      bf16* row = dqkv + (b * Tn + key[r]) * C3 + h * HD;
+      bf16* row = dqkv + head.offset(key[r], head.C3);
       store_fragment_row<HD>(row + C, dk, r, scale, t);
       store_fragment_row<HD>(row + 2 * C, dv, r, 1.0f, t);
     }
@@ -850,101 +930,48 @@ template <int HD>
 __global__ void __launch_bounds__(kTcThreads)
     attention_backward_dq_tc_kernel(bf16* dqkv, const bf16* dout, const bf16* qkv, const float* lse, const float* dsum,
                                     int Tn, std::int64_t C, int NH, float scale, float scale_log2) {
-  using Cfg = TcTiles<HD>;
+  using Cfg = TcFamily<HD>;
   constexpr int kStride = Cfg::kStride, kKeyBlocks = Cfg::kKeys / 8;
-  extern __shared__ float4 smem_f4[];
-  bf16* sQ = reinterpret_cast<bf16*>(smem_f4);
-  bf16* sdO = sQ + kTcRows * kStride;
-  bf16* sK = sdO + kTcRows * kStride;
-  bf16* sV = sK + Cfg::kKeys * kStride;
+  const auto [sQ, sdO, sK, sV] = shared_tiles<bf16>(kTcRows * kStride, kTcRows * kStride, Cfg::kKeys * kStride);
 
-  const std::int64_t bh = blockIdx.x;
-  const std::int64_t b = bh / NH, h = bh % NH, C3 = 3 * C;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * kTcRows;
-  const int lane = threadIdx.x % 32, g = lane / 4, t = lane % 4, w0 = threadIdx.x / 32 * 16;
-  const bf16* q_base = qkv + b * Tn * C3 + h * HD;
-  const bf16* k_base = q_base + C;
-  const bf16* v_base = q_base + 2 * C;
-  const bf16* do_base = dout + b * Tn * C + h * HD;
+  const HeadView<bf16, HD> head(qkv, Tn, C, NH);
+  const int q0 = owned_query_tile();
+  const auto [g, t, w0] = fragment_lanes();
 
-  copy_rows<HD, kTcRows>(sQ, q_base + q0 * C3, C3, min(kTcRows, Tn - q0));
-  copy_rows<HD, kTcRows>(sdO, do_base + q0 * C, C, min(kTcRows, Tn - q0));
+  load_own_rows<Cfg>(sQ, head.q, head.C3, q0, Tn);
+  load_own_rows<Cfg>(sdO, head.rows_of(dout), C, q0, Tn);
 
   int row[2];
   float lse2[2], dsum_r[2], dq[Cfg::kDBlocks][4];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     row[r] = q0 + w0 + g + 8 * r;
-    lse2[r] = row[r] < Tn ? lse[bh * Tn + row[r]] * kLog2e : 0.0f;
-    dsum_r[r] = row[r] < Tn ? dsum[bh * Tn + row[r]] : 0.0f;
+    query_statistics(lse2[r], dsum_r[r], lse + head.bh * Tn, dsum + head.bh * Tn, row[r], Tn);
   }
-#pragma unroll
-  for (int n = 0; n < Cfg::kDBlocks; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq[n][e] = 0.0f;
+  zero_fragments(dq);
 
-  const int last_key = min(q0 + kTcRows - 1, Tn - 1);
-  const int key_tiles = last_key / Cfg::kKeys + 1;
-  for (int kt = 0; kt < key_tiles; ++kt) {
-    const int k0 = kt * Cfg::kKeys;
-    __syncthreads();  // the previous tile's sK, sV are consumed
-    copy_rows<HD, Cfg::kKeys>(sK, k_base + k0 * C3, C3, min(Cfg::kKeys, Tn - k0));
-    copy_rows<HD, Cfg::kKeys>(sV, v_base + k0 * C3, C3, min(Cfg::kKeys, Tn - k0));
-    __syncthreads();
-
+  for_each_visible_key_tile<Cfg>(sK, sV, head, q0, [&](int k0) {
     float s[kKeyBlocks][4], dp[kKeyBlocks][4];  // S = Q K^T and dP = dO V^T: 16 queries x 64 keys
-#pragma unroll
-    for (int n = 0; n < kKeyBlocks; ++n)
-#pragma unroll
-      for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.0f;
-#pragma unroll
-    for (int kc = 0; kc < Cfg::kSteps; ++kc) {
-      unsigned qa[4], oa[4];
-      load_a(qa, sQ, kStride, w0, kc * 16, g, t);
-      load_a(oa, sdO, kStride, w0, kc * 16, g, t);
-#pragma unroll
-      for (int n = 0; n < kKeyBlocks; ++n) {
-        unsigned kb[2], vb[2];
-        load_b_nk(kb, sK, kStride, kc * 16, n * 8, g, t);
-        load_b_nk(vb, sV, kStride, kc * 16, n * 8, g, t);
-        mma_bf16(s[n], qa, kb);
-        mma_bf16(dp[n], oa, vb);
-      }
-    }
+    score_strips<HD>(s, dp, sQ, sK, sdO, sV, w0, g, t);
 #pragma unroll
     for (int n = 0; n < kKeyBlocks; ++n)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int k = k0 + n * 8 + 2 * t + e % 2, q = row[e / 2];
-        const float p = k <= q && q < Tn ? exp2f(s[n][e] * scale_log2 - lse2[e / 2]) : 0.0f;
+        const float p = probability(s[n][e], scale_log2, lse2[e / 2], k0 + n * 8 + 2 * t + e % 2, row[e / 2], Tn);
         s[n][e] = p * (dp[n][e] - dsum_r[e / 2]);  // dS
       }
-#pragma unroll
-    for (int kc = 0; kc < Cfg::kKeys / 16; ++kc) {  // dQ += dS K
-      unsigned da[4];
-      accumulators_to_a(da, s[2 * kc], s[2 * kc + 1]);
-#pragma unroll
-      for (int n = 0; n < Cfg::kDBlocks; ++n) {
-        unsigned kb[2];
-        load_b_kn(kb, sK, kStride, kc * 16, n * 8, g, t);
-        mma_bf16(dq[n], da, kb);
-      }
-    }
-  }
+    accumulate_strip<HD>(dq, s, sK, g, t);  // dQ += dS K
+  });
 
 #pragma unroll
   for (int r = 0; r < 2; ++r)
-    if (row[r] < Tn) store_fragment_row<HD>(dqkv + (b * Tn + row[r]) * C3 + h * HD, dq, r, scale, t);
+    if (row[r] < Tn) store_fragment_row<HD>(dqkv + head.offset(row[r], head.C3), dq, r, scale, t);
 }
 
 // ---------------------------------------------------------------------------------------------
 // Launchers.
 
-void check_launch(const char* kernel) {
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess)
-    throw DeviceError(std::string("CUDA kernel ") + kernel + " failed to launch: " + cudaGetErrorString(error));
-}
+using nibble::cuda::check_launch;
 
 // Raises a kernel's dynamic shared-memory limit above the default 48 KB.
 template <class Kernel>
@@ -968,10 +995,10 @@ std::string head_dim_names(HeadDimList<Ds...>) {
   return names;
 }
 
-// Calls fn(std::integral_constant<int, HD>{}) for the supported head_dim (checked before).
+// Calls fn.template operator()<HD>() for the supported head_dim (checked before).
 template <class Fn, int... Ds>
 void dispatch_head_dim(std::int64_t head_dim, Fn&& fn, HeadDimList<Ds...>) {
-  (void)((head_dim == Ds ? (fn(std::integral_constant<int, Ds>{}), true) : false) || ...);
+  (void)((head_dim == Ds ? (fn.template operator()<Ds>(), true) : false) || ...);
 }
 
 // NOTE: bf16 runs on the tensor-core kernels. Setting this false sends bf16 through the CUDA-core
@@ -981,6 +1008,39 @@ constexpr bool kBf16OnTensorCores = true;
 template <class T>
 constexpr bool on_tensor_cores = std::is_same_v<T, bf16>&& kBf16OnTensorCores;
 static_assert(kTcRows == kBlockRows, "both kernel families tile T by kBlockRows rows (the launchers' grid)");
+
+// Each family's kernels for one head dim, with their names, block size and shared memory; the
+// launchers take them from Kernels<T, HD>.
+template <class T, int HD>
+struct CoreKernels {
+  static constexpr int kThreads = Tiles<HD>::kThreads;
+  static constexpr std::size_t kForwardBytes = Tiles<HD>::kForwardFloats * sizeof(float);
+  static constexpr std::size_t kDkvBytes = Tiles<HD>::kDkvFloats * sizeof(float);
+  static constexpr std::size_t kDqBytes = Tiles<HD>::kDqFloats * sizeof(float);
+  static constexpr const char* kForwardName = "attention_forward_kernel";
+  static constexpr const char* kDkvName = "attention_backward_dkv_kernel";
+  static constexpr const char* kDqName = "attention_backward_dq_kernel";
+  static auto forward() { return attention_forward_kernel<T, HD>; }
+  static auto dkv() { return attention_backward_dkv_kernel<T, HD>; }
+  static auto dq() { return attention_backward_dq_kernel<T, HD>; }
+};
+
+template <int HD>
+struct TcKernels {
+  static constexpr int kThreads = kTcThreads;
+  static constexpr std::size_t kForwardBytes = TcTiles<HD>::kForwardBytes;
+  static constexpr std::size_t kDkvBytes = TcTiles<HD>::kDkvBytes;
+  static constexpr std::size_t kDqBytes = TcTiles<HD>::kDqBytes;
+  static constexpr const char* kForwardName = "attention_forward_tc_kernel";
+  static constexpr const char* kDkvName = "attention_backward_dkv_tc_kernel";
+  static constexpr const char* kDqName = "attention_backward_dq_tc_kernel";
+  static auto forward() { return attention_forward_tc_kernel<HD>; }
+  static auto dkv() { return attention_backward_dkv_tc_kernel<HD>; }
+  static auto dq() { return attention_backward_dq_tc_kernel<HD>; }
+};
+
+template <class T, int HD>
+using Kernels = std::conditional_t<on_tensor_cores<T>, TcKernels<HD>, CoreKernels<T, HD>>;
 
 // Validates a launcher's sizes; returns the head dim. Throws InvalidArgument naming the bad value.
 std::int64_t check_sizes(const char* op, std::int64_t B, std::int64_t Tn, std::int64_t C, std::int64_t NH) {
@@ -1005,6 +1065,24 @@ std::int64_t check_sizes(const char* op, std::int64_t B, std::int64_t Tn, std::i
   return head_dim;
 }
 
+// What the launchers pass every kernel: the scales, T and NH as ints, and the grid, block
+// (b*NH + h, tile of kBlockRows rows of T).
+struct LaunchPlan {
+  float scale, scale_log2;
+  int tn, nh;
+  dim3 grid;
+};
+
+LaunchPlan plan_launch(std::int64_t head_dim, std::int64_t B, std::int64_t Tn, std::int64_t NH) {
+  LaunchPlan plan;
+  plan.scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
+  plan.scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
+  plan.tn = static_cast<int>(Tn);
+  plan.nh = static_cast<int>(NH);
+  plan.grid = dim3(static_cast<unsigned>(B * NH), static_cast<unsigned>((Tn + kBlockRows - 1) / kBlockRows));
+  return plan;
+}
+
 }  // namespace
 
 bool attention_supports_head_dim(std::int64_t head_dim) { return head_dim_in(head_dim, SupportedHeadDims{}); }
@@ -1020,26 +1098,15 @@ void attention_forward(T* out, float* lse, const T* qkv, std::int64_t B, std::in
                        std::int64_t NH, cudaStream_t stream) {
   const std::int64_t head_dim = check_sizes("attention_forward", B, Tn, C, NH);
   if (B == 0 || Tn == 0) return;
-  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
-  const int tn = static_cast<int>(Tn), nh = static_cast<int>(NH);
-  const dim3 grid(static_cast<unsigned>(B * NH), static_cast<unsigned>((Tn + kBlockRows - 1) / kBlockRows));
+  const LaunchPlan p = plan_launch(head_dim, B, Tn, NH);
   dispatch_head_dim(
       head_dim,
-      [&](auto hd) {
-        constexpr int HD = decltype(hd)::value;
-        if constexpr (on_tensor_cores<T>) {
-          const std::size_t smem = TcTiles<HD>::kForwardBytes;
-          auto kernel = attention_forward_tc_kernel<HD>;
-          allow_shared_memory(kernel, smem, "attention_forward_tc_kernel");
-          kernel<<<grid, kTcThreads, smem, stream>>>(out, lse, qkv, tn, C, nh, scale_log2);
-          check_launch("attention_forward_tc_kernel");
-        } else {
-          const std::size_t smem = Tiles<HD>::kForwardFloats * sizeof(float);
-          auto kernel = attention_forward_kernel<T, HD>;
-          allow_shared_memory(kernel, smem, "attention_forward_kernel");
-          kernel<<<grid, Tiles<HD>::kThreads, smem, stream>>>(out, lse, qkv, tn, C, nh, scale_log2);
-          check_launch("attention_forward_kernel");
-        }
+      [&]<int HD>() {
+        using K = Kernels<T, HD>;
+        auto kernel = K::forward();
+        allow_shared_memory(kernel, K::kForwardBytes, K::kForwardName);
+        kernel<<<p.grid, K::kThreads, K::kForwardBytes, stream>>>(out, lse, qkv, p.tn, C, p.nh, p.scale_log2);
+        check_launch(K::kForwardName);
       },
       SupportedHeadDims{});
 }
@@ -1053,43 +1120,27 @@ void attention_backward(T* dqkv, const T* dout, const T* qkv, const T* out, cons
     throw InvalidArgument("attention_backward: scratch is null; it needs attention_backward_scratch_bytes = " +
                           std::to_string(attention_backward_scratch_bytes(B, Tn, C, NH)) + " bytes");
   float* dsum = static_cast<float*>(scratch);
-  const float scale = 1.0f / std::sqrt(static_cast<float>(head_dim));
-  const float scale_log2 = kLog2e / std::sqrt(static_cast<float>(head_dim));
-  const int tn = static_cast<int>(Tn), nh = static_cast<int>(NH);
-  const dim3 grid(static_cast<unsigned>(B * NH), static_cast<unsigned>((Tn + kBlockRows - 1) / kBlockRows));
+  const LaunchPlan p = plan_launch(head_dim, B, Tn, NH);
   dispatch_head_dim(
       head_dim,
-      [&](auto hd) {
-        constexpr int HD = decltype(hd)::value;
+      [&]<int HD>() {
         const std::int64_t rows = B * Tn * NH;
         const std::int64_t blocks = std::min<std::int64_t>((rows + kDsumWarps - 1) / kDsumWarps, std::int64_t{1} << 20);
         attention_backward_dsum_kernel<T, HD>
-            <<<static_cast<unsigned>(blocks), 32 * kDsumWarps, 0, stream>>>(dsum, dout, out, rows, tn, nh);
+            <<<static_cast<unsigned>(blocks), 32 * kDsumWarps, 0, stream>>>(dsum, dout, out, rows, p.tn, p.nh);
         check_launch("attention_backward_dsum_kernel");
 
-        if constexpr (on_tensor_cores<T>) {
-          const std::size_t dkv_smem = TcTiles<HD>::kDkvBytes, dq_smem = TcTiles<HD>::kDqBytes;
-          auto dkv = attention_backward_dkv_tc_kernel<HD>;
-          auto dq = attention_backward_dq_tc_kernel<HD>;
-          allow_shared_memory(dkv, dkv_smem, "attention_backward_dkv_tc_kernel");
-          allow_shared_memory(dq, dq_smem, "attention_backward_dq_tc_kernel");
-          dkv<<<grid, kTcThreads, dkv_smem, stream>>>(dqkv, dout, qkv, lse, dsum, tn, C, nh, scale, scale_log2);
-          check_launch("attention_backward_dkv_tc_kernel");
-          dq<<<grid, kTcThreads, dq_smem, stream>>>(dqkv, dout, qkv, lse, dsum, tn, C, nh, scale, scale_log2);
-          check_launch("attention_backward_dq_tc_kernel");
-        } else {
-          const std::size_t dkv_smem = Tiles<HD>::kDkvFloats * sizeof(float);
-          const std::size_t dq_smem = Tiles<HD>::kDqFloats * sizeof(float);
-          auto dkv = attention_backward_dkv_kernel<T, HD>;
-          auto dq = attention_backward_dq_kernel<T, HD>;
-          allow_shared_memory(dkv, dkv_smem, "attention_backward_dkv_kernel");
-          allow_shared_memory(dq, dq_smem, "attention_backward_dq_kernel");
-          dkv<<<grid, Tiles<HD>::kThreads, dkv_smem, stream>>>(dqkv, dout, qkv, lse, dsum, tn, C, nh, scale,
-                                                               scale_log2);
-          check_launch("attention_backward_dkv_kernel");
-          dq<<<grid, Tiles<HD>::kThreads, dq_smem, stream>>>(dqkv, dout, qkv, lse, dsum, tn, C, nh, scale, scale_log2);
-          check_launch("attention_backward_dq_kernel");
-        }
+        using K = Kernels<T, HD>;
+        auto dkv = K::dkv();
+        auto dq = K::dq();
+        allow_shared_memory(dkv, K::kDkvBytes, K::kDkvName);
+        allow_shared_memory(dq, K::kDqBytes, K::kDqName);
+        dkv<<<p.grid, K::kThreads, K::kDkvBytes, stream>>>(dqkv, dout, qkv, lse, dsum, p.tn, C, p.nh, p.scale,
+                                                           p.scale_log2);
+        check_launch(K::kDkvName);
+        dq<<<p.grid, K::kThreads, K::kDqBytes, stream>>>(dqkv, dout, qkv, lse, dsum, p.tn, C, p.nh, p.scale,
+                                                         p.scale_log2);
+        check_launch(K::kDqName);
       },
       SupportedHeadDims{});
 }

@@ -9,10 +9,14 @@
 #include <algorithm>
 #include <cstddef>
 #include <cstdint>
+#include <initializer_list>
 #include <limits>
 #include <string>
 #include <type_traits>
 
+#include "core/cuda/check.cuh"
+#include "model/cuda/convert.cuh"
+#include "model/cuda/gelu.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -23,8 +27,6 @@ using i64 = std::int64_t;
 
 // The CPU op's constants (src/model/cpu/ops.cpp), bit for bit.
 constexpr float kLayerNormEps = 1e-5f;
-constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
-constexpr float kGeluCubic = 0.044715f;
 
 constexpr int kWarp = 32;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -79,22 +81,6 @@ constexpr i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
 // that feeds an add is written mul(a, b) (__fmul_rn, which nvcc never fuses): the kernels round
 // like the CPU code and differ from it only in the order of long sums and in expf/tanhf.
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
-
-template <class T>
-__device__ __forceinline__ float to_float(T v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return __bfloat162float(v);
-}
-
-template <class T>
-__device__ __forceinline__ T from_float(float v) {
-  if constexpr (std::is_same_v<T, float>)
-    return v;
-  else
-    return __float2bfloat16_rn(v);
-}
 
 __device__ __forceinline__ unsigned bf16_bits(float v) {
   return static_cast<unsigned>(__bfloat16_as_ushort(__float2bfloat16_rn(v)));
@@ -163,10 +149,7 @@ __device__ __forceinline__ float warp_sum(float v) {
 // Elementwise: GELU, residual.
 
 struct GeluForward {
-  __device__ float operator()(float x) const {
-    const float cube = mul(mul(mul(kGeluCubic, x), x), x);
-    return 0.5f * x * (1.0f + tanhf(kGeluScale * (x + cube)));
-  }
+  __device__ float operator()(float x) const { return gelu_tanh(x); }
 };
 
 struct GeluBackward {
@@ -692,18 +675,33 @@ __global__ void __launch_bounds__(kCrossEntropyThreads)
 // ---------------------------------------------------------------------------------------------
 // Host side.
 
-void check_launch(const char* kernel) {
-  const cudaError_t error = cudaGetLastError();
-  if (error != cudaSuccess)
-    throw DeviceError(std::string("CUDA kernel ") + kernel + " failed to launch: " + cudaGetErrorString(error));
+using nibble::cuda::check_launch;
+
+// A launcher's argument with its parameter name, for the messages of the checks below.
+template <class V>
+struct Named {
+  const char* name;
+  V value;
+};
+
+// The checks each launcher makes of its arguments, in the order given; the first that fails
+// throws InvalidArgument naming the launcher and the argument.
+void require_sizes(const char* where, std::initializer_list<Named<i64>> sizes) {
+  for (const auto& [name, value] : sizes)
+    if (value < 0)
+      throw InvalidArgument(std::string(where) + ": negative size " + name + " = " + std::to_string(value));
 }
 
-void require_size(const char* where, const char* name, i64 value) {
-  if (value < 0) throw InvalidArgument(std::string(where) + ": negative size " + name + " = " + std::to_string(value));
+void require_pointers(const char* where, std::initializer_list<Named<const void*>> pointers) {
+  for (const auto& [name, p] : pointers)
+    if (p == nullptr) throw InvalidArgument(std::string(where) + ": " + name + " is null");
 }
 
-void require_pointer(const char* where, const char* name, const void* p) {
-  if (p == nullptr) throw InvalidArgument(std::string(where) + ": " + name + " is null");
+// Scratch holds 4-byte ints and floats.
+void require_scratch(const char* where, const void* scratch) {
+  require_pointers(where, {{"scratch", scratch}});
+  if (reinterpret_cast<std::uintptr_t>(scratch) % alignof(float) != 0)
+    throw InvalidArgument(std::string(where) + ": scratch is not 4-byte aligned");
 }
 
 i64 product(const char* where, i64 a, i64 b) {
@@ -741,20 +739,22 @@ unsigned row_blocks(const char* where, i64 N) {
   return static_cast<unsigned>(blocks);
 }
 
-template <class T, class Fn>
-void launch_unary(const char* kernel, T* out, const T* in, i64 n, Fn fn, cudaStream_t stream) {
-  with_width<T>(all_aligned(out, in), [&](auto width) {
+// An element-wise op of n elements, out = fn(inputs...) with one or two inputs: checks the
+// arguments, then launches unary_kernel or binary_kernel.
+template <class T, class Fn, class... Inputs>
+void launch_map(const char* where, const char* kernel, Named<T*> out, i64 n, Fn fn, cudaStream_t stream,
+                Inputs... inputs) {
+  static_assert(kSupported<T>);
+  require_sizes(where, {{"n", n}});
+  if (n == 0) return;
+  require_pointers(where, {{out.name, out.value}, {inputs.name, inputs.value}...});
+  with_width<T>(all_aligned(out.value, inputs.value...), [&](auto width) {
     constexpr int W = decltype(width)::value;
-    unary_kernel<T, W><<<grid_for(std::max(n / W, n % W), kMapThreads), kMapThreads, 0, stream>>>(out, in, n, fn);
-  });
-  check_launch(kernel);
-}
-
-template <class T, class Fn>
-void launch_binary(const char* kernel, T* out, const T* a, const T* b, i64 n, Fn fn, cudaStream_t stream) {
-  with_width<T>(all_aligned(out, a, b), [&](auto width) {
-    constexpr int W = decltype(width)::value;
-    binary_kernel<T, W><<<grid_for(std::max(n / W, n % W), kMapThreads), kMapThreads, 0, stream>>>(out, a, b, n, fn);
+    const unsigned blocks = grid_for(std::max(n / W, n % W), kMapThreads);
+    if constexpr (sizeof...(Inputs) == 1)
+      unary_kernel<T, W><<<blocks, kMapThreads, 0, stream>>>(out.value, inputs.value..., n, fn);
+    else
+      binary_kernel<T, W><<<blocks, kMapThreads, 0, stream>>>(out.value, inputs.value..., n, fn);
   });
   check_launch(kernel);
 }
@@ -787,14 +787,19 @@ EmbeddingScratch embedding_scratch(i64 N, i64 V) {
 
 // Positions and tokens are sorted as int32: B * T and V + 1 must fit.
 void check_embedding_backward_sizes(const char* where, i64 B, i64 Tn, i64 V) {
-  require_size(where, "B", B);
-  require_size(where, "T", Tn);
-  require_size(where, "V", V);
+  require_sizes(where, {{"B", B}, {"T", Tn}, {"V", V}});
   const i64 N = product(where, B, Tn);
   if (N > std::numeric_limits<int>::max())
     throw InvalidArgument(std::string(where) + ": B * T = " + std::to_string(N) + " positions exceed 2^31 - 1");
   if (V >= std::numeric_limits<int>::max())
     throw InvalidArgument(std::string(where) + ": vocabulary " + std::to_string(V) + " exceeds 2^31 - 2");
+}
+
+// LayerNorm's checks of N rows of C: true when there is nothing to do.
+bool no_rows(const char* where, i64 N, i64 C) {
+  require_sizes(where, {{"N", N}, {"C", C}});
+  product(where, N, C);
+  return N == 0 || C == 0;
 }
 
 // LayerNorm backward: rows per chunk and chunks of the column partial sums.
@@ -808,16 +813,11 @@ void embedding_forward(T* out, const std::int32_t* tokens, const T* wte, const T
                        std::int64_t Tn, std::int64_t C, cudaStream_t stream) {
   static_assert(kSupported<T>);
   constexpr const char* where = "embedding_forward";
-  require_size(where, "B", B);
-  require_size(where, "T", Tn);
-  require_size(where, "C", C);
+  require_sizes(where, {{"B", B}, {"T", Tn}, {"C", C}});
   const i64 N = product(where, B, Tn);
   const i64 total = product(where, N, C);
   if (total == 0) return;
-  require_pointer(where, "out", out);
-  require_pointer(where, "tokens", tokens);
-  require_pointer(where, "wte", wte);
-  require_pointer(where, "wpe", wpe);
+  require_pointers(where, {{"out", out}, {"tokens", tokens}, {"wte", wte}, {"wpe", wpe}});
   with_width<T>(C % kVec<T> == 0 && all_aligned(out, wte, wpe), [&](auto width) {
     constexpr int W = decltype(width)::value;
     embedding_forward_kernel<T, W>
@@ -838,19 +838,14 @@ void embedding_backward(float* dwte, float* dwpe, const T* dout, const std::int3
   static_assert(kSupported<T>);
   constexpr const char* where = "embedding_backward";
   check_embedding_backward_sizes(where, B, Tn, V);
-  require_size(where, "C", C);
+  require_sizes(where, {{"C", C}});
   const i64 N = B * Tn;
   const i64 total = product(where, N, C);
   product(where, V, C);
   if (total == 0) return;
   if (V == 0) throw InvalidArgument(std::string(where) + ": empty vocabulary (V = 0) for " + std::to_string(N) + " tokens");
-  require_pointer(where, "dwte", dwte);
-  require_pointer(where, "dwpe", dwpe);
-  require_pointer(where, "dout", dout);
-  require_pointer(where, "tokens", tokens);
-  require_pointer(where, "scratch", scratch);
-  if (reinterpret_cast<std::uintptr_t>(scratch) % alignof(int) != 0)
-    throw InvalidArgument(std::string(where) + ": scratch is not 4-byte aligned");
+  require_pointers(where, {{"dwte", dwte}, {"dwpe", dwpe}, {"dout", dout}, {"tokens", tokens}});
+  require_scratch(where, scratch);
 
   // dwpe: independent of the sort.
   with_width<T>(C % kVec<T> == 0 && all_aligned(dout, dwpe), [&](auto width) {
@@ -900,16 +895,9 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* in, const T* w
                        std::int64_t C, cudaStream_t stream) {
   static_assert(kSupported<T>);
   constexpr const char* where = "layernorm_forward";
-  require_size(where, "N", N);
-  require_size(where, "C", C);
-  product(where, N, C);
-  if (N == 0 || C == 0) return;
-  require_pointer(where, "out", out);
-  require_pointer(where, "mean", mean);
-  require_pointer(where, "rstd", rstd);
-  require_pointer(where, "in", in);
-  require_pointer(where, "weight", weight);
-  require_pointer(where, "bias", bias);
+  if (no_rows(where, N, C)) return;
+  require_pointers(where,
+                   {{"out", out}, {"mean", mean}, {"rstd", rstd}, {"in", in}, {"weight", weight}, {"bias", bias}});
   const unsigned blocks = row_blocks(where, N);
   with_width<T>(C % kVec<T> == 0 && all_aligned(out, in, weight, bias), [&](auto width) {
     constexpr int W = decltype(width)::value;
@@ -920,8 +908,7 @@ void layernorm_forward(T* out, float* mean, float* rstd, const T* in, const T* w
 
 std::size_t layernorm_backward_scratch_bytes(std::int64_t N, std::int64_t C) {
   constexpr const char* where = "layernorm_backward_scratch_bytes";
-  require_size(where, "N", N);
-  require_size(where, "C", C);
+  require_sizes(where, {{"N", N}, {"C", C}});
   if (N == 0 || C == 0) return 0;
   const i64 floats = product(where, 2 * layernorm_chunks(N), C);
   return static_cast<std::size_t>(product(where, floats, static_cast<i64>(sizeof(float))));
@@ -933,21 +920,16 @@ void layernorm_backward(T* din, float* dweight, float* dbias, const T* dout, con
                         cudaStream_t stream) {
   static_assert(kSupported<T>);
   constexpr const char* where = "layernorm_backward";
-  require_size(where, "N", N);
-  require_size(where, "C", C);
-  product(where, N, C);
-  if (N == 0 || C == 0) return;
-  require_pointer(where, "din", din);
-  require_pointer(where, "dweight", dweight);
-  require_pointer(where, "dbias", dbias);
-  require_pointer(where, "dout", dout);
-  require_pointer(where, "in", in);
-  require_pointer(where, "weight", weight);
-  require_pointer(where, "mean", mean);
-  require_pointer(where, "rstd", rstd);
-  require_pointer(where, "scratch", scratch);
-  if (reinterpret_cast<std::uintptr_t>(scratch) % alignof(float) != 0)
-    throw InvalidArgument(std::string(where) + ": scratch is not 4-byte aligned");
+  if (no_rows(where, N, C)) return;
+  require_pointers(where, {{"din", din},
+                           {"dweight", dweight},
+                           {"dbias", dbias},
+                           {"dout", dout},
+                           {"in", in},
+                           {"weight", weight},
+                           {"mean", mean},
+                           {"rstd", rstd}});
+  require_scratch(where, scratch);
   const unsigned blocks = row_blocks(where, N);
   const i64 chunk_rows = layernorm_chunk_rows(N), chunks = layernorm_chunks(N);
   float* partial_w = static_cast<float*>(scratch);
@@ -973,34 +955,20 @@ void layernorm_backward(T* din, float* dweight, float* dbias, const T* dout, con
 
 template <class T>
 void gelu_forward(T* out, const T* in, std::int64_t n, cudaStream_t stream) {
-  static_assert(kSupported<T>);
-  require_size("gelu_forward", "n", n);
-  if (n == 0) return;
-  require_pointer("gelu_forward", "out", out);
-  require_pointer("gelu_forward", "in", in);
-  launch_unary("gelu_forward_kernel", out, in, n, GeluForward{}, stream);
+  launch_map<T>("gelu_forward", "gelu_forward_kernel", {"out", out}, n, GeluForward{}, stream,
+                Named<const T*>{"in", in});
 }
 
 template <class T>
 void gelu_backward(T* din, const T* in, const T* dout, std::int64_t n, cudaStream_t stream) {
-  static_assert(kSupported<T>);
-  require_size("gelu_backward", "n", n);
-  if (n == 0) return;
-  require_pointer("gelu_backward", "din", din);
-  require_pointer("gelu_backward", "in", in);
-  require_pointer("gelu_backward", "dout", dout);
-  launch_binary("gelu_backward_kernel", din, in, dout, n, GeluBackward{}, stream);
+  launch_map<T>("gelu_backward", "gelu_backward_kernel", {"din", din}, n, GeluBackward{}, stream,
+                Named<const T*>{"in", in}, Named<const T*>{"dout", dout});
 }
 
 template <class T>
 void residual_forward(T* out, const T* a, const T* b, std::int64_t n, cudaStream_t stream) {
-  static_assert(kSupported<T>);
-  require_size("residual_forward", "n", n);
-  if (n == 0) return;
-  require_pointer("residual_forward", "out", out);
-  require_pointer("residual_forward", "a", a);
-  require_pointer("residual_forward", "b", b);
-  launch_binary("residual_forward_kernel", out, a, b, n, Add{}, stream);
+  launch_map<T>("residual_forward", "residual_forward_kernel", {"out", out}, n, Add{}, stream,
+                Named<const T*>{"a", a}, Named<const T*>{"b", b});
 }
 
 template <class T>
@@ -1008,9 +976,7 @@ void crossentropy_forward_backward(float* losses, T* logits, const std::int32_t*
                                    std::int64_t BT, std::int64_t V, std::int64_t stride, cudaStream_t stream) {
   static_assert(kSupported<T>);
   constexpr const char* where = "crossentropy_forward_backward";
-  require_size(where, "BT", BT);
-  require_size(where, "V", V);
-  require_size(where, "stride", stride);
+  require_sizes(where, {{"BT", BT}, {"V", V}, {"stride", stride}});
   if (stride < V)
     throw InvalidArgument(std::string(where) + ": row stride " + std::to_string(stride) + " is below V = " +
                           std::to_string(V));
@@ -1019,9 +985,7 @@ void crossentropy_forward_backward(float* losses, T* logits, const std::int32_t*
   if (V == 0) throw InvalidArgument(std::string(where) + ": empty vocabulary (V = 0)");
   if (BT > std::numeric_limits<int>::max())
     throw InvalidArgument(std::string(where) + ": " + std::to_string(BT) + " rows exceed the grid");
-  require_pointer(where, "losses", losses);
-  require_pointer(where, "logits", logits);
-  require_pointer(where, "targets", targets);
+  require_pointers(where, {{"losses", losses}, {"logits", logits}, {"targets", targets}});
   with_width<T>(stride % kVec<T> == 0 && aligned16(logits), [&](auto width) {
     constexpr int W = decltype(width)::value;
     if (V <= kWarpRowVocab) {

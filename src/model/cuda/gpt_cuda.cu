@@ -8,6 +8,7 @@
 #include <string>
 #include <vector>
 
+#include "core/cuda/check.cuh"
 #include "math/bf16.hpp"
 #include "model/cuda/ops.cuh"
 #include "model/gpt_cuda.hpp"
@@ -18,17 +19,13 @@
 namespace nibble::model {
 namespace {
 
-void check(cudaError_t e, const char* call) {
-  if (e != cudaSuccess)
-    throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(e) + " (" +
-                      cudaGetErrorString(e) + ")");
-}
+using nibble::cuda::check_cuda;
 
 // NOTE: copies go to the model's (non-blocking) stream and are waited for there; a synchronous
 // cudaMemcpy runs on the legacy stream, which that stream is not ordered after.
 void copy_and_wait(void* to, const void* from, std::size_t bytes, cudaMemcpyKind kind, cudaStream_t stream) {
-  check(cudaMemcpyAsync(to, from, bytes, kind, stream), "cudaMemcpyAsync");
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  check_cuda(cudaMemcpyAsync(to, from, bytes, kind, stream), "cudaMemcpyAsync");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
 }
 
 std::int64_t align256(std::int64_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -196,7 +193,7 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
   if (im.stream == nullptr) {
     // A stream of its own (not the legacy default stream), so that a training step can be captured
     // in a CUDA graph.
-    check(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
+    check_cuda(cudaStreamCreateWithFlags(&im.stream, cudaStreamNonBlocking), "cudaStreamCreateWithFlags");
     im.own_stream = true;
   }
   im.memory = cuda_gpt_memory(config, batch, seq, options.precision);
@@ -211,9 +208,9 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
                             ", activations " + std::to_string(im.memory.activations) + ", workspace " +
                             std::to_string(im.memory.workspace) + "), " + std::to_string(free) + " are free",
                         im.memory.total(), static_cast<long long>(free));
-    check(e, "cudaMalloc");
+    check_cuda(e, "cudaMalloc");
   }
-  check(cudaMemsetAsync(im.base, 0, static_cast<std::size_t>(bytes), im.stream), "cudaMemsetAsync");
+  check_cuda(cudaMemsetAsync(im.base, 0, static_cast<std::size_t>(bytes), im.stream), "cudaMemsetAsync");
   im.matmul = std::make_unique<model::cuda::Matmul>(options.precision == CudaPrecision::kFp32 && options.allow_tf32);
 }
 
@@ -267,7 +264,8 @@ void CudaGpt::zero_grad() {
   Impl& im = *impl_;
   float* grads = im.options.precision == CudaPrecision::kFp32 ? im.carve<float>().grads
                                                                : im.carve<__nv_bfloat16>().grads;
-  check(cudaMemsetAsync(grads, 0, static_cast<std::size_t>(im.count) * sizeof(float), im.stream), "cudaMemsetAsync");
+  check_cuda(cudaMemsetAsync(grads, 0, static_cast<std::size_t>(im.count) * sizeof(float), im.stream),
+             "cudaMemsetAsync");
 }
 
 std::vector<float> CudaGpt::logits() const {
@@ -286,7 +284,7 @@ std::vector<float> CudaGpt::logits() const {
 
 void* CudaGpt::stream() const { return impl_->stream; }
 
-void CudaGpt::synchronize() const { check(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
+void CudaGpt::synchronize() const { check_cuda(cudaStreamSynchronize(impl_->stream), "cudaStreamSynchronize"); }
 
 std::vector<ModelTensor> CudaGpt::tensors() {
   Impl& im = *impl_;
@@ -346,19 +344,20 @@ template <class T>
 float CudaGpt::Impl::forward(const std::int32_t* tokens, const std::int32_t* targets) {
   const std::int64_t BT = batch * seq;
   Layout<T> a = carve<T>();
-  check(cudaMemcpyAsync(a.tokens, tokens, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
+  check_cuda(cudaMemcpyAsync(a.tokens, tokens, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
         "cudaMemcpyAsync");
   if (targets != nullptr)
-    check(cudaMemcpyAsync(a.targets, targets, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
+    check_cuda(cudaMemcpyAsync(a.targets, targets, static_cast<std::size_t>(BT) * 4, cudaMemcpyHostToDevice, stream),
           "cudaMemcpyAsync");
   enqueue_forward<T>(targets != nullptr);
   if (targets == nullptr) {
-    check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+    check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
     return 0.0f;
   }
   std::vector<float> losses(static_cast<std::size_t>(BT));
-  check(cudaMemcpyAsync(losses.data(), a.losses, losses.size() * 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
-  check(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
+  check_cuda(cudaMemcpyAsync(losses.data(), a.losses, losses.size() * 4, cudaMemcpyDeviceToHost, stream),
+             "cudaMemcpyAsync");
+  check_cuda(cudaStreamSynchronize(stream), "cudaStreamSynchronize");
   return mean_token_loss(losses);
 }
 
@@ -373,7 +372,7 @@ void CudaGpt::Impl::backward(float loss_scale) {
   // The logits become their gradient in place: (softmax - onehot) * loss_scale / BT.
   ops::crossentropy_forward_backward(a.losses, a.logits, a.targets, loss_scale / static_cast<float>(BT), true, BT, V,
                                      V, stream);
-  check(cudaMemsetAsync(a.dresid, 0, static_cast<std::size_t>(BT * C) * sizeof(T), stream), "cudaMemsetAsync");
+  check_cuda(cudaMemsetAsync(a.dresid, 0, static_cast<std::size_t>(BT * C) * sizeof(T), stream), "cudaMemsetAsync");
   matmul->backward<T>(a.dbtc, dw.wte, nullptr, a.logits, a.lnf, w.wte, BT, C, V, a.scratch, stream);
   const T* last = config.layers > 0 ? a.layers.back().res3 : a.encoded;
   ops::layernorm_backward(a.dresid, dw.lnfw, dw.lnfb, a.dbtc, last, w.lnfw, a.lnf_mean, a.lnf_rstd, BT, C, a.scratch,
@@ -417,10 +416,10 @@ void CudaGpt::Impl::enqueue_micro_batch(const std::int32_t* tokens, const std::i
                                         float loss_scale) {
   Layout<T> a = carve<T>();
   const auto bytes = static_cast<std::size_t>(batch * seq) * 4;
-  check(cudaMemcpyAsync(a.tokens, tokens, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-  check(cudaMemcpyAsync(a.targets, targets, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  check_cuda(cudaMemcpyAsync(a.tokens, tokens, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+  check_cuda(cudaMemcpyAsync(a.targets, targets, bytes, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
   enqueue_forward<T>(true);
-  check(cudaMemcpyAsync(token_losses, a.losses, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+  check_cuda(cudaMemcpyAsync(token_losses, a.losses, bytes, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   backward<T>(loss_scale);
 }
 

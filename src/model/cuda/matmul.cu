@@ -13,6 +13,9 @@
 #include <unordered_map>
 #include <utility>
 
+#include "core/cuda/check.cuh"
+#include "model/cuda/convert.cuh"
+#include "model/cuda/gelu.cuh"
 #include "model/cuda/ops.cuh"
 #include "nibble/error.hpp"
 
@@ -44,22 +47,10 @@ constexpr int kBiasLanes = 8;
 constexpr std::int64_t kBiasRowsPerChunk = 256;
 constexpr std::int64_t kBiasMaxChunks = 64;
 
-[[noreturn]] void throw_cuda(const char* call, cudaError_t error, const char* file, int line) {
-  throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(error) + " (" +
-                    cudaGetErrorString(error) + ") at " + file + ":" + std::to_string(line));
-}
-
 [[noreturn]] void throw_cublaslt(const char* call, cublasStatus_t status, const char* file, int line) {
   throw DeviceError(std::string("cuBLASLt call ") + call + " failed: " + cublasLtGetStatusName(status) + " (" +
                     cublasLtGetStatusString(status) + ") at " + file + ":" + std::to_string(line));
 }
-
-#define NIBBLE_CUDA_CALL(call)                                                     \
-  do {                                                                             \
-    const cudaError_t nibble_cuda_status = (call);                                 \
-    if (nibble_cuda_status != cudaSuccess)                                         \
-      throw_cuda(#call, nibble_cuda_status, __FILE__, __LINE__);                   \
-  } while (0)
 
 #define NIBBLE_LT_CALL(call)                                                       \
   do {                                                                             \
@@ -70,27 +61,6 @@ constexpr std::int64_t kBiasMaxChunks = 64;
 
 // ---------------------------------------------------------------------------------------------
 // Kernels.
-
-__device__ __forceinline__ float to_float(float x) { return x; }
-__device__ __forceinline__ float to_float(bf16 x) { return __bfloat162float(x); }
-
-template <class T>
-__device__ __forceinline__ T from_float(float x) {
-  if constexpr (std::is_same_v<T, float>)
-    return x;
-  else
-    return __float2bfloat16(x);  // round to nearest even
-}
-
-// GELU, tanh approximation, with the CPU engine's constants and order of operations (explicitly
-// rounded, so no multiply-add is contracted).
-__device__ __forceinline__ float gelu_tanh(float x) {
-  constexpr float kScale = 0.7978845608028654f;  // sqrt(2 / pi)
-  constexpr float kCubic = 0.044715f;
-  const float cubic = __fmul_rn(__fmul_rn(__fmul_rn(kCubic, x), x), x);
-  const float t = tanhf(__fmul_rn(kScale, __fadd_rn(x, cubic)));
-  return __fmul_rn(__fmul_rn(0.5f, x), __fadd_rn(1.0f, t));
-}
 
 template <class T>
 struct alignas(16) Pack16 {
@@ -180,13 +150,13 @@ void launch_gelu(T* out, const T* in, std::int64_t n, cudaStream_t stream) {
   const bool vectorized = alignment_of(out) >= 16 && alignment_of(in) >= 16;
   const std::int64_t work = vectorized ? (n + kWidth - 1) / kWidth : n;
   gelu_kernel<T><<<grid_for(work), kThreads, 0, stream>>>(out, in, n, vectorized);
-  NIBBLE_CUDA_CALL(cudaGetLastError());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
 template <class T>
 void launch_bias_fill(T* out, const T* bias, std::int64_t N, std::int64_t OC, cudaStream_t stream) {
   bias_fill_kernel<T><<<grid_for(N * OC), kThreads, 0, stream>>>(out, bias, N, OC);
-  NIBBLE_CUDA_CALL(cudaGetLastError());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
 std::int64_t bias_grad_chunks(std::int64_t N) {
@@ -202,11 +172,11 @@ void launch_bias_grad(float* dbias, const T* dout, std::int64_t N, std::int64_t 
   const dim3 block(kBiasCols, kBiasLanes);
   bias_grad_partial_kernel<T><<<grid, block, 0, stream>>>(chunks > 1 ? partials : nullptr, dbias, dout, N, OC,
                                                           rows_per_chunk);
-  NIBBLE_CUDA_CALL(cudaGetLastError());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
   if (chunks == 1) return;
   bias_grad_finish_kernel<<<static_cast<unsigned>((OC + kThreads - 1) / kThreads), kThreads, 0, stream>>>(
       dbias, partials, chunks, OC);
-  NIBBLE_CUDA_CALL(cudaGetLastError());
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -274,7 +244,7 @@ MatmulState& state_of(const Matmul* matmul, const char* where) {
     state = it->second.get();
   }
   int device = 0;
-  NIBBLE_CUDA_CALL(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
   if (device != state->device)
     throw InvalidArgument(std::string(where) + ": the Matmul was created on CUDA device " +
                           std::to_string(state->device) + " but device " + std::to_string(device) + " is current");
@@ -432,7 +402,7 @@ cublasComputeType_t compute_type(bool allow_tf32) {
 
 Matmul::Matmul(bool allow_tf32) : allow_tf32_(allow_tf32) {
   int device = 0;
-  NIBBLE_CUDA_CALL(cudaGetDevice(&device));
+  NIBBLE_CUDA_CHECK(cudaGetDevice(&device));
   NIBBLE_LT_CALL(cublasLtCreate(&handle_));
   try {
     if (const cudaError_t error = cudaMalloc(&workspace_, kWorkspaceBytes); error != cudaSuccess) {
@@ -444,12 +414,12 @@ Matmul::Matmul(bool allow_tf32) : allow_tf32_(allow_tf32) {
         throw OutOfMemory("out of GPU memory: the cuBLASLt workspace needs " + std::to_string(kWorkspaceBytes) +
                               " bytes, " + std::to_string(free) + " are free",
                           static_cast<long long>(kWorkspaceBytes), static_cast<long long>(free));
-      throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
+      nibble::cuda::throw_cuda("cudaMalloc", error, __FILE__, __LINE__);
     }
     workspace_bytes_ = kWorkspaceBytes;
     // Zeroed once (split-K counters live in the workspace), and finished before any stream uses it.
-    NIBBLE_CUDA_CALL(cudaMemset(workspace_, 0, workspace_bytes_));
-    NIBBLE_CUDA_CALL(cudaDeviceSynchronize());
+    NIBBLE_CUDA_CHECK(cudaMemset(workspace_, 0, workspace_bytes_));
+    NIBBLE_CUDA_CHECK(cudaDeviceSynchronize());
     auto state = std::make_unique<MatmulState>();
     state->device = device;
     Registry& r = registry();
@@ -533,7 +503,7 @@ void Matmul::backward(T* din, float* dweight, float* dbias, const T* dout, const
   if (OC == 0) {  // din = dout * weight is a sum over nothing
     if (din != nullptr && IC > 0) {
       state_of(this, kWhere);
-      NIBBLE_CUDA_CALL(cudaMemsetAsync(din, 0, static_cast<std::size_t>(N * IC) * sizeof(T), stream));
+      NIBBLE_CUDA_CHECK(cudaMemsetAsync(din, 0, static_cast<std::size_t>(N * IC) * sizeof(T), stream));
     }
     return;
   }

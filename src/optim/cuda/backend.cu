@@ -23,11 +23,6 @@
 
 namespace nibble::cuda {
 
-void throw_cuda(const char* call, cudaError_t error, const char* file, int line) {
-  throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(error) + " (" +
-                    cudaGetErrorString(error) + ") at " + file + ":" + std::to_string(line));
-}
-
 struct DeviceState {
   cudaStream_t stream = nullptr;
   std::byte* arena = nullptr;

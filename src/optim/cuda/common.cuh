@@ -11,6 +11,7 @@
 #include <cstdint>
 #include <string>
 
+#include "core/cuda/check.cuh"
 #include "math/bf16.hpp"
 #include "math/codebook.hpp"
 #include "math/rules.hpp"
@@ -119,14 +120,6 @@ struct Tables {
   double* col_partials;
   int* bad_flag;                    // update_hessian's finiteness check
 };
-
-[[noreturn]] void throw_cuda(const char* call, cudaError_t error, const char* file, int line);
-#define NIBBLE_CUDA_CHECK(call)                                                        \
-  do {                                                                                 \
-    const cudaError_t nibble_cuda_status = (call);                                     \
-    if (nibble_cuda_status != cudaSuccess)                                             \
-      ::nibble::cuda::throw_cuda(#call, nibble_cuda_status, __FILE__, __LINE__);       \
-  } while (0)
 
 // Shared memory of a class type with default member initializers cannot be declared directly.
 #define NIBBLE_SHARED(Type, name)                                \

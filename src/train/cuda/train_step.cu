@@ -6,6 +6,7 @@
 #include <cstring>
 #include <string>
 
+#include "core/cuda/check.cuh"
 #include "model/loss.hpp"
 #include "nibble/error.hpp"
 #include "train/cuda/train_step.hpp"
@@ -13,11 +14,7 @@
 namespace nibble::train {
 namespace {
 
-void check(cudaError_t e, const char* call) {
-  if (e != cudaSuccess)
-    throw DeviceError(std::string("CUDA call ") + call + " failed: " + cudaGetErrorName(e) + " (" +
-                      cudaGetErrorString(e) + ")");
-}
+using nibble::cuda::check_cuda;
 
 }  // namespace
 
@@ -62,13 +59,17 @@ struct CudaTrainStep::Impl {
     gpt.zero_grad();
     for (std::int64_t m = 0; m < accum; ++m)
       gpt.enqueue_micro_batch(tokens + m * bt, targets + m * bt, losses + m * bt, 1.0f / static_cast<float>(accum));
-    check(cudaMemcpyAsync(scalars.lr_scale, &in->lr_scale, 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(scalars.grad_scale, &in->grad_scale, 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(scalars.found_inf, &in->found_inf, 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(scalars.lr_scale, &in->lr_scale, 4, cudaMemcpyHostToDevice, stream), "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(scalars.grad_scale, &in->grad_scale, 4, cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(scalars.found_inf, &in->found_inf, 4, cudaMemcpyHostToDevice, stream),
+               "cudaMemcpyAsync");
     optimizer.enqueue_step();
-    check(cudaMemcpyAsync(&out->skipped, scalars.skipped_last, 4, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(&out->grad_norm, scalars.grad_norm, 8, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
-    check(cudaMemcpyAsync(&out->steps, scalars.steps, 8, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(&out->skipped, scalars.skipped_last, 4, cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(&out->grad_norm, scalars.grad_norm, 8, cudaMemcpyDeviceToHost, stream),
+               "cudaMemcpyAsync");
+    check_cuda(cudaMemcpyAsync(&out->steps, scalars.steps, 8, cudaMemcpyDeviceToHost, stream), "cudaMemcpyAsync");
   }
 };
 
@@ -83,11 +84,11 @@ CudaTrainStep::CudaTrainStep(model::CudaGpt& gpt, Optimizer& optimizer, std::int
   im.scalars = optimizer.device_scalars();
   im.bt = gpt.batch() * gpt.seq();
   const auto n = static_cast<std::size_t>(accum * im.bt);
-  check(cudaMallocHost(&im.tokens, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.targets, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.losses, n * 4), "cudaMallocHost");
-  check(cudaMallocHost(&im.in, sizeof(Impl::In)), "cudaMallocHost");
-  check(cudaMallocHost(&im.out, sizeof(Impl::Out)), "cudaMallocHost");
+  check_cuda(cudaMallocHost(&im.tokens, n * 4), "cudaMallocHost");
+  check_cuda(cudaMallocHost(&im.targets, n * 4), "cudaMallocHost");
+  check_cuda(cudaMallocHost(&im.losses, n * 4), "cudaMallocHost");
+  check_cuda(cudaMallocHost(&im.in, sizeof(Impl::In)), "cudaMallocHost");
+  check_cuda(cudaMallocHost(&im.out, sizeof(Impl::Out)), "cudaMallocHost");
 }
 
 CudaTrainStep::~CudaTrainStep() = default;
@@ -98,7 +99,7 @@ float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets
   Impl& im = *impl_;
   const std::int64_t n = im.accum * im.bt;
   im.gpt.check_tokens(tokens, targets, n);
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");  // the pinned buffers are free
+  check_cuda(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");  // the pinned buffers are free
   std::memcpy(im.tokens, tokens, static_cast<std::size_t>(n) * 4);
   std::memcpy(im.targets, targets, static_cast<std::size_t>(n) * 4);
   *im.in = {lr_scale, 1.0f, 0};
@@ -107,7 +108,7 @@ float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets
     im.enqueue();
   } else {
     if (im.exec == nullptr) {
-      check(cudaStreamBeginCapture(im.stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
+      check_cuda(cudaStreamBeginCapture(im.stream, cudaStreamCaptureModeThreadLocal), "cudaStreamBeginCapture");
       try {
         im.enqueue();
       } catch (...) {
@@ -116,12 +117,12 @@ float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets
         if (broken != nullptr) cudaGraphDestroy(broken);
         throw;
       }
-      check(cudaStreamEndCapture(im.stream, &im.graph), "cudaStreamEndCapture");
-      check(cudaGraphInstantiate(&im.exec, im.graph, 0), "cudaGraphInstantiate");
+      check_cuda(cudaStreamEndCapture(im.stream, &im.graph), "cudaStreamEndCapture");
+      check_cuda(cudaGraphInstantiate(&im.exec, im.graph, 0), "cudaGraphInstantiate");
     }
-    check(cudaGraphLaunch(im.exec, im.stream), "cudaGraphLaunch");
+    check_cuda(cudaGraphLaunch(im.exec, im.stream), "cudaGraphLaunch");
   }
-  check(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
+  check_cuda(cudaStreamSynchronize(im.stream), "cudaStreamSynchronize");
   ++im.runs;
   result.skipped = im.out->skipped != 0;
   result.grad_norm = im.out->grad_norm;
