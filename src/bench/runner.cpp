@@ -160,14 +160,7 @@ RunRecord run_training(const train::TrainOptions& options, std::int64_t warmup_s
   Meter meter(sampler);
   try {
     const train::TrainSummary sum = train::train(o, [&](const train::StepLog& log) {
-      StepSample s;
-      s.step = log.step;
-      s.ms = log.ms;
-      s.optimizer_ms = log.optimizer_ms;
-      s.elapsed_s = log.elapsed_s;
-      s.loss = log.loss;
-      s.val_loss = log.val_loss;
-      s.warmup = log.step <= warmup_steps;
+      const StepSample s{log, log.step <= warmup_steps};
       r.steps.push_back(s);
       if (!target) target = o.target_val_loss;
       if (target && !r.steps_to_target && log.val_loss && *log.val_loss <= *target) {

@@ -36,13 +36,9 @@ std::vector<std::int64_t> parse_int_list(std::string_view text, std::string_view
 enum class RunStatus { kOk, kOutOfMemory };
 std::string_view status_name(RunStatus status);  // "ok", "out of memory"
 
-struct StepSample {
-  std::int64_t step = 0;
-  double ms = 0.0;
-  double optimizer_ms = 0.0;
-  double elapsed_s = 0.0;
-  float loss = 0.0f;
-  std::optional<float> val_loss;
+// One step as the trainer logs it (a timing run fills step, loss and the times), and whether it is
+// one of the warm-up steps that the steady statistics leave out.
+struct StepSample : train::StepLog {
   bool warmup = false;
 };
 
