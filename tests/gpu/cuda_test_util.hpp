@@ -1,6 +1,6 @@
 // What the GPU tests share: the skip on a machine without a CUDA device, CUDA error checks, bf16
-// bits on the host, and device memory freed at scope exit, raw or as fp32/bf16 elements read and
-// written as floats. Compiled only in the CUDA build (tests/gpu/*.cpp).
+// bits on the host, and device memory freed at scope exit: raw bytes, a typed array, and fp32/bf16
+// elements read and written as floats. Compiled only in the CUDA build (tests/gpu/*.cpp).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -56,6 +56,37 @@ class DeviceBytes {
 
  private:
   void* p_ = nullptr;
+};
+
+// n elements of T on the device, copied to and from host vectors of T.
+template <class T>
+class DeviceArray {
+ public:
+  explicit DeviceArray(std::size_t n) : n_(n) {
+    if (n_ > 0) check(cudaMalloc(&p_, n_ * sizeof(T)), "cudaMalloc");
+  }
+  ~DeviceArray() { cudaFree(p_); }
+  DeviceArray(const DeviceArray&) = delete;
+  DeviceArray& operator=(const DeviceArray&) = delete;
+  T* data() { return p_; }
+  // Every element; landed when this returns: a pageable cudaMemcpy may return before its data
+  // arrives, and work on a non-blocking stream is not ordered after the legacy stream.
+  void upload(const std::vector<T>& v) {
+    if (v.size() != n_) throw std::runtime_error("upload: " + std::to_string(v.size()) + " values for " + std::to_string(n_) + " elements");
+    if (n_ > 0) check(cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
+    check(cudaDeviceSynchronize(), "upload");
+  }
+  // `count` elements from `first` on (to the end by default).
+  std::vector<T> download(std::size_t first = 0, std::size_t count = SIZE_MAX) const {
+    count = std::min(count, n_ - first);
+    std::vector<T> v(count);
+    if (count > 0) check(cudaMemcpy(v.data(), p_ + first, count * sizeof(T), cudaMemcpyDeviceToHost), "download");
+    return v;
+  }
+
+ private:
+  T* p_ = nullptr;
+  std::size_t n_;
 };
 
 // How the engine stores activations: fp32 or bf16.

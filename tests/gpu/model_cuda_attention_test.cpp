@@ -25,33 +25,13 @@ namespace nibble::model {
 namespace {
 
 using test::check;
+using test::DeviceArray;
 using test::DeviceBytes;
 using test::DeviceTensor;
 using test::round_to_bf16;
 using test::Storage;
 
 const char* precision_name(Storage p) { return p == Storage::kF32 ? "fp32" : "bf16"; }
-
-class DeviceFloats {
- public:
-  explicit DeviceFloats(std::size_t n) : n_(n) {
-    if (n_ > 0) check(cudaMalloc(&p_, n_ * sizeof(float)), "cudaMalloc");
-  }
-  ~DeviceFloats() { cudaFree(p_); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  float* data() { return p_; }
-  std::vector<float> download(std::size_t first = 0, std::size_t count = SIZE_MAX) const {
-    count = std::min(count, n_ - first);
-    std::vector<float> v(count);
-    if (count > 0) check(cudaMemcpy(v.data(), p_ + first, count * sizeof(float), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-
- private:
-  float* p_ = nullptr;
-  std::size_t n_;
-};
 
 struct Shape {
   std::int64_t B, T, C, NH;
@@ -66,7 +46,7 @@ std::string describe(const Shape& s, Storage p) {
          " C=" + std::to_string(s.C) + " NH=" + std::to_string(s.NH);
 }
 
-void forward(Storage p, DeviceTensor& out, DeviceFloats& lse, DeviceTensor& qkv, const Shape& s) {
+void forward(Storage p, DeviceTensor& out, DeviceArray<float>& lse, DeviceTensor& qkv, const Shape& s) {
   if (p == Storage::kF32)
     cuda::attention_forward<float>(out.as<float>(), lse.data(), qkv.as<float>(), s.B, s.T, s.C, s.NH, nullptr);
   else
@@ -76,7 +56,7 @@ void forward(Storage p, DeviceTensor& out, DeviceFloats& lse, DeviceTensor& qkv,
 }
 
 void backward(Storage p, DeviceTensor& dqkv, DeviceTensor& dout, DeviceTensor& qkv, DeviceTensor& out,
-              DeviceFloats& lse, DeviceBytes& scratch, const Shape& s) {
+              DeviceArray<float>& lse, DeviceBytes& scratch, const Shape& s) {
   if (p == Storage::kF32)
     cuda::attention_backward<float>(dqkv.as<float>(), dout.as<float>(), qkv.as<float>(), out.as<float>(), lse.data(),
                                     s.B, s.T, s.C, s.NH, scratch.data(), nullptr);
@@ -210,7 +190,7 @@ TEST_P(AttentionMatchesCpu, ForwardBackwardAndLse) {
     const Reference ref = cpu_reference(qkv, dout, s);
 
     DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(qkv);
     d_dout.upload(dout);
@@ -239,7 +219,7 @@ TEST_P(AttentionMatchesCpu, BitwiseDeterministicAndOverwriting) {
   const std::vector<float> qkv = random_qkv(s, 11, p);
   const std::vector<float> dout = random_values(s.out(), 1.0f, 12, p);
   DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-  DeviceFloats d_lse(s.lse());
+  DeviceArray<float> d_lse(s.lse());
   DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
   d_qkv.upload(qkv);
   d_dout.upload(dout);
@@ -281,7 +261,7 @@ TEST_P(AttentionMatchesCpu, Causal) {
   };
   auto run = [&](const std::vector<float>& input) {
     DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(input);
     d_dout.upload(dout);
@@ -319,7 +299,7 @@ TEST_P(AttentionMatchesCpu, MisalignedPointersGiveTheSameBits) {
   auto run = [&](std::size_t offset) {
     DeviceTensor d_qkv(p, s.qkv(), offset), d_out(p, s.out(), offset), d_dout(p, s.out(), offset),
         d_dqkv(p, s.qkv(), offset);
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(qkv);
     d_dout.upload(dout);
@@ -402,7 +382,7 @@ TEST(CudaAttention, IndicesPast2To31) {
 
   const Storage p = Storage::kBF16;
   DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-  DeviceFloats d_lse(s.lse());
+  DeviceArray<float> d_lse(s.lse());
   DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
   d_qkv.fill_bytes(0);
   d_dout.fill_bytes(0);

@@ -28,35 +28,8 @@ namespace {
 using test::bf16_bits;
 using test::bf16_value;
 using test::check;
+using test::DeviceArray;
 using test::tensor_name;
-
-// A device array of T with host round trips.
-template <class T>
-class DeviceArray {
- public:
-  explicit DeviceArray(std::size_t n) : n_(n) {
-    if (n_ > 0) check(cudaMalloc(&p_, n_ * sizeof(T)), "cudaMalloc");
-  }
-  ~DeviceArray() { cudaFree(p_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  T* data() { return p_; }
-  // Landed when this returns: a pageable cudaMemcpy may return before its data arrives, and work
-  // on a non-blocking stream (the graph test's) is not ordered after the legacy stream.
-  void upload(const std::vector<T>& v) {
-    if (n_ > 0) check(cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
-    check(cudaDeviceSynchronize(), "upload");
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n_);
-    if (n_ > 0) check(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-
- private:
-  T* p_ = nullptr;
-  std::size_t n_;
-};
 
 float from_f16(std::uint16_t h) {
   const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
