@@ -1,5 +1,5 @@
 // What the C++ tests share: a temporary directory per test, whole-file reads and writes, the
-// message of an expected exception, and the names of generated tensors. Header-only, test-side.
+// message of an expected exception, uniform random values, and the names of generated tensors. Header-only, test-side.
 #pragma once
 
 #include <gtest/gtest.h>
@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <iterator>
+#include <random>
 #include <span>
 #include <stdexcept>
 #include <string>
@@ -95,6 +96,14 @@ std::string thrown_message(F&& f, const std::string& what = "") {
   }
   ADD_FAILURE() << context << "threw nothing, expected " << typeid(E).name();
   return {};
+}
+
+// n values drawn uniformly from [lo, hi), one draw of `rng` each.
+inline std::vector<float> uniform_values(std::mt19937& rng, std::size_t n, float lo, float hi) {
+  std::uniform_real_distribution<float> dist(lo, hi);
+  std::vector<float> v(n);
+  for (float& x : v) x = dist(rng);
+  return v;
 }
 
 // "t0", "t1", ... (appended, not operator+: GCC 12 warns falsely on the latter).

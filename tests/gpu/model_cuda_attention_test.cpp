@@ -20,6 +20,7 @@
 #include "nibble/error.hpp"
 
 #include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
 
 namespace nibble::model {
 namespace {
@@ -71,9 +72,9 @@ void backward(Storage p, DeviceTensor& dqkv, DeviceTensor& dout, DeviceTensor& q
 // reference sees exactly the values the GPU reads).
 std::vector<float> random_values(std::size_t n, float spread, std::uint32_t seed, Storage p) {
   std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-spread, spread);
-  std::vector<float> v(n);
-  for (float& x : v) x = p == Storage::kBF16 ? round_to_bf16(dist(gen)) : dist(gen);
+  std::vector<float> v = test::uniform_values(gen, n, -spread, spread);
+  if (p == Storage::kBF16)
+    for (float& x : v) x = round_to_bf16(x);
   return v;
 }
 

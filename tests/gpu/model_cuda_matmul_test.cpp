@@ -36,6 +36,7 @@
 #include "nibble/error.hpp"
 
 #include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
 
 namespace nibble::model::cuda {
 namespace {
@@ -106,9 +107,8 @@ class DeviceArray {
 template <class T>
 std::vector<float> random_values(std::size_t n, std::uint32_t seed) {
   std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = Host<T>::decode(Host<T>::encode(dist(gen)));
+  std::vector<float> v = test::uniform_values(gen, n, -1.0f, 1.0f);
+  for (float& x : v) x = Host<T>::decode(Host<T>::encode(x));
   return v;
 }
 

@@ -21,6 +21,7 @@
 #include "nibble/error.hpp"
 
 #include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
 
 namespace nibble::model {
 namespace {
@@ -30,6 +31,7 @@ using test::DeviceBytes;
 using test::DeviceTensor;
 using test::round_to_bf16;
 using test::Storage;
+using test::uniform_values;
 
 // Tolerances. u32 and u16 are the unit roundoffs of fp32 (24-bit significand) and bf16 (8-bit
 // significand: 7 stored bits plus the implicit one): rounding to nearest moves a value by at most
@@ -78,13 +80,6 @@ void dispatch(Storage s, Fn&& fn) {
     fn(Type<float>{});
   else
     fn(Type<cuda::bf16>{});
-}
-
-std::vector<float> uniform(std::mt19937& rng, std::size_t n, float lo, float hi) {
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
 }
 
 std::vector<std::int32_t> random_tokens(std::mt19937& rng, std::size_t n, std::int32_t vocab) {
@@ -158,8 +153,8 @@ TEST_P(CudaOps, EmbeddingForwardMatchesCpu) {
     for (const std::size_t offset : {0, 1}) {
       const std::size_t N = static_cast<std::size_t>(e.B * e.T), C = static_cast<std::size_t>(e.C);
       const auto tokens = random_tokens(rng, N, static_cast<std::int32_t>(e.V));
-      const auto wte = round_to(s(), uniform(rng, static_cast<std::size_t>(e.V) * C, -1, 1));
-      const auto wpe = round_to(s(), uniform(rng, static_cast<std::size_t>(e.T) * C, -1, 1));
+      const auto wte = round_to(s(), uniform_values(rng, static_cast<std::size_t>(e.V) * C, -1, 1));
+      const auto wpe = round_to(s(), uniform_values(rng, static_cast<std::size_t>(e.T) * C, -1, 1));
       DeviceTensor d_wte(s(), wte.size(), offset), d_wpe(s(), wpe.size(), offset), d_out(s(), N * C, offset);
       d_wte.upload(wte);
       d_wpe.upload(wpe);
@@ -253,9 +248,9 @@ TEST_P(CudaOps, EmbeddingBackwardMatchesCpu) {
     for (const std::size_t offset : {0, 1}) {
       const EmbeddingShape& e = k.e;
       const std::size_t N = static_cast<std::size_t>(e.B * e.T), C = static_cast<std::size_t>(e.C);
-      const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-      const auto dwte0 = uniform(rng, static_cast<std::size_t>(e.V) * C, -1, 1);
-      const auto dwpe0 = uniform(rng, static_cast<std::size_t>(e.T) * C, -1, 1);
+      const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+      const auto dwte0 = uniform_values(rng, static_cast<std::size_t>(e.V) * C, -1, 1);
+      const auto dwpe0 = uniform_values(rng, static_cast<std::size_t>(e.T) * C, -1, 1);
       const auto [dwte, dwpe] = run_embedding_backward(s(), e, k.tokens, dout, dwte0, dwpe0, offset, false);
       std::vector<float> want_dwte = dwte0, want_dwpe = dwpe0;
       cpu::embedding_backward(want_dwte.data(), want_dwpe.data(), dout.data(), k.tokens.data(), e.B, e.T, e.C);
@@ -271,9 +266,9 @@ TEST_P(CudaOps, EmbeddingBackwardIsDeterministic) {
   const EmbeddingShape e{3, 700, 45, 300};
   const std::size_t N = 2100, C = 45;
   const auto tokens = skewed_tokens(rng, N, 300, 1200, 11);
-  const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-  const auto dwte0 = uniform(rng, 300 * C, -1, 1);
-  const auto dwpe0 = uniform(rng, 700 * C, -1, 1);
+  const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+  const auto dwte0 = uniform_values(rng, 300 * C, -1, 1);
+  const auto dwpe0 = uniform_values(rng, 700 * C, -1, 1);
   const auto first = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, false);
   const auto second = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, true);  // scratch full of junk
   EXPECT_TRUE(same_bits(first.first, second.first)) << "dwte";
@@ -289,9 +284,9 @@ TEST_P(CudaOps, EmbeddingBackwardSkipsTokensOutsideTheVocabulary) {
   tokens[3] = -1;
   tokens[8] = 10;
   tokens[12] = 1 << 20;
-  const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-  const auto dwte0 = uniform(rng, 10 * C, -1, 1);
-  const auto dwpe0 = uniform(rng, 9 * C, -1, 1);
+  const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+  const auto dwte0 = uniform_values(rng, 10 * C, -1, 1);
+  const auto dwpe0 = uniform_values(rng, 9 * C, -1, 1);
   const auto [dwte, dwpe] = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, false);
   // The reference: the valid positions only for dwte, every position for dwpe.
   std::vector<float> want_dwte = dwte0, want_dwpe = dwpe0;
@@ -327,9 +322,9 @@ TEST_P(CudaOps, LayerNormForwardMatchesCpu) {
   for (const RowShape r : {RowShape{14, 96}, RowShape{37, 45}, RowShape{9, 8}})
     for (const std::size_t offset : {0, 1}) {
       const std::size_t N = static_cast<std::size_t>(r.N), C = static_cast<std::size_t>(r.C);
-      const auto x = round_to(s(), uniform(rng, N * C, -1, 2));  // a mean well away from zero
-      const auto w = round_to(s(), uniform(rng, C, 0.5f, 1.5f));
-      const auto b = round_to(s(), uniform(rng, C, -0.5f, 0.5f));
+      const auto x = round_to(s(), uniform_values(rng, N * C, -1, 2));  // a mean well away from zero
+      const auto w = round_to(s(), uniform_values(rng, C, 0.5f, 1.5f));
+      const auto b = round_to(s(), uniform_values(rng, C, -0.5f, 0.5f));
       DeviceTensor d_x(s(), N * C, offset), d_w(s(), C, offset), d_b(s(), C), d_out(s(), N * C);
       DeviceTensor d_mean(Storage::kF32, N), d_rstd(Storage::kF32, N);
       d_x.upload(x);
@@ -395,13 +390,13 @@ struct LayerNormCase {
 LayerNormCase layernorm_case(Storage s, std::mt19937& rng, const RowShape& r) {
   const std::size_t N = static_cast<std::size_t>(r.N), C = static_cast<std::size_t>(r.C);
   LayerNormCase k;
-  k.x = round_to(s, uniform(rng, N * C, -1, 2));
-  k.w = round_to(s, uniform(rng, C, 0.5f, 1.5f));
-  const auto b = uniform(rng, C, -0.5f, 0.5f);
-  k.dout = round_to(s, uniform(rng, N * C, -1, 1));
-  k.din0 = round_to(s, uniform(rng, N * C, -1, 1));
-  k.dweight0 = uniform(rng, C, -1, 1);
-  k.dbias0 = uniform(rng, C, -1, 1);
+  k.x = round_to(s, uniform_values(rng, N * C, -1, 2));
+  k.w = round_to(s, uniform_values(rng, C, 0.5f, 1.5f));
+  const auto b = uniform_values(rng, C, -0.5f, 0.5f);
+  k.dout = round_to(s, uniform_values(rng, N * C, -1, 1));
+  k.din0 = round_to(s, uniform_values(rng, N * C, -1, 1));
+  k.dweight0 = uniform_values(rng, C, -1, 1);
+  k.dbias0 = uniform_values(rng, C, -1, 1);
   // Both sides get the CPU forward's statistics.
   std::vector<float> out(N * C);
   k.mean.resize(N);
@@ -469,8 +464,8 @@ TEST_P(CudaOps, GeluMatchesCpu) {
   std::mt19937 rng(8);
   for (const std::size_t n : {std::size_t{1001}, std::size_t{8}, std::size_t{3}})
     for (const std::size_t offset : {0, 1}) {
-      const auto x = round_to(s(), uniform(rng, n, -4, 4));
-      const auto dout = round_to(s(), uniform(rng, n, -1, 1));
+      const auto x = round_to(s(), uniform_values(rng, n, -4, 4));
+      const auto dout = round_to(s(), uniform_values(rng, n, -1, 1));
       std::vector<float> out(n), din(n, 0.0f);
       cpu::gelu_forward(out.data(), x.data(), static_cast<std::int64_t>(n));
       cpu::gelu_backward(din.data(), x.data(), dout.data(), static_cast<std::int64_t>(n));  // += onto zeros
@@ -498,8 +493,8 @@ TEST_P(CudaOps, ResidualMatchesCpu) {
   std::mt19937 rng(9);
   for (const std::size_t n : {std::size_t{1001}, std::size_t{16}, std::size_t{5}})
     for (const std::size_t offset : {0, 1}) {
-      const auto a = round_to(s(), uniform(rng, n, -3, 3));
-      const auto b = round_to(s(), uniform(rng, n, -3, 3));
+      const auto a = round_to(s(), uniform_values(rng, n, -3, 3));
+      const auto b = round_to(s(), uniform_values(rng, n, -3, 3));
       std::vector<float> want(n);
       cpu::residual_forward(want.data(), a.data(), b.data(), static_cast<std::int64_t>(n));
       want = round_to(s(), want);
@@ -551,7 +546,7 @@ TEST_P(CudaOps, CrossEntropyMatchesCpuOnPaddedRows) {
     for (const bool backward : {false, true}) {
       const std::size_t BT = static_cast<std::size_t>(k.BT), V = static_cast<std::size_t>(k.V),
                         stride = static_cast<std::size_t>(k.stride);
-      const auto logits = round_to(s(), uniform(rng, BT * V, -4, 4));
+      const auto logits = round_to(s(), uniform_values(rng, BT * V, -4, 4));
       std::vector<float> padded(BT * stride, kPadding);
       for (std::size_t i = 0; i < BT; ++i)
         for (std::size_t v = 0; v < V; ++v) padded[i * stride + v] = logits[i * V + v];
@@ -598,7 +593,7 @@ TEST_P(CudaOps, CrossEntropyGuardsTargetsOutsideTheVocabulary) {
   for (const CrossEntropyShape k : {CrossEntropyShape{4, 65, 72}, CrossEntropyShape{4, 2000, 2000}}) {
     const std::size_t BT = 4, V = static_cast<std::size_t>(k.V), stride = static_cast<std::size_t>(k.stride);
     const std::vector<std::int32_t> targets = {3, -1, static_cast<std::int32_t>(V), 1 << 30};
-    const auto logits = round_to(s(), uniform(rng, BT * V, -4, 4));
+    const auto logits = round_to(s(), uniform_values(rng, BT * V, -4, 4));
     std::vector<float> padded(BT * stride, kPadding);
     for (std::size_t i = 0; i < BT; ++i)
       for (std::size_t v = 0; v < V; ++v) padded[i * stride + v] = logits[i * V + v];
