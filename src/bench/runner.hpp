@@ -30,6 +30,9 @@ struct OptimizerChoice {
 // empty list or entry, or a duplicate.
 std::vector<OptimizerChoice> parse_optimizers(std::string_view text, std::span<const Precision> precisions);
 std::vector<Precision> parse_precisions(std::string_view text);
+// The pieces of `text` between commas, as they stand (an empty piece included; "" is one empty
+// piece): what every list flag is cut into before its entries are checked.
+std::vector<std::string_view> split_at_commas(std::string_view text);
 // Comma-separated positive integers ("16,32,64"); throws InvalidArgument naming the bad entry.
 std::vector<std::int64_t> parse_int_list(std::string_view text, std::string_view what);
 
