@@ -11,7 +11,6 @@
 #include <cstdint>
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <limits>
 #include <string>
 #include <string_view>
@@ -20,28 +19,22 @@
 #include "bench/report.hpp"
 #include "nibble/error.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble::bench {
 namespace {
 
 namespace fs = std::filesystem;
 using nlohmann::json;
+using test::read_text;
+using test::TempDir;
+using test::thrown_message;
+using test::write_file;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr std::int64_t kInt64Max = std::numeric_limits<std::int64_t>::max();
 constexpr std::int64_t kInt64Min = std::numeric_limits<std::int64_t>::min();
-
-// The message of the exception of type E that `f` throws; fails the test when it throws nothing.
-template <typename E, typename F>
-std::string message_of(F f) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected an exception";
-  return "";
-}
 
 // Cells compare by type and exact bits, so NaN equals NaN and -0.0 differs from 0.0.
 bool same_cell(const Cell& a, const Cell& b) {
@@ -116,38 +109,6 @@ Report every_type_report() {
   report.tables.push_back(steps);
   return report;
 }
-
-std::string read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_plain(const fs::path& path, std::string_view text) {
-  std::ofstream out(path, std::ios::binary);
-  out << text;
-}
-
-// A fresh directory for one test, removed with everything in it afterwards.
-class TempDir {
- public:
-  TempDir() {
-    path_ = fs::temp_directory_path() /
-            ("nibble_report_test_" + std::to_string(::getpid()) + "_" +
-             ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(path_);
-    fs::create_directories(path_);
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-
- private:
-  fs::path path_;
-};
 
 std::vector<std::string> names_in(const fs::path& dir) {
   std::vector<std::string> names;
@@ -240,7 +201,7 @@ TEST(BenchReport, CsvSingleColumnOfEmptyCellsRoundTrips) {
 TEST(BenchReport, CsvMalformedThrowsFormatErrorNamingTheLine) {
   const std::vector<Column> int_text = {{"n", ColumnType::kInt, ""}, {"s", ColumnType::kText, ""}};
   auto error = [&](std::string_view csv, const std::vector<Column>& columns) {
-    return message_of<FormatError>([&] { table_from_csv(csv, "runs", columns); });
+    return thrown_message<FormatError>([&] { table_from_csv(csv, "runs", columns); });
   };
 
   std::string message = error("n,s\n1,a\n2,\"unterminated\n3,b\n", int_text);
@@ -350,7 +311,7 @@ TEST(BenchReport, JsonWritesAnEmptyEnvironmentAsAnObject) {
   EXPECT_TRUE(document["options"].is_object());
   EXPECT_TRUE(report_from_json(document).tables.empty());
   report.options = json::array({1, 2});
-  const std::string message = message_of<InvalidArgument>([&] { to_json(report); });
+  const std::string message = thrown_message<InvalidArgument>([&] { to_json(report); });
   EXPECT_NE(message.find("options"), std::string::npos) << message;
 }
 
@@ -403,7 +364,7 @@ TEST(BenchReport, JsonReaderRejectsWrongFormatVersionKeysAndTypes) {
   for (const Case& c : cases) {
     json document = good;
     c.edit(document);
-    const std::string message = message_of<FormatError>([&] { report_from_json(document); });
+    const std::string message = thrown_message<FormatError>([&] { report_from_json(document); });
     EXPECT_NE(message.find(c.expected), std::string::npos) << c.name << ": " << message;
   }
 }
@@ -412,18 +373,18 @@ TEST(BenchReport, JsonReaderRejectsWrongFormatVersionKeysAndTypes) {
 
 TEST(BenchReport, AddRowRejectsWrongLengthAndType) {
   Table table{"runs", {{"batch", ColumnType::kInt, ""}, {"ms", ColumnType::kReal, "ms"}}, {}};
-  std::string message = message_of<InvalidArgument>([&] { table.add_row({std::int64_t{1}}); });
+  std::string message = thrown_message<InvalidArgument>([&] { table.add_row({std::int64_t{1}}); });
   EXPECT_NE(message.find("1 cells"), std::string::npos) << message;
   EXPECT_NE(message.find("2 columns"), std::string::npos) << message;
-  message = message_of<InvalidArgument>([&] { table.add_row({std::int64_t{1}, 2.0, 3.0}); });
+  message = thrown_message<InvalidArgument>([&] { table.add_row({std::int64_t{1}, 2.0, 3.0}); });
   EXPECT_NE(message.find("3 cells"), std::string::npos) << message;
-  message = message_of<InvalidArgument>([&] { table.add_row({2.0, 2.0}); });
+  message = thrown_message<InvalidArgument>([&] { table.add_row({2.0, 2.0}); });
   EXPECT_NE(message.find("'batch'"), std::string::npos) << message;
-  message = message_of<InvalidArgument>([&] {
+  message = thrown_message<InvalidArgument>([&] {
     table.add_row({std::int64_t{1}, std::string("2")});
   });
   EXPECT_NE(message.find("'ms'"), std::string::npos) << message;
-  message = message_of<InvalidArgument>([&] { table.add_row({true, 1.0}); });
+  message = thrown_message<InvalidArgument>([&] { table.add_row({true, 1.0}); });
   EXPECT_NE(message.find("'batch'"), std::string::npos) << message;
   EXPECT_TRUE(table.rows.empty());
   table.add_row({std::monostate{}, std::monostate{}});
@@ -434,7 +395,7 @@ TEST(BenchReport, ColumnFindsByNameOrThrows) {
   const Table table = every_type_table();
   EXPECT_EQ(table.column("batch"), 0u);
   EXPECT_EQ(table.column("oom"), 3u);
-  const std::string message = message_of<InvalidArgument>([&] { table.column("loss"); });
+  const std::string message = thrown_message<InvalidArgument>([&] { table.column("loss"); });
   EXPECT_NE(message.find("'loss'"), std::string::npos) << message;
 }
 
@@ -461,16 +422,16 @@ TEST(BenchReport, WriteReportWritesJsonAndOneCsvPerTable) {
   EXPECT_EQ(names_in(dir),
             (std::vector<std::string>{"sweep-runs.csv", "sweep-steps.csv", "sweep.json"}));
 
-  EXPECT_EQ(read_file(dir / "sweep-steps.csv"), "step,ms\n1,2.5\n2,\n");
-  EXPECT_EQ(read_file(dir / "sweep-runs.csv"), to_csv(report.tables[0]));
-  const Report back = report_from_json(json::parse(read_file(dir / "sweep.json")));
+  EXPECT_EQ(read_text(dir / "sweep-steps.csv"), "step,ms\n1,2.5\n2,\n");
+  EXPECT_EQ(read_text(dir / "sweep-runs.csv"), to_csv(report.tables[0]));
+  const Report back = report_from_json(json::parse(read_text(dir / "sweep.json")));
   EXPECT_EQ(back.suite, report.suite);
   EXPECT_EQ(back.environment, report.environment);
   EXPECT_EQ(back.options, report.options);
   ASSERT_EQ(back.tables.size(), 2u);
   expect_same_table(back.tables[0], report.tables[0]);
   expect_same_table(back.tables[1], report.tables[1]);
-  expect_same_table(table_from_csv(read_file(paths[1]), "runs", report.tables[0].columns),
+  expect_same_table(table_from_csv(read_text(paths[1]), "runs", report.tables[0].columns),
                     report.tables[0]);
 
   // Writing again replaces the files in place and still leaves no temporaries.
@@ -480,7 +441,7 @@ TEST(BenchReport, WriteReportWritesJsonAndOneCsvPerTable) {
   write_report(smaller, dir, "sweep");
   EXPECT_EQ(names_in(dir),
             (std::vector<std::string>{"sweep-runs.csv", "sweep-steps.csv", "sweep.json"}));
-  EXPECT_EQ(read_file(dir / "sweep-runs.csv"),
+  EXPECT_EQ(read_text(dir / "sweep-runs.csv"),
             "batch,tokens_per_s,optimizer,oom\n8,12345.678,adamw,false\n");
 }
 
@@ -488,38 +449,38 @@ TEST(BenchReport, WriteFileAtomicReplacesContent) {
   const TempDir temp;
   const fs::path path = temp.path() / "a.txt";
   write_file_atomic(path, "first\n");
-  EXPECT_EQ(read_file(path), "first\n");
+  EXPECT_EQ(read_text(path), "first\n");
   write_file_atomic(path, "");
-  EXPECT_EQ(read_file(path), "");
+  EXPECT_EQ(read_text(path), "");
   write_file_atomic(path, "second");
-  EXPECT_EQ(read_file(path), "second");
+  EXPECT_EQ(read_text(path), "second");
   EXPECT_EQ(names_in(temp.path()), std::vector<std::string>{"a.txt"});
 }
 
 TEST(BenchReport, WriteUnderARegularFileThrowsIoError) {
   const TempDir temp;
   const fs::path file = temp.path() / "plain";
-  write_plain(file, "keep me");
+  write_file(file, "keep me");
   const fs::path dir = file / "results";
-  std::string message = message_of<IoError>([&] { write_report(every_type_report(), dir, "r"); });
+  std::string message = thrown_message<IoError>([&] { write_report(every_type_report(), dir, "r"); });
   EXPECT_NE(message.find(dir.string()), std::string::npos) << message;
-  message = message_of<IoError>([&] { write_file_atomic(file / "x.json", "{}"); });
+  message = thrown_message<IoError>([&] { write_file_atomic(file / "x.json", "{}"); });
   EXPECT_NE(message.find((file / "x.json").string()), std::string::npos) << message;
-  EXPECT_EQ(read_file(file), "keep me");
+  EXPECT_EQ(read_text(file), "keep me");
   EXPECT_EQ(names_in(temp.path()), std::vector<std::string>{"plain"});
 }
 
 TEST(BenchReport, FailedWriteLeavesTheExistingFileUnchanged) {
   const TempDir temp;
   const fs::path path = temp.path() / "r.json";
-  write_plain(path, "old report");
+  write_file(path, "old report");
   // A directory where the temporary would go: it cannot be created, and is not ours to remove.
   const fs::path blocker = temp.path() / ("r.json.tmp-" + std::to_string(::getpid()));
   fs::create_directory(blocker);
   const std::string message =
-      message_of<IoError>([&] { write_report(every_type_report(), temp.path(), "r"); });
+      thrown_message<IoError>([&] { write_report(every_type_report(), temp.path(), "r"); });
   EXPECT_NE(message.find(path.string()), std::string::npos) << message;
-  EXPECT_EQ(read_file(path), "old report");
+  EXPECT_EQ(read_text(path), "old report");
   EXPECT_TRUE(fs::is_directory(blocker));
   EXPECT_EQ(names_in(temp.path()),
             (std::vector<std::string>{"r.json", blocker.filename().string()}));
@@ -529,20 +490,20 @@ TEST(BenchReport, FailedRenameRemovesTheTemporary) {
   const TempDir temp;
   const fs::path target = temp.path() / "occupied";
   fs::create_directory(target);
-  write_plain(target / "inside", "x");
-  const std::string message = message_of<IoError>([&] { write_file_atomic(target, "text"); });
+  write_file(target / "inside", "x");
+  const std::string message = thrown_message<IoError>([&] { write_file_atomic(target, "text"); });
   EXPECT_NE(message.find(target.string()), std::string::npos) << message;
   EXPECT_EQ(names_in(temp.path()), std::vector<std::string>{"occupied"});
-  EXPECT_EQ(read_file(target / "inside"), "x");
+  EXPECT_EQ(read_text(target / "inside"), "x");
 }
 
 TEST(BenchReport, InvalidReportWritesNothing) {
   const TempDir temp;
-  write_plain(temp.path() / "r.json", "old report");
+  write_file(temp.path() / "r.json", "old report");
   Report report = every_type_report();
   report.tables[1].rows.push_back({std::string("one"), 2.0});
   EXPECT_THROW(write_report(report, temp.path(), "r"), InvalidArgument);
-  EXPECT_EQ(read_file(temp.path() / "r.json"), "old report");
+  EXPECT_EQ(read_text(temp.path() / "r.json"), "old report");
   EXPECT_EQ(names_in(temp.path()), std::vector<std::string>{"r.json"});
 
   report = every_type_report();
@@ -634,13 +595,13 @@ TEST(BenchReport, ParseBytesRejectsNamingTheText) {
        {"",       "   ",        "-1GB", "-0",     "abc",   "1XB",   "nan",
         "NaN",    "inf",        "-inf", "+5",     "GB",    "1e400", "9223372036854775808",
         "9.3e18", "8388608TiB", "8EiB", "16 G B", "1.5.2", "0x10",  "1,000"}) {
-    const std::string message = message_of<InvalidArgument>([&] { parse_bytes(text); });
+    const std::string message = thrown_message<InvalidArgument>([&] { parse_bytes(text); });
     EXPECT_NE(message.find(fmt::format("'{}'", text)), std::string::npos)
         << text << ": " << message;
   }
-  EXPECT_NE(message_of<InvalidArgument>([] { parse_bytes("-1GB"); }).find("negative"),
+  EXPECT_NE(thrown_message<InvalidArgument>([] { parse_bytes("-1GB"); }).find("negative"),
             std::string::npos);
-  EXPECT_NE(message_of<InvalidArgument>([] { parse_bytes("1e30"); }).find("int64"),
+  EXPECT_NE(thrown_message<InvalidArgument>([] { parse_bytes("1e30"); }).find("int64"),
             std::string::npos);
 }
 

@@ -11,23 +11,14 @@
 #include "bench/stats.hpp"
 #include "nibble/error.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble::bench {
 namespace {
+using test::thrown_message;
 
 constexpr double kNaN = std::numeric_limits<double>::quiet_NaN();
 constexpr double kInf = std::numeric_limits<double>::infinity();
-
-// The message of the InvalidArgument `f` throws; fails the test when it throws nothing.
-template <typename F>
-std::string invalid_argument_message(F f) {
-  try {
-    f();
-  } catch (const InvalidArgument& e) {
-    return e.what();
-  }
-  ADD_FAILURE() << "expected InvalidArgument";
-  return "";
-}
 
 TEST(BenchStats, SummaryOfHandComputedSample) {
   const std::vector<double> x = {2, 4, 4, 4, 5, 5, 7, 9};
@@ -96,13 +87,13 @@ TEST(BenchStats, VarianceIsAccurateForLargeOffset) {
 }
 
 TEST(BenchStats, SummarizeRejectsEmptyAndNonFinite) {
-  EXPECT_NE(invalid_argument_message([] { summarize({}); }).find("no values"), std::string::npos);
+  EXPECT_NE(thrown_message<InvalidArgument>([] { summarize({}); }).find("no values"), std::string::npos);
   const std::vector<double> with_nan = {1.0, 2.0, kNaN};
-  const std::string message = invalid_argument_message([&] { summarize(with_nan); });
+  const std::string message = thrown_message<InvalidArgument>([&] { summarize(with_nan); });
   EXPECT_NE(message.find("index 2"), std::string::npos) << message;
   EXPECT_NE(message.find("nan"), std::string::npos) << message;
   const std::vector<double> with_inf = {kInf};
-  EXPECT_NE(invalid_argument_message([&] { summarize(with_inf); }).find("inf"), std::string::npos);
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { summarize(with_inf); }).find("inf"), std::string::npos);
 }
 
 TEST(BenchStats, TQuantileTable) {
@@ -183,9 +174,9 @@ TEST(BenchStats, DeltaPercent) {
   EXPECT_DOUBLE_EQ(delta_percent(5.0, 5.0), 0.0);
   // A negative baseline keeps the sign of value - baseline relative to it.
   EXPECT_DOUBLE_EQ(delta_percent(-3.0, -2.0), 50.0);
-  EXPECT_NE(invalid_argument_message([] { delta_percent(1.0, 0.0); }).find("baseline is 0"),
+  EXPECT_NE(thrown_message<InvalidArgument>([] { delta_percent(1.0, 0.0); }).find("baseline is 0"),
             std::string::npos);
-  EXPECT_NE(invalid_argument_message([] { delta_percent(1.0, kNaN); }).find("baseline nan"),
+  EXPECT_NE(thrown_message<InvalidArgument>([] { delta_percent(1.0, kNaN); }).find("baseline nan"),
             std::string::npos);
   EXPECT_THROW(delta_percent(1.0, kInf), InvalidArgument);
   EXPECT_THROW(delta_percent(kNaN, 1.0), InvalidArgument);
@@ -266,11 +257,11 @@ TEST(BenchStats, WelchWithOneConstantSide) {
 TEST(BenchStats, CompareRejectsEmptyAndNonFinite) {
   const std::vector<double> good = {1.0, 2.0};
   const std::vector<double> bad = {1.0, kInf};
-  EXPECT_NE(invalid_argument_message([&] { compare({}, good); }).find("sample a"),
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { compare({}, good); }).find("sample a"),
             std::string::npos);
-  EXPECT_NE(invalid_argument_message([&] { compare(good, {}); }).find("sample b"),
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { compare(good, {}); }).find("sample b"),
             std::string::npos);
-  const std::string message = invalid_argument_message([&] { compare(good, bad); });
+  const std::string message = thrown_message<InvalidArgument>([&] { compare(good, bad); });
   EXPECT_NE(message.find("sample b"), std::string::npos) << message;
   EXPECT_NE(message.find("index 1"), std::string::npos) << message;
 }

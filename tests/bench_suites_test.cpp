@@ -18,20 +18,13 @@
 #include "nibble/tensor.hpp"
 #include "train/optimizer_setup.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble::bench {
 namespace {
+using test::thrown_message;
 
 const std::vector<Precision> kFp32{Precision::kFp32};
-
-template <class F>
-std::string error_of(F&& f) {
-  try {
-    f();
-  } catch (const Error& e) {
-    return e.what();
-  }
-  return "(no error)";
-}
 
 const Cell& cell(const Table& t, std::size_t row, std::string_view column) { return t.rows.at(row).at(t.column(column)); }
 
@@ -51,17 +44,17 @@ TEST(BenchLists, OptimizersExpandOverPrecisions) {
 }
 
 TEST(BenchLists, BadListsNameTheBadEntry) {
-  EXPECT_NE(error_of([] { parse_optimizers("adamw,rmsprop", kFp32); }).find("'rmsprop'"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_optimizers("adamw:3bit", kFp32); }).find("'3bit'"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_optimizers("adamw,,lion", kFp32); }).find("empty entry"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_optimizers("", kFp32); }).find("empty"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_optimizers("adamw,adamw:fp32", kFp32); }).find("twice"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_int_list("16,-4", "batch"); }).find("'-4'"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_int_list("16,x", "batch"); }).find("'x'"), std::string::npos);
-  EXPECT_NE(error_of([] { parse_int_list("0", "batch"); }).find("'0'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_optimizers("adamw,rmsprop", kFp32); }).find("'rmsprop'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_optimizers("adamw:3bit", kFp32); }).find("'3bit'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_optimizers("adamw,,lion", kFp32); }).find("empty entry"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_optimizers("", kFp32); }).find("empty"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_optimizers("adamw,adamw:fp32", kFp32); }).find("twice"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_int_list("16,-4", "batch"); }).find("'-4'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_int_list("16,x", "batch"); }).find("'x'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { parse_int_list("0", "batch"); }).find("'0'"), std::string::npos);
   EXPECT_EQ(parse_int_list("16, 32", "batch"), (std::vector<std::int64_t>{16, 32}));
-  EXPECT_NE(error_of([] { suite_from_name("sweep"); }).find("'sweep'"), std::string::npos);
-  EXPECT_NE(error_of([] { bench_device_from_name("tpu"); }).find("'tpu'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { suite_from_name("sweep"); }).find("'sweep'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([] { bench_device_from_name("tpu"); }).find("'tpu'"), std::string::npos);
 }
 
 TEST(BenchOptions, EveryDefaultIsValidOnTheCpu) {
@@ -88,39 +81,39 @@ TEST(BenchOptions, TheRegistryListsEverySuiteOnceWithItsParts) {
 TEST(BenchOptions, BadOptionsAreRefusedWithTheirName) {
   auto o = default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCpu);
   o.batches.clear();
-  EXPECT_NE(error_of([&] { validate(suite_from_name("batch-sweep"), o); }).find("batch list is empty"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("batch-sweep"), o); }).find("batch list is empty"), std::string::npos);
   o = default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCpu);
   o.batches = {8, -2};
-  EXPECT_NE(error_of([&] { validate(suite_from_name("batch-sweep"), o); }).find("-2"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("batch-sweep"), o); }).find("-2"), std::string::npos);
   o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.optimizers.clear();
-  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("optimizer list is empty"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("profile"), o); }).find("optimizer list is empty"), std::string::npos);
   o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.measure_steps = 0;
-  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("measured steps"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("profile"), o); }).find("measured steps"), std::string::npos);
   o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.preset = "huge";
-  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("'huge'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("profile"), o); }).find("'huge'"), std::string::npos);
   o = default_suite_options(suite_from_name("profile"), BenchDevice::kCpu);
   o.seq = 100000;
-  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("100000"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("profile"), o); }).find("100000"), std::string::npos);
   o = default_suite_options(suite_from_name("model-sweep"), BenchDevice::kCpu);
   o.presets = {"tiny", "nano"};
-  EXPECT_NE(error_of([&] { validate(suite_from_name("model-sweep"), o); }).find("'nano'"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("model-sweep"), o); }).find("'nano'"), std::string::npos);
   o = default_suite_options(suite_from_name("convergence"), BenchDevice::kCpu);
   o.target_loss.reset();
   o.time_budget_s = 0;
   o.max_steps = 0;
-  EXPECT_NE(error_of([&] { validate(suite_from_name("convergence"), o); }).find("target loss, a time budget or a step limit"),
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("convergence"), o); }).find("target loss, a time budget or a step limit"),
             std::string::npos);
   o = default_suite_options(suite_from_name("convergence"), BenchDevice::kCpu);
   o.time_budget_s = -1;
-  EXPECT_NE(error_of([&] { validate(suite_from_name("convergence"), o); }).find("-1"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("convergence"), o); }).find("-1"), std::string::npos);
   o = default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCpu);
   o.memory_size = -5;
-  EXPECT_NE(error_of([&] { validate(suite_from_name("memory-plan"), o); }).find("-5"), std::string::npos);
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("memory-plan"), o); }).find("-5"), std::string::npos);
   o = default_suite_options(suite_from_name("profile"), BenchDevice::kCuda);
-  EXPECT_NE(error_of([&] { validate(suite_from_name("profile"), o); }).find("profile and model-sweep time the CPU engine"),
+  EXPECT_NE(thrown_message<Error>([&] { validate(suite_from_name("profile"), o); }).find("profile and model-sweep time the CPU engine"),
             std::string::npos);
   EXPECT_NO_THROW(validate(suite_from_name("batch-sweep"), default_suite_options(suite_from_name("batch-sweep"), BenchDevice::kCuda)));
   EXPECT_NO_THROW(validate(suite_from_name("memory-plan"), default_suite_options(suite_from_name("memory-plan"), BenchDevice::kCuda)));

@@ -2,7 +2,6 @@
 // well-formed documents, one line per series run, bands, legends, escaped text, finite numbers
 // for degenerate data, 1-2-5 ticks, stacked bars, and atomic saving.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <cctype>
@@ -21,6 +20,8 @@
 
 #include "bench/svg.hpp"
 #include "nibble/error.hpp"
+
+#include "test_util.hpp"
 
 namespace nibble::bench {
 namespace {
@@ -675,33 +676,21 @@ TEST(BenchSvg, BarChartRejectsBadValues) {
 
 class BenchSvgSave : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = std::filesystem::temp_directory_path() /
-           ("nibble_svg_test_" + std::to_string(::getpid()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::remove_all(dir_);
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override { std::filesystem::remove_all(dir_); }
   std::size_t entries() const {
     return static_cast<std::size_t>(std::distance(std::filesystem::directory_iterator(dir_), {}));
   }
-  std::filesystem::path dir_;
+  const test::TempDir temp_;
+  const std::filesystem::path dir_ = temp_.path();
 };
-
-std::string read_file(const std::filesystem::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return std::string(std::istreambuf_iterator<char>(in), {});
-}
 
 TEST_F(BenchSvgSave, WritesAndReplacesAtomically) {
   const std::filesystem::path path = dir_ / "plot.svg";
   const std::string first = render_svg(three_series_plot());
   save_svg(path, first);
-  EXPECT_EQ(read_file(path), first);
+  EXPECT_EQ(test::read_text(path), first);
   const std::string second = render_svg(memory_chart());
   save_svg(path, second);
-  EXPECT_EQ(read_file(path), second);
+  EXPECT_EQ(test::read_text(path), second);
   EXPECT_EQ(entries(), 1u);  // no temporary left behind
 }
 

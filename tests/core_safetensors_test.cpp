@@ -12,7 +12,6 @@
 #include <filesystem>
 #include <fstream>
 #include <iostream>
-#include <iterator>
 #include <map>
 #include <memory>
 #include <nlohmann/json.hpp>
@@ -27,11 +26,15 @@
 #include "nibble/rng.hpp"
 #include "nibble/safetensors.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
-using Bytes = std::vector<std::uint8_t>;
+using test::Bytes;
+using test::read_bytes;
+using test::write_file;
 
 // A tensor to write: its view plus the bytes the view points at.
 struct SampleTensor {
@@ -99,17 +102,6 @@ Bytes make_image(std::string_view header, const Bytes& data = {}) {
   std::copy(data.begin(), data.end(),
             image.begin() + 8 + static_cast<std::ptrdiff_t>(header.size()));
   return image;
-}
-
-Bytes read_file(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  return Bytes(std::istreambuf_iterator<char>(in), {});
-}
-
-void write_file(const fs::path& path, const Bytes& bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(reinterpret_cast<const char*>(bytes.data()),
-            static_cast<std::streamsize>(bytes.size()));
 }
 
 // Asserts that parsing fails with a FormatError whose message contains `expected`.
@@ -265,19 +257,6 @@ TEST(SafetensorsWriter, RejectsBadTensors) {
 // A fresh directory per test, removed afterwards.
 class SafetensorsFiles : public ::testing::Test {
  protected:
-  void SetUp() override {
-    const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-    directory_ = fs::temp_directory_path() /
-                 ("nibble_safetensors_" + std::to_string(::getpid()) + "_" + info->name());
-    fs::remove_all(directory_);
-    fs::create_directories(directory_);
-  }
-  void TearDown() override {
-    std::error_code ignored;
-    fs::permissions(directory_, fs::perms::owner_all, fs::perm_options::add, ignored);
-    fs::remove_all(directory_, ignored);
-  }
-
   std::set<std::string> directory_entries() const {
     std::set<std::string> names;
     for (const auto& entry : fs::directory_iterator(directory_)) {
@@ -286,7 +265,8 @@ class SafetensorsFiles : public ::testing::Test {
     return names;
   }
 
-  fs::path directory_;
+  const test::TempDir temp_;
+  const fs::path directory_ = temp_.path();
 };
 
 TEST_F(SafetensorsFiles, SaveThenLoad) {
@@ -294,7 +274,7 @@ TEST_F(SafetensorsFiles, SaveThenLoad) {
   const fs::path path = directory_ / "model.safetensors";
   save_safetensors(path, views_of(samples), {{"step", "3"}});
   EXPECT_EQ(directory_entries(), std::set<std::string>{"model.safetensors"});
-  EXPECT_EQ(read_file(path), encode_safetensors(views_of(samples), {{"step", "3"}}));
+  EXPECT_EQ(read_bytes(path), encode_safetensors(views_of(samples), {{"step", "3"}}));
 
   const SafetensorsFile file = load_safetensors(path);
   EXPECT_EQ(file.metadata.at("step"), "3");
@@ -309,7 +289,7 @@ TEST_F(SafetensorsFiles, SaveReplacesExistingFile) {
   write_file(path, Bytes(1000, 0xAB));
   const std::vector<SampleTensor> samples = sample_tensors();
   save_safetensors(path, views_of(samples));
-  EXPECT_EQ(read_file(path), encode_safetensors(views_of(samples), {}));
+  EXPECT_EQ(read_bytes(path), encode_safetensors(views_of(samples), {}));
   EXPECT_EQ(directory_entries(), std::set<std::string>{"state.safetensors"});
 }
 
@@ -341,7 +321,7 @@ TEST_F(SafetensorsFiles, FailedWriteLeavesOldFileUntouched) {
   const fs::path path = directory_ / "checkpoint.safetensors";
   const std::vector<SampleTensor> old_samples = sample_tensors();
   save_safetensors(path, views_of(old_samples));
-  const Bytes old_bytes = read_file(path);
+  const Bytes old_bytes = read_bytes(path);
 
   // A file-size limit makes the write fail part-way, as a full disk would. SIGXFSZ is ignored so
   // that the write returns EFBIG instead of killing the process.
@@ -364,7 +344,7 @@ TEST_F(SafetensorsFiles, FailedWriteLeavesOldFileUntouched) {
   ASSERT_FALSE(error_message.empty()) << "the oversized save did not fail";
   EXPECT_NE(error_message.find(path.string()), std::string::npos) << error_message;
   EXPECT_NE(error_message.find(std::strerror(EFBIG)), std::string::npos) << error_message;
-  EXPECT_EQ(read_file(path), old_bytes);
+  EXPECT_EQ(read_bytes(path), old_bytes);
   EXPECT_EQ(directory_entries(), std::set<std::string>{"checkpoint.safetensors"});
 }
 
@@ -372,23 +352,23 @@ TEST_F(SafetensorsFiles, UnwritableDirectoryLeavesOldFileUntouched) {
   if (::geteuid() == 0) GTEST_SKIP() << "root ignores directory permissions";
   const fs::path path = directory_ / "checkpoint.safetensors";
   save_safetensors(path, views_of(sample_tensors()));
-  const Bytes old_bytes = read_file(path);
+  const Bytes old_bytes = read_bytes(path);
   fs::permissions(directory_, fs::perms::owner_write, fs::perm_options::remove);
   EXPECT_THROW(save_safetensors(path, {}), IoError);
   fs::permissions(directory_, fs::perms::owner_write, fs::perm_options::add);
-  EXPECT_EQ(read_file(path), old_bytes);
+  EXPECT_EQ(read_bytes(path), old_bytes);
   EXPECT_EQ(directory_entries(), std::set<std::string>{"checkpoint.safetensors"});
 }
 
 TEST_F(SafetensorsFiles, OccupiedTemporaryNameIsNotRemoved) {
   const fs::path path = directory_ / "checkpoint.safetensors";
   save_safetensors(path, views_of(sample_tensors()));
-  const Bytes old_bytes = read_file(path);
+  const Bytes old_bytes = read_bytes(path);
   const std::string temp_name = "checkpoint.safetensors.tmp-" + std::to_string(::getpid());
   fs::create_directory(directory_ / temp_name);
 
   EXPECT_THROW(save_safetensors(path, {}), IoError);
-  EXPECT_EQ(read_file(path), old_bytes);
+  EXPECT_EQ(read_bytes(path), old_bytes);
   EXPECT_TRUE(fs::is_directory(directory_ / temp_name)) << "removed something it did not create";
 }
 

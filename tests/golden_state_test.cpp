@@ -5,7 +5,6 @@
 // of the behaviour users have today: a restructuring of the library must leave every one of them
 // unchanged. NIBBLE_GOLDEN_WRITE=<file> writes the current fingerprints instead of checking them.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <cmath>
 #include <cstdint>
@@ -21,6 +20,8 @@
 
 #include "nibble/optim.hpp"
 #include "nibble/rng.hpp"
+
+#include "test_util.hpp"
 
 #ifndef NIBBLE_GOLDEN_FILE
 #error "NIBBLE_GOLDEN_FILE must name tests/golden/optimizer_state.txt"
@@ -161,11 +162,11 @@ std::map<std::string, std::string> read_golden(const fs::path& path) {
 }
 
 TEST(GoldenState, EveryAlgorithmAndPrecisionStepsAsRecorded) {
-  const fs::path dir = fs::temp_directory_path() / ("nibble_golden_" + std::to_string(::getpid()));
-  fs::create_directories(dir);
   std::map<std::string, std::string> now;
-  for (const Case& c : cases()) now[c.name] = run(c, dir);
-  fs::remove_all(dir);
+  {
+    const test::TempDir dir;
+    for (const Case& c : cases()) now[c.name] = run(c, dir.path());
+  }
 
   if (const char* out = std::getenv("NIBBLE_GOLDEN_WRITE")) {
     std::ofstream file(out);

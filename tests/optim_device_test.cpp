@@ -10,8 +10,11 @@
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble {
 namespace {
+using test::thrown_message;
 
 ParamGroup one_param(std::vector<float>& p, std::vector<float>& g) {
   ParamGroup group;
@@ -19,28 +22,18 @@ ParamGroup one_param(std::vector<float>& p, std::vector<float>& g) {
   return group;
 }
 
-template <class E>
-std::string message_of(auto&& fn) {
-  try {
-    fn();
-  } catch (const E& e) {
-    return e.what();
-  }
-  return "(nothing was thrown)";
-}
-
 TEST(OptimizerDevice, CpuRefusesSixteenBitParametersAndGradients) {
   std::vector<float> p(8), g(8);
   for (DType dtype : {DType::BF16, DType::F16}) {
     ParamGroup group = one_param(p, g);
     group.params[0].dtype = dtype;
-    const std::string what = message_of<InvalidArgument>([&] { Optimizer opt({group}, OptimizerOptions{}); });
+    const std::string what = thrown_message<InvalidArgument>([&] { Optimizer opt({group}, OptimizerOptions{}); });
     EXPECT_NE(what.find("'w'"), std::string::npos) << what;
     EXPECT_NE(what.find(std::string(dtype_name(dtype))), std::string::npos) << what;
   }
   ParamGroup group = one_param(p, g);
   group.params[0].grad_dtype = DType::BF16;
-  const std::string what = message_of<InvalidArgument>([&] { Optimizer opt({group}, OptimizerOptions{}); });
+  const std::string what = thrown_message<InvalidArgument>([&] { Optimizer opt({group}, OptimizerOptions{}); });
   EXPECT_NE(what.find("BF16"), std::string::npos) << what;
 }
 
@@ -48,8 +41,8 @@ TEST(OptimizerDevice, CudaOnlyCallsAreRefusedOnTheCpu) {
   std::vector<float> p(8, 1.0f), g(8, 0.5f);
   Optimizer opt({one_param(p, g)}, OptimizerOptions{});
   EXPECT_EQ(opt.device(), Device::kCpu);
-  EXPECT_NE(message_of<InvalidArgument>([&] { opt.enqueue_step(); }).find("CUDA"), std::string::npos);
-  EXPECT_NE(message_of<InvalidArgument>([&] { (void)opt.device_scalars(); }).find("CUDA"), std::string::npos);
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { opt.enqueue_step(); }).find("CUDA"), std::string::npos);
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { (void)opt.device_scalars(); }).find("CUDA"), std::string::npos);
   opt.synchronize();  // nothing queued on a CPU optimizer: a no-op
   // StepOptions::synchronize only matters on CUDA; a CPU step reports its result either way.
   const StepResult r = opt.step({.synchronize = false});
@@ -62,7 +55,7 @@ TEST(OptimizerDevice, CudaWithoutGpuIsAClearError) {
   std::vector<float> p(8), g(8);
   OptimizerOptions options;
   options.device = Device::kCuda;
-  const std::string what = message_of<DeviceError>([&] { Optimizer opt({one_param(p, g)}, options); });
+  const std::string what = thrown_message<DeviceError>([&] { Optimizer opt({one_param(p, g)}, options); });
   if (cuda_built())
     EXPECT_NE(what.find("no CUDA device is visible"), std::string::npos) << what;
   else

@@ -4,12 +4,10 @@
 // nothing; non-finite gradients skip a step without a trace; bad hyperparameters, options and
 // parameter lists are refused with a message that names the bad value.
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
 #include <array>
 #include <charconv>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -36,56 +34,25 @@
 #include "nibble/safetensors.hpp"
 #include "nibble/tensor.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble {
 namespace {
 
 namespace fs = std::filesystem;
 using Shape = std::vector<std::int64_t>;
 using Arrays = std::vector<std::vector<float>>;
-using Bytes = std::vector<std::uint8_t>;
+using test::Bytes;
+using test::read_bytes;
+using test::TempDir;
+using test::thrown_message;
+using test::write_file;
 
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // ---------------------------------------------------------------------------------------------
 // Files.
-
-// A fresh directory under the system temp directory, removed with its contents at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-    for (int attempt = 0; attempt < 1000; ++attempt) {
-      path_ = fs::temp_directory_path() / ("nibble_optim_state_test_" + std::to_string(::getpid()) + "_" +
-                                           std::to_string(counter++) + "_" + std::to_string(now % 1000003));
-      if (fs::create_directory(path_)) return;
-    }
-    throw std::runtime_error("cannot create a temporary directory");
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
-
-Bytes read_bytes(const fs::path& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw std::runtime_error("test: cannot read " + path.string());
-  return Bytes(std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>());
-}
-
-void write_bytes(const fs::path& path, std::span<const std::uint8_t> bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-  if (!out) throw std::runtime_error("test: cannot write " + path.string());
-}
 
 // Rewrites a checkpoint through nibble's own safetensors writer after `edit` changed its metadata
 // or tensors (tensors stay in data-offset order).
@@ -111,25 +78,6 @@ void erase_tensor(std::vector<NamedTensor>& tensors, const std::string& name) {
 
 // ---------------------------------------------------------------------------------------------
 // Errors.
-
-// Runs f, which must throw E (or a subclass); returns the message. Any other outcome fails.
-template <class E, class F>
-std::string expect_throw(F&& f, const std::string& what) {
-  try {
-    f();
-  } catch (const E& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << what << ": threw " << typeid(e).name() << " (" << e.what() << "), expected "
-                  << typeid(E).name();
-    return {};
-  } catch (...) {
-    ADD_FAILURE() << what << ": threw something that is not a std::exception";
-    return {};
-  }
-  ADD_FAILURE() << what << ": did not throw " << typeid(E).name();
-  return {};
-}
 
 void expect_mentions(const std::string& message, std::initializer_list<std::string_view> parts,
                      const std::string& what) {
@@ -472,7 +420,7 @@ TEST(StateMismatch, EveryMismatchThrowsNamesItAndChangesNothing) {
       advance(*a, it);
       advance(*b, it);
     }
-    const std::string message = expect_throw<StateMismatch>([&] { a->opt->load(ckpt); }, c.label);
+    const std::string message = thrown_message<StateMismatch>([&] { a->opt->load(ckpt); }, c.label);
     for (const std::string& m : c.mentions) expect_mentions(message, {m}, c.label);
     EXPECT_TRUE(identical(*a, *b)) << "the failed load changed the optimizer";
     advance(*a, 102);
@@ -598,7 +546,7 @@ std::optional<std::int64_t> strict_integer(const std::string& text) {
 bool load_mutation(Run& r, const TempDir& dir, const Bytes& original, const Bytes& bytes, const std::string& what) {
   const fs::path mutated = dir / "mutated.safetensors";
   const fs::path check = dir / "check.safetensors";
-  write_bytes(mutated, bytes);
+  write_file(mutated, bytes);
   bool ok = false;
   try {
     r.opt->load(mutated);
@@ -612,7 +560,7 @@ bool load_mutation(Run& r, const TempDir& dir, const Bytes& original, const Byte
     EXPECT_TRUE(read_bytes(check) == original) << what << ": a failed load changed the optimizer";
   } else {
     EXPECT_TRUE(faithful(bytes, read_bytes(check))) << what;
-    write_bytes(mutated, original);
+    write_file(mutated, original);
     r.opt->load(mutated);
   }
   return ok;
@@ -643,10 +591,10 @@ TEST(StateCorrupt, TruncatedOrExtendedFilesAreRejectedAndChangeNothing) {
       EXPECT_FALSE(load_mutation(*r, dir, original, longer, "extended"));
     }
     fs::remove(dir / "mutated.safetensors");
-    const std::string missing = expect_throw<IoError>([&] { r->opt->load(dir / "mutated.safetensors"); }, "missing");
+    const std::string missing = thrown_message<IoError>([&] { r->opt->load(dir / "mutated.safetensors"); }, "missing");
     expect_mentions(missing, {"mutated.safetensors"}, "missing file");
-    expect_throw<IoError>([&] { r->opt->load(dir / ""); }, "a directory");
-    expect_throw<IoError>([&] { r->opt->save(dir / "no_such_dir" / "x.safetensors"); }, "save into a missing dir");
+    thrown_message<IoError>([&] { r->opt->load(dir / ""); }, "a directory");
+    thrown_message<IoError>([&] { r->opt->save(dir / "no_such_dir" / "x.safetensors"); }, "save into a missing dir");
     r->opt->save(dir / "check.safetensors");
     EXPECT_TRUE(read_bytes(dir / "check.safetensors") == original);
   }
@@ -719,7 +667,7 @@ TEST(StateCorrupt, HeaderPaddingAndWhitespaceDoNotMatter) {
   bytes.insert(bytes.end(), pretty.begin(), pretty.end());
   bytes.insert(bytes.end(), original.begin() + 8 + static_cast<std::ptrdiff_t>(header), original.end());
   auto other = make_run(setup, r->p);
-  write_bytes(dir / "pretty.safetensors", bytes);
+  write_file(dir / "pretty.safetensors", bytes);
   ASSERT_NO_THROW(other->opt->load(dir / "pretty.safetensors"));
   EXPECT_TRUE(identical(*r, *other));
 }
@@ -889,9 +837,9 @@ TEST(StateCorrupt, EditedCheckpointsAreRejectedWithTheRightErrorAndChangeNothing
       rewrite(ckpt, edited, e.apply);
       std::string message;
       if (e.kind == Edit::kFormat)
-        message = expect_throw<FormatError>([&] { r->opt->load(edited); }, e.label);
+        message = thrown_message<FormatError>([&] { r->opt->load(edited); }, e.label);
       else
-        message = expect_throw<StateMismatch>([&] { r->opt->load(edited); }, e.label);
+        message = thrown_message<StateMismatch>([&] { r->opt->load(edited); }, e.label);
       for (const std::string& m : e.mentions) expect_mentions(message, {m}, e.label);
       r->opt->save(dir / "check.safetensors");
       EXPECT_TRUE(read_bytes(dir / "check.safetensors") == original) << e.label << " changed the optimizer";
@@ -918,7 +866,7 @@ TEST(StateCorrupt, NegativeSecondMomentsAreRefusedBeforeTheyPoisonTheParameters)
     rewrite(dir / "ckpt.safetensors", dir / "neg.safetensors",
             [&](auto&, std::vector<NamedTensor>& t) { data_of<float>(t, v)[0] = -data_of<float>(t, v)[0] - 1e-3f; });
     auto fresh = make_run(s, r->p);
-    const std::string message = expect_throw<FormatError>([&] { fresh->opt->load(dir / "neg.safetensors"); }, v);
+    const std::string message = thrown_message<FormatError>([&] { fresh->opt->load(dir / "neg.safetensors"); }, v);
     expect_mentions(message, {v}, "negative " + v);
     EXPECT_EQ(fresh->opt->step_count(), 0);
     advance(*fresh, 20);
@@ -1024,13 +972,13 @@ TEST(NonFiniteGradients, BadGradScaleOrLrScaleThrowsAndChangesNothing) {
   for (float scale : {0.0f, -0.0f, -1.0f, kNaN, kInf, -kInf}) {
     StepOptions o;
     o.grad_scale = scale;
-    const std::string m = expect_throw<InvalidArgument>([&] { a->opt->step(o); }, "grad_scale");
+    const std::string m = thrown_message<InvalidArgument>([&] { a->opt->step(o); }, "grad_scale");
     expect_mentions(m, {"grad_scale"}, "grad_scale " + std::to_string(scale));
   }
   for (float scale : {-1.0f, kNaN, kInf}) {
     StepOptions o;
     o.lr_scale = scale;
-    const std::string m = expect_throw<InvalidArgument>([&] { a->opt->step(o); }, "lr_scale");
+    const std::string m = thrown_message<InvalidArgument>([&] { a->opt->step(o); }, "lr_scale");
     expect_mentions(m, {"lr_scale"}, "lr_scale " + std::to_string(scale));
   }
   EXPECT_EQ(a->opt->skipped_steps(), 0);
@@ -1128,9 +1076,9 @@ TEST(Validation, HyperparametersOutOfRangeAreRefusedByName) {
   for (const HyperCase& c : cases) {
     const std::string what = std::string(algorithm_name(c.algorithm)) + " " + c.field + " " + c.value;
     const OptimizerOptions o = with_hyper(c.algorithm, c.tweak);
-    const std::string m1 = expect_throw<InvalidArgument>([&] { Optimizer opt(t.groups(), o); }, what);
+    const std::string m1 = thrown_message<InvalidArgument>([&] { Optimizer opt(t.groups(), o); }, what);
     expect_mentions(m1, {c.field, c.value}, what);
-    const std::string m2 = expect_throw<InvalidArgument>([&] { validate_hyper(c.algorithm, *o.hyper); }, what);
+    const std::string m2 = thrown_message<InvalidArgument>([&] { validate_hyper(c.algorithm, *o.hyper); }, what);
     EXPECT_EQ(m1, m2);
   }
 }
@@ -1169,7 +1117,7 @@ TEST(Validation, BadOptionsAreRefusedByName) {
                     std::initializer_list<std::string_view> mentions) {
     OptimizerOptions o;
     tweak(o);
-    const std::string m = expect_throw<InvalidArgument>([&] { Optimizer opt(t.groups(), o); }, what);
+    const std::string m = thrown_message<InvalidArgument>([&] { Optimizer opt(t.groups(), o); }, what);
     expect_mentions(m, mentions, what);
   };
   for (int block : {100, 8, 1 << 20, -16, 0x7fffffff, 4097, 8192, 1, 15})
@@ -1199,7 +1147,7 @@ TEST(Validation, BadParameterListsAreRefusedByName) {
   Tiny t;
   auto refuse = [&](const std::string& what, std::vector<ParamGroup> groups,
                     std::initializer_list<std::string_view> mentions, OptimizerOptions o = {}) {
-    const std::string m = expect_throw<InvalidArgument>([&] { Optimizer opt(std::move(groups), o); }, what);
+    const std::string m = thrown_message<InvalidArgument>([&] { Optimizer opt(std::move(groups), o); }, what);
     expect_mentions(m, mentions, what);
   };
   refuse("no groups", {}, {"no parameter groups"});
@@ -1286,15 +1234,15 @@ TEST(Validation, BadCallsAfterConstructionAreRefusedAndChangeNothing) {
   std::vector<float> ones0(4097, 1.0f), ones1(15, 1.0f);
   const float* one[] = {ones0.data()};
   const float* three[] = {ones0.data(), ones1.data(), ones1.data()};
-  std::string m = expect_throw<InvalidArgument>([&] { a->opt->update_hessian(one); }, "one estimate");
+  std::string m = thrown_message<InvalidArgument>([&] { a->opt->update_hessian(one); }, "one estimate");
   expect_mentions(m, {"2", "1"}, "one estimate");
-  m = expect_throw<InvalidArgument>([&] { a->opt->update_hessian({}); }, "no estimates");
+  m = thrown_message<InvalidArgument>([&] { a->opt->update_hessian({}); }, "no estimates");
   expect_mentions(m, {"2", "0"}, "no estimates");
-  m = expect_throw<InvalidArgument>([&] { a->opt->update_hessian(three); }, "three estimates");
+  m = thrown_message<InvalidArgument>([&] { a->opt->update_hessian(three); }, "three estimates");
   expect_mentions(m, {"2", "3"}, "three estimates");
   ones1[14] = kNaN;
   const float* bad[] = {ones0.data(), ones1.data()};
-  m = expect_throw<InvalidArgument>([&] { a->opt->update_hessian(bad); }, "NaN estimate");
+  m = thrown_message<InvalidArgument>([&] { a->opt->update_hessian(bad); }, "NaN estimate");
   expect_mentions(m, {"w1", "nan", "14"}, "NaN estimate");
   EXPECT_TRUE(identical(*a, *b));
   advance(*a, 3);
@@ -1305,15 +1253,15 @@ TEST(Validation, BadCallsAfterConstructionAreRefusedAndChangeNothing) {
   adam.shapes = {{8}};
   auto c = make_run(adam, initial_params(adam.shapes, 1));
   const float* est[] = {c->g[0].data()};
-  m = expect_throw<InvalidArgument>([&] { c->opt->update_hessian(est); }, "update_hessian on adamw");
+  m = thrown_message<InvalidArgument>([&] { c->opt->update_hessian(est); }, "update_hessian on adamw");
   expect_mentions(m, {"sophiag", "adamw"}, "update_hessian on adamw");
 
   // Indexes and names out of range.
-  m = expect_throw<InvalidArgument>([&] { c->opt->set_grad(1, nullptr); }, "set_grad");
+  m = thrown_message<InvalidArgument>([&] { c->opt->set_grad(1, nullptr); }, "set_grad");
   expect_mentions(m, {"1"}, "set_grad");
-  expect_throw<InvalidArgument>([&] { c->opt->param(5); }, "param");
-  expect_throw<InvalidArgument>([&] { c->opt->state_names(1); }, "state_names");
-  m = expect_throw<InvalidArgument>([&] { c->opt->state_values(0, "exp_avg_sqq"); }, "state_values");
+  thrown_message<InvalidArgument>([&] { c->opt->param(5); }, "param");
+  thrown_message<InvalidArgument>([&] { c->opt->state_names(1); }, "state_names");
+  m = thrown_message<InvalidArgument>([&] { c->opt->state_values(0, "exp_avg_sqq"); }, "state_values");
   expect_mentions(m, {"exp_avg_sqq"}, "state_values");
 }
 

@@ -13,15 +13,11 @@
 #include "nibble/rng.hpp"
 #include "nibble/tensor.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble {
 namespace {
-
-// "t0", "t1", ... (appended, not operator+: GCC 12 warns falsely on the latter).
-std::string tensor_name(std::size_t i) {
-  std::string name = "t";
-  name += std::to_string(i);
-  return name;
-}
+using test::tensor_name;
 
 using Shape = std::vector<std::int64_t>;
 

@@ -1,10 +1,8 @@
 // Tests of the training data layer: the character tokenizer and its metadata, the text dataset's
 // split and batches, one case per rejected input, and the default corpus (the fortunes package).
 #include <gtest/gtest.h>
-#include <unistd.h>
 
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <cstdint>
 #include <filesystem>
@@ -19,43 +17,15 @@
 #include "nibble/rng.hpp"
 #include "train/data.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble::train {
 namespace {
 
 namespace fs = std::filesystem;
-
-// A fresh directory under the system temp directory, removed with its contents at scope exit.
-class TempDir {
- public:
-  TempDir() {
-    static int counter = 0;
-    const auto now = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count());
-    for (int attempt = 0; attempt < 1000; ++attempt) {
-      path_ = fs::temp_directory_path() / ("nibble_train_data_test_" + std::to_string(::getpid()) + "_" +
-                                           std::to_string(counter++) + "_" + std::to_string(now % 1000003));
-      if (fs::create_directory(path_)) return;
-    }
-    throw std::runtime_error("cannot create a temporary directory");
-  }
-  ~TempDir() {
-    std::error_code ignored;
-    fs::remove_all(path_, ignored);
-  }
-  TempDir(const TempDir&) = delete;
-  TempDir& operator=(const TempDir&) = delete;
-  const fs::path& path() const { return path_; }
-  fs::path operator/(const std::string& name) const { return path_ / name; }
-
- private:
-  fs::path path_;
-};
-
-fs::path write_file(const fs::path& path, std::string_view bytes) {
-  std::ofstream out(path, std::ios::binary);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  if (!out) throw std::runtime_error("test: cannot write " + path.string());
-  return path;
-}
+using test::TempDir;
+using test::thrown_message;
+using test::write_file;
 
 // `length` bytes of varied text with every position's byte a known function of the position, so
 // that a window can be located in the text.
@@ -64,21 +34,6 @@ std::string sample_text(std::size_t length) {
   std::string text(length, ' ');
   for (std::size_t i = 0; i < length; ++i) text[i] = alphabet[(i * 7 + i / 13) % alphabet.size()];
   return text;
-}
-
-// Runs `action`, expects it to throw exactly `Expected`, and returns the message.
-template <typename Expected, typename Action>
-std::string message_of(Action&& action) {
-  try {
-    action();
-  } catch (const Expected& e) {
-    return e.what();
-  } catch (const std::exception& e) {
-    ADD_FAILURE() << "threw the wrong type: " << e.what();
-    return {};
-  }
-  ADD_FAILURE() << "did not throw";
-  return {};
 }
 
 // Whether `text` contains `part`, shown in full when it does not.
@@ -119,13 +74,13 @@ TEST(CharTokenizer, RoundTripsEveryByte) {
 
 TEST(CharTokenizer, EncodeNamesAnUnknownByteAndItsPosition) {
   const CharTokenizer tokenizer("abc");
-  std::string message = message_of<InvalidArgument>([&] { tokenizer.encode("abcz"); });
+  std::string message = thrown_message<InvalidArgument>([&] { tokenizer.encode("abcz"); });
   EXPECT_TRUE(contains(message, "'z'"));
   EXPECT_TRUE(contains(message, "position 3"));
-  message = message_of<InvalidArgument>([&] { tokenizer.encode(std::string("a\x07", 2)); });
+  message = thrown_message<InvalidArgument>([&] { tokenizer.encode(std::string("a\x07", 2)); });
   EXPECT_TRUE(contains(message, "\\x07"));
   EXPECT_TRUE(contains(message, "position 1"));
-  message = message_of<InvalidArgument>([&] { tokenizer.encode("ab\xe9"); });
+  message = thrown_message<InvalidArgument>([&] { tokenizer.encode("ab\xe9"); });
   EXPECT_TRUE(contains(message, "\\xE9"));
   EXPECT_TRUE(contains(message, "position 2"));
 }
@@ -133,9 +88,9 @@ TEST(CharTokenizer, EncodeNamesAnUnknownByteAndItsPosition) {
 TEST(CharTokenizer, DecodeRejectsIdsOutsideTheVocabulary) {
   const CharTokenizer tokenizer("abc");
   const std::vector<std::int32_t> too_big = {0, 3};
-  EXPECT_TRUE(contains(message_of<InvalidArgument>([&] { tokenizer.decode(too_big); }), "token id 3 at position 1"));
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>([&] { tokenizer.decode(too_big); }), "token id 3 at position 1"));
   const std::vector<std::int32_t> negative = {-1};
-  EXPECT_TRUE(contains(message_of<InvalidArgument>([&] { tokenizer.decode(negative); }), "token id -1"));
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>([&] { tokenizer.decode(negative); }), "token id -1"));
 }
 
 TEST(CharTokenizer, EmptyTextIsRejected) {
@@ -177,7 +132,7 @@ TEST(CharTokenizer, MetadataRejectsEachMalformedInput) {
   };
   for (const Case& c : cases) {
     SCOPED_TRACE(c.metadata);
-    EXPECT_TRUE(contains(message_of<FormatError>([&] { CharTokenizer::from_metadata(c.metadata); }), c.says));
+    EXPECT_TRUE(contains(thrown_message<FormatError>([&] { CharTokenizer::from_metadata(c.metadata); }), c.says));
   }
 }
 
@@ -212,11 +167,11 @@ TEST(TextDataset, ValidationFractionIsConfigurable) {
 
 TEST(TextDataset, RejectsBadContextAndFraction) {
   const std::string text = sample_text(1000);
-  EXPECT_TRUE(contains(message_of<InvalidArgument>([&] { TextDataset("t", text, 0); }), "context"));
-  EXPECT_TRUE(contains(message_of<InvalidArgument>([&] { TextDataset("t", text, -5); }), "got -5"));
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>([&] { TextDataset("t", text, 0); }), "context"));
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>([&] { TextDataset("t", text, -5); }), "got -5"));
   for (const double fraction : {0.0, 1.0, -0.1, 1.5, std::nan("")}) {
     SCOPED_TRACE(fraction);
-    EXPECT_TRUE(contains(message_of<InvalidArgument>([&] { TextDataset("t", text, 8, fraction); }),
+    EXPECT_TRUE(contains(thrown_message<InvalidArgument>([&] { TextDataset("t", text, 8, fraction); }),
                 "validation fraction"));
   }
 }
@@ -316,13 +271,13 @@ TEST(TextDataset, SampleBatchRejectsBadArguments) {
   const TextDataset dataset("args", sample_text(1000), 16);
   Rng rng(1);
   std::vector<std::int32_t> inputs(64), targets(64);
-  EXPECT_TRUE(contains(message_of<InvalidArgument>(
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>(
                   [&] { dataset.sample_batch(Split::kTrain, 0, 8, rng, inputs.data(), targets.data()); }),
               "batch size"));
-  EXPECT_TRUE(contains(message_of<InvalidArgument>(
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>(
                   [&] { dataset.sample_batch(Split::kTrain, 2, 17, rng, inputs.data(), targets.data()); }),
               "got 17"));
-  EXPECT_TRUE(contains(message_of<InvalidArgument>(
+  EXPECT_TRUE(contains(thrown_message<InvalidArgument>(
                   [&] { dataset.sample_batch(Split::kTrain, 2, 0, rng, inputs.data(), targets.data()); }),
               "sequence length"));
   EXPECT_THROW(dataset.sample_batch(Split::kTrain, 2, 8, rng, nullptr, targets.data()), InvalidArgument);
@@ -332,14 +287,14 @@ TEST(TextDataset, SampleBatchRejectsBadArguments) {
 TEST(TextDataset, MissingFileIsAnIoError) {
   TempDir dir;
   const fs::path path = dir / "no_such_file.txt";
-  const std::string message = message_of<IoError>([&] { TextDataset(path, 8); });
+  const std::string message = thrown_message<IoError>([&] { TextDataset(path, 8); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "No such file"));
 }
 
 TEST(TextDataset, DirectoryIsAnIoError) {
   TempDir dir;
-  const std::string message = message_of<IoError>([&] { TextDataset(dir.path(), 8); });
+  const std::string message = thrown_message<IoError>([&] { TextDataset(dir.path(), 8); });
   EXPECT_TRUE(contains(message, dir.path().string()));
   EXPECT_TRUE(contains(message, "directory"));
 }
@@ -347,7 +302,7 @@ TEST(TextDataset, DirectoryIsAnIoError) {
 TEST(TextDataset, EmptyFileIsRejected) {
   TempDir dir;
   const fs::path path = write_file(dir / "empty.txt", "");
-  const std::string message = message_of<InvalidArgument>([&] { TextDataset(path, 8); });
+  const std::string message = thrown_message<InvalidArgument>([&] { TextDataset(path, 8); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "empty"));
 }
@@ -357,7 +312,7 @@ TEST(TextDataset, BinaryFileWithANulByteIsRejected) {
   std::string text = sample_text(1000);
   text[500] = '\0';
   const fs::path path = write_file(dir / "nul.bin", text);
-  const std::string message = message_of<InvalidArgument>([&] { TextDataset(path, 8); });
+  const std::string message = thrown_message<InvalidArgument>([&] { TextDataset(path, 8); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "binary"));
   EXPECT_TRUE(contains(message, "offset 500"));
@@ -369,7 +324,7 @@ TEST(TextDataset, BinaryFileWithManyControlBytesIsRejected) {
   // 101 of 1000 bytes are control bytes: just over the 10% a text may hold.
   for (int i = 0; i < 101; ++i) text[i * 9] = static_cast<char>(i % 2 == 0 ? 0x01 : 0x1B);
   const fs::path path = write_file(dir / "controls.bin", text);
-  const std::string message = message_of<InvalidArgument>([&] { TextDataset(path, 8); });
+  const std::string message = thrown_message<InvalidArgument>([&] { TextDataset(path, 8); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "101 of its 1000 bytes"));
 
@@ -384,7 +339,7 @@ TEST(TextDataset, TooShortForTheTrainSplitIsRejected) {
   TempDir dir;
   // With a validation fraction of 0.9, 100 bytes leave 10 training tokens: fewer than T + 1 = 17.
   const fs::path path = write_file(dir / "short_train.txt", sample_text(100));
-  const std::string message = message_of<InvalidArgument>([&] { TextDataset(path, 16, 0.9); });
+  const std::string message = thrown_message<InvalidArgument>([&] { TextDataset(path, 16, 0.9); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "100 bytes give 10 training and 90 validation tokens"));
   EXPECT_TRUE(contains(message, "at least 17"));
@@ -399,7 +354,7 @@ TEST(TextDataset, TooShortForTheValidationSplitIsRejected) {
   TempDir dir;
   // 100 bytes: 90 training tokens are plenty for T = 16, but 10 validation tokens are not.
   const fs::path path = write_file(dir / "short_validation.txt", sample_text(100));
-  const std::string message = message_of<InvalidArgument>([&] { TextDataset(path, 16); });
+  const std::string message = thrown_message<InvalidArgument>([&] { TextDataset(path, 16); });
   EXPECT_TRUE(contains(message, path.string()));
   EXPECT_TRUE(contains(message, "90 training and 10 validation tokens"));
   EXPECT_TRUE(contains(message, "at least 17"));
@@ -443,14 +398,14 @@ TEST(DefaultCorpus, ConcatenatesPlainFilesInNameOrderAndSkipsTheRest) {
 TEST(DefaultCorpus, MissingDirectorySaysToInstallFortunes) {
   TempDir dir;
   const fs::path missing = dir / "fortunes";
-  std::string message = message_of<IoError>([&] { default_corpus(missing); });
+  std::string message = thrown_message<IoError>([&] { default_corpus(missing); });
   EXPECT_TRUE(contains(message, missing.string()));
   EXPECT_TRUE(contains(message, "fortunes"));
   EXPECT_TRUE(contains(message, "scripts/setup"));
 
   // A directory with only index files holds no corpus either.
   write_file(dir / "cookie.dat", "index");
-  message = message_of<IoError>([&] { default_corpus(dir.path()); });
+  message = thrown_message<IoError>([&] { default_corpus(dir.path()); });
   EXPECT_TRUE(contains(message, "no fortune files"));
 }
 

@@ -7,7 +7,6 @@
 
 #include <filesystem>
 #include <fstream>
-#include <iterator>
 #include <string>
 #include <vector>
 
@@ -17,6 +16,8 @@
 #include "train/checkpoint.hpp"
 #include "train/trainer.hpp"
 
+#include "test_util.hpp"
+
 namespace nibble::train {
 namespace {
 
@@ -24,15 +25,6 @@ namespace fs = std::filesystem;
 
 class TrainTest : public ::testing::Test {
  protected:
-  void SetUp() override {
-    dir_ = fs::temp_directory_path() /
-           ("nibble_train_test_" + std::to_string(::testing::UnitTest::GetInstance()->random_seed()) + "_" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    fs::remove_all(dir_);
-    fs::create_directories(dir_);
-  }
-  void TearDown() override { fs::remove_all(dir_); }
-
   // Sentences from a small grammar: predictable enough that a 2-layer model learns it in a few
   // hundred steps, varied enough that it cannot be memorised as one string.
   fs::path write_text(const std::string& name, std::size_t bytes) {
@@ -69,13 +61,9 @@ class TrainTest : public ::testing::Test {
     return o;
   }
 
-  fs::path dir_;
+  const test::TempDir temp_;
+  const fs::path dir_ = temp_.path();
 };
-
-std::string read_bytes(const fs::path& p) {
-  std::ifstream in(p, std::ios::binary);
-  return {std::istreambuf_iterator<char>(in), std::istreambuf_iterator<char>()};
-}
 
 TEST_F(TrainTest, TinyModelLearnsWithAdamWAtFp32And8Bit) {
   const fs::path data = write_text("grammar.txt", 40000);
@@ -132,8 +120,8 @@ TEST_F(TrainTest, ResumedRunEqualsUninterruptedRunBitForBit) {
       train(tail, [&](const StepLog& l) { split_losses.push_back(l.loss); });
       ASSERT_EQ(split_losses.size(), full_losses.size());
       for (std::size_t i = 0; i < full_losses.size(); ++i) EXPECT_EQ(split_losses[i], full_losses[i]) << "step " << i + 1;
-      EXPECT_EQ(read_bytes(dir_ / "full" / "model.safetensors"), read_bytes(dir_ / "split" / "model.safetensors"));
-      EXPECT_EQ(read_bytes(dir_ / "full" / "optimizer.safetensors"), read_bytes(dir_ / "split" / "optimizer.safetensors"));
+      EXPECT_EQ(test::read_text(dir_ / "full" / "model.safetensors"), test::read_text(dir_ / "split" / "model.safetensors"));
+      EXPECT_EQ(test::read_text(dir_ / "full" / "optimizer.safetensors"), test::read_text(dir_ / "split" / "optimizer.safetensors"));
       fs::remove_all(dir_ / "full");
       fs::remove_all(dir_ / "split");
     }
@@ -182,8 +170,8 @@ TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
   o.save_every = 4;
   o.checkpoint_dir = dir_ / "ckpt";
   train(o);
-  const std::string model_bytes = read_bytes(dir_ / "ckpt" / "model.safetensors");
-  const std::string opt_bytes = read_bytes(dir_ / "ckpt" / "optimizer.safetensors");
+  const std::string model_bytes = test::read_text(dir_ / "ckpt" / "model.safetensors");
+  const std::string opt_bytes = test::read_text(dir_ / "ckpt" / "optimizer.safetensors");
 
   TrainOptions r = o;
   r.resume = true;
@@ -200,8 +188,8 @@ TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
   r.resume = true;
   r.steps = 2;  // the checkpoint is past the run's end
   EXPECT_THROW(train(r), FormatError);
-  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "model.safetensors"), model_bytes);
-  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+  EXPECT_EQ(test::read_text(dir_ / "ckpt" / "model.safetensors"), model_bytes);
+  EXPECT_EQ(test::read_text(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
 
   // A model file without the vocabulary it was trained on: refused by name, nothing changed.
   {
@@ -234,7 +222,7 @@ TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
   r.resume = true;
   r.steps = 8;
   EXPECT_THROW(train(r), FormatError);
-  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+  EXPECT_EQ(test::read_text(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
   EXPECT_THROW(load_model(dir_ / "ckpt"), FormatError);
   EXPECT_THROW(load_model(dir_ / "nowhere"), IoError);
 }

@@ -20,19 +20,15 @@ namespace {
 
 using Clock = std::chrono::steady_clock;
 
+// The entries of a list, spaces around each trimmed; throws for an empty list or entry.
 std::vector<std::string_view> split_list(std::string_view text, std::string_view what) {
-  std::vector<std::string_view> out;
   if (text.empty()) throw InvalidArgument(fmt::format("the {} list is empty", what));
-  std::size_t start = 0;
-  for (;;) {
-    const std::size_t comma = text.find(',', start);
-    std::string_view item = text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start);
+  std::vector<std::string_view> out;
+  for (std::string_view item : split_at_commas(text)) {
     while (!item.empty() && item.front() == ' ') item.remove_prefix(1);
     while (!item.empty() && item.back() == ' ') item.remove_suffix(1);
     if (item.empty()) throw InvalidArgument(fmt::format("the {} list '{}' has an empty entry", what, text));
     out.push_back(item);
-    if (comma == std::string_view::npos) break;
-    start = comma + 1;
   }
   return out;
 }
@@ -85,6 +81,17 @@ void summarize_steady(RunRecord& r) {
 }
 
 }  // namespace
+
+std::vector<std::string_view> split_at_commas(std::string_view text) {
+  std::vector<std::string_view> out;
+  std::size_t start = 0;
+  for (;;) {
+    const std::size_t comma = text.find(',', start);
+    out.push_back(text.substr(start, comma == std::string_view::npos ? std::string_view::npos : comma - start));
+    if (comma == std::string_view::npos) return out;
+    start = comma + 1;
+  }
+}
 
 std::string OptimizerChoice::label() const {
   return fmt::format("{}:{}", algorithm_name(algorithm), precision_name(precision));
@@ -160,14 +167,7 @@ RunRecord run_training(const train::TrainOptions& options, std::int64_t warmup_s
   Meter meter(sampler);
   try {
     const train::TrainSummary sum = train::train(o, [&](const train::StepLog& log) {
-      StepSample s;
-      s.step = log.step;
-      s.ms = log.ms;
-      s.optimizer_ms = log.optimizer_ms;
-      s.elapsed_s = log.elapsed_s;
-      s.loss = log.loss;
-      s.val_loss = log.val_loss;
-      s.warmup = log.step <= warmup_steps;
+      const StepSample s{log, log.step <= warmup_steps};
       r.steps.push_back(s);
       if (!target) target = o.target_val_loss;
       if (target && !r.steps_to_target && log.val_loss && *log.val_loss <= *target) {

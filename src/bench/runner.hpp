@@ -30,19 +30,18 @@ struct OptimizerChoice {
 // empty list or entry, or a duplicate.
 std::vector<OptimizerChoice> parse_optimizers(std::string_view text, std::span<const Precision> precisions);
 std::vector<Precision> parse_precisions(std::string_view text);
+// The pieces of `text` between commas, as they stand (an empty piece included; "" is one empty
+// piece): what every list flag is cut into before its entries are checked.
+std::vector<std::string_view> split_at_commas(std::string_view text);
 // Comma-separated positive integers ("16,32,64"); throws InvalidArgument naming the bad entry.
 std::vector<std::int64_t> parse_int_list(std::string_view text, std::string_view what);
 
 enum class RunStatus { kOk, kOutOfMemory };
 std::string_view status_name(RunStatus status);  // "ok", "out of memory"
 
-struct StepSample {
-  std::int64_t step = 0;
-  double ms = 0.0;
-  double optimizer_ms = 0.0;
-  double elapsed_s = 0.0;
-  float loss = 0.0f;
-  std::optional<float> val_loss;
+// One step as the trainer logs it (a timing run fills step, loss and the times), and whether it is
+// one of the warm-up steps that the steady statistics leave out.
+struct StepSample : train::StepLog {
   bool warmup = false;
 };
 

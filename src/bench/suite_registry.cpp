@@ -13,11 +13,13 @@
 namespace nibble::bench {
 
 // Each defined in its own file under src/bench/suites/.
+namespace suites {
 extern const SuiteDefinition kBatchSweepSuite;
 extern const SuiteDefinition kProfileSuite;
 extern const SuiteDefinition kModelSweepSuite;
 extern const SuiteDefinition kConvergenceSuite;
 extern const SuiteDefinition kMemoryPlanSuite;
+}  // namespace suites
 
 namespace {
 
@@ -25,7 +27,8 @@ namespace {
 // nibble_bench is a static library, and the linker drops an object file nothing refers to, with
 // its constructor.
 constexpr const SuiteDefinition* kSuites[] = {
-    &kBatchSweepSuite, &kProfileSuite, &kModelSweepSuite, &kConvergenceSuite, &kMemoryPlanSuite,
+    &suites::kBatchSweepSuite, &suites::kProfileSuite, &suites::kModelSweepSuite, &suites::kConvergenceSuite,
+    &suites::kMemoryPlanSuite,
 };
 
 nlohmann::json options_json(const SuiteDefinition& suite, const SuiteOptions& o) {

@@ -12,8 +12,10 @@
 #include <cstdio>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
+#include "bench/runner.hpp"
 #include "bench/suite_registry.hpp"
 #include "bench/svg.hpp"
 #include "cli/commands.hpp"
@@ -42,10 +44,7 @@ struct BenchFlags {
 
 std::vector<bench::TimingMode> parse_modes(const std::string& text) {
   std::vector<bench::TimingMode> out;
-  std::size_t start = 0;
-  for (;;) {
-    const std::size_t comma = text.find(',', start);
-    const std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+  for (std::string_view item : bench::split_at_commas(text)) {
     if (item == "forward") {
       out.push_back(bench::TimingMode::kForward);
     } else if (item == "forward+backward" || item == "fwd+bwd") {
@@ -55,22 +54,15 @@ std::vector<bench::TimingMode> parse_modes(const std::string& text) {
     } else {
       throw InvalidArgument(fmt::format("unknown mode '{}' (known: forward, forward+backward, step)", item));
     }
-    if (comma == std::string::npos) break;
-    start = comma + 1;
   }
   return out;
 }
 
 std::vector<std::string> split_names(const std::string& text, const char* what) {
   std::vector<std::string> out;
-  std::size_t start = 0;
-  for (;;) {
-    const std::size_t comma = text.find(',', start);
-    std::string item = text.substr(start, comma == std::string::npos ? std::string::npos : comma - start);
+  for (std::string_view item : bench::split_at_commas(text)) {
     if (item.empty()) throw InvalidArgument(fmt::format("the {} list '{}' has an empty entry", what, text));
-    out.push_back(std::move(item));
-    if (comma == std::string::npos) break;
-    start = comma + 1;
+    out.emplace_back(item);
   }
   return out;
 }

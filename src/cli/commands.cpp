@@ -7,6 +7,7 @@
 #include <cstring>
 
 #include "cli/commands.hpp"
+#include "cli/flags.hpp"
 #include "nibble/error.hpp"
 
 namespace nibble::cli {
@@ -16,6 +17,12 @@ void add_commands(CLI::App& app) {
   add_step_bench_command(app);
   add_train_command(app);
   add_bench_command(app);
+}
+
+void add_block_size_option(CLI::App& sub, int& block_size) {
+  sub.add_option("--block-size", block_size,
+                 "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 for 4-bit)")
+      ->check(number_in(0, false, 4096, false));
 }
 
 std::ofstream open_output(const std::string& path) {

@@ -33,6 +33,10 @@ using bench::Align;
 using bench::format_table;
 using bench::group_digits;
 
+// --block-size, the quantization block size of 8- and 4-bit state, as every subcommand that builds
+// optimizers takes it.
+void add_block_size_option(CLI::App& sub, int& block_size);
+
 // Opens `path` for writing now, so that a bad path fails before a long run rather than after it;
 // throws IoError naming the path.
 std::ofstream open_output(const std::string& path);

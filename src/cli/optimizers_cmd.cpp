@@ -45,18 +45,14 @@ void run_optimizers(const OptimizersOptions& options) {
     throw InvalidArgument(
         fmt::format("--min-quant-size must not be negative, got {}", options.min_quant_size));
   }
-  const auto set = param_set_from_name(options.set);
-  if (!set) {
-    throw InvalidArgument(
-        fmt::format("unknown parameter set '{}' (known: {})", options.set, kParamSetNames));
-  }
+  const std::vector<ParamShape> set = named_param_set(options.set);
   std::ofstream json_out;
   if (!options.json_path.empty()) json_out = open_output(options.json_path);
 
-  const std::int64_t params = total_elements(*set);
+  const std::int64_t params = total_elements(set);
   std::int64_t small_tensors = 0;
   std::int64_t small_params = 0;
-  for (const ParamShape& p : *set) {
+  for (const ParamShape& p : set) {
     const std::int64_t numel = shape_numel(p.shape);
     if (numel < options.min_quant_size) {
       ++small_tensors;
@@ -65,7 +61,7 @@ void run_optimizers(const OptimizersOptions& options) {
   }
 
   ParamGroup group;
-  for (const ParamShape& p : *set) group.params.push_back(Param{.name = p.name, .shape = p.shape});
+  for (const ParamShape& p : set) group.params.push_back(Param{.name = p.name, .shape = p.shape});
   std::vector<Row> rows;
   for (Algorithm algorithm : all_algorithms()) {
     OptimizerOptions oo;
@@ -96,7 +92,7 @@ void run_optimizers(const OptimizersOptions& options) {
                     {"precision", precision_name(row.precision)},
                     {"set", options.set},
                     {"params", params},
-                    {"tensors", set->size()},
+                    {"tensors", set.size()},
                     {"block_size", options.block_size},
                     {"min_quant_size", options.min_quant_size},
                     {"state_bytes", static_cast<std::int64_t>(row.state_bytes + 0.5)},
@@ -106,7 +102,7 @@ void run_optimizers(const OptimizersOptions& options) {
 
   fmt::print(
       "Optimizer state on {} ({} tensors, {} params), default hyperparameters, block size {}.\n",
-      options.set, set->size(), group_digits(params),
+      options.set, set.size(), group_digits(params),
       options.block_size == 0 ? std::string("default") : std::to_string(options.block_size));
   fmt::print("{} tensors ({} params) below {} elements keep fp32 state.\n\n", small_tensors,
              group_digits(small_params), group_digits(options.min_quant_size));
@@ -128,10 +124,7 @@ void add_optimizers_command(CLI::App& app) {
       "GPT-2-shaped parameter set (default hyperparameters).");
   sub->add_option("--set", options->set,
                   fmt::format("Parameter set to count state on: {}", kParamSetNames));
-  sub->add_option("--block-size", options->block_size,
-                  "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
-                  "for 4-bit)")
-      ->check(number_in(0, false, 4096, false));
+  add_block_size_option(*sub, options->block_size);
   sub->add_option("--min-quant-size", options->min_quant_size,
                   "Tensors with fewer elements than this keep fp32 state")
       ->check(non_negative());

@@ -8,6 +8,7 @@
 #include <string_view>
 #include <vector>
 
+#include "nibble/error.hpp"
 #include "nibble/tensor.hpp"
 
 namespace nibble::cli {
@@ -59,6 +60,17 @@ inline std::optional<std::vector<ParamShape>> param_set_from_name(std::string_vi
   if (name == "gpt2-124m") return gpt2_124m_shapes();
   if (name == "gpt2-xl") return gpt2_xl_shapes();
   return std::nullopt;
+}
+
+// The set for a name in kParamSetNames; throws InvalidArgument naming another name and the known
+// ones, as the --set flags report it.
+inline std::vector<ParamShape> named_param_set(std::string_view name) {
+  auto set = param_set_from_name(name);
+  if (!set) {
+    throw InvalidArgument("unknown parameter set '" + std::string(name) + "' (known: " +
+                          std::string(kParamSetNames) + ")");
+  }
+  return std::move(*set);
 }
 
 inline std::int64_t total_elements(const std::vector<ParamShape>& set) {

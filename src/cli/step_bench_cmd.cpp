@@ -148,12 +148,7 @@ void run_step_bench(StepBenchFlags flags, bool params_given, bool steps_given) {
     options.tensors.push_back({"flat", {flags.params}});
     options.set_label = "one flat tensor";
   } else {
-    auto named = param_set_from_name(flags.set);
-    if (!named) {
-      throw InvalidArgument(
-          fmt::format("unknown parameter set '{}' (known: {})", flags.set, kParamSetNames));
-    }
-    for (ParamShape& p : *named) options.tensors.push_back({std::move(p.name), std::move(p.shape)});
+    for (ParamShape& p : named_param_set(flags.set)) options.tensors.push_back({std::move(p.name), std::move(p.shape)});
     options.set_label = fmt::format("{} ({} tensors)", flags.set, options.tensors.size());
   }
 
@@ -220,10 +215,7 @@ void add_step_bench_command(CLI::App& app) {
                   "OpenMP threads of the CPU step; 0 keeps OpenMP's default (cpu only; refused "
                   "with --device cuda)")
       ->check(number_in(0, false, 4096, false));
-  sub->add_option("--block-size", flags->block_size,
-                  "Quantization block size in elements; 0 takes the default (256 for 8-bit, 128 "
-                  "for 4-bit)")
-      ->check(number_in(0, false, 4096, false));
+  add_block_size_option(*sub, flags->block_size);
   sub->add_option("--seed", flags->seed, "Seed of the random parameters and gradients")->check(non_negative());
   sub->add_flag("--check-finite", flags->check_finite,
                 "Run the optimizer's gradient pre-pass that skips steps with inf/NaN gradients (on "

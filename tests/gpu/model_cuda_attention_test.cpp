@@ -19,120 +19,20 @@
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 
+#include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
+
 namespace nibble::model {
 namespace {
 
-#define NIBBLE_REQUIRE_GPU()                                                                          \
-  do {                                                                                                \
-    if (nibble::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
+using test::check;
+using test::DeviceArray;
+using test::DeviceBytes;
+using test::DeviceTensor;
+using test::round_to_bf16;
+using test::Storage;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-std::uint16_t to_bf16(float f) {  // round to nearest even (inputs here are finite)
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float from_bf16(std::uint16_t h) {
-  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-float round_bf16(float f) { return from_bf16(to_bf16(f)); }
-
-enum class Precision { kF32, kBF16 };
-const char* precision_name(Precision p) { return p == Precision::kF32 ? "fp32" : "bf16"; }
-
-// n elements of one precision on the device, written and read as floats. `offset` elements are
-// skipped at the start of the allocation, to hand the kernels a pointer that is not 16-byte aligned.
-class DeviceTensor {
- public:
-  DeviceTensor(Precision p, std::size_t n, std::size_t offset = 0) : p_(p), n_(n), offset_(offset) {
-    if (n_ + offset_ > 0) check(cudaMalloc(&base_, (n_ + offset_) * element_bytes()), "cudaMalloc");
-  }
-  ~DeviceTensor() { cudaFree(base_); }
-  DeviceTensor(const DeviceTensor&) = delete;
-  DeviceTensor& operator=(const DeviceTensor&) = delete;
-
-  std::size_t element_bytes() const { return p_ == Precision::kF32 ? 4 : 2; }
-  void* data() { return base_ == nullptr ? nullptr : static_cast<char*>(base_) + offset_ * element_bytes(); }
-  template <class T>
-  T* as() {
-    return static_cast<T*>(data());
-  }
-  void upload(const std::vector<float>& v, std::size_t first = 0) {
-    if (v.empty()) return;
-    char* dst = static_cast<char*>(data()) + first * element_bytes();
-    if (p_ == Precision::kF32) {
-      check(cudaMemcpy(dst, v.data(), v.size() * 4, cudaMemcpyHostToDevice), "upload");
-    } else {
-      std::vector<std::uint16_t> h(v.size());
-      for (std::size_t i = 0; i < v.size(); ++i) h[i] = to_bf16(v[i]);
-      check(cudaMemcpy(dst, h.data(), h.size() * 2, cudaMemcpyHostToDevice), "upload");
-    }
-  }
-  std::vector<float> download(std::size_t first = 0, std::size_t count = SIZE_MAX) const {
-    count = std::min(count, n_ - first);
-    std::vector<float> v(count);
-    if (count == 0) return v;
-    const char* src = static_cast<const char*>(base_) + (offset_ + first) * element_bytes();
-    if (p_ == Precision::kF32) {
-      check(cudaMemcpy(v.data(), src, count * 4, cudaMemcpyDeviceToHost), "download");
-    } else {
-      std::vector<std::uint16_t> h(count);
-      check(cudaMemcpy(h.data(), src, count * 2, cudaMemcpyDeviceToHost), "download");
-      for (std::size_t i = 0; i < count; ++i) v[i] = from_bf16(h[i]);
-    }
-    return v;
-  }
-  void fill_bytes(int byte) {
-    if (n_ > 0) check(cudaMemset(data(), byte, n_ * element_bytes()), "cudaMemset");
-  }
-
- private:
-  Precision p_;
-  std::size_t n_, offset_;
-  void* base_ = nullptr;
-};
-
-class DeviceFloats {
- public:
-  explicit DeviceFloats(std::size_t n) : n_(n) {
-    if (n_ > 0) check(cudaMalloc(&p_, n_ * sizeof(float)), "cudaMalloc");
-  }
-  ~DeviceFloats() { cudaFree(p_); }
-  DeviceFloats(const DeviceFloats&) = delete;
-  DeviceFloats& operator=(const DeviceFloats&) = delete;
-  float* data() { return p_; }
-  std::vector<float> download(std::size_t first = 0, std::size_t count = SIZE_MAX) const {
-    count = std::min(count, n_ - first);
-    std::vector<float> v(count);
-    if (count > 0) check(cudaMemcpy(v.data(), p_ + first, count * sizeof(float), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-
- private:
-  float* p_ = nullptr;
-  std::size_t n_;
-};
-
-class DeviceBytes {
- public:
-  explicit DeviceBytes(std::size_t n) {
-    if (n > 0) check(cudaMalloc(&p_, n), "cudaMalloc");
-  }
-  ~DeviceBytes() { cudaFree(p_); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-  void* data() { return p_; }
-
- private:
-  void* p_ = nullptr;
-};
+const char* precision_name(Storage p) { return p == Storage::kF32 ? "fp32" : "bf16"; }
 
 struct Shape {
   std::int64_t B, T, C, NH;
@@ -142,13 +42,13 @@ struct Shape {
   std::int64_t head_dim() const { return C / NH; }
 };
 
-std::string describe(const Shape& s, Precision p) {
+std::string describe(const Shape& s, Storage p) {
   return std::string(precision_name(p)) + " B=" + std::to_string(s.B) + " T=" + std::to_string(s.T) +
          " C=" + std::to_string(s.C) + " NH=" + std::to_string(s.NH);
 }
 
-void forward(Precision p, DeviceTensor& out, DeviceFloats& lse, DeviceTensor& qkv, const Shape& s) {
-  if (p == Precision::kF32)
+void forward(Storage p, DeviceTensor& out, DeviceArray<float>& lse, DeviceTensor& qkv, const Shape& s) {
+  if (p == Storage::kF32)
     cuda::attention_forward<float>(out.as<float>(), lse.data(), qkv.as<float>(), s.B, s.T, s.C, s.NH, nullptr);
   else
     cuda::attention_forward<cuda::bf16>(out.as<cuda::bf16>(), lse.data(), qkv.as<cuda::bf16>(), s.B, s.T, s.C, s.NH,
@@ -156,9 +56,9 @@ void forward(Precision p, DeviceTensor& out, DeviceFloats& lse, DeviceTensor& qk
   check(cudaDeviceSynchronize(), "attention_forward");
 }
 
-void backward(Precision p, DeviceTensor& dqkv, DeviceTensor& dout, DeviceTensor& qkv, DeviceTensor& out,
-              DeviceFloats& lse, DeviceBytes& scratch, const Shape& s) {
-  if (p == Precision::kF32)
+void backward(Storage p, DeviceTensor& dqkv, DeviceTensor& dout, DeviceTensor& qkv, DeviceTensor& out,
+              DeviceArray<float>& lse, DeviceBytes& scratch, const Shape& s) {
+  if (p == Storage::kF32)
     cuda::attention_backward<float>(dqkv.as<float>(), dout.as<float>(), qkv.as<float>(), out.as<float>(), lse.data(),
                                     s.B, s.T, s.C, s.NH, scratch.data(), nullptr);
   else
@@ -170,17 +70,17 @@ void backward(Precision p, DeviceTensor& dqkv, DeviceTensor& dout, DeviceTensor&
 
 // Uniform values in [-spread, spread], rounded to bf16 when the test runs in bf16 (so the CPU
 // reference sees exactly the values the GPU reads).
-std::vector<float> random_values(std::size_t n, float spread, std::uint32_t seed, Precision p) {
+std::vector<float> random_values(std::size_t n, float spread, std::uint32_t seed, Storage p) {
   std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-spread, spread);
-  std::vector<float> v(n);
-  for (float& x : v) x = p == Precision::kBF16 ? round_bf16(dist(gen)) : dist(gen);
+  std::vector<float> v = test::uniform_values(gen, n, -spread, spread);
+  if (p == Storage::kBF16)
+    for (float& x : v) x = round_to_bf16(x);
   return v;
 }
 
 // q and k spread over [-2, 2] so that softmax rows are peaked (scores of a few units) and the
 // running maximum changes between tiles; v over [-1, 1].
-std::vector<float> random_qkv(const Shape& s, std::uint32_t seed, Precision p) {
+std::vector<float> random_qkv(const Shape& s, std::uint32_t seed, Storage p) {
   std::vector<float> qkv = random_values(s.qkv(), 2.0f, seed, p);
   for (std::int64_t bt = 0; bt < s.B * s.T; ++bt)
     for (std::int64_t c = 2 * s.C; c < 3 * s.C; ++c) qkv[bt * 3 * s.C + c] *= 0.5f;  // exact in bf16 too
@@ -265,7 +165,7 @@ void expect_close(const std::vector<float>& got, const std::vector<float>& ref, 
 struct Tolerance {
   double rtol, scale_tol;
 };
-Tolerance tolerance(Precision p) { return p == Precision::kF32 ? Tolerance{1e-4, 1e-4} : Tolerance{0x1p-7, 0x1p-7}; }
+Tolerance tolerance(Storage p) { return p == Storage::kF32 ? Tolerance{1e-4, 1e-4} : Tolerance{0x1p-7, 0x1p-7}; }
 
 std::vector<Shape> shapes() {
   return {
@@ -277,11 +177,11 @@ std::vector<Shape> shapes() {
   };
 }
 
-class AttentionMatchesCpu : public ::testing::TestWithParam<Precision> {};
+class AttentionMatchesCpu : public ::testing::TestWithParam<Storage> {};
 
 TEST_P(AttentionMatchesCpu, ForwardBackwardAndLse) {
   NIBBLE_REQUIRE_GPU();
-  const Precision p = GetParam();
+  const Storage p = GetParam();
   const Tolerance tol = tolerance(p);
   std::uint32_t seed = 1;
   for (const Shape& s : shapes()) {
@@ -291,7 +191,7 @@ TEST_P(AttentionMatchesCpu, ForwardBackwardAndLse) {
     const Reference ref = cpu_reference(qkv, dout, s);
 
     DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(qkv);
     d_dout.upload(dout);
@@ -315,12 +215,12 @@ TEST_P(AttentionMatchesCpu, ForwardBackwardAndLse) {
 
 TEST_P(AttentionMatchesCpu, BitwiseDeterministicAndOverwriting) {
   NIBBLE_REQUIRE_GPU();
-  const Precision p = GetParam();
+  const Storage p = GetParam();
   const Shape s{2, 129, 384, 6};
   const std::vector<float> qkv = random_qkv(s, 11, p);
   const std::vector<float> dout = random_values(s.out(), 1.0f, 12, p);
   DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-  DeviceFloats d_lse(s.lse());
+  DeviceArray<float> d_lse(s.lse());
   DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
   d_qkv.upload(qkv);
   d_dout.upload(dout);
@@ -346,7 +246,7 @@ TEST_P(AttentionMatchesCpu, BitwiseDeterministicAndOverwriting) {
 // unchanged (masked probabilities are exact zeros), and does change the later rows.
 TEST_P(AttentionMatchesCpu, Causal) {
   NIBBLE_REQUIRE_GPU();
-  const Precision p = GetParam();
+  const Storage p = GetParam();
   const Shape s{2, 129, 384, 6};
   const std::int64_t t0 = 70, C3 = 3 * s.C;
   const std::vector<float> qkv = random_qkv(s, 21, p);
@@ -362,7 +262,7 @@ TEST_P(AttentionMatchesCpu, Causal) {
   };
   auto run = [&](const std::vector<float>& input) {
     DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(input);
     d_dout.upload(dout);
@@ -393,14 +293,14 @@ TEST_P(AttentionMatchesCpu, Causal) {
 // Pointers that are not 16-byte aligned take the scalar load path and give the same bits.
 TEST_P(AttentionMatchesCpu, MisalignedPointersGiveTheSameBits) {
   NIBBLE_REQUIRE_GPU();
-  const Precision p = GetParam();
+  const Storage p = GetParam();
   const Shape s{1, 70, 128, 2};
   const std::vector<float> qkv = random_qkv(s, 31, p);
   const std::vector<float> dout = random_values(s.out(), 1.0f, 32, p);
   auto run = [&](std::size_t offset) {
     DeviceTensor d_qkv(p, s.qkv(), offset), d_out(p, s.out(), offset), d_dout(p, s.out(), offset),
         d_dqkv(p, s.qkv(), offset);
-    DeviceFloats d_lse(s.lse());
+    DeviceArray<float> d_lse(s.lse());
     DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
     d_qkv.upload(qkv);
     d_dout.upload(dout);
@@ -415,8 +315,8 @@ TEST_P(AttentionMatchesCpu, MisalignedPointersGiveTheSameBits) {
   EXPECT_EQ(0, std::memcmp(aligned.data(), misaligned.data(), aligned.size() * sizeof(float)));
 }
 
-INSTANTIATE_TEST_SUITE_P(Precisions, AttentionMatchesCpu, ::testing::Values(Precision::kF32, Precision::kBF16),
-                         [](const ::testing::TestParamInfo<Precision>& info) {
+INSTANTIATE_TEST_SUITE_P(Precisions, AttentionMatchesCpu, ::testing::Values(Storage::kF32, Storage::kBF16),
+                         [](const ::testing::TestParamInfo<Storage>& info) {
                            return std::string(precision_name(info.param));
                          });
 
@@ -481,17 +381,17 @@ TEST(CudaAttention, IndicesPast2To31) {
   if (free_bytes < need)
     GTEST_SKIP() << "needs " << need / (1 << 20) << " MiB of device memory, " << free_bytes / (1 << 20) << " free";
 
-  const Precision p = Precision::kBF16;
+  const Storage p = Storage::kBF16;
   DeviceTensor d_qkv(p, s.qkv()), d_out(p, s.out()), d_dout(p, s.out()), d_dqkv(p, s.qkv());
-  DeviceFloats d_lse(s.lse());
+  DeviceArray<float> d_lse(s.lse());
   DeviceBytes scratch(cuda::attention_backward_scratch_bytes(s.B, s.T, s.C, s.NH));
   d_qkv.fill_bytes(0);
   d_dout.fill_bytes(0);
   const std::size_t last = static_cast<std::size_t>(s.B - 1);
   const std::vector<float> qkv_row = random_values(static_cast<std::size_t>(3 * s.C), 1.0f, 41, p);
   const std::vector<float> dout_row = random_values(static_cast<std::size_t>(s.C), 1.0f, 42, p);
-  d_qkv.upload(qkv_row, last * 3 * s.C);
-  d_dout.upload(dout_row, last * s.C);
+  d_qkv.upload_at(last * 3 * s.C, qkv_row);
+  d_dout.upload_at(last * s.C, dout_row);
 
   forward(p, d_out, d_lse, d_qkv, s);
   backward(p, d_dqkv, d_dout, d_qkv, d_out, d_lse, scratch, s);

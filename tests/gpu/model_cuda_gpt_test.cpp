@@ -16,13 +16,10 @@
 #include "nibble/rng.hpp"
 #include "train/optimizer_setup.hpp"
 
+#include "gpu/cuda_test_util.hpp"
+
 namespace nibble::model {
 namespace {
-
-#define NIBBLE_REQUIRE_GPU()                                                                  \
-  do {                                                                                        \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
 
 GptConfig tiny() {
   GptConfig c = gpt_preset("tiny");

@@ -35,29 +35,14 @@
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 
+#include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
+
 namespace nibble::model::cuda {
 namespace {
 
-#define NIBBLE_REQUIRE_GPU()                                                                  \
-  do {                                                                                        \
-    if (::nibble::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-std::uint16_t to_bf16(float f) {  // round to nearest even (finite inputs)
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float from_bf16(std::uint16_t h) {
-  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
+using test::check;
+using test::DeviceBytes;
 
 // How a T is held on the host: float as itself, bf16 as its 16 bits.
 template <class T>
@@ -72,8 +57,8 @@ struct Host<float> {
 template <>
 struct Host<bf16> {
   using Bits = std::uint16_t;
-  static Bits encode(float x) { return to_bf16(x); }
-  static float decode(Bits b) { return from_bf16(b); }
+  static Bits encode(float x) { return test::bf16_bits(x); }
+  static float decode(Bits b) { return test::bf16_value(b); }
   static Bits nan() { return 0x7fc0u; }
 };
 
@@ -118,27 +103,12 @@ class DeviceArray {
   std::size_t n_, offset_;
 };
 
-class DeviceBytes {
- public:
-  explicit DeviceBytes(std::size_t n) {
-    if (n > 0) check(cudaMalloc(&p_, n), "cudaMalloc");
-  }
-  ~DeviceBytes() { cudaFree(p_); }
-  DeviceBytes(const DeviceBytes&) = delete;
-  DeviceBytes& operator=(const DeviceBytes&) = delete;
-  void* data() { return p_; }
-
- private:
-  void* p_ = nullptr;
-};
-
 // Uniform values in [-1, 1), rounded to T so both sides see the same numbers.
 template <class T>
 std::vector<float> random_values(std::size_t n, std::uint32_t seed) {
   std::mt19937 gen(seed);
-  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
-  std::vector<float> v(n);
-  for (float& x : v) x = Host<T>::decode(Host<T>::encode(dist(gen)));
+  std::vector<float> v = test::uniform_values(gen, n, -1.0f, 1.0f);
+  for (float& x : v) x = Host<T>::decode(Host<T>::encode(x));
   return v;
 }
 

@@ -20,13 +20,18 @@
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
 
+#include "gpu/cuda_test_util.hpp"
+#include "test_util.hpp"
+
 namespace nibble::model {
 namespace {
 
-#define NIBBLE_REQUIRE_GPU()                                                                   \
-  do {                                                                                         \
-    if (nibble::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
+using test::check;
+using test::DeviceBytes;
+using test::DeviceTensor;
+using test::round_to_bf16;
+using test::Storage;
+using test::uniform_values;
 
 // Tolerances. u32 and u16 are the unit roundoffs of fp32 (24-bit significand) and bf16 (8-bit
 // significand: 7 stored bits plus the implicit one): rounding to nearest moves a value by at most
@@ -41,103 +46,26 @@ constexpr double kU16 = 1.0 / (1 << 8);
 // first-order bound, for each side), so those comparisons use that bound per element.
 double reduction_bound(double terms, double abs_sum) { return 2.0 * terms * kU32 * abs_sum; }
 
-enum class Storage { kF32, kBF16 };
-
 const char* storage_name(Storage s) { return s == Storage::kF32 ? "f32" : "bf16"; }
-
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
 
 void sync() { check(cudaDeviceSynchronize(), "cudaDeviceSynchronize"); }
 
-std::uint16_t to_bf16_bits(float f) {  // round to nearest even, NaN kept quiet
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<std::uint16_t>((u >> 16) | 0x40u);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-
-float from_bf16_bits(std::uint16_t h) {
-  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-float round_to(Storage s, float f) { return s == Storage::kF32 ? f : from_bf16_bits(to_bf16_bits(f)); }
+float round_to(Storage s, float f) { return s == Storage::kF32 ? f : round_to_bf16(f); }
 
 std::vector<float> round_to(Storage s, std::vector<float> v) {
   for (float& x : v) x = round_to(s, x);
   return v;
 }
 
-std::size_t element_bytes(Storage s) { return s == Storage::kF32 ? 4 : 2; }
-
-// Device bytes, freed on scope exit.
-class DeviceBuffer {
- public:
-  explicit DeviceBuffer(std::size_t bytes) {
-    if (bytes > 0) check(cudaMalloc(&p_, bytes), "cudaMalloc");
-  }
-  ~DeviceBuffer() { cudaFree(p_); }
-  DeviceBuffer(const DeviceBuffer&) = delete;
-  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
-  void* get() const { return p_; }
-
- private:
-  void* p_ = nullptr;
-};
-
-// n elements of a storage type on the device, `offset` elements past a cudaMalloc'd (256-byte
-// aligned) base: an offset of 1 makes the pointer misaligned for 128-bit accesses.
-class Tensor {
- public:
-  Tensor(Storage s, std::size_t n, std::size_t offset = 0)
-      : s_(s), n_(n), offset_(offset), buffer_((n + offset) * element_bytes(s)) {}
-  void upload(const std::vector<float>& v) {
-    ASSERT_EQ(v.size(), n_);
-    if (s_ == Storage::kF32) {
-      check(cudaMemcpy(raw(), v.data(), n_ * 4, cudaMemcpyHostToDevice), "upload");
-    } else {
-      std::vector<std::uint16_t> bits(n_);
-      for (std::size_t i = 0; i < n_; ++i) bits[i] = to_bf16_bits(v[i]);
-      check(cudaMemcpy(raw(), bits.data(), n_ * 2, cudaMemcpyHostToDevice), "upload");
-    }
-  }
-  std::vector<float> download() const {
-    std::vector<float> v(n_);
-    if (s_ == Storage::kF32) {
-      check(cudaMemcpy(v.data(), raw(), n_ * 4, cudaMemcpyDeviceToHost), "download");
-    } else {
-      std::vector<std::uint16_t> bits(n_);
-      check(cudaMemcpy(bits.data(), raw(), n_ * 2, cudaMemcpyDeviceToHost), "download");
-      for (std::size_t i = 0; i < n_; ++i) v[i] = from_bf16_bits(bits[i]);
-    }
-    return v;
-  }
-  template <class T>
-  T* as() const {
-    return static_cast<T*>(raw());
-  }
-  float* f32() const { return as<float>(); }
-
- private:
-  void* raw() const { return static_cast<char*>(buffer_.get()) + offset_ * element_bytes(s_); }
-  Storage s_;
-  std::size_t n_, offset_;
-  DeviceBuffer buffer_;
-};
-
 class Tokens {
  public:
   explicit Tokens(const std::vector<std::int32_t>& v) : buffer_(v.size() * 4) {
-    check(cudaMemcpy(buffer_.get(), v.data(), v.size() * 4, cudaMemcpyHostToDevice), "upload tokens");
+    check(cudaMemcpy(buffer_.data(), v.data(), v.size() * 4, cudaMemcpyHostToDevice), "upload tokens");
   }
-  const std::int32_t* get() const { return static_cast<const std::int32_t*>(buffer_.get()); }
+  const std::int32_t* get() const { return static_cast<const std::int32_t*>(buffer_.data()); }
 
  private:
-  DeviceBuffer buffer_;
+  DeviceBytes buffer_;
 };
 
 template <class T>
@@ -152,13 +80,6 @@ void dispatch(Storage s, Fn&& fn) {
     fn(Type<float>{});
   else
     fn(Type<cuda::bf16>{});
-}
-
-std::vector<float> uniform(std::mt19937& rng, std::size_t n, float lo, float hi) {
-  std::uniform_real_distribution<float> dist(lo, hi);
-  std::vector<float> v(n);
-  for (float& x : v) x = dist(rng);
-  return v;
 }
 
 std::vector<std::int32_t> random_tokens(std::mt19937& rng, std::size_t n, std::int32_t vocab) {
@@ -232,9 +153,9 @@ TEST_P(CudaOps, EmbeddingForwardMatchesCpu) {
     for (const std::size_t offset : {0, 1}) {
       const std::size_t N = static_cast<std::size_t>(e.B * e.T), C = static_cast<std::size_t>(e.C);
       const auto tokens = random_tokens(rng, N, static_cast<std::int32_t>(e.V));
-      const auto wte = round_to(s(), uniform(rng, static_cast<std::size_t>(e.V) * C, -1, 1));
-      const auto wpe = round_to(s(), uniform(rng, static_cast<std::size_t>(e.T) * C, -1, 1));
-      Tensor d_wte(s(), wte.size(), offset), d_wpe(s(), wpe.size(), offset), d_out(s(), N * C, offset);
+      const auto wte = round_to(s(), uniform_values(rng, static_cast<std::size_t>(e.V) * C, -1, 1));
+      const auto wpe = round_to(s(), uniform_values(rng, static_cast<std::size_t>(e.T) * C, -1, 1));
+      DeviceTensor d_wte(s(), wte.size(), offset), d_wpe(s(), wpe.size(), offset), d_out(s(), N * C, offset);
       d_wte.upload(wte);
       d_wpe.upload(wpe);
       Tokens d_tokens(tokens);
@@ -254,18 +175,18 @@ TEST_P(CudaOps, EmbeddingForwardMatchesCpu) {
 std::pair<std::vector<float>, std::vector<float>> run_embedding_backward(
     Storage s, const EmbeddingShape& e, const std::vector<std::int32_t>& tokens, const std::vector<float>& dout,
     const std::vector<float>& dwte0, const std::vector<float>& dwpe0, std::size_t offset, bool dirty_scratch) {
-  Tensor d_dout(s, dout.size(), offset), d_dwte(Storage::kF32, dwte0.size()), d_dwpe(Storage::kF32, dwpe0.size(), offset);
+  DeviceTensor d_dout(s, dout.size(), offset), d_dwte(Storage::kF32, dwte0.size()), d_dwpe(Storage::kF32, dwpe0.size(), offset);
   d_dout.upload(dout);
   d_dwte.upload(dwte0);
   d_dwpe.upload(dwpe0);
   Tokens d_tokens(tokens);
   const std::size_t bytes = cuda::embedding_backward_scratch_bytes(e.B, e.T, e.V);
-  DeviceBuffer scratch(bytes);
-  if (dirty_scratch) check(cudaMemset(scratch.get(), 0xA5, bytes), "cudaMemset");
+  DeviceBytes scratch(bytes);
+  if (dirty_scratch) check(cudaMemset(scratch.data(), 0xA5, bytes), "cudaMemset");
   dispatch(s, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    cuda::embedding_backward<T>(d_dwte.f32(), d_dwpe.f32(), d_dout.as<T>(), d_tokens.get(), e.B, e.T, e.C, e.V,
-                                scratch.get(), nullptr);
+    cuda::embedding_backward<T>(d_dwte.as<float>(), d_dwpe.as<float>(), d_dout.as<T>(), d_tokens.get(), e.B, e.T, e.C, e.V,
+                                scratch.data(), nullptr);
   });
   sync();
   return {d_dwte.download(), d_dwpe.download()};
@@ -327,9 +248,9 @@ TEST_P(CudaOps, EmbeddingBackwardMatchesCpu) {
     for (const std::size_t offset : {0, 1}) {
       const EmbeddingShape& e = k.e;
       const std::size_t N = static_cast<std::size_t>(e.B * e.T), C = static_cast<std::size_t>(e.C);
-      const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-      const auto dwte0 = uniform(rng, static_cast<std::size_t>(e.V) * C, -1, 1);
-      const auto dwpe0 = uniform(rng, static_cast<std::size_t>(e.T) * C, -1, 1);
+      const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+      const auto dwte0 = uniform_values(rng, static_cast<std::size_t>(e.V) * C, -1, 1);
+      const auto dwpe0 = uniform_values(rng, static_cast<std::size_t>(e.T) * C, -1, 1);
       const auto [dwte, dwpe] = run_embedding_backward(s(), e, k.tokens, dout, dwte0, dwpe0, offset, false);
       std::vector<float> want_dwte = dwte0, want_dwpe = dwpe0;
       cpu::embedding_backward(want_dwte.data(), want_dwpe.data(), dout.data(), k.tokens.data(), e.B, e.T, e.C);
@@ -345,9 +266,9 @@ TEST_P(CudaOps, EmbeddingBackwardIsDeterministic) {
   const EmbeddingShape e{3, 700, 45, 300};
   const std::size_t N = 2100, C = 45;
   const auto tokens = skewed_tokens(rng, N, 300, 1200, 11);
-  const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-  const auto dwte0 = uniform(rng, 300 * C, -1, 1);
-  const auto dwpe0 = uniform(rng, 700 * C, -1, 1);
+  const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+  const auto dwte0 = uniform_values(rng, 300 * C, -1, 1);
+  const auto dwpe0 = uniform_values(rng, 700 * C, -1, 1);
   const auto first = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, false);
   const auto second = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, true);  // scratch full of junk
   EXPECT_TRUE(same_bits(first.first, second.first)) << "dwte";
@@ -363,9 +284,9 @@ TEST_P(CudaOps, EmbeddingBackwardSkipsTokensOutsideTheVocabulary) {
   tokens[3] = -1;
   tokens[8] = 10;
   tokens[12] = 1 << 20;
-  const auto dout = round_to(s(), uniform(rng, N * C, -1, 1));
-  const auto dwte0 = uniform(rng, 10 * C, -1, 1);
-  const auto dwpe0 = uniform(rng, 9 * C, -1, 1);
+  const auto dout = round_to(s(), uniform_values(rng, N * C, -1, 1));
+  const auto dwte0 = uniform_values(rng, 10 * C, -1, 1);
+  const auto dwpe0 = uniform_values(rng, 9 * C, -1, 1);
   const auto [dwte, dwpe] = run_embedding_backward(s(), e, tokens, dout, dwte0, dwpe0, 0, false);
   // The reference: the valid positions only for dwte, every position for dwpe.
   std::vector<float> want_dwte = dwte0, want_dwpe = dwpe0;
@@ -401,17 +322,17 @@ TEST_P(CudaOps, LayerNormForwardMatchesCpu) {
   for (const RowShape r : {RowShape{14, 96}, RowShape{37, 45}, RowShape{9, 8}})
     for (const std::size_t offset : {0, 1}) {
       const std::size_t N = static_cast<std::size_t>(r.N), C = static_cast<std::size_t>(r.C);
-      const auto x = round_to(s(), uniform(rng, N * C, -1, 2));  // a mean well away from zero
-      const auto w = round_to(s(), uniform(rng, C, 0.5f, 1.5f));
-      const auto b = round_to(s(), uniform(rng, C, -0.5f, 0.5f));
-      Tensor d_x(s(), N * C, offset), d_w(s(), C, offset), d_b(s(), C), d_out(s(), N * C);
-      Tensor d_mean(Storage::kF32, N), d_rstd(Storage::kF32, N);
+      const auto x = round_to(s(), uniform_values(rng, N * C, -1, 2));  // a mean well away from zero
+      const auto w = round_to(s(), uniform_values(rng, C, 0.5f, 1.5f));
+      const auto b = round_to(s(), uniform_values(rng, C, -0.5f, 0.5f));
+      DeviceTensor d_x(s(), N * C, offset), d_w(s(), C, offset), d_b(s(), C), d_out(s(), N * C);
+      DeviceTensor d_mean(Storage::kF32, N), d_rstd(Storage::kF32, N);
       d_x.upload(x);
       d_w.upload(w);
       d_b.upload(b);
       dispatch(s(), [&](auto tag) {
         using T = typename decltype(tag)::type;
-        cuda::layernorm_forward<T>(d_out.as<T>(), d_mean.f32(), d_rstd.f32(), d_x.as<T>(), d_w.as<T>(), d_b.as<T>(),
+        cuda::layernorm_forward<T>(d_out.as<T>(), d_mean.as<float>(), d_rstd.as<float>(), d_x.as<T>(), d_w.as<T>(), d_b.as<T>(),
                                    r.N, r.C, nullptr);
       });
       sync();
@@ -442,8 +363,8 @@ LayerNormGrads run_layernorm_backward(Storage s, const RowShape& r, const std::v
                                       const std::vector<float>& w, const std::vector<float>& mean,
                                       const std::vector<float>& rstd, std::size_t offset) {
   const std::size_t N = static_cast<std::size_t>(r.N), C = static_cast<std::size_t>(r.C);
-  Tensor d_din(s, N * C, offset), d_dout(s, N * C, offset), d_x(s, N * C), d_w(s, C, offset);
-  Tensor d_dweight(Storage::kF32, C), d_dbias(Storage::kF32, C), d_mean(Storage::kF32, N), d_rstd(Storage::kF32, N);
+  DeviceTensor d_din(s, N * C, offset), d_dout(s, N * C, offset), d_x(s, N * C), d_w(s, C, offset);
+  DeviceTensor d_dweight(Storage::kF32, C), d_dbias(Storage::kF32, C), d_mean(Storage::kF32, N), d_rstd(Storage::kF32, N);
   d_din.upload(din0);
   d_dout.upload(dout);
   d_x.upload(x);
@@ -452,11 +373,11 @@ LayerNormGrads run_layernorm_backward(Storage s, const RowShape& r, const std::v
   d_dbias.upload(dbias0);
   d_mean.upload(mean);
   d_rstd.upload(rstd);
-  DeviceBuffer scratch(cuda::layernorm_backward_scratch_bytes(r.N, r.C));
+  DeviceBytes scratch(cuda::layernorm_backward_scratch_bytes(r.N, r.C));
   dispatch(s, [&](auto tag) {
     using T = typename decltype(tag)::type;
-    cuda::layernorm_backward<T>(d_din.as<T>(), d_dweight.f32(), d_dbias.f32(), d_dout.as<T>(), d_x.as<T>(), d_w.as<T>(),
-                                d_mean.f32(), d_rstd.f32(), r.N, r.C, scratch.get(), nullptr);
+    cuda::layernorm_backward<T>(d_din.as<T>(), d_dweight.as<float>(), d_dbias.as<float>(), d_dout.as<T>(), d_x.as<T>(), d_w.as<T>(),
+                                d_mean.as<float>(), d_rstd.as<float>(), r.N, r.C, scratch.data(), nullptr);
   });
   sync();
   return {d_din.download(), d_dweight.download(), d_dbias.download()};
@@ -469,13 +390,13 @@ struct LayerNormCase {
 LayerNormCase layernorm_case(Storage s, std::mt19937& rng, const RowShape& r) {
   const std::size_t N = static_cast<std::size_t>(r.N), C = static_cast<std::size_t>(r.C);
   LayerNormCase k;
-  k.x = round_to(s, uniform(rng, N * C, -1, 2));
-  k.w = round_to(s, uniform(rng, C, 0.5f, 1.5f));
-  const auto b = uniform(rng, C, -0.5f, 0.5f);
-  k.dout = round_to(s, uniform(rng, N * C, -1, 1));
-  k.din0 = round_to(s, uniform(rng, N * C, -1, 1));
-  k.dweight0 = uniform(rng, C, -1, 1);
-  k.dbias0 = uniform(rng, C, -1, 1);
+  k.x = round_to(s, uniform_values(rng, N * C, -1, 2));
+  k.w = round_to(s, uniform_values(rng, C, 0.5f, 1.5f));
+  const auto b = uniform_values(rng, C, -0.5f, 0.5f);
+  k.dout = round_to(s, uniform_values(rng, N * C, -1, 1));
+  k.din0 = round_to(s, uniform_values(rng, N * C, -1, 1));
+  k.dweight0 = uniform_values(rng, C, -1, 1);
+  k.dbias0 = uniform_values(rng, C, -1, 1);
   // Both sides get the CPU forward's statistics.
   std::vector<float> out(N * C);
   k.mean.resize(N);
@@ -543,12 +464,12 @@ TEST_P(CudaOps, GeluMatchesCpu) {
   std::mt19937 rng(8);
   for (const std::size_t n : {std::size_t{1001}, std::size_t{8}, std::size_t{3}})
     for (const std::size_t offset : {0, 1}) {
-      const auto x = round_to(s(), uniform(rng, n, -4, 4));
-      const auto dout = round_to(s(), uniform(rng, n, -1, 1));
+      const auto x = round_to(s(), uniform_values(rng, n, -4, 4));
+      const auto dout = round_to(s(), uniform_values(rng, n, -1, 1));
       std::vector<float> out(n), din(n, 0.0f);
       cpu::gelu_forward(out.data(), x.data(), static_cast<std::int64_t>(n));
       cpu::gelu_backward(din.data(), x.data(), dout.data(), static_cast<std::int64_t>(n));  // += onto zeros
-      Tensor d_x(s(), n, offset), d_out(s(), n, offset), d_dout(s(), n, offset), d_din(s(), n, offset);
+      DeviceTensor d_x(s(), n, offset), d_out(s(), n, offset), d_dout(s(), n, offset), d_din(s(), n, offset);
       d_x.upload(x);
       d_dout.upload(dout);
       d_din.upload(std::vector<float>(n, 7.0f));  // overwritten, not accumulated
@@ -572,12 +493,12 @@ TEST_P(CudaOps, ResidualMatchesCpu) {
   std::mt19937 rng(9);
   for (const std::size_t n : {std::size_t{1001}, std::size_t{16}, std::size_t{5}})
     for (const std::size_t offset : {0, 1}) {
-      const auto a = round_to(s(), uniform(rng, n, -3, 3));
-      const auto b = round_to(s(), uniform(rng, n, -3, 3));
+      const auto a = round_to(s(), uniform_values(rng, n, -3, 3));
+      const auto b = round_to(s(), uniform_values(rng, n, -3, 3));
       std::vector<float> want(n);
       cpu::residual_forward(want.data(), a.data(), b.data(), static_cast<std::int64_t>(n));
       want = round_to(s(), want);
-      Tensor d_a(s(), n, offset), d_b(s(), n), d_out(s(), n, offset);
+      DeviceTensor d_a(s(), n, offset), d_b(s(), n), d_out(s(), n, offset);
       d_a.upload(a);
       d_b.upload(b);
       dispatch(s(), [&](auto tag) {
@@ -625,7 +546,7 @@ TEST_P(CudaOps, CrossEntropyMatchesCpuOnPaddedRows) {
     for (const bool backward : {false, true}) {
       const std::size_t BT = static_cast<std::size_t>(k.BT), V = static_cast<std::size_t>(k.V),
                         stride = static_cast<std::size_t>(k.stride);
-      const auto logits = round_to(s(), uniform(rng, BT * V, -4, 4));
+      const auto logits = round_to(s(), uniform_values(rng, BT * V, -4, 4));
       std::vector<float> padded(BT * stride, kPadding);
       for (std::size_t i = 0; i < BT; ++i)
         for (std::size_t v = 0; v < V; ++v) padded[i * stride + v] = logits[i * V + v];
@@ -636,12 +557,12 @@ TEST_P(CudaOps, CrossEntropyMatchesCpuOnPaddedRows) {
       cpu::crossentropy_forward(losses.data(), probs.data(), logits.data(), targets.data(), k.BT, k.V);
       cpu::crossentropy_backward(dlogits.data(), probs.data(), targets.data(), dloss, k.BT, k.V);
 
-      Tensor d_logits(s(), BT * stride), d_losses(Storage::kF32, BT);
+      DeviceTensor d_logits(s(), BT * stride), d_losses(Storage::kF32, BT);
       d_logits.upload(padded);
       Tokens d_targets(targets);
       dispatch(s(), [&](auto tag) {
         using T = typename decltype(tag)::type;
-        cuda::crossentropy_forward_backward<T>(d_losses.f32(), d_logits.as<T>(), d_targets.get(), dloss, backward, k.BT,
+        cuda::crossentropy_forward_backward<T>(d_losses.as<float>(), d_logits.as<T>(), d_targets.get(), dloss, backward, k.BT,
                                                k.V, k.stride, nullptr);
       });
       sync();
@@ -672,7 +593,7 @@ TEST_P(CudaOps, CrossEntropyGuardsTargetsOutsideTheVocabulary) {
   for (const CrossEntropyShape k : {CrossEntropyShape{4, 65, 72}, CrossEntropyShape{4, 2000, 2000}}) {
     const std::size_t BT = 4, V = static_cast<std::size_t>(k.V), stride = static_cast<std::size_t>(k.stride);
     const std::vector<std::int32_t> targets = {3, -1, static_cast<std::int32_t>(V), 1 << 30};
-    const auto logits = round_to(s(), uniform(rng, BT * V, -4, 4));
+    const auto logits = round_to(s(), uniform_values(rng, BT * V, -4, 4));
     std::vector<float> padded(BT * stride, kPadding);
     for (std::size_t i = 0; i < BT; ++i)
       for (std::size_t v = 0; v < V; ++v) padded[i * stride + v] = logits[i * V + v];
@@ -685,12 +606,12 @@ TEST_P(CudaOps, CrossEntropyGuardsTargetsOutsideTheVocabulary) {
     for (std::size_t i = 1; i < BT; ++i)  // no onehot term in the guarded rows
       for (std::size_t v = 0; v < V; ++v) dlogits[i * V + v] = probs[i * V + v] * dloss;
 
-    Tensor d_logits(s(), BT * stride), d_losses(Storage::kF32, BT);
+    DeviceTensor d_logits(s(), BT * stride), d_losses(Storage::kF32, BT);
     d_logits.upload(padded);
     Tokens d_targets(targets);
     dispatch(s(), [&](auto tag) {
       using T = typename decltype(tag)::type;
-      cuda::crossentropy_forward_backward<T>(d_losses.f32(), d_logits.as<T>(), d_targets.get(), dloss, true, k.BT, k.V,
+      cuda::crossentropy_forward_backward<T>(d_losses.as<float>(), d_logits.as<T>(), d_targets.get(), dloss, true, k.BT, k.V,
                                              k.stride, nullptr);
     });
     sync();
@@ -732,9 +653,9 @@ TEST(CudaOpsArguments, ZeroSizesLaunchNothing) {
 
 TEST(CudaOpsArguments, BadArgumentsThrowInvalidArgument) {
   NIBBLE_REQUIRE_GPU();
-  DeviceBuffer buffer(1 << 16);
-  auto* f = static_cast<float*>(buffer.get());
-  const auto* tokens = static_cast<const std::int32_t*>(buffer.get());
+  DeviceBytes buffer(1 << 16);
+  auto* f = static_cast<float*>(buffer.data());
+  const auto* tokens = static_cast<const std::int32_t*>(buffer.data());
   EXPECT_THROW(cuda::embedding_forward<float>(f, tokens, f, f, -1, 7, 96, nullptr), InvalidArgument);
   EXPECT_THROW(cuda::embedding_forward<float>(f, nullptr, f, f, 2, 7, 8, nullptr), InvalidArgument);
   EXPECT_THROW(cuda::embedding_backward_scratch_bytes(2, -7, 65), InvalidArgument);

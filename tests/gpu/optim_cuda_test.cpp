@@ -19,57 +19,18 @@
 #include "nibble/rng.hpp"
 #include "nibble/tensor.hpp"
 
+#include "test_util.hpp"
+#include "gpu/cuda_test_util.hpp"
+
 namespace nibble {
 namespace {
 
-#define NIBBLE_REQUIRE_GPU()                                                              \
-  do {                                                                                    \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
+using test::bf16_bits;
+using test::bf16_value;
+using test::check;
+using test::DeviceArray;
+using test::tensor_name;
 
-void check(cudaError_t e, const char* what) {
-  if (e != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(e));
-}
-
-// A device array of T with host round trips.
-template <class T>
-class DeviceArray {
- public:
-  explicit DeviceArray(std::size_t n) : n_(n) {
-    if (n_ > 0) check(cudaMalloc(&p_, n_ * sizeof(T)), "cudaMalloc");
-  }
-  ~DeviceArray() { cudaFree(p_); }
-  DeviceArray(const DeviceArray&) = delete;
-  DeviceArray& operator=(const DeviceArray&) = delete;
-  T* data() { return p_; }
-  // Landed when this returns: a pageable cudaMemcpy may return before its data arrives, and work
-  // on a non-blocking stream (the graph test's) is not ordered after the legacy stream.
-  void upload(const std::vector<T>& v) {
-    if (n_ > 0) check(cudaMemcpy(p_, v.data(), n_ * sizeof(T), cudaMemcpyHostToDevice), "upload");
-    check(cudaDeviceSynchronize(), "upload");
-  }
-  std::vector<T> download() const {
-    std::vector<T> v(n_);
-    if (n_ > 0) check(cudaMemcpy(v.data(), p_, n_ * sizeof(T), cudaMemcpyDeviceToHost), "download");
-    return v;
-  }
-
- private:
-  T* p_ = nullptr;
-  std::size_t n_;
-};
-
-std::uint16_t to_bf16(float f) {  // round to nearest even
-  std::uint32_t u;
-  std::memcpy(&u, &f, 4);
-  return static_cast<std::uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float from_bf16(std::uint16_t h) {
-  const std::uint32_t u = static_cast<std::uint32_t>(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 float from_f16(std::uint16_t h) {
   const std::uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
   float f = 0.0f;
@@ -81,12 +42,6 @@ float from_f16(std::uint16_t h) {
   u |= sign;
   std::memcpy(&f, &u, 4);
   return f;
-}
-
-std::string tensor_name(std::size_t i) {
-  std::string name = "t";
-  name += std::to_string(i);
-  return name;
 }
 
 using Shape = std::vector<std::int64_t>;
@@ -310,8 +265,8 @@ TEST(CudaParamDtypes, Bf16AndF16ParametersWithBf16Gradients) {
       std::vector<std::uint16_t> bits(n);
       std::vector<float> p(n);
       for (std::size_t e = 0; e < n; ++e) {
-        bits[e] = to_bf16(0.1f * rng.normal());
-        p[e] = from_bf16(bits[e]);
+        bits[e] = bf16_bits(0.1f * rng.normal());
+        p[e] = bf16_value(bits[e]);
         if (dtype == DType::F16) {  // a value exactly representable in both formats
           p[e] = std::ldexp(std::round(std::ldexp(p[e], 10)), -10);
           bits[e] = 0;
@@ -352,8 +307,8 @@ TEST(CudaParamDtypes, Bf16AndF16ParametersWithBf16Gradients) {
       for (std::size_t i = 0; i < shapes.size(); ++i) {
         std::vector<std::uint16_t> gbits(hg[i].size());
         for (std::size_t e = 0; e < gbits.size(); ++e) {
-          gbits[e] = to_bf16(0.01f * rng.normal());
-          hg[i][e] = from_bf16(gbits[e]);
+          gbits[e] = bf16_bits(0.01f * rng.normal());
+          hg[i][e] = bf16_value(gbits[e]);
         }
         dg[i]->upload(gbits);
       }
@@ -363,7 +318,7 @@ TEST(CudaParamDtypes, Bf16AndF16ParametersWithBf16Gradients) {
         const std::vector<std::uint16_t> got = dp[i]->download();
         std::int64_t bad = 0;
         for (std::size_t e = 0; e < got.size(); ++e) {
-          const float gpu_value = dtype == DType::BF16 ? from_bf16(got[e]) : from_f16(got[e]);
+          const float gpu_value = dtype == DType::BF16 ? bf16_value(got[e]) : from_f16(got[e]);
           // The GPU rounded the same fp32 result: within half an ulp of the 16-bit format.
           const float ulp = dtype == DType::BF16 ? std::ldexp(1.0f, std::ilogb(hp[i][e]) - 7)
                                                  : std::ldexp(1.0f, std::max(std::ilogb(hp[i][e]), -14) - 10);
@@ -391,8 +346,8 @@ TEST(CudaParamDtypes, MasterWeightsStepLikeFp32) {
     std::vector<std::uint16_t> bits(n);
     std::vector<float> p(n);
     for (std::size_t e = 0; e < n; ++e) {
-      bits[e] = to_bf16(0.1f * rng.normal());
-      p[e] = from_bf16(bits[e]);
+      bits[e] = bf16_bits(0.1f * rng.normal());
+      p[e] = bf16_value(bits[e]);
     }
     hp.push_back(p);
     hg.emplace_back(n);
@@ -420,7 +375,7 @@ TEST(CudaParamDtypes, MasterWeightsStepLikeFp32) {
     const std::vector<float> master = gpu.state_values(i, "master");
     EXPECT_EQ(compare(master, hp[i], 0.0, 0.0).count, 0) << "tensor " << i;
     const std::vector<std::uint16_t> bits = dp[i]->download();
-    for (std::size_t e = 0; e < bits.size(); ++e) ASSERT_EQ(bits[e], to_bf16(master[e])) << "tensor " << i << " element " << e;
+    for (std::size_t e = 0; e < bits.size(); ++e) ASSERT_EQ(bits[e], bf16_bits(master[e])) << "tensor " << i << " element " << e;
   }
 }
 

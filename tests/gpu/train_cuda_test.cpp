@@ -9,13 +9,10 @@
 #include "nibble/device.hpp"
 #include "train/trainer.hpp"
 
+#include "gpu/cuda_test_util.hpp"
+
 namespace nibble::train {
 namespace {
-
-#define NIBBLE_REQUIRE_GPU()                                                                  \
-  do {                                                                                        \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device visible: GPU test skipped"; \
-  } while (0)
 
 TrainOptions tiny_run(Device device, std::int64_t steps) {
   TrainOptions o;

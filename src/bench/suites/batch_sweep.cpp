@@ -1,9 +1,7 @@
 // batch-sweep: tokens per second of each optimizer against the batch size, with the difference to
 // the baseline at each batch and whether it exceeds the step-to-step noise (Welch's t-test).
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
-#include <cmath>
 
 #include "bench/suite_registry.hpp"
 #include "bench/suites/common.hpp"
@@ -57,10 +55,10 @@ SuiteOutput batch_sweep(const SuiteOptions& o, const ProgressCallback& progress,
     const RunRecord& base = runs[bi * n_opt].record;
     for (std::size_t i = 0; i < n_opt; ++i) {
       const RunRecord& r = runs[bi * n_opt + i].record;
-      const bool ok = r.status == RunStatus::kOk && r.steady_ms.n > 0;
+      const bool ok = has_steady_steps(r);
       row.push_back(ok ? fmt::format("{} ±{:.1f}%", tokens(r.tokens_per_s), r.steady_ms.cv_percent) : "out of memory");
       if (i == 0) continue;
-      const bool both = ok && base.status == RunStatus::kOk && base.steady_ms.n > 0;
+      const bool both = ok && has_steady_steps(base);
       if (!both) {
         row.push_back("n/a");
         deltas.add_row({o.batches[bi], o.optimizers[i].label(), o.optimizers[0].label(), Cell{}, Cell{}, Cell{}, Cell{},
@@ -100,14 +98,10 @@ SuiteOutput batch_sweep(const SuiteOptions& o, const ProgressCallback& progress,
       const double x = static_cast<double>(o.batches[bi]);
       const std::vector<double> tp = steady_throughput(r);
       if (r.status != RunStatus::kOk || tp.empty()) {
-        s.points.push_back({x, kNaN});
-        s.band.push_back({kNaN, kNaN});
+        add_gap(s, x);
         continue;
       }
-      const Summary sm = summarize(tp);
-      s.points.push_back({x, r.tokens_per_s});
-      const double half = std::isfinite(sm.ci95_half_width) ? sm.ci95_half_width : 0.0;
-      s.band.push_back({sm.mean - half, sm.mean + half});
+      add_point(s, x, r.tokens_per_s, summarize(tp));
     }
     plot.series.push_back(std::move(s));
   }
@@ -116,8 +110,7 @@ SuiteOutput batch_sweep(const SuiteOptions& o, const ProgressCallback& progress,
 }
 
 void set_defaults(SuiteOptions& o, bool cpu) {
-  const std::vector<Precision> fp32{Precision::kFp32};
-  o.optimizers = parse_optimizers("adamw:fp32,adamw:8bit", fp32);
+  o.optimizers = default_optimizers("adamw:fp32,adamw:8bit");
   o.batches = cpu ? std::vector<std::int64_t>{4, 8, 16, 32} : std::vector<std::int64_t>{16, 24, 32, 48, 64, 96, 128};
   o.seq = cpu ? 64 : 0;
   o.warmup_steps = cpu ? 1 : 10;
@@ -125,15 +118,11 @@ void set_defaults(SuiteOptions& o, bool cpu) {
 }
 
 std::string defaults_flags(const SuiteOptions& o) {
-  auto join = [](const auto& list) { return fmt::format("{}", fmt::join(list, ",")); };
   return fmt::format(" --preset {} --seq {} --batches {} --warmup-steps {} --steps {}", o.preset, o.seq,
-                     join(o.batches), o.warmup_steps, o.measure_steps);
+                     comma_list(o.batches), o.warmup_steps, o.measure_steps);
 }
 
 }  // namespace
-}  // namespace nibble::bench::suites
-
-namespace nibble::bench {
 
 extern constinit const SuiteDefinition kBatchSweepSuite{
     .name = "batch-sweep",
@@ -143,10 +132,10 @@ extern constinit const SuiteDefinition kBatchSweepSuite{
     .uses_preset_list = false,
     .uses_batch_list = true,
     .times_steps = true,
-    .set_defaults = suites::set_defaults,
+    .set_defaults = set_defaults,
     .validate = nullptr,
-    .defaults_flags = suites::defaults_flags,
-    .run = suites::batch_sweep,
+    .defaults_flags = defaults_flags,
+    .run = batch_sweep,
 };
 
-}  // namespace nibble::bench
+}  // namespace nibble::bench::suites

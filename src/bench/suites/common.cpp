@@ -75,6 +75,15 @@ std::int64_t seq_for(const SuiteOptions& o, std::string_view preset) {
   return o.seq > 0 ? o.seq : model::gpt_preset(preset).context;
 }
 
+std::int64_t seq_within_context(const SuiteOptions& o, std::string_view preset) {
+  return std::min(seq_for(o, preset), model::gpt_preset(preset).context);
+}
+
+std::vector<OptimizerChoice> default_optimizers(std::string_view list) {
+  const std::vector<Precision> fp32{Precision::kFp32};
+  return parse_optimizers(list, fp32);
+}
+
 train::TrainOptions train_options(const SuiteOptions& o, const OptimizerChoice& opt, std::int64_t batch,
                                   std::uint64_t seed, std::int64_t steps) {
   train::TrainOptions t;
@@ -115,6 +124,8 @@ double safe_delta(double value, double baseline) {
   return delta_percent(value, baseline);
 }
 
+bool has_steady_steps(const RunRecord& r) { return r.status == RunStatus::kOk && r.steady_ms.n > 0; }
+
 std::vector<double> steady_throughput(const RunRecord& r) {
   std::vector<double> out;
   for (const StepSample& s : r.steps)
@@ -122,12 +133,23 @@ std::vector<double> steady_throughput(const RunRecord& r) {
   return out;
 }
 
+void add_point(Series& series, double x, double y, const Summary& spread) {
+  series.points.push_back({x, y});
+  const double half = std::isfinite(spread.ci95_half_width) ? spread.ci95_half_width : 0.0;
+  series.band.push_back({spread.mean - half, spread.mean + half});
+}
+
+void add_gap(Series& series, double x) {
+  series.points.push_back({x, kNaN});
+  series.band.push_back({kNaN, kNaN});
+}
+
 Table runs_table(const std::vector<Keyed>& runs) {
   Table t{"runs", run_columns(), {}};
   for (const Keyed& k : runs) {
     const RunRecord& r = k.record;
     const bool ok = r.status == RunStatus::kOk;
-    const bool timed = ok && r.steady_ms.n > 0;
+    const bool timed = has_steady_steps(r);
     auto stat = [&](double v) { return timed ? real_or_empty(v) : Cell{}; };
     t.add_row({k.optimizer.label(), std::string(algorithm_name(k.optimizer.algorithm)),
                std::string(precision_name(k.optimizer.precision)), k.preset, k.mode, k.batch, k.seq,

@@ -1,7 +1,10 @@
 // What the suites of nibble bench share: model configuration from the options, number formatting,
-// the runs and steps tables every training suite reports, a runner that reports progress, and the
-// memory chart. Each suite is one file beside this one.
+// the runs and steps tables every training suite reports, a runner that reports progress, plot
+// points with their confidence bands, and the memory chart. Each suite is one file beside this one.
 #pragma once
+
+#include <fmt/format.h>
+#include <fmt/ranges.h>
 
 #include <nlohmann/json.hpp>
 
@@ -31,10 +34,15 @@ std::int64_t vocab_for(const SuiteOptions& o, std::string_view preset);
 model::GptConfig config_for(const SuiteOptions& o, std::string_view preset);
 // Tokens per sequence: the option's, else the preset's context.
 std::int64_t seq_for(const SuiteOptions& o, std::string_view preset);
+// seq_for, at most the preset's context: what a suite over several presets runs each one with.
+std::int64_t seq_within_context(const SuiteOptions& o, std::string_view preset);
 // The trainer's options for one run of a training suite: quiet, warm-up a tenth of the steps; on
 // CUDA in bf16 (on random tokens when `o.vocab` is set).
 train::TrainOptions train_options(const SuiteOptions& o, const OptimizerChoice& opt, std::int64_t batch,
                                   std::uint64_t seed, std::int64_t steps);
+
+// A suite's default optimizers: "name:precision" entries, an entry without a precision at fp32.
+std::vector<OptimizerChoice> default_optimizers(std::string_view list);
 
 // ---- formatting ---------------------------------------------------------------------------------
 
@@ -43,6 +51,8 @@ std::string fixed(double v, int digits);
 std::string opt_fixed(const std::optional<double>& v, int digits);
 std::string signed_percent(double v);
 std::string tokens(double v);  // rounded, digits grouped
+// "1,2,3": a list option's value as its flag takes it, for the defaults line of --help.
+std::string comma_list(const auto& list) { return fmt::format("{}", fmt::join(list, ",")); }
 
 // Report cells: empty for a value that is not finite (or absent).
 Cell real_or_empty(double v);
@@ -58,8 +68,18 @@ Cell opt_cell(const std::optional<T>& v) {
 
 // delta_percent, or NaN where it is undefined (a value not finite, a zero baseline).
 double safe_delta(double value, double baseline);
+// Whether a run finished and timed steady steps: the runs that have a step time and tokens/s.
+bool has_steady_steps(const RunRecord& r);
 // Per-step tokens/s of a run's steady steps: the samples a difference is tested on.
 std::vector<double> steady_throughput(const RunRecord& r);
+
+// ---- plots --------------------------------------------------------------------------------------
+
+// A point at (x, y) with the 95% interval of `spread`'s mean as its band (no band width where the
+// interval is undefined, one sample).
+void add_point(Series& series, double x, double y, const Summary& spread);
+// A gap in the line at x: a run that did not fit in memory.
+void add_gap(Series& series, double x);
 
 // ---- the records and their tables ---------------------------------------------------------------
 

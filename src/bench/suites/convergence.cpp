@@ -1,7 +1,6 @@
 // convergence: time and steps to a target validation loss, and the loss after a time budget, per
 // optimizer over several seeds, with confidence intervals and Welch's test against the baseline.
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
 #include <algorithm>
 #include <cmath>
@@ -196,8 +195,7 @@ SuiteOutput convergence(const SuiteOptions& o, const ProgressCallback& progress,
 }
 
 void set_defaults(SuiteOptions& o, bool cpu) {
-  const std::vector<Precision> fp32{Precision::kFp32};
-  o.optimizers = parse_optimizers("adamw:fp32,adamw:8bit,lion:fp32", fp32);
+  o.optimizers = default_optimizers("adamw:fp32,adamw:8bit,lion:fp32");
   o.preset = cpu ? "tiny" : "char";
   o.batch = cpu ? 16 : 64;
   o.seq = 0;
@@ -222,17 +220,13 @@ void validate(const SuiteOptions& o) {
 }
 
 std::string defaults_flags(const SuiteOptions& o) {
-  auto join = [](const auto& list) { return fmt::format("{}", fmt::join(list, ",")); };
   return fmt::format(" --preset {} --batch {} --seeds {} --target-loss {} --time-budget {} --max-steps {} "
                      "--eval-every {}",
-                     o.preset, o.batch, join(o.seeds), o.target_loss ? *o.target_loss : 0.0f, o.time_budget_s,
+                     o.preset, o.batch, comma_list(o.seeds), o.target_loss ? *o.target_loss : 0.0f, o.time_budget_s,
                      o.max_steps, o.eval_every);
 }
 
 }  // namespace
-}  // namespace nibble::bench::suites
-
-namespace nibble::bench {
 
 extern constinit const SuiteDefinition kConvergenceSuite{
     .name = "convergence",
@@ -243,10 +237,10 @@ extern constinit const SuiteDefinition kConvergenceSuite{
     .uses_preset_list = false,
     .uses_batch_list = false,
     .times_steps = false,
-    .set_defaults = suites::set_defaults,
-    .validate = suites::validate,
-    .defaults_flags = suites::defaults_flags,
-    .run = suites::convergence,
+    .set_defaults = set_defaults,
+    .validate = validate,
+    .defaults_flags = defaults_flags,
+    .run = convergence,
 };
 
-}  // namespace nibble::bench
+}  // namespace nibble::bench::suites

@@ -1,9 +1,7 @@
 // memory-plan: the predicted peak training memory of each preset, optimizer and batch from the
 // engine's accounting, the largest batch that fits, and optionally one measured step to check it.
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
-#include <algorithm>
 
 #include "bench/suite_registry.hpp"
 #include "bench/suites/common.hpp"
@@ -66,7 +64,7 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
   std::vector<ToMeasure> to_measure;
   for (const std::string& preset : o.presets) {
     const model::GptConfig config = config_for(o, preset);
-    const std::int64_t seq = std::min(seq_for(o, preset), config.context);
+    const std::int64_t seq = seq_within_context(o, preset);
     for (const OptimizerChoice& opt : o.optimizers) {
       const OptimizerOptions oo = plan_optimizer(opt, o.device);
       std::vector<std::string> row{preset, opt.label()};
@@ -147,7 +145,7 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
 
   // One bar per optimizer for the first preset at the first batch.
   const model::GptConfig config = config_for(o, o.presets.front());
-  const std::int64_t seq = std::min(seq_for(o, o.presets.front()), config.context);
+  const std::int64_t seq = seq_within_context(o, o.presets.front());
   std::vector<std::string> names;
   std::vector<train::MemoryPlan> bars;
   for (const OptimizerChoice& opt : o.optimizers) {
@@ -161,22 +159,17 @@ SuiteOutput memory_plan(const SuiteOptions& o, const ProgressCallback& progress,
 }
 
 void set_defaults(SuiteOptions& o, bool /* the same on every device */) {
-  const std::vector<Precision> fp32{Precision::kFp32};
-  o.optimizers = parse_optimizers("adamw:fp32,adamw:bf16,adamw:8bit,adamw:4bit,lion:8bit,adafactor:fp32,sgd:fp32", fp32);
+  o.optimizers = default_optimizers("adamw:fp32,adamw:bf16,adamw:8bit,adamw:4bit,lion:8bit,adafactor:fp32,sgd:fp32");
   o.batches = {1, 8, 16, 32, 64};
   o.seq = 0;
   o.measure_max = std::int64_t{2} << 30;
 }
 
 std::string defaults_flags(const SuiteOptions& o) {
-  auto join = [](const auto& list) { return fmt::format("{}", fmt::join(list, ",")); };
-  return fmt::format(" --presets {} --batches {} (seq: each preset's context)", join(o.presets), join(o.batches));
+  return fmt::format(" --presets {} --batches {} (seq: each preset's context)", comma_list(o.presets), comma_list(o.batches));
 }
 
 }  // namespace
-}  // namespace nibble::bench::suites
-
-namespace nibble::bench {
 
 extern constinit const SuiteDefinition kMemoryPlanSuite{
     .name = "memory-plan",
@@ -186,10 +179,10 @@ extern constinit const SuiteDefinition kMemoryPlanSuite{
     .uses_preset_list = true,
     .uses_batch_list = true,
     .times_steps = false,
-    .set_defaults = suites::set_defaults,
+    .set_defaults = set_defaults,
     .validate = nullptr,
-    .defaults_flags = suites::defaults_flags,
-    .run = suites::memory_plan,
+    .defaults_flags = defaults_flags,
+    .run = memory_plan,
 };
 
-}  // namespace nibble::bench
+}  // namespace nibble::bench::suites

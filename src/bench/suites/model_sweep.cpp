@@ -1,10 +1,7 @@
 // model-sweep: forward, forward+backward and full-step time of each model preset on random tokens;
 // a model that does not fit is an out-of-memory row and the sweep goes on.
 #include <fmt/format.h>
-#include <fmt/ranges.h>
 
-#include <algorithm>
-#include <cmath>
 
 #include "bench/suite_registry.hpp"
 #include "bench/suites/common.hpp"
@@ -22,7 +19,7 @@ SuiteOutput model_sweep(const SuiteOptions& o, const ProgressCallback& progress,
       TimingSpec spec;
       spec.config = config_for(o, preset);
       spec.batch = o.batch;
-      spec.seq = std::min(seq_for(o, preset), spec.config.context);
+      spec.seq = seq_within_context(o, preset);
       spec.mode = mode;
       spec.optimizer = opt;
       spec.warmup_steps = o.warmup_steps;
@@ -71,13 +68,10 @@ SuiteOutput model_sweep(const SuiteOptions& o, const ProgressCallback& progress,
       const RunRecord& r = k.record;
       const double x = static_cast<double>(r.param_count);
       if (r.status != RunStatus::kOk) {
-        s.points.push_back({x, kNaN});
-        s.band.push_back({kNaN, kNaN});
+        add_gap(s, x);
         continue;
       }
-      s.points.push_back({x, r.steady_ms.mean});
-      const double half = std::isfinite(r.steady_ms.ci95_half_width) ? r.steady_ms.ci95_half_width : 0.0;
-      s.band.push_back({r.steady_ms.mean - half, r.steady_ms.mean + half});
+      add_point(s, x, r.steady_ms.mean, r.steady_ms);
     }
     plot.series.push_back(std::move(s));
   }
@@ -86,8 +80,7 @@ SuiteOutput model_sweep(const SuiteOptions& o, const ProgressCallback& progress,
 }
 
 void set_defaults(SuiteOptions& o, bool cpu) {
-  const std::vector<Precision> fp32{Precision::kFp32};
-  o.optimizers = parse_optimizers("adamw:fp32", fp32);
+  o.optimizers = default_optimizers("adamw:fp32");
   if (cpu) o.presets = {"tiny", "char", "small", "medium"};
   o.batch = cpu ? 1 : 16;
   o.seq = cpu ? 128 : 0;
@@ -100,15 +93,11 @@ void validate(const SuiteOptions& o) {
 }
 
 std::string defaults_flags(const SuiteOptions& o) {
-  auto join = [](const auto& list) { return fmt::format("{}", fmt::join(list, ",")); };
-  return fmt::format(" --presets {} --batch {} --seq {} --warmup-steps {} --steps {}", join(o.presets), o.batch,
+  return fmt::format(" --presets {} --batch {} --seq {} --warmup-steps {} --steps {}", comma_list(o.presets), o.batch,
                      o.seq, o.warmup_steps, o.measure_steps);
 }
 
 }  // namespace
-}  // namespace nibble::bench::suites
-
-namespace nibble::bench {
 
 extern constinit const SuiteDefinition kModelSweepSuite{
     .name = "model-sweep",
@@ -118,10 +107,10 @@ extern constinit const SuiteDefinition kModelSweepSuite{
     .uses_preset_list = true,
     .uses_batch_list = false,
     .times_steps = true,
-    .set_defaults = suites::set_defaults,
-    .validate = suites::validate,
-    .defaults_flags = suites::defaults_flags,
-    .run = suites::model_sweep,
+    .set_defaults = set_defaults,
+    .validate = validate,
+    .defaults_flags = defaults_flags,
+    .run = model_sweep,
 };
 
-}  // namespace nibble::bench
+}  // namespace nibble::bench::suites

@@ -24,7 +24,7 @@ SuiteOutput profile(const SuiteOptions& o, const ProgressCallback& progress, con
   out.report.tables.push_back(steps_table(runs));
 
   const RunRecord& base = runs.front().record;
-  const bool base_ok = base.status == RunStatus::kOk && base.steady_ms.n > 0;
+  const bool base_ok = has_steady_steps(base);
   std::vector<std::vector<std::string>> abs_rows, delta_rows, mem_rows;
   using T = ColumnType;
   Table deltas{"deltas",
@@ -43,7 +43,7 @@ SuiteOutput profile(const SuiteOptions& o, const ProgressCallback& progress, con
   for (const Keyed& k : runs) {
     const RunRecord& r = k.record;
     const std::string name = k.optimizer.label();
-    if (r.status != RunStatus::kOk || r.steady_ms.n == 0) {
+    if (!has_steady_steps(r)) {
       abs_rows.push_back({name, "out of memory", "", "", "", "", human_bytes(static_cast<double>(r.plan.total())), "",
                           "", "", "", "", "", ""});
       continue;
@@ -125,8 +125,7 @@ SuiteOutput profile(const SuiteOptions& o, const ProgressCallback& progress, con
 }
 
 void set_defaults(SuiteOptions& o, bool cpu) {
-  const std::vector<Precision> fp32{Precision::kFp32};
-  o.optimizers = parse_optimizers("adamw:fp32,adamw:8bit,adamw:4bit,lion:8bit,adafactor:fp32,sgd:fp32", fp32);
+  o.optimizers = default_optimizers("adamw:fp32,adamw:8bit,adamw:4bit,lion:8bit,adafactor:fp32,sgd:fp32");
   o.batch = cpu ? 8 : 16;
   o.seq = cpu ? 64 : 0;
   o.warmup_steps = cpu ? 2 : 10;
@@ -140,9 +139,6 @@ std::string defaults_flags(const SuiteOptions& o) {
 }
 
 }  // namespace
-}  // namespace nibble::bench::suites
-
-namespace nibble::bench {
 
 extern constinit const SuiteDefinition kProfileSuite{
     .name = "profile",
@@ -152,10 +148,10 @@ extern constinit const SuiteDefinition kProfileSuite{
     .uses_preset_list = false,
     .uses_batch_list = false,
     .times_steps = true,
-    .set_defaults = suites::set_defaults,
+    .set_defaults = set_defaults,
     .validate = nullptr,
-    .defaults_flags = suites::defaults_flags,
-    .run = suites::profile,
+    .defaults_flags = defaults_flags,
+    .run = profile,
 };
 
-}  // namespace nibble::bench
+}  // namespace nibble::bench::suites
