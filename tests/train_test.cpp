@@ -213,7 +213,7 @@ TEST_F(TrainTest, CorruptOrMismatchedCheckpointIsRefusedAndLeftAlone) {
       },
       FormatError);
   EXPECT_THROW(load_model(dir_ / "ckpt"), FormatError);
-  EXPECT_EQ(read_bytes(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
+  EXPECT_EQ(test::read_text(dir_ / "ckpt" / "optimizer.safetensors"), opt_bytes);
 
   // A truncated model file.
   std::ofstream(dir_ / "ckpt" / "model.safetensors", std::ios::binary | std::ios::trunc)
