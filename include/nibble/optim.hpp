@@ -30,6 +30,9 @@ std::ostream& operator<<(std::ostream& os, Precision precision);
 std::optional<Precision> precision_from_name(std::string_view name);  // also "32bit", "int8", "int4"
 std::span<const Algorithm> all_algorithms();
 std::span<const Precision> all_precisions();
+// The names above as a list for help texts and messages: "sgd, adam, ...", "fp32, bf16, ...".
+std::string algorithm_names();
+std::string precision_names();
 
 Hyper default_hyper(Algorithm algorithm);
 // Throws InvalidArgument naming the hyperparameter and its value.

@@ -35,7 +35,7 @@ std::vector<std::string_view> split_list(std::string_view text, std::string_view
 
 Precision precision_or_throw(std::string_view name) {
   const auto p = precision_from_name(name);
-  if (!p) throw InvalidArgument(fmt::format("unknown precision '{}' (known: fp32, bf16, 8bit, 4bit)", name));
+  if (!p) throw InvalidArgument(fmt::format("unknown precision '{}' (known: {})", name, precision_names()));
   return *p;
 }
 
@@ -116,7 +116,7 @@ std::vector<OptimizerChoice> parse_optimizers(std::string_view text, std::span<c
     const std::string_view name = item.substr(0, colon);
     const auto algorithm = algorithm_from_name(name);
     if (!algorithm)
-      throw InvalidArgument(fmt::format("unknown optimizer '{}' (known: sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag)", name));
+      throw InvalidArgument(fmt::format("unknown optimizer '{}' (known: {})", name, algorithm_names()));
     std::vector<Precision> ps;
     if (colon == std::string_view::npos) {
       ps.assign(precisions.begin(), precisions.end());

@@ -226,7 +226,7 @@ void add_bench_command(CLI::App& app) {
                               bench::suite_names([](const bench::SuiteDefinition& s) { return s.runs_on_cuda; }, " and ")));
   cmd->add_option("--optimizers", f.optimizers,
                   "Comma-separated name[:precision], e.g. adamw,adamw:8bit,lion:4bit; the first is the baseline");
-  cmd->add_option("--precisions", f.precisions, "Precisions for --optimizers entries without one (fp32, bf16, 8bit, 4bit)");
+  cmd->add_option("--precisions", f.precisions, "Precisions for --optimizers entries without one (" + precision_names() + ")");
   cmd->add_option("--preset", f.preset, "Model preset for batch-sweep, profile and convergence (tiny, char, small, ...)");
   cmd->add_option("--presets", f.presets, "Model presets for model-sweep and memory-plan, comma-separated");
   cmd->add_option("--seq", f.seq, "Tokens per sequence (0: the preset's context)")->check(non_negative())->default_str("");

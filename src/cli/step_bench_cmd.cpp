@@ -60,15 +60,6 @@ std::vector<T> parse_names(const std::vector<std::string>& names, std::span<cons
   return chosen;
 }
 
-std::string join_names(auto all, auto name_of) {
-  std::string text;
-  for (auto value : all) {
-    if (!text.empty()) text += ", ";
-    text += name_of(value);
-  }
-  return text;
-}
-
 void report_progress(const bench::StepBenchRow& r, std::size_t done, std::size_t total) {
   const std::string level = r.level == bench::kFusedLevel ? "" : " " + r.level;
   fmt::print(stderr, "[{}/{}] {} {}{}: median {:.3f} ms, {:.1f} GB/s ({:.0f}% of memcpy)\n", done,
@@ -130,10 +121,10 @@ void run_step_bench(StepBenchFlags flags, bool params_given, bool steps_given) {
   bench::StepBenchOptions options;
   options.algorithms =
       parse_names<Algorithm>(flags.algorithms, all_algorithms(), algorithm_from_name, "algorithm",
-                             join_names(all_algorithms(), algorithm_name));
+                             algorithm_names());
   options.precisions =
       parse_names<Precision>(flags.precisions, all_precisions(), precision_from_name, "precision",
-                             join_names(all_precisions(), precision_name));
+                             precision_names());
   const std::vector<Algorithm>& algorithms = options.algorithms;
   const std::vector<Precision>& precisions = options.precisions;
   if (flags.levels &&
@@ -188,12 +179,12 @@ void add_step_bench_command(CLI::App& app) {
                   "GPU; parameters, gradients and state then live in GPU memory)");
   sub->add_option("--algorithms", flags->algorithms,
                   fmt::format("Comma-separated algorithms to run (default: all of {})",
-                              join_names(all_algorithms(), algorithm_name)))
+                              algorithm_names()))
       ->delimiter(',')
       ->option_text("NAME,...");
   sub->add_option("--precisions", flags->precisions,
                   fmt::format("Comma-separated state precisions to run (default: all of {})",
-                              join_names(all_precisions(), precision_name)))
+                              precision_names()))
       ->delimiter(',')
       ->option_text("NAME,...");
   sub->add_option("--set", flags->set, fmt::format("Parameter set to step: {}", kParamSetNames));

@@ -175,8 +175,8 @@ void add_train_command(CLI::App& app) {
   sub->add_flag("--no-cuda-graph", f->no_cuda_graph,
                 "CUDA: run every step eagerly instead of replaying one captured CUDA graph (measures the "
                 "optimizer's share of the step apart)");
-  sub->add_option("--optimizer", f->algorithm, "sgd, adam, adamw, lion, adafactor, adamp, qhm, sophiag")->capture_default_str();
-  sub->add_option("--precision", f->precision, "Optimizer state precision: fp32, bf16, 8bit, 4bit")->capture_default_str();
+  sub->add_option("--optimizer", f->algorithm, algorithm_names())->capture_default_str();
+  sub->add_option("--precision", f->precision, "Optimizer state precision: " + precision_names())->capture_default_str();
   sub->add_option("--lr", f->lr, "Peak learning rate (default: the optimizer's)")->check(positive());
   sub->add_option("--weight-decay", f->weight_decay, "Weight decay (default: the optimizer's); none on vectors")->check(non_negative());
   sub->add_option("--beta1", f->beta1, "beta1 (default: the optimizer's)")->check(fraction_below_one());

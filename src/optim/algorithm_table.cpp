@@ -359,6 +359,12 @@ const AlgorithmSpec& algorithm_spec(Algorithm algorithm) {
 
 std::span<const Algorithm> all_algorithms() { return kAlgorithms; }
 
+std::string algorithm_names() {
+  std::string out;
+  for (const AlgorithmSpec& a : kAlgorithmSpecs) out += fmt::format("{}{}", out.empty() ? "" : ", ", a.name);
+  return out;
+}
+
 std::string_view algorithm_name(Algorithm algorithm) {
   const auto i = static_cast<std::size_t>(algorithm);
   return i < kAlgorithmSpecs.size() ? kAlgorithmSpecs[i].name : "unknown";

@@ -20,9 +20,8 @@ namespace nibble {
 inline constexpr int kDefaultBlock8 = 256;
 inline constexpr int kDefaultBlock4 = 128;
 
-// The storage of a precision's values, and its name list for messages ("fp32, bf16, 8bit, 4bit").
+// How a precision's values are stored.
 math::StateStorage state_storage(Precision precision);
-std::string precision_names();
 
 // Throws InvalidArgument unless block_size is 0 (the default) or a power of two in [16, kMaxBlock].
 void check_block_size(int block_size);
