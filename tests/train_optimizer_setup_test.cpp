@@ -2,9 +2,12 @@
 // dtypes and memory, in one group that takes the optimizer's own hyperparameters.
 #include <gtest/gtest.h>
 
+#include <string>
+#include <utility>
 #include <vector>
 
 #include "model/gpt.hpp"
+#include "nibble/error.hpp"
 #include "train/optimizer_setup.hpp"
 
 namespace nibble::train {
@@ -32,6 +35,36 @@ TEST(OptimizerSetup, OneParamPerModelTensorInLayoutOrder) {
     EXPECT_EQ(p.dtype, DType::F32);
     EXPECT_EQ(p.grad_dtype, DType::F32);
   }
+}
+
+// Named hyperparameters (train --hyper) reach the optimizer by their table names; a name nibble
+// does not know, one the algorithm does not read, or a flag other than 0/1 is refused by name.
+TEST(OptimizerSetup, NamedHyperparametersReachTheOptimizerOrAreRefused) {
+  TrainOptions o;
+  o.algorithm = Algorithm::kAdEMAMix;
+  o.beta1 = 0.8f;
+  o.hyper = {{"alpha", 5.0}, {"beta3_warmup", 1000.0}, {"bias_correction", 0.0}, {"beta1", 0.85}};
+  const OptimizerOptions oo = optimizer_options(o, 8);
+  ASSERT_TRUE(oo.hyper.has_value());
+  EXPECT_EQ(oo.hyper->alpha, 5.0f);
+  EXPECT_EQ(oo.hyper->beta3_warmup, 1000.0f);
+  EXPECT_FALSE(oo.hyper->bias_correction);
+  EXPECT_EQ(oo.hyper->beta1, 0.85f) << "--hyper comes after the named flags";
+  EXPECT_EQ(oo.hyper->beta3, default_hyper(Algorithm::kAdEMAMix).beta3);
+
+  auto refused = [&](std::vector<std::pair<std::string, double>> hyper, const std::string& words) {
+    TrainOptions bad = o;
+    bad.hyper = std::move(hyper);
+    try {
+      optimizer_options(bad, 8);
+      ADD_FAILURE() << "accepted: " << words;
+    } catch (const InvalidArgument& e) {
+      EXPECT_NE(std::string(e.what()).find(words), std::string::npos) << e.what();
+    }
+  };
+  refused({{"gamma", 1.0}}, "'gamma' is not one of nibble's");
+  refused({{"nu", 0.5}}, "ademamix does not read the hyperparameter 'nu'");
+  refused({{"bias_correction", 0.5}}, "'bias_correction' is a flag: 0 or 1, got 0.5");
 }
 
 }  // namespace

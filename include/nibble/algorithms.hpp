@@ -30,6 +30,7 @@ struct HyperField {
 };
 std::span<const HyperField> hyper_fields();
 const HyperField* find_hyper_field(std::string_view name);
+std::string hyper_field_names();  // "lr, weight_decay, ...", for messages
 
 // The valid values of a number an algorithm reads; every range also requires a finite value.
 enum class HyperRange : std::uint8_t {

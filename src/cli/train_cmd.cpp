@@ -5,6 +5,7 @@
 
 #include <CLI/CLI.hpp>
 #include <algorithm>
+#include <charconv>
 #include <cmath>
 #include <memory>
 #include <numeric>
@@ -15,6 +16,7 @@
 #include "cli/commands.hpp"
 #include "cli/flags.hpp"
 #include "model/gpt.hpp"
+#include "nibble/algorithms.hpp"
 #include "nibble/error.hpp"
 #include "nibble/rng.hpp"
 #include "train/checkpoint.hpp"
@@ -35,6 +37,7 @@ struct TrainFlags {
   std::string data, checkpoint_dir, log_csv;
   std::optional<std::int64_t> layers, heads, width, context;
   std::optional<float> lr, weight_decay, beta1, beta2, eps;
+  std::vector<std::string> hyper;  // NAME=VALUE
   int threads = 0;
 };
 
@@ -63,6 +66,16 @@ void run_train(TrainFlags& f) {
   if (f.beta1) o.beta1 = *f.beta1;
   if (f.beta2) o.beta2 = *f.beta2;
   if (f.eps) o.eps = *f.eps;
+  for (const std::string& item : f.hyper) {
+    const std::size_t eq = item.find('=');
+    double value = 0.0;
+    const char* end = item.data() + item.size();
+    const auto [at, ec] = eq == std::string::npos ? std::from_chars(end, end, value)
+                                                  : std::from_chars(item.data() + eq + 1, end, value);
+    if (eq == std::string::npos || eq == 0 || ec != std::errc() || at != end || !std::isfinite(value))
+      throw InvalidArgument(fmt::format("--hyper takes NAME=VALUE with a finite number, got '{}'", item));
+    o.hyper.emplace_back(item.substr(0, eq), value);
+  }
   o.data = f.data;
   o.checkpoint_dir = f.checkpoint_dir;
   o.log_csv = f.log_csv;
@@ -182,6 +195,11 @@ void add_train_command(CLI::App& app) {
   sub->add_option("--beta1", f->beta1, "beta1 (default: the optimizer's)")->check(fraction_below_one());
   sub->add_option("--beta2", f->beta2, "beta2 (default: the optimizer's)")->check(fraction_below_one());
   sub->add_option("--eps", f->eps, "epsilon (default: the optimizer's)")->check(positive());
+  sub->add_option("--hyper", f->hyper,
+                  "Any other hyperparameter the optimizer reads, NAME=VALUE, comma-separated (e.g. "
+                  "alpha=5,beta3_warmup=1000 for ademamix; flags 0 or 1). Names: " + hyper_field_names())
+      ->delimiter(',')
+      ->option_text("NAME=VALUE");
   sub->add_option("--schedule", f->schedule, "Learning-rate schedule: constant, cosine, onecycle, linear")->capture_default_str();
   sub->add_option("--warmup", o.warmup, "Linear warm-up steps (cosine, linear)")->check(non_negative())->capture_default_str();
   sub->add_option("--min-lr-ratio", o.min_lr_ratio, "Floor of the decay as a fraction of the peak lr")->check(unit_interval())->capture_default_str();

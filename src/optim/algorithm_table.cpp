@@ -335,6 +335,12 @@ std::string readers_of(std::string_view flag) {
 
 std::span<const HyperField> hyper_fields() { return kHyperFields; }
 
+std::string hyper_field_names() {
+  std::string out;
+  for (const HyperField& f : kHyperFields) out += fmt::format("{}{}", out.empty() ? "" : ", ", f.name);
+  return out;
+}
+
 const HyperField* find_hyper_field(std::string_view name) {
   for (const HyperField& f : kHyperFields)
     if (f.name == name) return &f;

@@ -2,6 +2,11 @@
 // master weights for bf16 compute), and model tensors to one parameter group.
 #include "train/optimizer_setup.hpp"
 
+#include <fmt/format.h>
+
+#include "nibble/algorithms.hpp"
+#include "nibble/error.hpp"
+
 namespace nibble::train {
 
 OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
@@ -14,6 +19,21 @@ OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
   if (o.beta1) h.beta1 = *o.beta1;
   if (o.beta2) h.beta2 = *o.beta2;
   if (o.eps) h.eps = *o.eps;
+  const AlgorithmSpec& spec = algorithm_spec(o.algorithm);
+  for (const auto& [name, value] : o.hyper) {
+    const HyperField* field = find_hyper_field(name);
+    if (field == nullptr)
+      throw InvalidArgument(fmt::format("hyperparameter '{}' is not one of nibble's ({})", name, hyper_field_names()));
+    if (!reads_hyper(spec, name))
+      throw InvalidArgument(fmt::format("{} does not read the hyperparameter '{}'", spec.name, name));
+    if (field->number != nullptr) {
+      h.*field->number = static_cast<float>(value);
+    } else {
+      if (value != 0.0 && value != 1.0)
+        throw InvalidArgument(fmt::format("hyperparameter '{}' is a flag: 0 or 1, got {}", name, value));
+      h.*field->flag = value != 0.0;
+    }
+  }
   if (o.algorithm == Algorithm::kSophiaG) h.batch_tokens = static_cast<float>(o.batch * T * o.accum);
   if (o.algorithm == Algorithm::kAdafactor && o.lr) h.relative_step = false;
   oo.hyper = h;

@@ -8,6 +8,8 @@
 #include <functional>
 #include <optional>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "model/gpt.hpp"
 #include "model/gpt_cuda.hpp"
@@ -30,6 +32,9 @@ struct TrainOptions {
   Algorithm algorithm = Algorithm::kAdamW;
   Precision precision = Precision::kFp32;
   std::optional<float> lr, weight_decay, beta1, beta2, eps;  // unset: the algorithm's defaults
+  // Any other hyperparameter the algorithm reads, by its name in nibble::hyper_fields() (flags: 0
+  // or 1), applied after the ones above.
+  std::vector<std::pair<std::string, double>> hyper;
   ScheduleKind schedule = ScheduleKind::kWarmupCosine;
   std::int64_t warmup = 100;
   float min_lr_ratio = 0.1f;
