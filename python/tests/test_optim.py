@@ -58,11 +58,17 @@ RTOL, ATOL = 5 * 1.3e-6, 5 * 1e-5
     (nibble.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True)),
 ])
 def test_fp32_matches_torch_optim(device, ours, theirs, kwargs):
+    assert_trains_alike(device, ours, theirs, kwargs)
+
+
+def assert_trains_alike(device: str, ours: type, theirs: type, kwargs: dict) -> None:
+    """20 steps of the same training with both optimizers end at the same parameters, moved."""
     a, b = model(device=device), model(device=device)
     train(a, ours(a.parameters(), **kwargs), 20)
     train(b, theirs(b.parameters(), **kwargs), 20)
     for p, q in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert max_diff(a, model(device=device)) > 1e-3, "the run did not move the parameters"
 
 
 def raw_step(cls, precision: str, steps: int) -> list[torch.Tensor]:
@@ -171,12 +177,7 @@ class PlainAdEMAMix(torch.optim.Optimizer):
 ])
 def test_fp32_matches_the_authors_update(device, ours, theirs, kwargs):
     """ADOPT and AdEMAMix against their authors' updates written plainly in torch, 20 steps."""
-    a, b = model(device=device), model(device=device)
-    train(a, ours(a.parameters(), **kwargs), 20)
-    train(b, theirs(b.parameters(), **kwargs), 20)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
-    assert max_diff(a, model(device=device)) > 1e-3, "the run did not move the parameters"
+    assert_trains_alike(device, ours, theirs, kwargs)
 
 
 def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():
