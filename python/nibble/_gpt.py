@@ -1,6 +1,7 @@
 # A small GPT written from scratch in PyTorch, the model nibble.bench_torch trains: token and
 # position embeddings, pre-LayerNorm blocks (causal self-attention, 4x GELU MLP), a final LayerNorm
-# and a head tied to the token embedding, initialised like GPT-2.
+# and a head tied to the token embedding, initialised like GPT-2. With bias=False its Linear and
+# LayerNorm layers have no biases, as nanoGPT's model trained by its train.py.
 from __future__ import annotations
 
 import math
@@ -18,6 +19,7 @@ class GPTConfig:
     n_embd: int
     block_size: int  # context length in tokens
     vocab_size: int
+    bias: bool = True  # biases in the Linear and LayerNorm layers
 
     def __post_init__(self) -> None:
         if min(self.n_layer, self.n_head, self.n_embd, self.block_size, self.vocab_size) < 1:
@@ -28,7 +30,7 @@ class GPTConfig:
     def describe(self) -> str:
         return (
             f"{self.n_layer} layers, {self.n_head} heads, width {self.n_embd}, "
-            f"context {self.block_size}, vocabulary {self.vocab_size}"
+            f"context {self.block_size}, vocabulary {self.vocab_size}" + ("" if self.bias else ", no biases")
         )
 
 
@@ -46,8 +48,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
-        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         batch, seq, width = x.shape
@@ -60,8 +62,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
-        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.proj(F.gelu(self.fc(x)))
@@ -70,9 +72,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd)
+        self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.attn = CausalSelfAttention(config)
-        self.ln_2 = nn.LayerNorm(config.n_embd)
+        self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -87,7 +89,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(config.vocab_size, config.n_embd)
         self.wpe = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.apply(self._init_weights)
         # GPT-2 scales the init of the projections that write into the residual stream by
         # 1/sqrt(number of residual additions), so the stream's variance does not grow with depth.
