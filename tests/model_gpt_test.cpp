@@ -42,10 +42,19 @@ Batch random_batch(std::int64_t B, std::int64_t T, std::int64_t V, std::uint64_t
 // the loss (~1.6) rounds to ~2e-7, which puts ~3e-5 of noise on a difference, while the O(h^2)
 // truncation stays below 1e-4 even with dropout's 1/(1-p) scaling (h = 1e-2 was not enough there).
 TEST(Gpt, BackwardMatchesFiniteDifferencesOfTheForward) {
-  for (float dropout : {0.0f, 0.3f}) {
-    SCOPED_TRACE(dropout > 0 ? "with dropout" : "no dropout");
+  struct Case {
+    const char* name;
+    float dropout;
+    bool bias;
+    Gelu gelu;
+  };
+  for (const Case& k : {Case{"GPT-2", 0.0f, true, Gelu::kTanh}, Case{"with dropout", 0.3f, true, Gelu::kTanh},
+                        Case{"nanoGPT's: no biases, exact GELU", 0.0f, false, Gelu::kExact}}) {
+    SCOPED_TRACE(k.name);
     GptConfig c = micro_config();
-    c.dropout = dropout;
+    c.dropout = k.dropout;
+    c.bias = k.bias;
+    c.gelu = k.gelu;
     Gpt gpt(c, 2, 5);
     gpt.init(3);
     // Non-trivial LayerNorm weights and biases, so their gradients are exercised too.
@@ -108,6 +117,15 @@ TEST(Gpt, LayoutMatchesGpt2SmallCounts) {
   EXPECT_EQ(layout[2].name, "h.0.ln_1.weight");
   EXPECT_EQ(layout.back().name, "ln_f.bias");
   for (std::size_t i = 1; i < layout.size(); ++i) EXPECT_GT(layout[i].offset, layout[i - 1].offset);
+  // Without biases: nanoGPT's GPT-2 124M count for bias=False (its vocabulary 50304 aside), and no
+  // `.bias` tensor in the layout.
+  c.bias = false;
+  const std::vector<ParamTensor> bare = gpt_param_layout(c);
+  EXPECT_EQ(bare.size(), 2u + 12u * 6u + 1u);
+  EXPECT_EQ(bare.back().name, "ln_f.weight");
+  for (const ParamTensor& t : bare) EXPECT_FALSE(t.name.ends_with(".bias")) << t.name;
+  const std::int64_t biases = 12 * (768 + 3 * 768 + 768 + 768 + 4 * 768 + 768) + 768;
+  EXPECT_EQ(gpt_param_count(c), 124439808 - biases);
 }
 
 TEST(Gpt, PresetsAndValidation) {
@@ -135,6 +153,14 @@ TEST(Gpt, PresetsAndValidation) {
   EXPECT_THROW(validate(c), InvalidArgument);
   EXPECT_THROW(Gpt(micro_config(), 2, 7), InvalidArgument);  // seq beyond the context of 6
   EXPECT_THROW(Gpt(micro_config(), 0, 4), InvalidArgument);
+  EXPECT_EQ(gelu_from_name("exact"), Gelu::kExact);
+  EXPECT_EQ(gelu_from_name(gelu_name(Gelu::kTanh)), Gelu::kTanh);
+  try {
+    gelu_from_name("relu");
+    ADD_FAILURE() << "GELU 'relu' was accepted";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string(e.what()).find("'relu'"), std::string::npos) << e.what();
+  }
 }
 
 TEST(Gpt, OutOfVocabularyTokensAreRefused) {

@@ -172,6 +172,12 @@ DVec ref_gelu(const DVec& in) {
   return out;
 }
 
+DVec ref_gelu_exact(const DVec& in) {
+  DVec out(in.size());
+  for (std::size_t i = 0; i < in.size(); ++i) out[i] = 0.5 * in[i] * std::erfc(-in[i] / std::sqrt(2.0));
+  return out;
+}
+
 DVec ref_crossentropy(const DVec& logits, const Tokens& targets, std::int64_t BT, std::int64_t V,
                       DVec* probs = nullptr) {
   DVec losses(static_cast<std::size_t>(BT));
@@ -247,6 +253,26 @@ void check_layernorm(std::int64_t N, std::int64_t C, std::uint64_t seed) {
 }
 
 TEST(ModelOps, LayerNormShortRows) { check_layernorm(4, 7, 2); }
+
+// Without a bias (null): the output is the biased one less the bias, dweight and din unchanged.
+TEST(ModelOps, LayerNormWithoutBiasIsLayerNormWithZeroBias) {
+  const std::int64_t N = 3, C = 37;
+  Rng rng(21);
+  const Vec in = random_vec(rng, N * C, 2.0f, 1.0f), weight = random_vec(rng, C, 0.3f, 1.0f);
+  const Vec zeros(C, 0.0f);
+  Vec with(N * C, kNaN), without(N * C, kNaN), mean(N), rstd(N);
+  layernorm_forward(with.data(), mean.data(), rstd.data(), in.data(), weight.data(), zeros.data(), N, C);
+  layernorm_forward(without.data(), mean.data(), rstd.data(), in.data(), weight.data(), nullptr, N, C);
+  EXPECT_EQ(with, without);
+  const Vec dout = random_vec(rng, N * C);
+  Vec din_a(N * C, 0.0f), din_b(N * C, 0.0f), dw_a(C, 0.0f), dw_b(C, 0.0f), db(C, 0.0f);
+  layernorm_backward(din_a.data(), dw_a.data(), db.data(), dout.data(), in.data(), weight.data(), mean.data(),
+                     rstd.data(), N, C);
+  layernorm_backward(din_b.data(), dw_b.data(), nullptr, dout.data(), in.data(), weight.data(), mean.data(),
+                     rstd.data(), N, C);
+  EXPECT_EQ(din_a, din_b);
+  EXPECT_EQ(dw_a, dw_b);
+}
 
 // 70 channels: the vectorised lanes, their scalar tail and a second, partial column block.
 TEST(ModelOps, LayerNormLongRows) { check_layernorm(3, 70, 3); }
@@ -361,6 +387,29 @@ TEST(ModelOps, GeluMatchesReferenceAndFiniteDifferences) {
   Vec din = prior;
   gelu_backward(din.data(), in.data(), dout.data(), static_cast<std::int64_t>(in.size()));
   const DVec g = fd_gradient(in_d, [&](const DVec& x) { return dot(w, ref_gelu(x)); });
+  expect_close(added(din, prior), g, kGradAtol, kGradRtol, "din");
+}
+
+TEST(ModelOps, ExactGeluMatchesReferenceAndFiniteDifferences) {
+  Rng rng(12);
+  Vec in = random_vec(rng, 40, 2.0f);
+  for (float x : {-6.0f, -3.0f, -0.5f, 0.0f, 0.5f, 3.0f, 6.0f}) in.push_back(x);
+  Vec out(in.size(), kNaN);
+  gelu_forward(out.data(), in.data(), static_cast<std::int64_t>(in.size()), true);
+  const DVec in_d = to_double(in);
+  // erff is good to a few ulp; at x << 0, 1 + erf cancels, so the bound is absolute.
+  expect_close(out, ref_gelu_exact(in_d), 2e-6, 1e-6, "forward");
+  // It is not the tanh approximation, which differs by up to ~5e-4 around |x| = 2.
+  Vec approx(in.size());
+  gelu_forward(approx.data(), in.data(), static_cast<std::int64_t>(in.size()));
+  EXPECT_NE(approx, out);
+
+  const DVec w = to_double(random_vec(rng, in.size()));
+  const Vec dout(w.begin(), w.end());
+  const Vec prior = random_vec(rng, in.size(), 0.5f);
+  Vec din = prior;
+  gelu_backward(din.data(), in.data(), dout.data(), static_cast<std::int64_t>(in.size()), true);
+  const DVec g = fd_gradient(in_d, [&](const DVec& x) { return dot(w, ref_gelu_exact(x)); });
   expect_close(added(din, prior), g, kGradAtol, kGradRtol, "din");
 }
 

@@ -241,6 +241,82 @@ TEST_F(TrainTest, CheckpointLoadsForSampling) {
   EXPECT_FALSE(m.vocab_metadata.empty());
 }
 
+// nanoGPT's model (no biases, exact GELU): it learns, its checkpoint records it and resumes bit for
+// bit, a run of GPT-2's model refuses that checkpoint (and the other way round), and GPT-2's files
+// carry no new metadata.
+TEST_F(TrainTest, NanoGptModelOptionsTrainSaveAndResume) {
+  const fs::path data = write_text("grammar.txt", 40000);
+  TrainOptions o = tiny(data);
+  o.bias = false;
+  o.gelu = model::Gelu::kExact;
+  o.save_every = 200;
+  o.checkpoint_dir = dir_ / "nano";
+  const TrainSummary s = train(o);
+  ASSERT_TRUE(s.last_val_loss);
+  EXPECT_LT(*s.last_val_loss, 1.0f);  // as GPT-2's model in TinyModelLearnsWithAdamWAtFp32And8Bit
+  const LoadedModel m = load_model(dir_ / "nano");
+  EXPECT_FALSE(m.config.bias);
+  EXPECT_EQ(m.config.gelu, model::Gelu::kExact);
+  EXPECT_EQ(static_cast<std::int64_t>(m.params.size()), model::gpt_param_count(m.config));
+  const SafetensorsFile f = load_safetensors(dir_ / "nano" / "model.safetensors");
+  for (const NamedTensor& t : f.tensors) EXPECT_FALSE(t.name.ends_with(".bias")) << t.name;
+
+  // Resumed at step 6 of 12 equals the uninterrupted run.
+  o.steps = 12;
+  o.save_every = 12;
+  o.checkpoint_dir = dir_ / "full";
+  std::vector<float> full;
+  train(o, [&](const StepLog& l) { full.push_back(l.loss); });
+  TrainOptions first = o;
+  first.steps = 12;
+  first.save_every = 6;
+  first.checkpoint_dir = dir_ / "split";
+  std::vector<float> split;
+  struct Stop {};
+  try {
+    train(first, [&](const StepLog& l) {
+      if (l.step == 7) throw Stop{};
+      split.push_back(l.loss);
+    });
+  } catch (const Stop&) {
+  }
+  TrainOptions tail = first;
+  tail.resume = true;
+  tail.save_every = 12;
+  train(tail, [&](const StepLog& l) { split.push_back(l.loss); });
+  EXPECT_EQ(split, full);
+  EXPECT_EQ(test::read_text(dir_ / "full" / "model.safetensors"), test::read_text(dir_ / "split" / "model.safetensors"));
+
+  // Another model's run refuses the checkpoint, naming both models; nothing is changed.
+  const std::string bytes = test::read_text(dir_ / "split" / "model.safetensors");
+  TrainOptions gpt2 = tail;
+  gpt2.steps = 16;
+  gpt2.bias = true;
+  gpt2.gelu = model::Gelu::kTanh;
+  try {
+    train(gpt2);
+    ADD_FAILURE() << "GPT-2's model resumed nanoGPT's checkpoint";
+  } catch (const StateMismatch& e) {
+    EXPECT_NE(std::string(e.what()).find("no biases, exact GELU"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("biases, tanh GELU"), std::string::npos) << e.what();
+  }
+  TrainOptions tanh_only = tail;
+  tanh_only.steps = 16;
+  tanh_only.gelu = model::Gelu::kTanh;
+  EXPECT_THROW(train(tanh_only), StateMismatch);
+  EXPECT_EQ(test::read_text(dir_ / "split" / "model.safetensors"), bytes);
+
+  // GPT-2's model writes neither key: its files are as before these options existed.
+  TrainOptions plain = tiny(data);
+  plain.steps = 1;
+  plain.save_every = 1;
+  plain.checkpoint_dir = dir_ / "plain";
+  train(plain);
+  const SafetensorsFile p = load_safetensors(dir_ / "plain" / "model.safetensors");
+  EXPECT_EQ(p.metadata.count("bias"), 0u);
+  EXPECT_EQ(p.metadata.count("gelu"), 0u);
+}
+
 }  // namespace
 }  // namespace nibble::train
 

@@ -185,8 +185,9 @@ def run_torch(r: Recipe, text: bytes, seed: int, bias: bool, load: str) -> Run:
     return Run("torch", load, seed, r.steps, median, p10, p90, r.batch * r.context / (median / 1e3), val_loss, detail)
 
 
-def run_nibble(r: Recipe, cli: Path, data: Path, seed: int, load: str, work: Path) -> Run:
-    """`nibble train` with the same recipe, at its defaults otherwise (no environment variables)."""
+def run_nibble(r: Recipe, cli: Path, data: Path, seed: int, load: str, work: Path, nanogpt_model: bool) -> Run:
+    """`nibble train` with the same recipe, at its defaults otherwise (no environment variables);
+    with nanogpt_model, the engine's model options that make it nanoGPT's (no biases, exact GELU)."""
     log = work / f"nibble-{load}-{seed}.csv"
     command = [str(cli), "train", "--preset", "char", "--layers", str(r.layers), "--heads", str(r.heads),
                "--width", str(r.width), "--context", str(r.context), "--batch", str(r.batch), "--seq", str(r.context),
@@ -195,7 +196,7 @@ def run_nibble(r: Recipe, cli: Path, data: Path, seed: int, load: str, work: Pat
                "--beta1", str(r.beta1), "--beta2", str(r.beta2), "--weight-decay", str(r.weight_decay),
                "--grad-clip", str(r.grad_clip), "--dropout", "0", "--eval-every", "0",
                "--eval-batches", str(r.eval_batches), "--val-fraction", str(r.val_fraction), "--seed", str(seed),
-               "--data", str(data), "--log-csv", str(log)]
+               "--data", str(data), "--log-csv", str(log)] + (["--no-bias", "--gelu", "exact"] if nanogpt_model else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "OPENBLAS_"))}
     done = subprocess.run(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if done.returncode != 0:
@@ -208,7 +209,7 @@ def run_nibble(r: Recipe, cli: Path, data: Path, seed: int, load: str, work: Pat
         raise RuntimeError(f"{log}: expected {r.steps} steps and a validation loss, found {len(step_ms)} steps")
     median, p10, p90 = percentiles(step_ms)
     return Run("nibble", load, seed, r.steps, median, p10, p90, r.batch * r.context / (median / 1e3), val[-1],
-               f"{cli}")
+               f"{cli}" + (" --no-bias --gelu exact" if nanogpt_model else ""))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,6 +327,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"validation batches for the final loss, both engines (default {r.eval_batches})")
     parser.add_argument("--torch-bias", action="store_true",
                         help="give the PyTorch GPT biases, as nibble's engine has (nanoGPT's train.py trains without)")
+    parser.add_argument("--nibble-model", choices=("gpt2", "nanogpt"), default="gpt2",
+                        help="the engine's model: gpt2 (its default: biases, tanh GELU) or nanogpt (--no-bias "
+                             "--gelu exact, the PyTorch GPT's model)")
     parser.add_argument("--busy", action="store_true",
                         help="also repeat every run with a process spinning on one core (started and stopped here)")
     parser.add_argument("--engines", default="nibble,torch", metavar="LIST",
@@ -370,6 +374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loads = ["idle", "busy"] if args.busy else ["idle"]
     info = {"machine": platform.processor() or platform.machine(), "cpus": len(os.sched_getaffinity(0)),
             "torch": torch.__version__, "recipe": asdict(recipe), "torch_bias": args.torch_bias,
+            "nibble_model": args.nibble_model,
             "data": str(args.data or FORTUNES), "text_bytes": len(text)}
     print(f"nibble bench_engine | {info['cpus']} cpus | torch {torch.__version__} | {recipe.layers} layers, "
           f"{recipe.heads} heads, width {recipe.width}, context {recipe.context}, batch {recipe.batch}, "
@@ -390,7 +395,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for engine in engines:
                         print(f"[{len(runs) + 1}/{total}] {engine}, {load}, seed {seed} ...", file=sys.stderr,
                               flush=True)
-                        run = (run_nibble(recipe, cli, data, seed, load, work) if engine == "nibble"
+                        run = (run_nibble(recipe, cli, data, seed, load, work, args.nibble_model == "nanogpt")
+                               if engine == "nibble"
                                else run_torch(recipe, text, seed, args.torch_bias, load))
                         print(f"    {run.step_ms_median:.2f} ms/step, validation loss {run.val_loss:.4f}",
                               file=sys.stderr, flush=True)

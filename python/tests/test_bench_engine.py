@@ -37,7 +37,7 @@ def test_python_reads_the_text_and_vocabulary_nibble_trains_on(tmp_path):
 def test_both_engines_idle_and_busy_reach_the_report(tmp_path):
     report = tmp_path / "runs.json"
     done = subprocess.run([sys.executable, "-m", "nibble.bench_engine", "--nibble", str(CLI), *TINY, "--busy",
-                           "--json", str(report), "--csv", str(tmp_path / "runs.csv")],
+                           "--nibble-model", "nanogpt", "--json", str(report), "--csv", str(tmp_path / "runs.csv")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     runs = json.loads(report.read_text())["runs"]
@@ -48,6 +48,7 @@ def test_both_engines_idle_and_busy_reach_the_report(tmp_path):
     # An untrained model's loss is near log(vocabulary): both engines report the same kind of number.
     assert all(2.0 < r["val_loss"] < 6.0 for r in runs)
     assert "nibble takes" in done.stdout and "slower with a busy core" in done.stdout
+    assert all(r["detail"].endswith("--no-bias --gelu exact") for r in runs if r["engine"] == "nibble")
     # The busy process is gone: no python spinning on the benchmark's behalf.
     left = subprocess.run(["pgrep", "-f", "while time.time\\(\\) < end"], capture_output=True, text=True)
     assert left.stdout.strip() == "", f"a busy process outlived the benchmark: {left.stdout}"

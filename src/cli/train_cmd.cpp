@@ -33,6 +33,8 @@ struct TrainFlags {
   std::string schedule = "cosine";
   std::string device = "cpu";
   std::string compute = "fp32";
+  std::string gelu = "tanh";
+  bool no_bias = false;
   bool no_cuda_graph = false;
   std::string data, checkpoint_dir, log_csv;
   std::optional<std::int64_t> layers, heads, width, context;
@@ -56,6 +58,8 @@ void run_train(TrainFlags& f) {
   else if (f.compute == "bf16") o.compute = model::CudaPrecision::kBf16;
   else throw InvalidArgument(fmt::format("unknown compute precision '{}' (known: fp32, bf16)", f.compute));
   o.cuda_graph = !f.no_cuda_graph;
+  o.bias = !f.no_bias;
+  o.gelu = model::gelu_from_name(f.gelu);
   o.schedule = schedule_from_name(f.schedule);
   if (f.layers) o.layers = *f.layers;
   if (f.heads) o.heads = *f.heads;
@@ -168,6 +172,11 @@ void add_train_command(CLI::App& app) {
   sub->add_option("--width", f->width, "Override the preset's width (channels)")->check(positive());
   sub->add_option("--context", f->context, "Override the preset's context length")->check(positive());
   sub->add_option("--dropout", o.dropout, "Dropout on embeddings and residual branches, in [0, 1)")->check(fraction_below_one())->capture_default_str();
+  sub->add_flag("--no-bias", f->no_bias,
+               "No biases in the Linear and LayerNorm layers, as nanoGPT's train.py trains its GPT (CPU engine)");
+  sub->add_option("--gelu", f->gelu,
+                  "The MLP's GELU: tanh (GPT-2's approximation) or exact (erf, PyTorch's and nanoGPT's; CPU engine)")
+      ->capture_default_str();
   sub->add_option("--data", f->data, "Text file to train on (default: the `fortunes` package's text)");
   sub->add_option("--random-vocab", o.random_vocab,
                   "Train on uniformly random tokens from a vocabulary of this size instead of text (throughput "

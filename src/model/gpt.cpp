@@ -36,6 +36,14 @@ GptConfig gpt_preset(std::string_view name) {
 
 std::string_view gpt_preset_names() { return "tiny, char, small, medium, large, xl, 2.7b"; }
 
+std::string_view gelu_name(Gelu gelu) { return gelu == Gelu::kExact ? "exact" : "tanh"; }
+
+Gelu gelu_from_name(std::string_view name) {
+  if (name == "tanh") return Gelu::kTanh;
+  if (name == "exact") return Gelu::kExact;
+  throw InvalidArgument(fmt::format("unknown GELU '{}' (known: tanh, exact)", name));
+}
+
 void validate(const GptConfig& c) {
   auto positive = [](const char* what, std::int64_t v) {
     if (v <= 0) throw InvalidArgument(fmt::format("model {} must be positive, got {}", what, v));
@@ -49,6 +57,8 @@ void validate(const GptConfig& c) {
     throw InvalidArgument(fmt::format("model width {} is not divisible by heads {}", c.width, c.heads));
   if (!(c.dropout >= 0.0f && c.dropout < 1.0f))
     throw InvalidArgument(fmt::format("dropout must be in [0, 1), got {}", c.dropout));
+  if (c.gelu != Gelu::kTanh && c.gelu != Gelu::kExact)
+    throw InvalidArgument(fmt::format("model GELU {} is not one of tanh, exact", static_cast<int>(c.gelu)));
 }
 
 std::vector<ParamTensor> gpt_param_layout(const GptConfig& c) {
@@ -56,6 +66,7 @@ std::vector<ParamTensor> gpt_param_layout(const GptConfig& c) {
   std::vector<ParamTensor> out;
   std::int64_t offset = 0;
   auto add = [&](std::string name, std::vector<std::int64_t> shape) {
+    if (!c.bias && name.ends_with(".bias")) return;
     std::int64_t n = 1;
     for (std::int64_t d : shape) n *= d;
     out.push_back({std::move(name), std::move(shape), offset});
@@ -242,7 +253,7 @@ float Gpt::forward(const std::int32_t* tokens, const std::int32_t* targets, bool
     ops::residual_forward(la.res2, residual, la.attproj, BT * C);
     ops::layernorm_forward(la.ln2, la.ln2_mean, la.ln2_rstd, la.res2, lw.ln2w, lw.ln2b, BT, C);
     ops::matmul_forward(la.fch, la.ln2, lw.fcw, lw.fcb, BT, C, 4 * C);
-    ops::gelu_forward(la.fch_gelu, la.fch, BT * 4 * C);
+    ops::gelu_forward(la.fch_gelu, la.fch, BT * 4 * C, config_.gelu == Gelu::kExact);
     ops::matmul_forward(la.fcproj, la.fch_gelu, lw.fcprojw, lw.fcprojb, BT, 4 * C, C);
     if (training_) dropout_apply(la.fcproj, BT * C, drop, dropout_seed, 2 + 2 * static_cast<std::uint64_t>(l));
     ops::residual_forward(la.res3, la.res2, la.fcproj, BT * C);
@@ -297,7 +308,7 @@ void Gpt::backward(float loss_scale, const std::int32_t* targets) {
     }
     if (training_) dropout_apply(ld.fcproj, BT * C, drop, dropout_seed_, 2 + 2 * static_cast<std::uint64_t>(l));
     ops::matmul_backward(ld.fch_gelu, lg.fcprojw, lg.fcprojb, ld.fcproj, la.fch_gelu, lw.fcprojw, BT, 4 * C, C);
-    ops::gelu_backward(ld.fch, la.fch, ld.fch_gelu, BT * 4 * C);
+    ops::gelu_backward(ld.fch, la.fch, ld.fch_gelu, BT * 4 * C, config_.gelu == Gelu::kExact);
     ops::matmul_backward(ld.ln2, lg.fcw, lg.fcb, ld.fch, la.ln2, lw.fcw, BT, C, 4 * C);
     ops::layernorm_backward(ld.res2, lg.ln2w, lg.ln2b, ld.ln2, la.res2, lw.ln2w, la.ln2_mean, la.ln2_rstd, BT, C);
     // res2 = res_in + attproj.

@@ -14,6 +14,13 @@
 
 namespace nibble::model {
 
+// The GELU of the MLP: GPT-2's tanh approximation, or the exact erf form (PyTorch's nn.GELU default,
+// which nanoGPT's model uses).
+enum class Gelu : std::uint8_t { kTanh, kExact };
+std::string_view gelu_name(Gelu gelu);  // "tanh", "exact"
+// Throws InvalidArgument naming the value and the choices.
+Gelu gelu_from_name(std::string_view name);
+
 struct GptConfig {
   std::int64_t layers = 2;
   std::int64_t heads = 2;
@@ -21,6 +28,8 @@ struct GptConfig {
   std::int64_t context = 64;   // maximum T
   std::int64_t vocab = 0;      // V, from the tokenizer unless a preset sets it
   float dropout = 0.0f;        // on the embeddings and on each residual branch, training only
+  bool bias = true;            // biases in the Linear and LayerNorm layers (GPT-2); false: none (nanoGPT's train.py)
+  Gelu gelu = Gelu::kTanh;
 };
 
 // "tiny", "char", "small", "medium", "large", "xl", "2.7b"; the vocabulary is left to the caller.
@@ -47,7 +56,8 @@ struct ModelTensor {
   DType dtype = DType::F32;
 };
 
-// The parameter layout of a config: GPT-2 names, in GPT-2 order.
+// The parameter layout of a config: GPT-2 names, in GPT-2 order (without the `.bias` tensors when
+// config.bias is false).
 std::vector<ParamTensor> gpt_param_layout(const GptConfig& config);
 std::int64_t gpt_param_count(const GptConfig& config);
 // GPT-2 initialisation of parameters laid out by gpt_param_layout into `params` (Gpt::init and

@@ -20,15 +20,17 @@ struct ParamViews {
   ParamViews(const GptConfig& c, const std::vector<ParamTensor>& layout, T* base) {
     std::size_t i = 0;
     auto next = [&] { return base + layout[i++].offset; };
+    // Without biases the layout has no `.bias` tensors: their views are null (ops take null as none).
+    auto bias = [&]() -> T* { return c.bias ? next() : nullptr; };
     wte = next();
     wpe = next();
     layers.resize(static_cast<std::size_t>(c.layers));
     for (Layer& l : layers) {
-      l.ln1w = next(), l.ln1b = next(), l.qkvw = next(), l.qkvb = next(), l.attprojw = next(), l.attprojb = next();
-      l.ln2w = next(), l.ln2b = next(), l.fcw = next(), l.fcb = next(), l.fcprojw = next(), l.fcprojb = next();
+      l.ln1w = next(), l.ln1b = bias(), l.qkvw = next(), l.qkvb = bias(), l.attprojw = next(), l.attprojb = bias();
+      l.ln2w = next(), l.ln2b = bias(), l.fcw = next(), l.fcb = bias(), l.fcprojw = next(), l.fcprojb = bias();
     }
     lnfw = next();
-    lnfb = next();
+    lnfb = bias();
   }
 };
 

@@ -21,10 +21,15 @@ namespace fs = std::filesystem;
 constexpr const char* kFormat = "nibble-train";
 constexpr const char* kSchemaVersion = "1";
 
+// The model's shape. `bias` and `gelu` are written only when they differ from GPT-2's (biases, tanh
+// GELU), which a file without them means: files of GPT-2's model stay as they were.
 std::map<std::string, std::string> config_metadata(const model::GptConfig& c) {
-  return {{"layers", std::to_string(c.layers)}, {"heads", std::to_string(c.heads)},
-          {"width", std::to_string(c.width)},   {"context", std::to_string(c.context)},
-          {"vocab", std::to_string(c.vocab)},   {"dropout", fmt::format("{}", c.dropout)}};
+  std::map<std::string, std::string> m{{"layers", std::to_string(c.layers)}, {"heads", std::to_string(c.heads)},
+                                       {"width", std::to_string(c.width)},   {"context", std::to_string(c.context)},
+                                       {"vocab", std::to_string(c.vocab)},   {"dropout", fmt::format("{}", c.dropout)}};
+  if (!c.bias) m["bias"] = "false";
+  if (c.gelu != model::Gelu::kTanh) m["gelu"] = std::string(model::gelu_name(c.gelu));
+  return m;
 }
 
 std::int64_t parse_int(const std::map<std::string, std::string>& m, const std::string& key, const fs::path& file) {
@@ -66,7 +71,13 @@ model::GptConfig config_from_metadata(const std::map<std::string, std::string>& 
   c.vocab = parse_int(m, "vocab", file);
   const auto it = m.find("dropout");
   c.dropout = it == m.end() ? 0.0f : std::strtof(it->second.c_str(), nullptr);
+  if (const auto bias = m.find("bias"); bias != m.end()) {
+    if (bias->second != "true" && bias->second != "false")
+      throw FormatError(fmt::format("{}: metadata 'bias' = '{}' is not true or false", file.string(), bias->second));
+    c.bias = bias->second == "true";
+  }
   try {
+    if (const auto gelu = m.find("gelu"); gelu != m.end()) c.gelu = model::gelu_from_name(gelu->second);
     model::validate(c);
   } catch (const InvalidArgument& e) {
     throw FormatError(fmt::format("{}: {}", file.string(), e.what()));
@@ -146,12 +157,15 @@ RunPosition resume_from_checkpoint(const fs::path& dir, const model::GptConfig& 
   const SafetensorsFile f = open_model_file(dir);
   const fs::path file = dir / "model.safetensors";
   const model::GptConfig saved = config_from_metadata(f.metadata, file);
+  auto describe = [](const model::GptConfig& c) {
+    return fmt::format("{} layers, {} heads, width {}, context {}, vocab {}, {}, {} GELU", c.layers, c.heads, c.width,
+                       c.context, c.vocab, c.bias ? "biases" : "no biases", model::gelu_name(c.gelu));
+  };
   if (saved.layers != config.layers || saved.heads != config.heads || saved.width != config.width ||
-      saved.context != config.context || saved.vocab != config.vocab)
-    throw StateMismatch(fmt::format("{}: the checkpoint's model ({} layers, {} heads, width {}, context {}, vocab {}) "
-                                    "differs from this run's ({}, {}, {}, {}, {})",
-                                    file.string(), saved.layers, saved.heads, saved.width, saved.context, saved.vocab,
-                                    config.layers, config.heads, config.width, config.context, config.vocab));
+      saved.context != config.context || saved.vocab != config.vocab || saved.bias != config.bias ||
+      saved.gelu != config.gelu)
+    throw StateMismatch(fmt::format("{}: the checkpoint's model ({}) differs from this run's ({})", file.string(),
+                                    describe(saved), describe(config)));
   if (saved_vocab(f, file) != vocab)
     throw StateMismatch(fmt::format("{}: the checkpoint's vocabulary differs from this data's", file.string()));
   const std::int64_t step = parse_int(f.metadata, "step", file);

@@ -37,6 +37,8 @@ model::GptConfig make_config(const TrainOptions& o, std::int64_t vocab) {
   if (o.context) c.context = *o.context;
   c.vocab = vocab;
   c.dropout = o.dropout;
+  c.bias = o.bias;
+  c.gelu = o.gelu;
   model::validate(c);
   return c;
 }
@@ -58,6 +60,9 @@ void validate_options(const TrainOptions& o) {
       throw InvalidArgument("sophiag's Hessian estimates sample labels on the CPU engine; train it with --device cpu");
     if (o.dropout > 0.0f)
       throw InvalidArgument(fmt::format("dropout {} is not available on the CUDA engine; use 0", o.dropout));
+    if (!o.bias || o.gelu != model::Gelu::kTanh)
+      throw InvalidArgument("--no-bias and --gelu exact are for the CPU engine; the CUDA engine trains GPT-2's model "
+                            "(biases, tanh GELU)");
   }
   if (o.pure_bf16 && (o.device != Device::kCuda || o.compute != model::CudaPrecision::kBf16))
     throw InvalidArgument("pure bf16 parameters need --device cuda --compute bf16");

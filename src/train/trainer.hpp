@@ -23,6 +23,8 @@ struct TrainOptions {
   std::string preset = "char";
   std::optional<std::int64_t> layers, heads, width, context;  // override the preset
   float dropout = 0.0f;
+  bool bias = true;                      // false: no biases in the Linear and LayerNorm layers (nanoGPT's)
+  model::Gelu gelu = model::Gelu::kTanh;
   std::filesystem::path data;  // empty: the default corpus (the fortunes package)
   // > 0: no text; uniformly random tokens from a vocabulary of this size (throughput runs at a
   // real model's vocabulary, e.g. 50304 for the GPT-2 shape).

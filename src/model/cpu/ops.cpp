@@ -22,6 +22,8 @@ constexpr std::int64_t kColumnBlock = 64;
 constexpr float kLayerNormEps = 1e-5f;
 constexpr float kGeluScale = 0.7978845608028654f;  // sqrt(2 / pi)
 constexpr float kGeluCubic = 0.044715f;
+constexpr float kInvSqrt2 = 0.7071067811865476f;    // exact GELU: Phi(x) = (1 + erf(x / sqrt 2)) / 2
+constexpr float kInvSqrt2Pi = 0.3989422804014327f;  // phi(0) = 1 / sqrt(2 pi)
 
 // NOTE: without -ffast-math the compiler may not reorder a float reduction, so a single
 // accumulator runs one add per cycle latency. kLanes independent partial sums in a fixed order
@@ -125,7 +127,11 @@ void layernorm_forward(float* out, float* mean, float* rstd, const float* in, co
     for (int j = 0; j < kLanes; ++j) var += lane[j];
     for (; c < C; ++c) var += (x[c] - m) * (x[c] - m);
     const float s = 1.0f / std::sqrt(var * inv_c + kLayerNormEps);
-    for (c = 0; c < C; ++c) o[c] = (x[c] - m) * s * weight[c] + bias[c];
+    if (bias != nullptr) {
+      for (c = 0; c < C; ++c) o[c] = (x[c] - m) * s * weight[c] + bias[c];
+    } else {
+      for (c = 0; c < C; ++c) o[c] = (x[c] - m) * s * weight[c];
+    }
     mean[i] = m;
     rstd[i] = s;
   }
@@ -184,7 +190,7 @@ void layernorm_backward(float* din, float* dweight, float* dbias, const float* d
     }
     for (std::int64_t c = 0; c < n; ++c) {
       dweight[c0 + c] += static_cast<float>(acc_w[c]);
-      dbias[c0 + c] += static_cast<float>(acc_b[c]);
+      if (dbias != nullptr) dbias[c0 + c] += static_cast<float>(acc_b[c]);
     }
   }
 }
@@ -329,7 +335,12 @@ void attention_backward(float* dqkv, float* datt, const float* dout, const float
       }
 }
 
-void gelu_forward(float* out, const float* in, std::int64_t n) {
+void gelu_forward(float* out, const float* in, std::int64_t n, bool exact) {
+  if (exact) {
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) out[i] = in[i] * (0.5f + 0.5f * std::erf(in[i] * kInvSqrt2));
+    return;
+  }
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];
@@ -337,7 +348,18 @@ void gelu_forward(float* out, const float* in, std::int64_t n) {
   }
 }
 
-void gelu_backward(float* din, const float* in, const float* dout, std::int64_t n) {
+void gelu_backward(float* din, const float* in, const float* dout, std::int64_t n, bool exact) {
+  if (exact) {
+    // d/dx x Phi(x) = Phi(x) + x phi(x).
+#pragma omp parallel for schedule(static)
+    for (std::int64_t i = 0; i < n; ++i) {
+      const float x = in[i];
+      const float cdf = 0.5f + 0.5f * std::erf(x * kInvSqrt2);
+      const float pdf = kInvSqrt2Pi * std::exp(-0.5f * x * x);
+      din[i] += (cdf + x * pdf) * dout[i];
+    }
+    return;
+  }
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];

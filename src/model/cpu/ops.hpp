@@ -14,7 +14,8 @@ void embedding_forward(float* out, const std::int32_t* tokens, const float* wte,
 void embedding_backward(float* dwte, float* dwpe, const float* dout, const std::int32_t* tokens,
                         std::int64_t B, std::int64_t T, std::int64_t C);
 
-// Per row of N rows of C: out = (in - mean) * rstd * weight + bias; saves mean and rstd [N].
+// Per row of N rows of C: out = (in - mean) * rstd * weight + bias (bias may be null: none); saves
+// mean and rstd [N]. The backward's dbias may be null likewise.
 void layernorm_forward(float* out, float* mean, float* rstd, const float* in, const float* weight,
                        const float* bias, std::int64_t N, std::int64_t C);
 void layernorm_backward(float* din, float* dweight, float* dbias, const float* dout, const float* in,
@@ -36,9 +37,9 @@ void attention_forward(float* out, float* att, const float* qkv, std::int64_t B,
 void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att,
                         std::int64_t B, std::int64_t T, std::int64_t C, std::int64_t NH);
 
-// GELU, tanh approximation (as GPT-2).
-void gelu_forward(float* out, const float* in, std::int64_t n);
-void gelu_backward(float* din, const float* in, const float* dout, std::int64_t n);  // din +=
+// GELU: the tanh approximation (as GPT-2) or exact, x * Phi(x) with the erf (PyTorch's default).
+void gelu_forward(float* out, const float* in, std::int64_t n, bool exact = false);
+void gelu_backward(float* din, const float* in, const float* dout, std::int64_t n, bool exact = false);  // din +=
 
 void residual_forward(float* out, const float* a, const float* b, std::int64_t n);
 

@@ -171,6 +171,9 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
   validate(config);
   if (config.dropout > 0.0f)
     throw InvalidArgument("dropout " + std::to_string(config.dropout) + " is not available on the CUDA engine; use 0");
+  if (!config.bias || config.gelu != Gelu::kTanh)
+    throw InvalidArgument("the CUDA engine trains GPT-2's model only (biases, tanh GELU); a model without biases or "
+                          "with the exact GELU runs on the CPU engine");
   if (batch <= 0) throw InvalidArgument("batch size must be positive, got " + std::to_string(batch));
   if (seq <= 0 || seq > config.context)
     throw InvalidArgument("sequence length must be in [1, context " + std::to_string(config.context) + "], got " +
