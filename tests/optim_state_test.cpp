@@ -399,6 +399,11 @@ std::vector<MismatchCase> mismatch_cases() {
       {"max_exp_avg_sq"});
   add("rank1 on vs off", four, [](RunSetup& s) { s.rank1 = true; }, {"rank1", "false", "true"});
   add("rank1 off vs on", four_rank1, [](RunSetup& s) { s.rank1 = false; }, {"rank1", "false", "true"});
+  // fp8 codes are bytes like 8-bit's: the layout's precision and codebook names keep them apart.
+  RunSetup fp8 = base;
+  fp8.precision = Precision::kFp8;
+  add("fp8 into 8bit", fp8, [](RunSetup& s) { s.precision = Precision::kInt8; }, {"fp8", "8bit", "fp8_e4m3"});
+  add("8bit into fp8", base, [](RunSetup& s) { s.precision = Precision::kFp8; }, {"fp8", "8bit", "dynamic_signed_8"});
   return out;
 }
 
@@ -856,9 +861,9 @@ TEST(StateCorrupt, EditedCheckpointsAreRejectedWithTheRightErrorAndChangeNothing
 TEST(StateCorrupt, NegativeSecondMomentsAreRefusedBeforeTheyPoisonTheParameters) {
   // Why load() refuses negative second moments: an Adam step divides by sqrt(v), so one negative
   // value (a flipped sign bit) would turn the parameter into NaN at the next step. At fp32 (the
-  // value itself) and 8-bit (a block's absmax).
+  // value itself), 8-bit and fp8 (a block's absmax).
   TempDir dir;
-  for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+  for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
     RunSetup s = corrupt_setups()[0];
     s.precision = precision;
     auto r = checkpointed_run(s, dir / "ckpt.safetensors");
@@ -886,7 +891,7 @@ TEST(NonFiniteGradients, SkippedStepChangesNothingAndTheNextStepIsUnaffected) {
   const Spot spots[] = {{0, 0, kNaN}, {0, 2, kInf}, {1, 1, -kInf}, {1, 2, kNaN}, {2, 2, kInf}};
   for (Algorithm algorithm : {Algorithm::kAdamW, Algorithm::kLion, Algorithm::kAdafactor, Algorithm::kSgd,
                               Algorithm::kSophiaG}) {
-    for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+    for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
       RunSetup setup;
       setup.algorithm = algorithm;
       setup.precision = precision;
@@ -1134,7 +1139,7 @@ TEST(Validation, BadOptionsAreRefusedByName) {
 
   // Accepted: every power of two in range, at each quantized precision.
   for (int block = 16; block <= 4096; block *= 2)
-    for (Precision p : {Precision::kInt8, Precision::kInt4}) {
+    for (Precision p : {Precision::kInt8, Precision::kInt4, Precision::kFp8}) {
       OptimizerOptions o;
       o.block_size = block;
       o.precision = p;
