@@ -151,12 +151,11 @@ struct SimdMinifloat {
     __m256i m = _mm256_blendv_epi8(normal, subnormal, is_subnormal);
     m = _mm256_min_epu32(m, max_magnitude);
     const __m256i nan = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000));
-    m = _mm256_andnot_si256(nan, m);
     if constexpr (kSigned) {
       const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
-      return _mm256_or_si256(m, _mm256_andnot_si256(nan, sign));
+      return _mm256_andnot_si256(nan, _mm256_or_si256(m, sign));  // NaN: +0
     }
-    return _mm256_andnot_si256(_mm256_srai_epi32(u, 31), m);  // negatives (and -0) encode as 0
+    return _mm256_andnot_si256(_mm256_or_si256(nan, _mm256_srai_epi32(u, 31)), m);  // NaN, negatives, -0: 0
   }
 
   __m256 decode(__m256i code) const {
@@ -197,6 +196,17 @@ inline void encode8_block(const math::Codebook& cb, const float* __restrict x, f
     const std::int64_t count = n;
     const __m256 vinv = _mm256_set1_ps(inv);
     std::int64_t i = 0;
+    // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
+    // lanes, so one cross-lane permute puts the 32 bytes back in element order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= count; i += 32) {
+      const __m256i c0 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
+      const __m256i c1 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 8), vinv));
+      const __m256i c2 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 16), vinv));
+      const __m256i c3 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 24), vinv));
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+    }
     for (; i + 8 <= count; i += 8) {
       const __m256i c = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
       const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
