@@ -879,6 +879,31 @@ TEST(StateCorrupt, NegativeSecondMomentsAreRefusedBeforeTheyPoisonTheParameters)
   }
 }
 
+TEST(StateCorrupt, Fp8NanCodesAreRefused) {
+  // e4m3's 0x7f and 0xff decode to NaN and the encoder never writes them (NaN encodes as 0): a
+  // file holding one is corrupt, and loading it would turn the parameters into NaN.
+  TempDir dir;
+  RunSetup s = corrupt_setups()[0];
+  s.precision = Precision::kFp8;
+  auto r = checkpointed_run(s, dir / "ckpt.safetensors");
+  const std::string codes = "state.0.exp_avg.codes";
+  for (std::uint8_t bad : {std::uint8_t{0x7f}, std::uint8_t{0xff}}) {
+    rewrite(dir / "ckpt.safetensors", dir / "nan.safetensors",
+            [&](auto&, std::vector<NamedTensor>& t) { data_of<std::uint8_t>(t, codes)[3] = bad; });
+    auto fresh = make_run(s, r->p);
+    const std::string message = thrown_message<FormatError>([&] { fresh->opt->load(dir / "nan.safetensors"); }, codes);
+    expect_mentions(message, {codes, "element 3", "NaN"}, "NaN code");
+    EXPECT_EQ(fresh->opt->step_count(), 0);
+  }
+  // The same byte is an ordinary code of the 8-bit tree map.
+  s.precision = Precision::kInt8;
+  auto tree = checkpointed_run(s, dir / "tree.safetensors");
+  rewrite(dir / "tree.safetensors", dir / "tree_0x7f.safetensors",
+          [&](auto&, std::vector<NamedTensor>& t) { data_of<std::uint8_t>(t, codes)[3] = 0x7f; });
+  auto fresh = make_run(s, tree->p);
+  EXPECT_NO_THROW(fresh->opt->load(dir / "tree_0x7f.safetensors"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Non-finite gradients skip the step and leave no trace.
 

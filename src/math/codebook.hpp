@@ -21,7 +21,7 @@ enum class CodebookId : std::uint8_t {
   kDynamicSigned4 = 2,    // first moments, 4-bit
   kLinearUnsigned4 = 3,   // second moments, 4-bit: (i + 1) / 16, no zero
   kFp8Signed = 4,         // first moments, fp8: OCP e4m3fn codes of y * 2^8
-  kFp8Unsigned = 5,       // second moments, fp8: unsigned e5m3 codes of y * 2^31
+  kFp8Unsigned = 5,       // second moments, fp8: unsigned e5m3 codes of y (bias 31)
 };
 inline constexpr int kCodebookCount = 6;
 
