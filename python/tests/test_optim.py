@@ -486,3 +486,32 @@ def test_the_step_is_an_operator_in_pytorchs_registry():
     torch.ops.nibble.step(made.handle, list(net.parameters()), 1e-2, 1.0, 0)
     assert opt.counters() == [(2, 0)]
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+def test_fp8_first_moment_codes_are_torch_float8_e4m3fn():
+    """fp8 first moments hold the OCP e4m3fn codes of y * 256 (y = x / block absmax): torch's own
+    float32 -> float8_e4m3fn conversion (round to nearest even, subnormals) is the reference. SGD's
+    first momentum buffer is the gradient itself; blocks of 256 with absmax 1 make y = x exactly."""
+    gen = torch.Generator().manual_seed(3)
+    blocks = 64
+    g = (torch.rand(blocks, 256, generator=gen) * 2 - 1) * torch.pow(10.0, -6 * torch.rand(blocks, 256, generator=gen))
+    # Every e4m3 value below 256, the midpoints between neighbours (exact ties), and the floats
+    # next to them, all divided by 256 (then y * 256 lands on and around them).
+    finite = torch.arange(0, 0x79, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (finite[:-1] + finite[1:]) / 2
+    special = torch.cat([finite, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9))]) / 256
+    special = torch.cat([special, -special[1:]])  # not -0: the buffer 0.9 * 0 + (-0) is +0
+    g.view(-1)[: special.numel()] = special[: blocks * 256]
+    g[:, 0] = 1.0  # each block's absmax
+    param = torch.nn.Parameter(torch.zeros(blocks * 256))
+    param.grad = g.flatten().clone()
+    opt = nibble.SGD([param], lr=0.1, momentum=0.9, precision="fp8", min_quant_size=0)
+    opt.step()
+    entry = opt.state_dict()["state"][0]
+    codes = entry["momentum_buffer.codes"]
+    assert codes.dtype == torch.uint8
+    assert torch.equal(entry["momentum_buffer.absmax"], torch.ones(blocks))
+    want = (g.flatten() * 256).to(torch.float8_e4m3fn).view(torch.uint8)
+    differ = (codes != want).nonzero().flatten()
+    assert differ.numel() == 0, f"{differ.numel()} codes differ from torch, first at {differ[0].item()}: " \
+        f"x = {g.flatten()[differ[0]].item()!r}, nibble {codes[differ[0]].item():#x}, torch {want[differ[0]].item():#x}"
