@@ -82,6 +82,11 @@ std::vector<Case> cases() {
     o.full_precision_names = {"emb"};
     o.no_decay_vectors = true;
   });
+  variant("adam/fp8/amsgrad", Algorithm::kAdam, Precision::kFp8, [](OptimizerOptions& o) {
+    Hyper h = default_hyper(Algorithm::kAdam);
+    h.amsgrad = true;
+    o.hyper = h;
+  });
   return out;
 }
 

@@ -846,7 +846,8 @@ TEST(Threads, ResultsAreIdenticalForOneTwoAndThreeThreads) {
                                        {"bf16_stochastic", Precision::kBf16, false, true},
                                        {"8bit", Precision::kInt8},
                                        {"4bit", Precision::kInt4},
-                                       {"4bit_rank1", Precision::kInt4, true}};
+                                       {"4bit_rank1", Precision::kInt4, true},
+                                       {"fp8", Precision::kFp8}};
   const std::vector<TensorSpec> specs = {{"a", {7}},       {"b", {4097}},  {"c", {1, 4097}}, {"d", {64, 65}},
                                          {"e", {48, 1024}}, {"f", {4, 6, 33}}, {"g", {140003}}};
   const int saved = omp_get_max_threads();

@@ -399,6 +399,11 @@ std::vector<MismatchCase> mismatch_cases() {
       {"max_exp_avg_sq"});
   add("rank1 on vs off", four, [](RunSetup& s) { s.rank1 = true; }, {"rank1", "false", "true"});
   add("rank1 off vs on", four_rank1, [](RunSetup& s) { s.rank1 = false; }, {"rank1", "false", "true"});
+  // fp8 codes are bytes like 8-bit's: the layout's precision and codebook names keep them apart.
+  RunSetup fp8 = base;
+  fp8.precision = Precision::kFp8;
+  add("fp8 into 8bit", fp8, [](RunSetup& s) { s.precision = Precision::kInt8; }, {"fp8", "8bit", "fp8_e4m3"});
+  add("8bit into fp8", base, [](RunSetup& s) { s.precision = Precision::kFp8; }, {"fp8", "8bit", "dynamic_signed_8"});
   return out;
 }
 
@@ -856,9 +861,9 @@ TEST(StateCorrupt, EditedCheckpointsAreRejectedWithTheRightErrorAndChangeNothing
 TEST(StateCorrupt, NegativeSecondMomentsAreRefusedBeforeTheyPoisonTheParameters) {
   // Why load() refuses negative second moments: an Adam step divides by sqrt(v), so one negative
   // value (a flipped sign bit) would turn the parameter into NaN at the next step. At fp32 (the
-  // value itself) and 8-bit (a block's absmax).
+  // value itself), 8-bit and fp8 (a block's absmax).
   TempDir dir;
-  for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+  for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
     RunSetup s = corrupt_setups()[0];
     s.precision = precision;
     auto r = checkpointed_run(s, dir / "ckpt.safetensors");
@@ -874,6 +879,31 @@ TEST(StateCorrupt, NegativeSecondMomentsAreRefusedBeforeTheyPoisonTheParameters)
   }
 }
 
+TEST(StateCorrupt, Fp8NanCodesAreRefused) {
+  // e4m3's 0x7f and 0xff decode to NaN and the encoder never writes them (NaN encodes as 0): a
+  // file holding one is corrupt, and loading it would turn the parameters into NaN.
+  TempDir dir;
+  RunSetup s = corrupt_setups()[0];
+  s.precision = Precision::kFp8;
+  auto r = checkpointed_run(s, dir / "ckpt.safetensors");
+  const std::string codes = "state.0.exp_avg.codes";
+  for (std::uint8_t bad : {std::uint8_t{0x7f}, std::uint8_t{0xff}}) {
+    rewrite(dir / "ckpt.safetensors", dir / "nan.safetensors",
+            [&](auto&, std::vector<NamedTensor>& t) { data_of<std::uint8_t>(t, codes)[3] = bad; });
+    auto fresh = make_run(s, r->p);
+    const std::string message = thrown_message<FormatError>([&] { fresh->opt->load(dir / "nan.safetensors"); }, codes);
+    expect_mentions(message, {codes, "element 3", "NaN"}, "NaN code");
+    EXPECT_EQ(fresh->opt->step_count(), 0);
+  }
+  // The same byte is an ordinary code of the 8-bit tree map.
+  s.precision = Precision::kInt8;
+  auto tree = checkpointed_run(s, dir / "tree.safetensors");
+  rewrite(dir / "tree.safetensors", dir / "tree_0x7f.safetensors",
+          [&](auto&, std::vector<NamedTensor>& t) { data_of<std::uint8_t>(t, codes)[3] = 0x7f; });
+  auto fresh = make_run(s, tree->p);
+  EXPECT_NO_THROW(fresh->opt->load(dir / "tree_0x7f.safetensors"));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 4. Non-finite gradients skip the step and leave no trace.
 
@@ -886,7 +916,7 @@ TEST(NonFiniteGradients, SkippedStepChangesNothingAndTheNextStepIsUnaffected) {
   const Spot spots[] = {{0, 0, kNaN}, {0, 2, kInf}, {1, 1, -kInf}, {1, 2, kNaN}, {2, 2, kInf}};
   for (Algorithm algorithm : {Algorithm::kAdamW, Algorithm::kLion, Algorithm::kAdafactor, Algorithm::kSgd,
                               Algorithm::kSophiaG}) {
-    for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+    for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
       RunSetup setup;
       setup.algorithm = algorithm;
       setup.precision = precision;
@@ -1134,7 +1164,7 @@ TEST(Validation, BadOptionsAreRefusedByName) {
 
   // Accepted: every power of two in range, at each quantized precision.
   for (int block = 16; block <= 4096; block *= 2)
-    for (Precision p : {Precision::kInt8, Precision::kInt4}) {
+    for (Precision p : {Precision::kInt8, Precision::kInt4, Precision::kFp8}) {
       OptimizerOptions o;
       o.block_size = block;
       o.precision = p;

@@ -86,7 +86,7 @@ TEST_F(TrainTest, TinyModelLearnsWithAdamWAtFp32And8Bit) {
 TEST_F(TrainTest, ResumedRunEqualsUninterruptedRunBitForBit) {
   const fs::path data = write_text("grammar.txt", 20000);
   for (Algorithm a : {Algorithm::kAdamW, Algorithm::kSophiaG}) {
-    for (Precision p : {Precision::kFp32, Precision::kInt8}) {
+    for (Precision p : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
       SCOPED_TRACE(std::string(algorithm_name(a)) + " " + std::string(precision_name(p)));
       TrainOptions o = tiny(data);
       o.algorithm = a;

@@ -9,7 +9,7 @@ namespace nibble {
 enum class Algorithm : std::uint8_t {
   kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix
 };
-enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4 };
+enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4, kFp8 };
 
 // Every hyperparameter of every algorithm; each algorithm reads the ones it names.
 // default_hyper() gives each algorithm the defaults of its paper's reference code.

@@ -13,7 +13,8 @@ from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_devi
 
 # The public classes, exported by the package as they are listed here.
 __all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
-           "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer"]
+           "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer",
+           "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8"]
 
 # The state precisions by their names in nibble, from the library's table (it also takes aliases
 # such as "int8").
@@ -662,3 +663,7 @@ AdamW8bit = _with_precision(AdamW, "8bit", "AdamW8bit")
 AdamW4bit = _with_precision(AdamW, "4bit", "AdamW4bit")
 Lion8bit = _with_precision(Lion, "8bit", "Lion8bit")
 AdEMAMix8bit = _with_precision(AdEMAMix, "8bit", "AdEMAMix8bit")
+AdamFp8 = _with_precision(Adam, "fp8", "AdamFp8")
+AdamWFp8 = _with_precision(AdamW, "fp8", "AdamWFp8")
+LionFp8 = _with_precision(Lion, "fp8", "LionFp8")
+AdEMAMixFp8 = _with_precision(AdEMAMix, "fp8", "AdEMAMixFp8")

@@ -41,7 +41,7 @@ ALGORITHMS = {
 }
 WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
 REPLICATED = WHOLE_TENSOR + ("adamw",)  # also run on replicated and on whole-row DTensors
-SHARDED_PRECISIONS = ("fp32", "8bit", "4bit")
+SHARDED_PRECISIONS = ("fp32", "8bit", "4bit", "fp8")
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")

@@ -194,7 +194,7 @@ def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit", "4bit"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "8bit", "4bit", "fp8"])
 def test_every_class_and_precision_equals_the_library(cls, precision):
     net = model()
     opt = cls(net.parameters(), precision=precision, min_quant_size=0)
@@ -207,9 +207,9 @@ def test_every_class_and_precision_equals_the_library(cls, precision):
 
 # Quantized state against fp32 after 50 AdamW steps (lr 1e-3) on this small model, every tensor
 # quantized (min_quant_size=0): the mean parameter difference as a fraction of the mean distance
-# the fp32 run moved. Measured 0.25% (bf16), 2.1% (8-bit) and 27% (4-bit: 16 codes, biases
-# quantized too); the budgets are about twice that.
-@pytest.mark.parametrize("precision,budget", [("bf16", 0.005), ("8bit", 0.05), ("4bit", 0.5)])
+# the fp32 run moved. Measured 0.25% (bf16), 2.1% (8-bit), 27% (4-bit: 16 codes, biases
+# quantized too) and 4.0% (fp8: 8 codes per octave); the budgets are about twice that.
+@pytest.mark.parametrize("precision,budget", [("bf16", 0.005), ("8bit", 0.05), ("4bit", 0.5), ("fp8", 0.08)])
 def test_quantized_state_stays_within_budget_of_fp32(precision, budget):
     start, full, low = model(), model(), model()
     train(full, nibble.AdamW(full.parameters(), lr=1e-3, min_quant_size=0), 50)
@@ -227,20 +227,26 @@ def test_aliases_default_to_their_precision():
     assert nibble.Adam8bit(net.parameters()).param_groups[0]["precision"] == "8bit"
     assert nibble.Lion8bit(net.parameters()).param_groups[0]["precision"] == "8bit"
     assert issubclass(nibble.AdamW8bit, nibble.AdamW)
+    assert nibble.AdamWFp8(net.parameters()).param_groups[0]["precision"] == "fp8"
+    assert nibble.AdamFp8(net.parameters()).param_groups[0]["precision"] == "fp8"
+    assert nibble.LionFp8(net.parameters()).param_groups[0]["precision"] == "fp8"
+    assert nibble.AdEMAMixFp8(net.parameters()).param_groups[0]["precision"] == "fp8"
+    assert issubclass(nibble.AdamWFp8, nibble.AdamW)
 
 
 def test_state_bytes_shrink_with_precision():
     net = model()
     sizes = {}
-    for precision in ("fp32", "bf16", "8bit", "4bit"):
+    for precision in ("fp32", "bf16", "8bit", "4bit", "fp8"):
         opt = nibble.AdamW(net.parameters(), precision=precision, min_quant_size=0)
         sizes[precision] = opt.state_bytes()
     params = sum(p.numel() for p in net.parameters())
     assert sizes["fp32"] == 8 * params
     assert sizes["fp32"] > sizes["bf16"] > sizes["8bit"] > sizes["4bit"]
+    assert sizes["fp8"] == sizes["8bit"]  # a code per byte and a scale per block, like 8bit
 
 
-@pytest.mark.parametrize("precision", ["fp32", "8bit", "4bit"])
+@pytest.mark.parametrize("precision", ["fp32", "8bit", "4bit", "fp8"])
 def test_state_dict_round_trip_continues_in_lockstep(precision, tmp_path):
     a, b = model(), model()
     opt_a = nibble.AdamW(a.parameters(), lr=1e-2, precision=precision, min_quant_size=0)
@@ -480,3 +486,32 @@ def test_the_step_is_an_operator_in_pytorchs_registry():
     torch.ops.nibble.step(made.handle, list(net.parameters()), 1e-2, 1.0, 0)
     assert opt.counters() == [(2, 0)]
     assert any(not torch.equal(p, q) for p, q in zip(net.parameters(), before))
+
+
+def test_fp8_first_moment_codes_are_torch_float8_e4m3fn():
+    """fp8 first moments hold the OCP e4m3fn codes of y * 256 (y = x / block absmax): torch's own
+    float32 -> float8_e4m3fn conversion (round to nearest even, subnormals) is the reference. SGD's
+    first momentum buffer is the gradient itself; blocks of 256 with absmax 1 make y = x exactly."""
+    gen = torch.Generator().manual_seed(3)
+    blocks = 64
+    g = (torch.rand(blocks, 256, generator=gen) * 2 - 1) * torch.pow(10.0, -6 * torch.rand(blocks, 256, generator=gen))
+    # Every e4m3 value below 256, the midpoints between neighbours (exact ties), and the floats
+    # next to them, all divided by 256 (then y * 256 lands on and around them).
+    finite = torch.arange(0, 0x79, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (finite[:-1] + finite[1:]) / 2
+    special = torch.cat([finite, mids, torch.nextafter(mids, torch.tensor(0.0)), torch.nextafter(mids, torch.tensor(1e9))]) / 256
+    special = torch.cat([special, -special[1:]])  # not -0: the buffer 0.9 * 0 + (-0) is +0
+    g.view(-1)[: special.numel()] = special[: blocks * 256]
+    g[:, 0] = 1.0  # each block's absmax
+    param = torch.nn.Parameter(torch.zeros(blocks * 256))
+    param.grad = g.flatten().clone()
+    opt = nibble.SGD([param], lr=0.1, momentum=0.9, precision="fp8", min_quant_size=0)
+    opt.step()
+    entry = opt.state_dict()["state"][0]
+    codes = entry["momentum_buffer.codes"]
+    assert codes.dtype == torch.uint8
+    assert torch.equal(entry["momentum_buffer.absmax"], torch.ones(blocks))
+    want = (g.flatten() * 256).to(torch.float8_e4m3fn).view(torch.uint8)
+    differ = (codes != want).nonzero().flatten()
+    assert differ.numel() == 0, f"{differ.numel()} codes differ from torch, first at {differ[0].item()}: " \
+        f"x = {g.flatten()[differ[0]].item()!r}, nibble {codes[differ[0]].item():#x}, torch {want[differ[0]].item():#x}"

@@ -4,6 +4,8 @@
 // The 8-bit maps are dynamic ("tree") maps after Dettmers et al., arXiv 2110.02861: decades
 // 10^-6..10^0, each split into 2^p linear bins whose midpoints are the values, finer near 1, plus
 // 0 and 1. The 4-bit second-moment map is linear without zero (Li et al., arXiv 2309.01507).
+// The fp8 maps are minifloats (see minifloat_encode): their codes are the float bits themselves,
+// not indices into an ascending table, and they are encoded by bit operations.
 #pragma once
 
 #include <cmath>
@@ -18,8 +20,10 @@ enum class CodebookId : std::uint8_t {
   kDynamicUnsigned8 = 1,  // second moments, 8-bit
   kDynamicSigned4 = 2,    // first moments, 4-bit
   kLinearUnsigned4 = 3,   // second moments, 4-bit: (i + 1) / 16, no zero
+  kFp8Signed = 4,         // first moments, fp8: OCP e4m3fn codes of y * 2^8
+  kFp8Unsigned = 5,       // second moments, fp8: unsigned e5m3 codes of y (bias 31)
 };
-inline constexpr int kCodebookCount = 4;
+inline constexpr int kCodebookCount = 6;
 
 // NOTE: nearest-code search by arithmetic, not by search. Non-zero magnitudes sit in "positions"
 // p (one per decade) of 2^p linear bins: value(p, j) = lo[p] + width[p] * (j + 0.5). The encoder
@@ -41,9 +45,58 @@ struct Codebook {
   float boundary[8] = {};  // boundary[p]: threshold between the top of p - 1 and the bottom of p
   float zero_threshold = 0.0f;  // magnitudes at or below it encode as 0
   float one_threshold = 0.0f;   // magnitudes above it encode as +1 (has_one, y > 0)
-  float values[256] = {};       // ascending
-  float thresholds[256] = {};   // thresholds[i] between values[i] and values[i + 1]
+  float values[256] = {};       // ascending (minifloat maps: values[code], the code's float value)
+  float thresholds[256] = {};   // thresholds[i] between values[i] and values[i + 1] (tree maps only)
+  // Minifloat maps (fp8): codes are sign | exponent | 3 mantissa bits, value 2^(E - bias) * (1 + m/8)
+  // for an exponent field E >= 1, 2^(1 - bias) * m/8 for E = 0 (subnormals).
+  bool minifloat = false;
+  int exponent_bias = 0;           // in units of y (the block's scaled value)
+  std::uint32_t max_magnitude = 0; // the largest finite magnitude code (saturation)
 };
+
+// NOTE: fp8 encode, exact by construction. y = x / absmax lies in [-1, 1]. Signed maps hold the
+// OCP e4m3fn codes of y * 2^8 (y = 1 is 256 = 0x78), i.e. e4m3 with its bias 7 moved to 15 for y;
+// unsigned maps an e5m3 of our own (the sign bit becomes a fifth exponent bit) with bias 31 for y
+// (y = 1 is 0xf8; smallest normal 2^-30, smallest subnormal 2^-33 of the block's absmax). Scaling
+// by a power of two is exact, so rounding y to the code set once, to nearest with ties to even,
+// is the whole encode: no double rounding (a non-power-of-two multiplier such as 448 would round
+// twice). The price is the codes above 1 (e4m3: 288..448, 6 per sign; e5m3: 1.125..1.875, 7): a
+// block never produces them (|y| <= 1), but they decode, and inputs above 1 round to them as
+// nearest-even says, saturating at the largest finite code.
+// Normal range (|y| >= 2^(1 - bias)): the float's exponent and top 3 mantissa bits, rounded to
+// nearest-even on the 20 bits below by an integer add (a carry moves into the exponent, as it
+// should), re-biased. Subnormal range: adding 2^(21 - bias), whose ulp is the minifloat's subnormal
+// step, makes the FPU round to nearest-even; the low bits of the sum are the code (8 = the
+// smallest normal). Float subnormal inputs give code 0 with or without flush-to-zero.
+// NaN encodes as +0 (NaN state would poison its whole block at the next absmax); +-inf and finite
+// values beyond the largest code saturate to it; unsigned maps encode negatives (and -0) as 0.
+NIBBLE_HD std::uint32_t minifloat_magnitude(std::uint32_t a, int bias, std::uint32_t max_magnitude) {
+  const std::uint32_t normal = ((a + 0x7ffffu + ((a >> 20) & 1u)) >> 20) - (static_cast<std::uint32_t>(127 - bias) << 3);
+  const float magic = bits_float(static_cast<std::uint32_t>(148 - bias) << 23);  // 2^(21 - bias)
+  const std::uint32_t subnormal = float_bits(bits_float(a) + magic) - float_bits(magic);
+  std::uint32_t m = a < (static_cast<std::uint32_t>(128 - bias) << 23) ? subnormal : normal;
+  m = m < max_magnitude ? m : max_magnitude;
+  return a > 0x7f800000u ? 0u : m;
+}
+
+NIBBLE_HD std::uint8_t minifloat_encode(const Codebook& cb, float y) {
+  const std::uint32_t u = float_bits(y);
+  const std::uint32_t a = u & 0x7fffffffu;
+  const std::uint32_t m = minifloat_magnitude(a, cb.exponent_bias, cb.max_magnitude);
+  if (!cb.is_signed) return static_cast<std::uint8_t>(u >> 31 ? 0u : m);
+  return static_cast<std::uint8_t>((a > 0x7f800000u ? 0u : (u >> 24) & 0x80u) | m);
+}
+
+// The value of a minifloat code (NaN for e4m3's 0x7f and 0xff).
+inline float minifloat_value(const Codebook& cb, int code) {
+  const int mantissa_bits = 3;
+  const int magnitude = cb.is_signed ? code & 0x7f : code;
+  const double sign = cb.is_signed && (code & 0x80) ? -1.0 : 1.0;
+  if (cb.is_signed && magnitude == 0x7f) return bits_float(0x7fc00000u);
+  const int e = magnitude >> mantissa_bits, m = magnitude & ((1 << mantissa_bits) - 1);
+  const double v = e == 0 ? std::ldexp(m / 8.0, 1 - cb.exponent_bias) : std::ldexp(1.0 + m / 8.0, e - cb.exponent_bias);
+  return static_cast<float>(sign * v);
+}
 
 NIBBLE_HD float codebook_bin_value(const Codebook& cb, int p, int j) {
   return cb.lo[p] + cb.width[p] * (static_cast<float>(j) + 0.5f);
@@ -55,6 +108,7 @@ NIBBLE_HD float codebook_bin_edge(const Codebook& cb, int p, int j) {
 // Ties go toward zero: a magnitude exactly on a threshold takes the smaller-magnitude code.
 // Unsigned maps clamp negative inputs (and NaN) to their smallest code.
 NIBBLE_HD std::uint8_t codebook_encode(const Codebook& cb, float y) {
+  if (cb.minifloat) return minifloat_encode(cb, y);
   const float a = cb.is_signed ? abs_f(y) : (y > 0.0f ? y : 0.0f);
   const bool negative = (float_bits(y) >> 31) != 0 && cb.is_signed;
   int p = cb.p_max;
@@ -167,6 +221,15 @@ inline bool build_codebook(Codebook& cb, CodebookId id) {
       cb.width[4] = 1.0f / 16.0f;
       cb.inv_width[4] = 16.0f;
       break;
+    case CodebookId::kFp8Signed:    // e4m3fn of y * 2^8: bias 15 for y, largest 448 / 256 (0x7e)
+    case CodebookId::kFp8Unsigned:  // unsigned e5m3 of y: bias 31, largest 1.875 (0xff)
+      cb.minifloat = cb.has_zero = true;
+      cb.is_signed = id == CodebookId::kFp8Signed;
+      cb.size = 256;
+      cb.exponent_bias = cb.is_signed ? 7 + 8 : 31;
+      cb.max_magnitude = cb.is_signed ? 0x7eu : 0xffu;
+      for (int c = 0; c < 256; ++c) cb.values[c] = minifloat_value(cb, c);
+      return true;
     default:
       return false;
   }

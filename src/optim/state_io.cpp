@@ -1,6 +1,7 @@
 // Optimizer state as a safetensors file: codes, scales and fp32/bf16 state per tensor, the codebooks
 // they were written with, per-tensor step counts, and a JSON layout in the metadata. Loading checks
 // the whole file against the live optimizer before it copies a single byte.
+#include <algorithm>
 #include <charconv>
 #include <cmath>
 #include <cstring>
@@ -29,6 +30,7 @@ struct Entry {
   void* data;
   bool check_finite;  // float state must be finite; codes are any byte
   bool non_negative = false;  // second moments and scales: a negative value would make a step NaN
+  const math::Codebook* nan_codes = nullptr;  // one code per byte of a codebook that has NaN codes (fp8)
 };
 
 std::vector<Entry> entries(const Optimizer::Impl& im, std::vector<TensorState>& tensors, std::vector<std::int64_t>& steps) {
@@ -52,6 +54,11 @@ std::vector<Entry> entries(const Optimizer::Impl& im, std::vector<TensorState>& 
         case RegionRole::kScale:
         case RegionRole::kFactor: e.non_negative = true; break;
         case RegionRole::kCodes:
+          if (t.slots[r.slot].storage == math::StateStorage::kCodes8) {
+            const math::Codebook& cb = codebook(t.slots[r.slot].codebook);
+            if (std::any_of(cb.values, cb.values + cb.size, [](float v) { return std::isnan(v); })) e.nan_codes = &cb;
+          }
+          break;
         case RegionRole::kStagedScale: break;
       }
       out.push_back(std::move(e));
@@ -137,6 +144,16 @@ std::int64_t first_negative(const Entry& e, const Tensor& t) {
     for (std::int64_t i = 0; i < n; ++i)
       if ((v[i] & 0x8000u) && (v[i] & 0x7fffu)) return i;
   }
+  return -1;
+}
+
+// Index of the first code that decodes to NaN (e4m3's 0x7f and 0xff, which the encoder never
+// writes), or -1.
+std::int64_t first_nan_code(const Entry& e, const Tensor& t) {
+  if (e.nan_codes == nullptr) return -1;
+  const std::uint8_t* c = t.data_as<std::uint8_t>();
+  for (std::int64_t i = 0; i < t.numel(); ++i)
+    if (std::isnan(e.nan_codes->values[c[i]])) return i;
   return -1;
 }
 
@@ -234,6 +251,9 @@ void Optimizer::load(const std::filesystem::path& path) {
     if (const std::int64_t k = first_negative(e, t); k >= 0)
       throw FormatError(fmt::format("{}: tensor '{}' holds a negative value at element {}; it must be >= 0", where,
                                     e.name, k));
+    if (const std::int64_t k = first_nan_code(e, t); k >= 0)
+      throw FormatError(fmt::format("{}: tensor '{}' holds code {:#04x} at element {}, which decodes to NaN", where,
+                                    e.name, t.data_as<std::uint8_t>()[k], k));
   }
   const std::int64_t* saved_steps = file.at("steps").data_as<std::int64_t>();
   for (std::size_t i = 0; i < im.tensors.size(); ++i)

@@ -34,6 +34,10 @@ constexpr std::array kPrecisionSpecs = {
                   math::CodebookId::kDynamicSigned8, math::CodebookId::kDynamicUnsigned8},
     PrecisionSpec{Precision::kInt4, "4bit", {"int4"}, math::StateStorage::kCodes4, kDefaultBlock4,
                   math::CodebookId::kDynamicSigned4, math::CodebookId::kLinearUnsigned4},
+    // Minifloat codes (src/math/codebook.hpp): e4m3 first moments, unsigned e5m3 second moments,
+    // whose 2^-33 range below the block's absmax keeps small squares representable.
+    PrecisionSpec{Precision::kFp8, "fp8", {"float8", "f8"}, math::StateStorage::kCodes8, kDefaultBlock8,
+                  math::CodebookId::kFp8Signed, math::CodebookId::kFp8Unsigned},
 };
 
 const PrecisionSpec& precision_spec(Precision precision) {
@@ -117,6 +121,8 @@ std::string_view codebook_name(math::CodebookId id) {
     case math::CodebookId::kDynamicUnsigned8: return "dynamic_unsigned_8";
     case math::CodebookId::kDynamicSigned4: return "dynamic_signed_4";
     case math::CodebookId::kLinearUnsigned4: return "linear_unsigned_4";
+    case math::CodebookId::kFp8Signed: return "fp8_e4m3";
+    case math::CodebookId::kFp8Unsigned: return "fp8_unsigned_e5m3";
   }
   return "unknown";
 }

@@ -204,6 +204,9 @@ TEST(CudaMatchesCpu, KernelOptions) {
       {"block 16 4bit", Algorithm::kSgd, Precision::kInt4, [](OptimizerOptions& o) { o.block_size = 16; }},
       {"nesterov maximize", Algorithm::kSgd, Precision::kFp32,
        [](OptimizerOptions& o) { o.hyper->nesterov = true; o.hyper->maximize = true; }},
+      {"amsgrad fp8", Algorithm::kAdamW, Precision::kFp8, [](OptimizerOptions& o) { o.hyper->amsgrad = true; }},
+      {"block 16 fp8", Algorithm::kLion, Precision::kFp8, [](OptimizerOptions& o) { o.block_size = 16; }},
+      {"block 4096 fp8", Algorithm::kAdamW, Precision::kFp8, [](OptimizerOptions& o) { o.block_size = 4096; }},
   };
   for (const Variant& v : variants) {
     SCOPED_TRACE(v.name);
@@ -383,7 +386,7 @@ TEST(CudaParamDtypes, MasterWeightsStepLikeFp32) {
 // before each replay, equals eager steps with the same lr.
 TEST(CudaGraph, ReplayEqualsEagerSteps) {
   NIBBLE_REQUIRE_GPU();
-  for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kInt4}) {
+  for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kInt4, Precision::kFp8}) {
     SCOPED_TRACE(std::string(precision_name(precision)));
     Twin eager_twin(odd_shapes());
     Twin graph_twin(odd_shapes());  // same seed: same parameters and gradients
@@ -461,7 +464,7 @@ TEST(CudaState, SaveOnOneDeviceLoadOnTheOther) {
   NIBBLE_REQUIRE_GPU();
   const auto dir = std::filesystem::temp_directory_path() / "nibble_cuda_state_test";
   std::filesystem::create_directories(dir);
-  for (Precision precision : {Precision::kFp32, Precision::kBf16, Precision::kInt8, Precision::kInt4}) {
+  for (Precision precision : {Precision::kFp32, Precision::kBf16, Precision::kInt8, Precision::kInt4, Precision::kFp8}) {
     SCOPED_TRACE(std::string(precision_name(precision)));
     Twin a(odd_shapes());
     Twin b(odd_shapes());
@@ -505,7 +508,7 @@ TEST(CudaState, SaveOnOneDeviceLoadOnTheOther) {
 
 TEST(CudaSophia, HessianUpdateMatchesCpu) {
   NIBBLE_REQUIRE_GPU();
-  for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+  for (Precision precision : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
     Twin twin(odd_shapes());
     Optimizer cpu({twin.host_group()}, options_for(Algorithm::kSophiaG, precision, Device::kCpu));
     Optimizer gpu({twin.device_group()}, options_for(Algorithm::kSophiaG, precision, Device::kCuda));

@@ -120,6 +120,60 @@ struct SimdCodebook {
   }
 };
 
+// The fp8 maps (minifloats): math::minifloat_encode with the same integer and float operations,
+// eight lanes at a time; decode by bit operations too (a code's exponent and mantissa moved into
+// a float's, subnormal codes converted as integers times their step), equal to the value table.
+template <math::CodebookId kId>
+struct SimdMinifloat {
+  static constexpr bool kSigned = kId == math::CodebookId::kFp8Signed;
+
+  // The format's constants (math::minifloat_magnitude's), taken from the Codebook.
+  __m256i rebias, min_normal, max_magnitude;
+  __m256 magic, subnormal_step;
+
+  explicit SimdMinifloat(const math::Codebook& cb)
+      : rebias(_mm256_set1_epi32((127 - cb.exponent_bias) << 3)),
+        min_normal(_mm256_set1_epi32((128 - cb.exponent_bias) << 23)),
+        max_magnitude(_mm256_set1_epi32(static_cast<int>(cb.max_magnitude))),
+        magic(_mm256_castsi256_ps(_mm256_set1_epi32((148 - cb.exponent_bias) << 23))),
+        subnormal_step(_mm256_castsi256_ps(_mm256_set1_epi32((125 - cb.exponent_bias) << 23))) {}
+
+  __m256i encode(__m256 y) const {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i a = _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff));
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+    const __m256i normal = _mm256_sub_epi32(
+        _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(a, _mm256_set1_epi32(0x7ffff)), odd), 20),
+        rebias);
+    const __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), magic)),
+                                               _mm256_castps_si256(magic));
+    const __m256i is_subnormal = _mm256_cmpgt_epi32(min_normal, a);  // a is non-negative as int32
+    __m256i m = _mm256_blendv_epi8(normal, subnormal, is_subnormal);
+    m = _mm256_min_epu32(m, max_magnitude);
+    const __m256i nan = _mm256_cmpgt_epi32(a, _mm256_set1_epi32(0x7f800000));
+    if constexpr (kSigned) {
+      const __m256i sign = _mm256_and_si256(_mm256_srli_epi32(u, 24), _mm256_set1_epi32(0x80));
+      return _mm256_andnot_si256(nan, _mm256_or_si256(m, sign));  // NaN: +0
+    }
+    return _mm256_andnot_si256(_mm256_or_si256(nan, _mm256_srai_epi32(u, 31)), m);  // NaN, negatives, -0: 0
+  }
+
+  __m256 decode(__m256i code) const {
+    const __m256i mag = kSigned ? _mm256_and_si256(code, _mm256_set1_epi32(0x7f)) : code;
+    // Normal codes: exponent and mantissa shifted into a float's, re-biased; subnormal codes:
+    // m * 2^(-2 - bias) (= m/8 * 2^(1 - bias)), an exact product.
+    const __m256 normal = _mm256_castsi256_ps(_mm256_add_epi32(_mm256_slli_epi32(mag, 20), _mm256_slli_epi32(rebias, 20)));
+    const __m256 subnormal = _mm256_mul_ps(_mm256_cvtepi32_ps(mag), subnormal_step);
+    __m256 value = _mm256_blendv_ps(subnormal, normal, _mm256_castsi256_ps(_mm256_cmpgt_epi32(mag, _mm256_set1_epi32(7))));
+    if constexpr (kSigned) {
+      value = _mm256_or_ps(value, _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_and_si256(code, _mm256_set1_epi32(0x80)), 24)));
+      value = _mm256_blendv_ps(value, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fc00000)),  // 0x7f, 0xff: NaN
+                               _mm256_castsi256_ps(_mm256_cmpeq_epi32(mag, _mm256_set1_epi32(0x7f))));
+    }
+    return value;
+  }
+};
+
 template <class Fn>
 void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
   switch (cb.id) {
@@ -127,33 +181,54 @@ void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
     case math::CodebookId::kDynamicUnsigned8: return fn(SimdCodebook<math::CodebookId::kDynamicUnsigned8>(cb));
     case math::CodebookId::kDynamicSigned4: return fn(SimdCodebook<math::CodebookId::kDynamicSigned4>(cb));
     case math::CodebookId::kLinearUnsigned4: return fn(SimdCodebook<math::CodebookId::kLinearUnsigned4>(cb));
+    case math::CodebookId::kFp8Signed: return fn(SimdMinifloat<math::CodebookId::kFp8Signed>(cb));
+    case math::CodebookId::kFp8Unsigned: return fn(SimdMinifloat<math::CodebookId::kFp8Unsigned>(cb));
   }
 }
 
 inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
                           std::uint8_t* __restrict codes, std::int64_t n) {
+  // The lambda copies the pointers and the count it loops on: a store through a byte pointer may
+  // alias anything, so through captured references they would be reloaded at every iteration.
   with_simd_codebook(cb, [&](const auto& simd) {
+    const float* __restrict in = x;
+    std::uint8_t* __restrict out = codes;
+    const std::int64_t count = n;
     const __m256 vinv = _mm256_set1_ps(inv);
     std::int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256i c = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv));
-      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i), _mm_packus_epi16(words, words));
+    // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
+    // lanes, so one cross-lane permute puts the 32 bytes back in element order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= count; i += 32) {
+      const __m256i c0 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
+      const __m256i c1 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 8), vinv));
+      const __m256i c2 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 16), vinv));
+      const __m256i c3 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 24), vinv));
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
     }
-    math::encode8_run(cb, x, inv, codes, i, n);
+    for (; i + 8 <= count; i += 8) {
+      const __m256i c = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
+    }
+    math::encode8_run(cb, in, inv, out, i, count);
   });
 }
 
 inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
   with_simd_codebook(cb, [&](const auto& simd) {
+    const std::uint8_t* __restrict in = codes;
+    float* __restrict values = out;
+    const std::int64_t count = n;
     const __m256 vscale = _mm256_set1_ps(scale);
     std::int64_t i = 0;
-    for (; i + 8 <= n; i += 8) {
-      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i)));
-      _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
+    for (; i + 8 <= count; i += 8) {
+      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
+      _mm256_storeu_ps(values + i, _mm256_mul_ps(simd.decode(c), vscale));
     }
-    math::decode8_run(cb, codes, scale, out, i, n);
+    math::decode8_run(cb, in, scale, values, i, count);
   });
 }
 
