@@ -157,6 +157,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   if (o.resume) {
     st = resume_from_checkpoint(o.checkpoint_dir, config, vocab, o.steps, gpt, opt);
     rng.set_state(st.rng);
+    opt.train();  // a finished run's checkpoint holds x (schedule-free AdamW): step from y
   }
 
   std::ofstream csv;
@@ -220,12 +221,16 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
     const bool last = st.step == o.steps || out_of_time;
     bool reached = false;
-    if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
+    const bool evaluate = (o.eval_every > 0 && st.step % o.eval_every == 0) || last;
+    if (evaluate) {
+      opt.eval();  // schedule-free AdamW: evaluate the average x (other algorithms: nothing)
       log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
       sum.last_val_loss = log.val_loss;
       reached = o.target_val_loss && *log.val_loss <= *o.target_val_loss;
       sum.reached_target = sum.reached_target || reached;
     }
+    // A run that ends keeps (and saves) the evaluated x; one that goes on steps from y again.
+    if (evaluate && !(last || reached)) opt.train();
     log.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
     sum.last_loss = log.loss;
     if (tty) std::fprintf(stderr, "\r\033[K");
