@@ -206,6 +206,15 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   const auto start = Clock::now();
   const std::int64_t first_step = st.step;
 
+  // The lr step `step` (from 0) takes: the schedule's, and schedule-free AdamW's own warm-up.
+  auto step_lr = [&](std::int64_t step, float factor) {
+    const double warmup = opt.hyper().warmup_steps;
+    const double own = o.algorithm == Algorithm::kAdamWScheduleFree && static_cast<double>(step) < warmup
+                           ? static_cast<double>(step + 1) / warmup
+                           : 1.0;
+    return static_cast<float>(static_cast<double>(opt.hyper().lr) * factor * own);
+  };
+
   // Everything after a step's work: counters, timing, evaluation, logging, checkpoints, stopping.
   bool stop = false;
   auto finish_step = [&](StepLog& log, Clock::time_point t0, Clock::time_point t1, Clock::time_point t2) {
@@ -264,7 +273,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       StepLog log;
       log.step = st.step + 1;
       const float factor = schedule.factor(st.step);
-      log.lr = opt.hyper().lr * factor;
+      log.lr = step_lr(st.step, factor);
       StepResult r;
       log.loss = graph_step->run(all_inputs.data(), all_targets.data(), factor, r);
       log.grad_norm = r.grad_norm;
@@ -285,7 +294,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     log.step = st.step + 1;
     log.loss = model::step_loss(micro_losses);
     const float factor = schedule.factor(st.step);
-    log.lr = opt.hyper().lr * factor;
+    log.lr = step_lr(st.step, factor);
     gpt.synchronize();  // the backward is queued on a GPU: the optimizer's time starts after it
     const auto t1 = Clock::now();
     const StepResult r = opt.step({.grad_scale = 1.0f, .lr_scale = factor});
