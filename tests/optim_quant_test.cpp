@@ -152,6 +152,10 @@ std::vector<AlgoSetup> algo_setups() {
       [](AlgoSetup& s) { s.still_steps = 1; });
   add("AdEMAMix", Algorithm::kAdEMAMix, {0.047, 0.43, 0.02, 0.28},                // .0312 .332 .0133 .216
       [](AlgoSetup& s) { s.hyper.weight_decay = 0.01f; });
+  // Its z stays fp32 at every precision; only v is quantized. Its "step" error is not one step's
+  // alone: the runs share y (reset) but each keeps its own z, which y is pulled toward.
+  add("AdamWScheduleFree", Algorithm::kAdamWScheduleFree, {0.026, 0.26, 0.0092, 0.12},  // .0170 .201 .0061 .0913
+      [](AlgoSetup& s) { s.hyper.weight_decay = 0.01f; s.hyper.lr = 1e-3f; s.hyper.warmup_steps = 10.0f; });
   return out;
 }
 
@@ -533,6 +537,12 @@ TEST(StateBytes, KnownValues) {
   EXPECT_DOUBLE_EQ(state_bytes_per_element(Algorithm::kAdamW, adamw, Precision::kInt4, 0, mat, true),
                    (0.5 + 4.0 / 128) + (0.5 + 4.0 * 2048 / (1024.0 * 1024)));
   EXPECT_EQ(state_bytes_per_element(Algorithm::kAdamW, adamw, Precision::kInt8, 0, Shape{0}, false), 0.0);
+  // Schedule-free AdamW: z fp32 at every precision, v at the requested one.
+  const Hyper sf = default_hyper(Algorithm::kAdamWScheduleFree);
+  EXPECT_DOUBLE_EQ(state_bytes_per_element(Algorithm::kAdamWScheduleFree, sf, Precision::kInt8, 0, big, false),
+                   4.0 + (1.0 + 4.0 / 256));
+  EXPECT_DOUBLE_EQ(state_bytes_per_element(Algorithm::kAdamWScheduleFree, sf, Precision::kInt4, 0, mat, true),
+                   4.0 + (0.5 + 4.0 * 2048 / (1024.0 * 1024)));
   Hyper plain_sgd = default_hyper(Algorithm::kSgd);
   plain_sgd.momentum = 0.0f;
   EXPECT_EQ(state_bytes_per_element(Algorithm::kSgd, plain_sgd, Precision::kFp32, 0, big, false), 0.0);

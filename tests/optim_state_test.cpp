@@ -1101,6 +1101,15 @@ TEST(Validation, HyperparametersOutOfRangeAreRefusedByName) {
   cases.push_back({sophia, "rho", [](Hyper& h) { h.rho = kInf; }, "inf"});
   cases.push_back({sophia, "batch_tokens", [](Hyper& h) { h.batch_tokens = 0.0f; }, "got 0"});
   cases.push_back({sophia, "batch_tokens", [](Hyper& h) { h.batch_tokens = -5.0f; }, "-5"});
+  const Algorithm sf = Algorithm::kAdamWScheduleFree;
+  cases.push_back({sf, "warmup_steps", [](Hyper& h) { h.warmup_steps = -1.0f; }, "-1"});
+  cases.push_back({sf, "warmup_steps", [](Hyper& h) { h.warmup_steps = kNaN; }, "nan"});
+  cases.push_back({sf, "weight_lr_power", [](Hyper& h) { h.weight_lr_power = -2.0f; }, "-2"});
+  cases.push_back({sf, "r", [](Hyper& h) { h.r = kInf; }, "inf"});
+  cases.push_back({sf, "beta1", [](Hyper& h) { h.beta1 = 1.0f; }, "1"});
+  cases.push_back({sf, "beta1", [](Hyper& h) { h.beta1 = 0.0f; }, "got 0"});
+  cases.push_back({sf, "beta2", [](Hyper& h) { h.beta2 = kNaN; }, "nan"});
+  cases.push_back({sf, "eps", [](Hyper& h) { h.eps = 0.0f; }, "got 0"});
 
   Tiny t;
   for (const HyperCase& c : cases) {

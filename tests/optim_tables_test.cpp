@@ -68,7 +68,7 @@ TEST(AlgorithmTable, ValidationFollowsEachRange) {
   };
   const Case cases[] = {{HyperRange::kNonNegative, -0.5f, 0.0f}, {HyperRange::kPositive, 0.0f, 1e-30f},
                         {HyperRange::kBeta, 1.0f, 0.0f},         {HyperRange::kUnit, 1.5f, 1.0f},
-                        {HyperRange::kDecayRate, 0.0f, -1.0f}};
+                        {HyperRange::kDecayRate, 0.0f, -1.0f},   {HyperRange::kOpenUnit, 0.0f, 0.5f}};
   for (const AlgorithmSpec& spec : algorithm_specs())
     for (const HyperUse& use : spec.numbers)
       for (const Case& c : cases) {

@@ -25,6 +25,8 @@ struct RefTensor {
   std::vector<double> p;
   std::vector<std::string> state_names;  // the names nibble uses
   std::vector<std::vector<double>> state;
+  double lr_max = -1.0;     // schedule-free AdamW, as the package starts them
+  double weight_sum = 0.0;
 
   std::vector<double>& get(std::string_view n) {
     for (std::size_t i = 0; i < state_names.size(); ++i)
@@ -97,10 +99,16 @@ class RefOptimizer {
         case Algorithm::kAdafactor: adafactor(t, g, lr); break;
         case Algorithm::kAdopt: adopt(t, g, lr); break;
         case Algorithm::kAdEMAMix: ademamix(t, g, lr); break;
+        case Algorithm::kAdamWScheduleFree: schedulefree(t, g, lr); break;
       }
     }
     return norm;
   }
+
+  // Schedule-free AdamW: the parameters to x (eval) or back to y (train), as the package's
+  // eval() and train() (tensors that never stepped have no z and stay).
+  void eval() { interpolate(1.0 - 1.0 / static_cast<double>(h_.beta1)); }
+  void train() { interpolate(1.0 - static_cast<double>(h_.beta1)); }
 
   // SophiaG: h = beta2 h + (1 - beta2) estimate, for every tensor with an estimate.
   void update_hessian(const std::vector<const float*>& estimates) {
@@ -154,6 +162,10 @@ class RefOptimizer {
         add("exp_avg", t.numel);
         add("exp_avg_sq", t.numel);
         add("exp_avg_slow", t.numel);
+        break;
+      case Algorithm::kAdamWScheduleFree:
+        add("z", t.numel);
+        add("exp_avg_sq", t.numel);
         break;
       case Algorithm::kAdafactor:
         if (h_.first_moment) add("exp_avg", t.numel);
@@ -409,6 +421,40 @@ class RefOptimizer {
       v[e] = b2 * v[e] + (1.0 - b2) * g[e] * g[e];
       const double update = (m[e] / bc1 + alpha * slow[e]) / (std::sqrt(v[e]) / std::sqrt(bc2) + eps);
       t.p[e] -= lr * (update + t.weight_decay * t.p[e]);
+    }
+  }
+
+  // Schedule-free AdamW (facebookresearch/schedule_free, AdamWScheduleFree): k = steps before this
+  // one; the linear warm-up, lr_max and the weight of the new point in the average; d = g over the
+  // bias-corrected sqrt(v) plus eps, plus weight decay at y; y toward z by ckp1 then along d; z
+  // along -lr d. z starts at the parameter.
+  void schedulefree(RefTensor& t, const std::vector<double>& g, double lr) {
+    const double b1 = h_.beta1, b2 = h_.beta2, eps = h_.eps, wd = t.weight_decay;
+    const double k = static_cast<double>(t.step - 1);
+    if (k < h_.warmup_steps) lr *= (k + 1.0) / h_.warmup_steps;
+    t.lr_max = std::max(lr, t.lr_max);
+    const double weight = std::pow(k + 1.0, h_.r) * std::pow(t.lr_max, h_.weight_lr_power);
+    t.weight_sum += weight;
+    const double ckp1 = t.weight_sum != 0.0 ? weight / t.weight_sum : 0.0;
+    const double bc2 = 1.0 - std::pow(b2, k + 1.0);
+    std::vector<double>& z = t.get("z");
+    std::vector<double>& v = t.get("exp_avg_sq");
+    if (t.step == 1) z = t.p;
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      double& y = t.p[e];
+      v[e] = b2 * v[e] + (1.0 - b2) * g[e] * g[e];
+      const double d = g[e] / (std::sqrt(v[e] / bc2) + eps) + wd * y;
+      y = y + ckp1 * (z[e] - y);
+      y += lr * (b1 * (1.0 - ckp1) - 1.0) * d;
+      z[e] -= lr * d;
+    }
+  }
+
+  void interpolate(double weight) {
+    for (RefTensor& t : tensors_) {
+      if (t.step == 0) continue;
+      const std::vector<double>& z = t.get("z");
+      for (std::int64_t e = 0; e < t.numel; ++e) t.p[e] += weight * (z[e] - t.p[e]);
     }
   }
 

@@ -83,15 +83,32 @@ TEST_F(TrainTest, TinyModelLearnsWithAdamWAtFp32And8Bit) {
   }
 }
 
+// Schedule-free AdamW on a constant schedule (its own warm-up) learns like AdamW does above.
+TEST_F(TrainTest, TinyModelLearnsWithScheduleFreeAdamW) {
+  const fs::path data = write_text("grammar.txt", 40000);
+  TrainOptions o = tiny(data);
+  o.algorithm = Algorithm::kAdamWScheduleFree;
+  o.schedule = ScheduleKind::kConstant;
+  o.hyper = {{"warmup_steps", 20.0}};
+  const TrainSummary s = train(o);
+  ASSERT_TRUE(s.first_val_loss && s.last_val_loss);
+  EXPECT_GT(*s.first_val_loss, 3.0f);
+  EXPECT_LT(*s.last_val_loss, 1.0f);
+  EXPECT_EQ(s.steps, 200);
+}
+
 TEST_F(TrainTest, ResumedRunEqualsUninterruptedRunBitForBit) {
   const fs::path data = write_text("grammar.txt", 20000);
-  for (Algorithm a : {Algorithm::kAdamW, Algorithm::kSophiaG}) {
+  for (Algorithm a : {Algorithm::kAdamW, Algorithm::kSophiaG, Algorithm::kAdamWScheduleFree}) {
     for (Precision p : {Precision::kFp32, Precision::kInt8, Precision::kFp8}) {
       SCOPED_TRACE(std::string(algorithm_name(a)) + " " + std::string(precision_name(p)));
       TrainOptions o = tiny(data);
       o.algorithm = a;
       o.precision = p;
       o.steps = 12;
+      // Schedule-free AdamW evaluates (and ends) at x: evaluations at 4 and 8 move the parameters
+      // to x and back to y in both runs, and the checkpoint of step 6 is taken at y.
+      o.eval_every = 4;
       o.hessian_every = 3;
       o.dropout = 0.1f;
       o.accum = 2;

@@ -40,6 +40,7 @@ enum class HyperRange : std::uint8_t {
   kBeta,         // [0, 1)
   kUnit,         // [0, 1]
   kDecayRate,    // [-1, 0)
+  kOpenUnit,     // (0, 1)
 };
 struct HyperUse {
   std::string_view name;  // a HyperField's name
@@ -47,10 +48,13 @@ struct HyperUse {
 };
 
 // One elementwise state tensor an algorithm keeps per parameter. Signed: first moments; unsigned:
-// second moments and Hessians (their quantization codebooks differ).
+// second moments and Hessians (their quantization codebooks differ). always_fp32: a parameter-like
+// slot (schedule-free AdamW's z) that steps move by far less than an 8- or 4-bit code step, so it
+// stays fp32 at every requested precision, like master weights.
 struct StateSlot {
   std::string_view name;
   bool is_signed;
+  bool always_fp32 = false;
 };
 inline constexpr int kMaxStateSlots = 3;
 

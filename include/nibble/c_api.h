@@ -111,6 +111,11 @@ NIBBLE_C_EXPORT int nibble_set_step_counts(nibble_optimizer* optimizer, const in
                                            int64_t steps, int64_t skipped);
 /* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. */
 NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count);
+/* Schedule-free AdamW: parameters to y (train) or to the averaged x (eval); no-ops in that mode
+ * already and for other algorithms. nibble_training sets *train to 1 in train mode, else 0. */
+NIBBLE_C_EXPORT int nibble_train(nibble_optimizer* optimizer);
+NIBBLE_C_EXPORT int nibble_eval(nibble_optimizer* optimizer);
+NIBBLE_C_EXPORT int nibble_training(nibble_optimizer* optimizer, int32_t* train);
 
 #ifdef __cplusplus
 }

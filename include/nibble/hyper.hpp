@@ -7,7 +7,7 @@
 namespace nibble {
 
 enum class Algorithm : std::uint8_t {
-  kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix
+  kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix, kAdamWScheduleFree
 };
 enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4, kFp8 };
 
@@ -43,5 +43,8 @@ struct Hyper {
   float alpha_warmup = 0.0f;    // AdEMAMix: steps over which alpha rises linearly from 0 (0: none)
   float beta3_warmup = 0.0f;    // AdEMAMix: steps over which beta3 rises from beta1, linearly in half-life
   float clip_exponent = 0.25f;  // ADOPT: normalised gradients clipped to +-(t-1)^clip_exponent (< 0: none)
+  float warmup_steps = 0.0f;    // schedule-free AdamW: steps over which lr rises linearly (0: none)
+  float r = 0.0f;               // schedule-free AdamW: the average's weights grow as step^r
+  float weight_lr_power = 2.0f; // schedule-free AdamW: ... and as lr_max^weight_lr_power
 };
 }  // namespace nibble

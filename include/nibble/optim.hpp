@@ -157,6 +157,15 @@ class Optimizer {
   void set_grads(std::span<void* const> grads);
   // CUDA: the stream later steps are queued on (e.g. the framework's current stream).
   void set_cuda_stream(void* stream);
+  // Schedule-free AdamW keeps two points of each parameter: y, where gradients are taken (train
+  // mode), and x, the average that is evaluated (eval mode). eval() moves every parameter that has
+  // stepped from y to x (x = y + (1 - 1/beta1) (z - y)), train() back (y = x + (1 - beta1) (z - x));
+  // each does nothing when already in its mode, and both do nothing for other algorithms (always in
+  // train mode). A new optimizer is in train mode (the schedulefree package starts in eval mode; its
+  // Python class here does too); step() in eval mode throws InvalidArgument. The mode is saved.
+  void train();
+  void eval();
+  bool training() const;
 
   const OptimizerOptions& options() const;  // hyper filled in
   const Hyper& hyper() const;

@@ -198,6 +198,17 @@ class GroupHandle:
         array = (ctypes.c_int64 * max(len(tensor_steps), 1))(*tensor_steps)
         _lib.check(_lib.lib.nibble_set_step_counts(self.handle, array, len(tensor_steps), steps, skipped))
 
+    def set_mode(self, train: bool) -> None:
+        """Schedule-free AdamW: the parameters to y (train) or to the average x (eval)."""
+        if self.device.type == "cuda":
+            torch.cuda.current_stream(self.device).synchronize()
+        _lib.check((_lib.lib.nibble_train if train else _lib.lib.nibble_eval)(self.handle))
+
+    def training(self) -> bool:
+        train = ctypes.c_int32()
+        _lib.check(_lib.lib.nibble_training(self.handle, ctypes.byref(train)))
+        return bool(train.value)
+
     def update_hessian(self, estimates: list[Optional[torch.Tensor]]) -> None:
         """Folds one fp32 estimate per parameter (None skips it) into SophiaG's Hessian EMA."""
         array = (ctypes.c_void_p * max(len(estimates), 1))(*[None if e is None else e.data_ptr() for e in estimates])

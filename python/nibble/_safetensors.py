@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "U8": torch.uint8, "I64": torch.int64}
+_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "U8": torch.uint8, "I64": torch.int64, "F64": torch.float64}
 _NAMES = {v: k for k, v in _DTYPES.items()}
 
 

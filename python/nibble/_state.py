@@ -89,6 +89,10 @@ def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dic
     step counts and every parameter's global shape and state names."""
     made = opt._nibble(index)
     tensors, metadata = made.save()
+    if metadata.get("algorithm") == "adamw_schedulefree":
+        raise NotImplementedError(f"state_dict(): parameter group {index} is sharded schedule-free AdamW, whose "
+                                  "per-parameter lr_max and weight_sum a sharded checkpoint does not carry yet; "
+                                  "checkpoint it unsharded")
     layout = json.loads(metadata["layout"])
     described = []
     entries = []

@@ -14,7 +14,7 @@ from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_devi
 # The public classes, exported by the package as they are listed here.
 __all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
            "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer",
-           "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8"]
+           "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8", "AdamWScheduleFree", "AdamWScheduleFree8bit"]
 
 # The state precisions by their names in nibble, from the library's table (it also takes aliases
 # such as "int8").
@@ -78,6 +78,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
     _torch_names: dict[str, str] = {}
     # torch.amp.GradScaler hands over grad_scale and found_inf instead of unscaling the gradients.
     _step_supports_amp_scaling = True
+    # A group's entries that may change after its first step without a new nibble optimizer.
+    _runtime_keys: tuple[str, ...] = ("params", "lr")
 
     def __init__(self, params: Iterable, defaults: dict, *, precision: Optional[str], block_size: int,
                  min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int,
@@ -196,12 +198,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
         return {"algorithm": self.algorithm, "precision": group["precision"], "device": device.type,
                 "hyper": hyper, **self._settings}
 
-    @staticmethod
-    def _fixed_key(group: dict) -> tuple:
+    def _fixed_key(self, group: dict) -> tuple:
         """The group's settings that must not change after its first step (everything but lr),
         hashable, so that a step compares them without rebuilding nibble's options."""
         freeze = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
-        return tuple((k, freeze(v)) for k, v in group.items() if k not in ("params", "lr"))
+        return tuple((k, freeze(v)) for k, v in group.items() if k not in self._runtime_keys)
 
     def _nibble(self, index: int) -> _handle.GroupHandle:
         group = self.param_groups[index]
@@ -652,6 +653,68 @@ class AdEMAMix(NibbleOptimizer):
                 "maximize": bool(g["maximize"]), **warmup}
 
 
+class AdamWScheduleFree(NibbleOptimizer):
+    """Schedule-free AdamW (Defazio et al. 2024), as schedulefree.AdamWScheduleFree: no lr
+    schedule (warmup_steps warms lr up linearly), and two points per parameter: call train()
+    before training steps and eval() before evaluating or saving the model, which moves the
+    parameters to the averaged x. State: z (fp32 at every precision) and exp_avg_sq (at the
+    requested one), plus per-parameter lr_max and weight_sum. One difference from the package: a
+    new optimizer is in train mode (the package's starts in eval mode and needs train() before its
+    first step; code that calls it works unchanged). `foreach` is accepted and ignored (nibble steps
+    every tensor at once)."""
+
+    algorithm = "adamw_schedulefree"
+    _torch_names = _BETAS
+    _runtime_keys = ("params", "lr", "train_mode")
+
+    def __init__(self, params: Iterable, lr: float = 0.0025, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, warmup_steps: int = 0, r: float = 0.0,
+                 weight_lr_power: float = 2.0, foreach: Optional[bool] = None, *, maximize: bool = False,
+                 precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                 max_grad_norm: float = 0.0) -> None:
+        del foreach
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
+                                      maximize=maximize, train_mode=True),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _pair("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "warmup_steps": float(_integer("warmup_steps", g["warmup_steps"])), "r": _number("r", g["r"]),
+                "weight_lr_power": _number("weight_lr_power", g["weight_lr_power"]), "maximize": bool(g["maximize"])}
+
+    def _set_mode(self, train: bool) -> None:
+        if len(self.state):
+            self._load_assigned()
+        for index, group in enumerate(self.param_groups):
+            if group["train_mode"] == train:
+                continue
+            made = self._groups.get(index)  # none before the group's first step: no z to move to
+            if made is not None:
+                made.set_mode(train)
+            group["train_mode"] = train
+
+    @torch.no_grad()
+    def train(self) -> None:
+        """The parameters to y, where gradients are taken (no-op in train mode)."""
+        self._set_mode(True)
+
+    @torch.no_grad()
+    def eval(self) -> None:
+        """The parameters to x, the average to evaluate and save (no-op in eval mode)."""
+        self._set_mode(False)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
+        if not all(group["train_mode"] for group in self.param_groups):
+            raise ValueError("AdamWScheduleFree is in eval mode (its parameters hold the averaged x): call "
+                             "optimizer.train() before step()")
+        return super().step(closure)
+
+
 def _with_precision(base: type, precision: str, name: str) -> type:
     """An alias class whose precision defaults to `precision` (AdamW8bit, ...)."""
     return type(name, (base,), {"default_precision": precision, "__doc__": f"{base.__name__} with {precision} state."})
@@ -667,3 +730,4 @@ AdamFp8 = _with_precision(Adam, "fp8", "AdamFp8")
 AdamWFp8 = _with_precision(AdamW, "fp8", "AdamWFp8")
 LionFp8 = _with_precision(Lion, "fp8", "LionFp8")
 AdEMAMixFp8 = _with_precision(AdEMAMix, "fp8", "AdEMAMixFp8")
+AdamWScheduleFree8bit = _with_precision(AdamWScheduleFree, "8bit", "AdamWScheduleFree8bit")

@@ -38,6 +38,7 @@ ALGORITHMS = {
     "adamp": (nibble.AdamP, dict(lr=1e-2, weight_decay=1e-2)),
     "adopt": (nibble.ADOPT, dict(lr=1e-2, weight_decay=1e-2, decouple=True)),
     "ademamix": (nibble.AdEMAMix, dict(lr=1e-2, weight_decay=1e-2, alpha_warmup=4, beta3_warmup=4)),
+    "adamw_schedulefree": (nibble.AdamWScheduleFree, dict(lr=1e-2, weight_decay=1e-2, warmup_steps=4)),
 }
 WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
 REPLICATED = WHOLE_TENSOR + ("adamw",)  # also run on replicated and on whole-row DTensors

@@ -94,6 +94,7 @@ const char* range_name(nibble::HyperRange range) {
     case nibble::HyperRange::kBeta: return "[0, 1)";
     case nibble::HyperRange::kUnit: return "[0, 1]";
     case nibble::HyperRange::kDecayRate: return "[-1, 0)";
+    case nibble::HyperRange::kOpenUnit: return "(0, 1)";
   }
   return "";
 }
@@ -393,6 +394,25 @@ int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estim
     require(optimizer, "optimizer");
     if (count > 0) require(estimates, "estimates");
     optimizer->optimizer.update_hessian({estimates, static_cast<std::size_t>(count)});
+  });
+}
+int nibble_train(nibble_optimizer* optimizer) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    optimizer->optimizer.train();
+  });
+}
+int nibble_eval(nibble_optimizer* optimizer) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    optimizer->optimizer.eval();
+  });
+}
+int nibble_training(nibble_optimizer* optimizer, int32_t* train) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(train, "train");
+    *train = optimizer->optimizer.training() ? 1 : 0;
   });
 }
 

@@ -30,7 +30,7 @@ struct TrainFlags {
   train::TrainOptions o;
   std::string algorithm = "adamw";
   std::string precision = "fp32";
-  std::string schedule = "cosine";
+  std::optional<std::string> schedule;  // unset: cosine, or constant for schedule-free AdamW
   std::string device = "cpu";
   std::string compute = "fp32";
   std::string gelu = "tanh";
@@ -60,7 +60,7 @@ void run_train(TrainFlags& f) {
   o.cuda_graph = !f.no_cuda_graph;
   o.bias = !f.no_bias;
   o.gelu = model::gelu_from_name(f.gelu);
-  o.schedule = schedule_from_name(f.schedule);
+  o.schedule = schedule_from_name(f.schedule.value_or(o.algorithm == Algorithm::kAdamWScheduleFree ? "constant" : "cosine"));
   if (f.layers) o.layers = *f.layers;
   if (f.heads) o.heads = *f.heads;
   if (f.width) o.width = *f.width;
@@ -209,8 +209,12 @@ void add_train_command(CLI::App& app) {
                   "alpha=5,beta3_warmup=1000 for ademamix; flags 0 or 1). Names: " + hyper_field_names())
       ->delimiter(',')
       ->option_text("NAME=VALUE");
-  sub->add_option("--schedule", f->schedule, "Learning-rate schedule: constant, cosine, onecycle, linear")->capture_default_str();
-  sub->add_option("--warmup", o.warmup, "Linear warm-up steps (cosine, linear)")->check(non_negative())->capture_default_str();
+  sub->add_option("--schedule", f->schedule,
+                  "Learning-rate schedule: constant, cosine, onecycle, linear (default: cosine; constant for "
+                  "adamw_schedulefree, which needs no schedule)");
+  sub->add_option("--warmup", o.warmup,
+                  "Linear warm-up steps (cosine, linear; adamw_schedulefree with a constant schedule: its own "
+                  "warmup_steps, unless --hyper sets them)")->check(non_negative())->capture_default_str();
   sub->add_option("--min-lr-ratio", o.min_lr_ratio, "Floor of the decay as a fraction of the peak lr")->check(unit_interval())->capture_default_str();
   sub->add_option("--grad-clip", o.grad_clip, "Clip gradients to this global norm; 0: off")->check(non_negative())->capture_default_str();
   sub->add_option("--hessian-every", o.hessian_every, "SophiaG: Gauss-Newton-Bartlett Hessian estimate every k steps")->check(at_least(1))->capture_default_str();

@@ -189,6 +189,46 @@ NIBBLE_HD double ademamix_beta3(double beta1, double beta3, double step, double 
   return ::pow(0.5, 1.0 / ((1.0 - a) * half_life_start + a * half_life_end + 1.0));
 }
 
+// Schedule-free AdamW (Defazio et al., arXiv 2405.15682), as the schedulefree package's
+// AdamWScheduleFree: the parameter holds y, the point the gradient is taken at; z is the base
+// sequence and x, the average that is evaluated, is kept implicitly (y = (1 - beta1) z + beta1 x).
+// d is the gradient over Adam's bias-corrected second moment plus weight decay at y; y moves
+// toward z by ckp1 (the new point's share of the average) and by lr (beta1 (1 - ckp1) - 1) d, z by
+// -lr d. A tensor's first step starts z at the parameter (first = 1).
+struct ScheduleFreeStep {
+  float beta2, one_minus_beta2, bc2, eps, wd, ckp1, y_step, lr, grad_mul, first;
+};
+// torch.lerp's arithmetic, so that y and x round as the package's do.
+NIBBLE_HD float lerp_f(float a, float b, float w) {
+  return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w);
+}
+NIBBLE_HD void schedulefree_update(float& y, float g, float& z, float& v, const ScheduleFreeStep& k) {
+  g = g * k.grad_mul;
+  if (k.first != 0.0f) z = y;
+  v = k.beta2 * v + k.one_minus_beta2 * (g * g);
+  const float d = g / (sqrtf(v / k.bc2) + k.eps) + k.wd * y;
+  y = lerp_f(y, z, k.ckp1);
+  y = y + k.y_step * d;
+  z = z - k.lr * d;
+}
+
+// Schedule-free AdamW's per-step scalars of a tensor that takes its step `tensor_step` (k + 1 in
+// the package) at the scheduled lr: the linear warm-up, then lr_max and weight_sum (running[0],
+// running[1], advanced here; they start at 0) and the new point's weight in the average.
+struct ScheduleFreeScalars {
+  double lr, ckp1;
+};
+NIBBLE_HD ScheduleFreeScalars schedulefree_advance(const Hyper& h, double lr, std::int64_t tensor_step, double* running) {
+  const double k1 = static_cast<double>(tensor_step);
+  if (k1 - 1.0 < static_cast<double>(h.warmup_steps)) lr *= k1 / static_cast<double>(h.warmup_steps);
+  const double lr_max = running[0] > lr ? running[0] : lr;
+  const double weight = ::pow(k1, static_cast<double>(h.r)) * ::pow(lr_max, static_cast<double>(h.weight_lr_power));
+  const double weight_sum = running[1] + weight;
+  running[0] = lr_max;
+  running[1] = weight_sum;
+  return {lr, weight_sum > 0.0 ? weight / weight_sum : 0.0};
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rule adaptors. Each says which algorithms it steps (handles), fills its constants once per
 // tensor per step (fill), and, when kElementwise, updates one element with up to three state
@@ -204,6 +244,9 @@ struct StepInputs {
   float bc1, bc2;  // bias corrections 1 - beta^t (1 without bias_correction)
   std::int64_t tensor_step;
   double step;     // max(tensor_step, 1)
+  // Sums an algorithm keeps across a tensor's steps (schedule-free AdamW: lr_max, weight_sum), which
+  // fill advances; null when the tensor does not step (its constants are then not used).
+  double* running;
 };
 
 // The constants of one tensor's step: its rule's, and what the whole-tensor passes fill in.
@@ -217,6 +260,7 @@ struct StepConstants {
   AdafactorStep adafactor;
   AdoptStep adopt;
   AdemamixStep ademamix;
+  ScheduleFreeStep schedulefree;
   float lr;
   float adamp_decay;
   int adamp_view;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
@@ -342,6 +386,26 @@ struct AdemamixRule : RuleDefaults {
   }
 };
 
+struct ScheduleFreeRule : RuleDefaults {
+  static constexpr int kWrittenSlots = 2;
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdamWScheduleFree; }
+  NIBBLE_HD static const ScheduleFreeStep& constants(const StepConstants& k) { return k.schedulefree; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    double unused[2] = {0.0, 0.0};
+    const ScheduleFreeScalars s =
+        schedulefree_advance(h, in.lr, in.tensor_step, in.running != nullptr ? in.running : unused);
+    const double k1 = static_cast<double>(in.tensor_step > 1 ? in.tensor_step : 1);
+    k.schedulefree = {h.beta2, 1.0f - h.beta2, static_cast<float>(1.0 - ::pow(static_cast<double>(h.beta2), k1)),
+                      h.eps, in.wd, static_cast<float>(s.ckp1),
+                      static_cast<float>(s.lr * (static_cast<double>(h.beta1) * (1.0 - s.ckp1) - 1.0)),
+                      static_cast<float>(s.lr), in.grad_mul, in.tensor_step <= 1 ? 1.0f : 0.0f};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float&, const ScheduleFreeStep& k) {
+    schedulefree_update(p, g, s0, s1, k);
+  }
+};
+
 struct AdamPRule : RuleDefaults {
   static constexpr bool kElementwise = false;  // its projection needs cosines over rows and tensors
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdamP; }
@@ -367,7 +431,7 @@ template <class... R>
 struct RuleList {};
 // Every algorithm's rule: the backends instantiate these and nothing else.
 using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdoptRule, AdemamixRule, AdamPRule,
-                       AdafactorRule>;
+                       AdafactorRule, ScheduleFreeRule>;
 
 // Fills k from the rule that handles `algorithm`.
 template <class... R>

@@ -21,11 +21,13 @@ NIBBLE_HD std::uint64_t rounding_seed(std::uint64_t seed, std::int64_t step) {
 
 // grad_mul: 1 / grad_scale times the clip coefficient (maximize is folded in here). `tensor_lr` is
 // the group's lr, scaled by lr_scale (the schedule). AdamP's projection and Adafactor's per-tensor
-// scale are filled later by their reductions.
+// scale are filled later by their reductions. `running`: the tensor's sums kept across steps
+// (TensorState::running), advanced when the tensor steps; null when it does not.
 NIBBLE_HD void fill_step_constants(StepConstants& k, Algorithm algorithm, const Hyper& h, float tensor_lr,
                                    float wd, std::int64_t tensor_step, float grad_mul, float lr_scale,
-                                   std::uint64_t seed) {
+                                   std::uint64_t seed, double* running) {
   StepInputs in;
+  in.running = running;
   in.grad_mul = grad_mul * (h.maximize ? -1.0f : 1.0f);
   in.step = static_cast<double>(tensor_step > 1 ? tensor_step : 1);
   in.tensor_step = tensor_step;

@@ -47,6 +47,9 @@ constexpr std::array kHyperFields = {
     HyperField{"alpha_warmup", &Hyper::alpha_warmup, nullptr, false, false},
     HyperField{"beta3_warmup", &Hyper::beta3_warmup, nullptr, false, false},
     HyperField{"clip_exponent", &Hyper::clip_exponent, nullptr, false, false},
+    HyperField{"warmup_steps", &Hyper::warmup_steps, nullptr, false, false},
+    HyperField{"r", &Hyper::r, nullptr, false, false},
+    HyperField{"weight_lr_power", &Hyper::weight_lr_power, nullptr, false, false},
 };
 
 // Defaults: Hyper's own values, changed where the algorithm's reference code differs.
@@ -74,6 +77,10 @@ constexpr HyperUse kAdoptNumbers[] = {
 constexpr HyperUse kAdemamixNumbers[] = {{"beta1", R::kBeta},  {"beta2", R::kBeta},         {"beta3", R::kBeta},
                                          {"eps", R::kPositive}, {"alpha", R::kNonNegative},
                                          {"alpha_warmup", R::kNonNegative}, {"beta3_warmup", R::kNonNegative}};
+// beta1 0 has no x: eval() sets x = y + (1 - 1/beta1) (z - y).
+constexpr HyperUse kScheduleFreeNumbers[] = {{"beta1", R::kOpenUnit},         {"beta2", R::kBeta},
+                                             {"eps", R::kPositive},       {"warmup_steps", R::kNonNegative},
+                                             {"r", R::kFinite},           {"weight_lr_power", R::kNonNegative}};
 
 constexpr std::string_view kSgdFlags[] = {"nesterov", "decoupled_weight_decay"};
 constexpr std::string_view kAdamFlags[] = {"amsgrad", "bias_correction", "decoupled_weight_decay"};
@@ -268,6 +275,22 @@ constexpr std::array kAlgorithmSpecs = {
         },
         .state_note = [](const Hyper&) -> std::string { return "m, v, slow m"; },
     },
+    AlgorithmSpec{
+        .id = Algorithm::kAdamWScheduleFree,
+        .name = "adamw_schedulefree",
+        .alias = "sf_adamw",
+        .title = "Schedule-free AdamW (Defazio et al., 2024)",
+        .defaults = hyper_with([](Hyper& h) { h.lr = 0.0025f; }),
+        .numbers = kScheduleFreeNumbers,
+        // z is the parameter's base sequence: an 8- or 4-bit code step would swallow its updates,
+        // so it stays fp32 and the requested precision applies to v.
+        .slots = [](const Hyper&, bool, StateSlot* out) {
+          out[0] = {"z", true, true};
+          out[1] = {"exp_avg_sq", false};
+          return 2;
+        },
+        .state_note = [](const Hyper&) -> std::string { return "z (always fp32), v"; },
+    },
 };
 
 // The enum's values and the table's order are the same, so a lookup is an index.
@@ -312,6 +335,9 @@ void check_range(std::string_view algo, std::string_view what, float v, HyperRan
       break;
     case HyperRange::kDecayRate:
       if (v < -1.0f || v >= 0.0f) fail("in [-1, 0)");
+      break;
+    case HyperRange::kOpenUnit:
+      if (v <= 0.0f || v >= 1.0f) fail("in (0, 1)");
       break;
   }
 }

@@ -57,6 +57,9 @@ struct TensorState {
   float lr = 0.0f;
   float weight_decay = 0.0f;
   std::int64_t step = 0;  // steps this tensor has taken (a tensor without a gradient does not step)
+  // Sums an algorithm keeps across this tensor's steps, in double (schedule-free AdamW: lr_max and
+  // weight_sum); they advance with `step` and are saved with it.
+  std::array<double, 2> running = {};
   int slot_count = 0;
   std::array<Slot, kMaxSlots> slots;
   // Adafactor, factored (rank >= 2): EMAs of row and column means of g^2 + eps1, fp32.
@@ -96,6 +99,8 @@ struct Optimizer::Impl {
   std::int64_t total_numel = 0;
   std::int64_t steps = 0;
   std::int64_t skipped = 0;
+  // Schedule-free AdamW: the parameters hold y (train mode) or x (eval mode); steps need train mode.
+  bool train_mode = true;
 };
 
 const math::Codebook& codebook(math::CodebookId id);
@@ -107,6 +112,7 @@ double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> coun
 // One optimizer step over every tensor that has a gradient (the step counters already advanced).
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
+void interpolate_params(Optimizer::Impl& impl, float weight);
 // Dequantized values of one slot.
 void read_slot(const TensorState& t, const Slot& slot, float* out);
 // Dequantized values of one slot from which write_slot re-creates the same codes and absmax when
@@ -154,6 +160,9 @@ class Backend {
   virtual HostState host_state(Optimizer::Impl& impl) = 0;
   // Writes a changed host copy (and impl's step counts) back to the device.
   virtual void commit_host_state(Optimizer::Impl& impl, HostState& state) = 0;
+  // p = lerp(p, slot 0, weight) for every tensor that has stepped (schedule-free AdamW's train and
+  // eval, slot 0 being z, always fp32), master weights included.
+  virtual void interpolate_params(Optimizer::Impl& impl, float weight) = 0;
 };
 std::unique_ptr<Backend> make_cpu_backend();   // src/optim/cpu/backend.cpp
 std::unique_ptr<Backend> make_cuda_backend();  // src/optim/cuda/backend.cu; without CUDA it refuses

@@ -118,6 +118,12 @@ void check_split(const TensorState& t, const AlgorithmSpec& algo, std::size_t gl
 }
 
 
+void require_train_mode(const Optimizer::Impl& im) {
+  if (!im.train_mode)
+    throw InvalidArgument(fmt::format("{} is in eval mode (its parameters hold the averaged x): call train() "
+                                      "before step()", algorithm_name(im.options.algorithm)));
+}
+
 // An fp32 array of t outside its slots (master weights, Adafactor's factors) by name, or none.
 struct PlainState {
   float* data = nullptr;
@@ -280,8 +286,25 @@ StepResult Optimizer::step(const StepOptions& options) {
     throw InvalidArgument(fmt::format("grad_scale must be finite and > 0, got {}", options.grad_scale));
   if (!std::isfinite(options.lr_scale) || options.lr_scale < 0.0f)
     throw InvalidArgument(fmt::format("lr_scale must be finite and >= 0, got {}", options.lr_scale));
+  require_train_mode(im);
   return im.backend->step(im, options);
 }
+
+void Optimizer::train() {
+  Impl& im = *impl_;
+  if (im.train_mode || im.options.algorithm != Algorithm::kAdamWScheduleFree) return;
+  im.backend->interpolate_params(im, static_cast<float>(1.0 - static_cast<double>(im.hyper.beta1)));
+  im.train_mode = true;
+}
+
+void Optimizer::eval() {
+  Impl& im = *impl_;
+  if (!im.train_mode || im.options.algorithm != Algorithm::kAdamWScheduleFree) return;
+  im.backend->interpolate_params(im, static_cast<float>(1.0 - 1.0 / static_cast<double>(im.hyper.beta1)));
+  im.train_mode = false;
+}
+
+bool Optimizer::training() const { return impl_->train_mode; }
 
 double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
   Impl& im = *impl_;
@@ -291,7 +314,10 @@ double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
   return im.backend->grad_square_sum(im, counted);
 }
 
-void Optimizer::enqueue_step() { impl_->backend->enqueue_step(*impl_); }
+void Optimizer::enqueue_step() {
+  require_train_mode(*impl_);
+  impl_->backend->enqueue_step(*impl_);
+}
 
 DeviceScalars Optimizer::device_scalars() const { return impl_->backend->scalars(*impl_); }
 

@@ -63,6 +63,12 @@ std::vector<Entry> entries(const Optimizer::Impl& im, std::vector<TensorState>& 
       }
       out.push_back(std::move(e));
     });
+    // Schedule-free AdamW's lr_max and weight_sum; other algorithms keep none, and their files
+    // hold no such entries.
+    if (im.options.algorithm == Algorithm::kAdamWScheduleFree) {
+      out.push_back({prefix + "lr_max", DType::F64, {1}, &t.running[0], true, true});
+      out.push_back({prefix + "weight_sum", DType::F64, {1}, &t.running[1], true, true});
+    }
   }
   steps.resize(tensors.size());
   for (std::size_t i = 0; i < tensors.size(); ++i) steps[i] = tensors[i].step;
@@ -119,7 +125,11 @@ std::vector<math::CodebookId> codebooks_used(const Optimizer::Impl& im) {
 bool all_finite(const Entry& e, const Tensor& t) {
   if (!e.check_finite) return true;
   const std::int64_t n = t.numel();
-  if (t.dtype() == DType::F32) {
+  if (t.dtype() == DType::F64) {
+    const double* v = t.data_as<double>();
+    for (std::int64_t i = 0; i < n; ++i)
+      if (!std::isfinite(v[i])) return false;
+  } else if (t.dtype() == DType::F32) {
     const float* v = t.data_as<float>();
     for (std::int64_t i = 0; i < n; ++i)
       if (!std::isfinite(v[i])) return false;
@@ -135,7 +145,11 @@ bool all_finite(const Entry& e, const Tensor& t) {
 std::int64_t first_negative(const Entry& e, const Tensor& t) {
   if (!e.non_negative) return -1;
   const std::int64_t n = t.numel();
-  if (t.dtype() == DType::F32) {
+  if (t.dtype() == DType::F64) {
+    const double* v = t.data_as<double>();
+    for (std::int64_t i = 0; i < n; ++i)
+      if (v[i] < 0.0) return i;
+  } else if (t.dtype() == DType::F32) {
     const float* v = t.data_as<float>();
     for (std::int64_t i = 0; i < n; ++i)
       if (v[i] < 0.0f) return i;
@@ -171,7 +185,7 @@ void Optimizer::save(const std::filesystem::path& path) const {
     const math::Codebook& cb = codebook(id);
     views.push_back({fmt::format("codebook.{}", codebook_name(id)), DType::F32, {cb.size}, cb.values});
   }
-  const std::map<std::string, std::string> metadata = {
+  std::map<std::string, std::string> metadata = {
       {"format", kFormat},
       {"schema_version", std::to_string(kSchemaVersion)},
       {"algorithm", std::string(algorithm_name(im.options.algorithm))},
@@ -180,6 +194,8 @@ void Optimizer::save(const std::filesystem::path& path) const {
       {"hyper", hyper_json(algorithm_spec(im.options.algorithm), im.hyper).dump()},
       {"layout", layout(im).dump()},
   };
+  // Schedule-free AdamW: whether the parameters held y (train) or x (eval) when this was saved.
+  if (im.options.algorithm == Algorithm::kAdamWScheduleFree) metadata["mode"] = im.train_mode ? "train" : "eval";
   save_safetensors(path, views, metadata);
 }
 
@@ -227,6 +243,13 @@ void Optimizer::load(const std::filesystem::path& path) {
   };
   const std::int64_t step = count("step");
   const std::int64_t skipped = count("skipped");
+  bool train_mode = im.train_mode;
+  if (im.options.algorithm == Algorithm::kAdamWScheduleFree) {
+    const std::string& mode = meta("mode");
+    if (mode != "train" && mode != "eval")
+      throw FormatError(fmt::format("{}: mode '{}' is neither 'train' nor 'eval'", where, mode));
+    train_mode = mode == "train";
+  }
   for (math::CodebookId id : codebooks_used(im)) {
     const math::Codebook& cb = codebook(id);
     const std::string name = fmt::format("codebook.{}", codebook_name(id));
@@ -267,6 +290,7 @@ void Optimizer::load(const std::filesystem::path& path) {
   for (std::size_t i = 0; i < im.tensors.size(); ++i) (*host.tensors)[i].step = saved_steps[i];
   im.steps = step;
   im.skipped = skipped;
+  im.train_mode = train_mode;
   commit_host_state(im, host);
 }
 

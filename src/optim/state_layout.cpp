@@ -156,10 +156,10 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
     Slot& s = t.slots[j];
     s.name = specs[j].name;
     s.is_signed = specs[j].is_signed;
-    s.precision = precision;
-    s.storage = state_storage(precision);
-    s.codebook = state_codebook(precision, s.is_signed);
-    s.rank1 = uses_rank1(options.rank1_second_moment, algorithm, precision, s.is_signed, global_shape.size()) &&
+    s.precision = specs[j].always_fp32 ? Precision::kFp32 : precision;
+    s.storage = state_storage(s.precision);
+    s.codebook = state_codebook(s.precision, s.is_signed);
+    s.rank1 = uses_rank1(options.rank1_second_moment, algorithm, s.precision, s.is_signed, global_shape.size()) &&
               t.numel > 0;
     s.blocks = (t.numel + t.block - 1) / t.block;
   }

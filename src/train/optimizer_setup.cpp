@@ -2,6 +2,8 @@
 // master weights for bf16 compute), and model tensors to one parameter group.
 #include "train/optimizer_setup.hpp"
 
+#include <algorithm>
+
 #include <fmt/format.h>
 
 #include "nibble/algorithms.hpp"
@@ -19,6 +21,9 @@ OptimizerOptions optimizer_options(const TrainOptions& o, std::int64_t T) {
   if (o.beta1) h.beta1 = *o.beta1;
   if (o.beta2) h.beta2 = *o.beta2;
   if (o.eps) h.eps = *o.eps;
+  // Schedule-free AdamW without a schedule warms up by itself (a --hyper warmup_steps overrides).
+  if (o.algorithm == Algorithm::kAdamWScheduleFree && o.schedule == ScheduleKind::kConstant)
+    h.warmup_steps = static_cast<float>(std::min(o.warmup, o.steps));
   const AlgorithmSpec& spec = algorithm_spec(o.algorithm);
   for (const auto& [name, value] : o.hyper) {
     const HyperField* field = find_hyper_field(name);

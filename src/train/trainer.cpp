@@ -162,6 +162,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   if (o.resume) {
     st = resume_from_checkpoint(o.checkpoint_dir, config, vocab, o.steps, gpt, opt);
     rng.set_state(st.rng);
+    opt.train();  // a finished run's checkpoint holds x (schedule-free AdamW): step from y
   }
 
   std::ofstream csv;
@@ -210,6 +211,15 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
   const auto start = Clock::now();
   const std::int64_t first_step = st.step;
 
+  // The lr step `step` (from 0) takes: the schedule's, and schedule-free AdamW's own warm-up.
+  auto step_lr = [&](std::int64_t step, float factor) {
+    const double warmup = opt.hyper().warmup_steps;
+    const double own = o.algorithm == Algorithm::kAdamWScheduleFree && static_cast<double>(step) < warmup
+                           ? static_cast<double>(step + 1) / warmup
+                           : 1.0;
+    return static_cast<float>(static_cast<double>(opt.hyper().lr) * factor * own);
+  };
+
   // Everything after a step's work: counters, timing, evaluation, logging, checkpoints, stopping.
   bool stop = false;
   auto finish_step = [&](StepLog& log, Clock::time_point t0, Clock::time_point t1, Clock::time_point t2) {
@@ -225,12 +235,16 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     const bool out_of_time = o.time_budget_s > 0.0 && elapsed >= o.time_budget_s;
     const bool last = st.step == o.steps || out_of_time;
     bool reached = false;
-    if ((o.eval_every > 0 && st.step % o.eval_every == 0) || last) {
+    const bool evaluate = (o.eval_every > 0 && st.step % o.eval_every == 0) || last;
+    if (evaluate) {
+      opt.eval();  // schedule-free AdamW: evaluate the average x (other algorithms: nothing)
       log.val_loss = eval_loss(gpt, data, o, st.step, inputs, targets);
       sum.last_val_loss = log.val_loss;
       reached = o.target_val_loss && *log.val_loss <= *o.target_val_loss;
       sum.reached_target = sum.reached_target || reached;
     }
+    // A run that ends keeps (and saves) the evaluated x; one that goes on steps from y again.
+    if (evaluate && !(last || reached)) opt.train();
     log.elapsed_s = std::chrono::duration<double>(Clock::now() - run_start).count();
     sum.last_loss = log.loss;
     if (tty) std::fprintf(stderr, "\r\033[K");
@@ -264,7 +278,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
       StepLog log;
       log.step = st.step + 1;
       const float factor = schedule.factor(st.step);
-      log.lr = opt.hyper().lr * factor;
+      log.lr = step_lr(st.step, factor);
       StepResult r;
       log.loss = graph_step->run(all_inputs.data(), all_targets.data(), factor, r);
       log.grad_norm = r.grad_norm;
@@ -285,7 +299,7 @@ TrainSummary train(const TrainOptions& o, const std::function<void(const StepLog
     log.step = st.step + 1;
     log.loss = model::step_loss(micro_losses);
     const float factor = schedule.factor(st.step);
-    log.lr = opt.hyper().lr * factor;
+    log.lr = step_lr(st.step, factor);
     gpt.synchronize();  // the backward is queued on a GPU: the optimizer's time starts after it
     const auto t1 = Clock::now();
     const StepResult r = opt.step({.grad_scale = 1.0f, .lr_scale = factor});

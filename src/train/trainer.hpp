@@ -37,7 +37,7 @@ struct TrainOptions {
   // Any other hyperparameter the algorithm reads, by its name in nibble::hyper_fields() (flags: 0
   // or 1), applied after the ones above.
   std::vector<std::pair<std::string, double>> hyper;
-  ScheduleKind schedule = ScheduleKind::kWarmupCosine;
+  ScheduleKind schedule = ScheduleKind::kWarmupCosine;  // `nibble train`: constant for adamw_schedulefree
   std::int64_t warmup = 100;
   float min_lr_ratio = 0.1f;
   float grad_clip = 1.0f;  // 0: off

@@ -1,8 +1,8 @@
 // The CUDA optimizer backend against the CPU backend, which is its specification: every algorithm
 // x state precision on odd sizes, 16-bit parameters and gradients, master weights, CUDA graph
 // capture against eager steps, state saved on one device and loaded on the other, skipped steps,
-// SophiaG's Hessian, and a tensor above 2^31 elements. Label `gpu`: every test skips, saying why,
-// on a machine without a CUDA device.
+// SophiaG's Hessian, schedule-free AdamW's train/eval, and a tensor above 2^31 elements. Label
+// `gpu`: every test skips, saying why, on a machine without a CUDA device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
@@ -502,6 +502,60 @@ TEST(CudaState, SaveOnOneDeviceLoadOnTheOther) {
     EXPECT_EQ(gpu2.step_count(), 6);
     for (std::size_t i = 0; i < c.shapes.size(); ++i)
       EXPECT_EQ(compare(c.dev_p[i]->download(), b.host_p[i], 0.0, 0.0).count, 0) << "tensor " << i;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+// Schedule-free AdamW: lr_max and weight_sum advance on the device as on the host, eval() and
+// train() move the parameters as the CPU does (bit for bit), and a state saved on the GPU (in eval
+// mode, its running sums included) continues on the CPU exactly.
+TEST(CudaScheduleFree, TrainEvalAndStateMatchCpu) {
+  NIBBLE_REQUIRE_GPU();
+  const auto dir = std::filesystem::temp_directory_path() / "nibble_cuda_sf_test";
+  std::filesystem::create_directories(dir);
+  for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
+    SCOPED_TRACE(std::string(precision_name(precision)));
+    Twin twin(odd_shapes());
+    OptimizerOptions co = options_for(Algorithm::kAdamWScheduleFree, precision, Device::kCpu);
+    co.hyper->warmup_steps = 3.0f;
+    OptimizerOptions go = co;
+    go.device = Device::kCuda;
+    Optimizer cpu({twin.host_group()}, co);
+    Optimizer gpu({twin.device_group()}, go);
+    auto expect_same = [&](const char* when) {
+      for (std::size_t i = 0; i < twin.shapes.size(); ++i)
+        EXPECT_EQ(compare(twin.dev_p[i]->download(), twin.host_p[i], 0.0, 0.0).count, 0) << when << " tensor " << i;
+    };
+    for (int step = 0; step < 6; ++step) {
+      twin.new_grads();
+      cpu.step();
+      gpu.step();
+      if (step == 2) {
+        cpu.eval();
+        gpu.eval();
+        expect_same("eval");
+        cpu.train();
+        gpu.train();
+        expect_same("train");
+      }
+    }
+    expect_same("after six steps");
+    gpu.eval();
+    EXPECT_THROW(gpu.step(), InvalidArgument);
+    gpu.save(dir / "sf.safetensors");
+    Twin other(odd_shapes());
+    Optimizer cpu2({other.host_group()}, co);
+    cpu2.load(dir / "sf.safetensors");
+    EXPECT_FALSE(cpu2.training());
+    for (std::size_t i = 0; i < twin.shapes.size(); ++i) other.host_p[i] = twin.dev_p[i]->download();
+    gpu.train();
+    cpu2.train();
+    twin.new_grads();
+    for (std::size_t i = 0; i < twin.shapes.size(); ++i) other.host_g[i] = twin.host_g[i];
+    gpu.step();
+    cpu2.step();
+    for (std::size_t i = 0; i < twin.shapes.size(); ++i)
+      EXPECT_EQ(compare(twin.dev_p[i]->download(), other.host_p[i], 0.0, 0.0).count, 0) << "resumed tensor " << i;
   }
   std::filesystem::remove_all(dir);
 }

@@ -309,7 +309,8 @@ AdamWBaseline::AdamWBaseline(AdamWLevel level, std::vector<AdamWTensor> tensors,
 void AdamWBaseline::enqueue_step() {
   ++step_;
   math::StepConstants constants{};
-  math::fill_step_constants(constants, Algorithm::kAdamW, hyper_, hyper_.lr, hyper_.weight_decay, step_, 1.0f, 1.0f, 0);
+  math::fill_step_constants(constants, Algorithm::kAdamW, hyper_, hyper_.lr, hyper_.weight_decay, step_, 1.0f, 1.0f, 0,
+                            nullptr);
   const math::AdamStep& k = constants.adam;
   const cudaStream_t s = as_stream(stream_);
   if (level_ == AdamWLevel::kLoop) {

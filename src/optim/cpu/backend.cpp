@@ -76,6 +76,7 @@ class CpuBackend final : public Backend {
     return state;
   }
   void commit_host_state(Optimizer::Impl&, HostState&) override {}
+  void interpolate_params(Optimizer::Impl& im, float weight) override { cpu::interpolate_params(im, weight); }
 };
 
 }  // namespace

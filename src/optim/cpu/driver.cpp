@@ -219,9 +219,10 @@ std::int64_t adamp_view_rows(const TensorState& t) {
 
 void fill_constants(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
   for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
-    const TensorState& t = impl.tensors[i];
+    TensorState& t = impl.tensors[i];
     math::fill_step_constants(impl.constants[i], impl.options.algorithm, impl.hyper, t.lr, t.weight_decay, t.step,
-                              grad_mul, lr_scale, impl.options.seed);
+                              grad_mul, lr_scale, impl.options.seed,
+                              t.param.grad != nullptr ? t.running.data() : nullptr);
   }
 }
 
@@ -642,6 +643,16 @@ void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimat
           store_block(t, t.slots[1], b, n, h, math::rounding_seed(impl.options.seed, t.step) ^ 0x5f3759dfull, 1,
                       impl.options.stochastic_rounding);
         }
+      });
+}
+
+void interpolate_params(Optimizer::Impl& impl, float weight) {
+  parallel_chunks_of(
+      impl, [&](int i) { return impl.tensors[i].step > 0; },
+      [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch&) {
+        float* p = static_cast<float*>(t.param.data);
+        const float* z = t.slots[0].f32;
+        for (std::int64_t e = ch.begin; e < ch.end; ++e) p[e] = math::lerp_f(p[e], z[e], weight);
       });
 }
 

@@ -265,6 +265,7 @@ void create(Optimizer::Impl& impl) {
   tb.chunk_count = static_cast<long long>(chunks.size());
   tb.constants = zeroed<math::StepConstants>(ds, ds.tensors.size(), "step constants");
   tb.tensor_steps = zeroed<long long>(ds, ds.tensors.size(), "step counts");
+  tb.tensor_running = zeroed<double>(ds, 2 * ds.tensors.size(), "running sums");
   const std::vector<DScalars> initial{{1.0f, 1.0f, 0, 0, std::nan(""), 0, 0, 1.0f}};
   tb.scalars = upload_vector(ds, initial, "step scalars");
   tb.codebooks = upload_vector(ds, books, "codebooks");
@@ -350,10 +351,15 @@ StepResult read_result(Optimizer::Impl& impl) {
 void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into) {
   DeviceState& ds = state(impl);
   std::vector<long long> steps(ds.tensors.size());
+  std::vector<double> running(2 * ds.tensors.size());
   DScalars sc{};
   copy_and_wait(ds, steps.data(), ds.tb.tensor_steps, steps.size() * sizeof(long long), cudaMemcpyDeviceToHost);
+  copy_and_wait(ds, running.data(), ds.tb.tensor_running, running.size() * sizeof(double), cudaMemcpyDeviceToHost);
   copy_and_wait(ds, &sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost);
-  for (std::size_t i = 0; i < into.size() && i < steps.size(); ++i) into[i].step = steps[i];
+  for (std::size_t i = 0; i < into.size() && i < steps.size(); ++i) {
+    into[i].step = steps[i];
+    into[i].running = {running[2 * i], running[2 * i + 1]};
+  }
   impl.steps = sc.steps;
   impl.skipped = sc.skipped;
 }
@@ -361,8 +367,13 @@ void pull_counters(Optimizer::Impl& impl, std::vector<TensorState>& into) {
 void push_counters(Optimizer::Impl& impl) {
   DeviceState& ds = state(impl);
   std::vector<long long> steps;
-  for (const TensorState& t : impl.tensors) steps.push_back(t.step);
+  std::vector<double> running;
+  for (const TensorState& t : impl.tensors) {
+    steps.push_back(t.step);
+    running.insert(running.end(), t.running.begin(), t.running.end());
+  }
   copy_and_wait(ds, ds.tb.tensor_steps, steps.data(), steps.size() * sizeof(long long), cudaMemcpyHostToDevice);
+  copy_and_wait(ds, ds.tb.tensor_running, running.data(), running.size() * sizeof(double), cudaMemcpyHostToDevice);
   DScalars sc{};
   copy_and_wait(ds, &sc, ds.tb.scalars, sizeof sc, cudaMemcpyDeviceToHost);
   sc.steps = impl.steps;
@@ -477,8 +488,15 @@ class CudaBackend final : public Backend {
   }
   void commit_host_state(Optimizer::Impl& impl, HostState& state) override {
     upload(impl, state.bytes.data());
-    for (std::size_t i = 0; i < impl.tensors.size(); ++i) impl.tensors[i].step = state.copy[i].step;
+    for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+      impl.tensors[i].step = state.copy[i].step;
+      impl.tensors[i].running = state.copy[i].running;
+    }
     push_counters(impl);
+  }
+  void interpolate_params(Optimizer::Impl& impl, float weight) override {
+    launch_interpolate_params(ds->tb, weight, ds->stream);
+    cuda::synchronize(impl);
   }
 };
 

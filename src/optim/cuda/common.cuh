@@ -109,6 +109,7 @@ struct Tables {
   int tensor_count;
   math::StepConstants* constants;  // one per tensor
   long long* tensor_steps;         // one per tensor
+  double* tensor_running;          // two per tensor (TensorState::running)
   DScalars* scalars;
   const math::Codebook* codebooks;  // kCodebookCount
   double* partials;                 // one per chunk or segment
@@ -226,5 +227,7 @@ void launch_rank1_commit(const Tables& tb, const int2* slots, int count, cudaStr
 void launch_hessian(const Tables& tb, const StepConfig& config, const float* const* estimates, cudaStream_t stream);
 void launch_hessian_check(const Tables& tb, const float* const* estimates, cudaStream_t stream);
 void launch_master_init(const Tables& tb, cudaStream_t stream);
+// p = lerp(p, slot 0, weight) for the tensors that have stepped (schedule-free train and eval).
+void launch_interpolate_params(const Tables& tb, float weight, cudaStream_t stream);
 
 }  // namespace nibble::cuda

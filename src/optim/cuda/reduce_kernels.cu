@@ -77,7 +77,7 @@ __global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, St
     if (t.grad == nullptr) continue;
     const long long step = ++tb.tensor_steps[i];
     math::fill_step_constants(tb.constants[i], cfg.algorithm, cfg.hyper, t.lr, t.weight_decay, step, grad_mul, lr_scale,
-                              cfg.seed);
+                              cfg.seed, tb.tensor_running + 2 * i);
   }
 }
 

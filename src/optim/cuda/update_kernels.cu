@@ -483,6 +483,22 @@ __global__ void hessian_check_kernel(Tables tb, const float* const* estimates) {
     if (!math::is_finite_bits(math::float_bits(est[e]))) atomicMin(tb.bad_flag, ch.tensor);
 }
 
+// Schedule-free AdamW's train() and eval(): p = lerp(p, z, weight), z being slot 0 (always fp32),
+// into the master copy and the parameter, rounded to its dtype as a step stores it.
+__global__ void __launch_bounds__(kThreads) interpolate_params_kernel(Tables tb, float weight) {
+  const DChunk ch = tb.chunks[blockIdx.x];
+  if (tb.tensor_steps[ch.tensor] == 0) return;
+  const DTensor& t = tb.tensors[ch.tensor];
+  const float* z = static_cast<const float*>(t.slots[0].data);
+  for (std::int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
+    const float p = math::lerp_f(load_param(t, e), z[e], weight);
+    if (t.master != nullptr) t.master[e] = p;
+    if (t.param_type == kF32) static_cast<float*>(t.param)[e] = p;
+    else if (t.param_type == kF16) static_cast<std::uint16_t*>(t.param)[e] = __half_as_ushort(__float2half_rn(p));
+    else static_cast<std::uint16_t*>(t.param)[e] = math::bf16_round_nearest(p);
+  }
+}
+
 template <class R, bool kVariant>
 void launch_update_for(const Tables& tb, const StepConfig& cfg, cudaStream_t stream) {
   update_kernel<R, kVariant><<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, cfg);
@@ -527,6 +543,12 @@ void launch_adafactor_uu(const Tables& tb, const StepConfig& config, cudaStream_
 void launch_hessian(const Tables& tb, const StepConfig& config, const float* const* estimates, cudaStream_t stream) {
   if (tb.chunk_count == 0) return;
   hessian_kernel<<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, config, estimates);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_interpolate_params(const Tables& tb, float weight, cudaStream_t stream) {
+  if (tb.chunk_count == 0) return;
+  interpolate_params_kernel<<<static_cast<unsigned>(tb.chunk_count), kThreads, 0, stream>>>(tb, weight);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
