@@ -67,5 +67,24 @@ TEST(OptimizerSetup, NamedHyperparametersReachTheOptimizerOrAreRefused) {
   refused({{"bias_correction", 0.5}}, "'bias_correction' is a flag: 0 or 1, got 0.5");
 }
 
+// Schedule-free AdamW on a constant schedule takes the trainer's warm-up (at most the run's length)
+// as its own warmup_steps; --hyper warmup_steps overrides it; under another schedule, which warms
+// up itself, it keeps its default 0.
+TEST(OptimizerSetup, ScheduleFreeTakesTheWarmupOfAConstantSchedule) {
+  TrainOptions o;
+  o.algorithm = Algorithm::kAdamWScheduleFree;
+  o.schedule = ScheduleKind::kConstant;
+  o.warmup = 30;
+  o.steps = 200;
+  EXPECT_EQ(optimizer_options(o, 8).hyper->warmup_steps, 30.0f);
+  o.steps = 10;
+  EXPECT_EQ(optimizer_options(o, 8).hyper->warmup_steps, 10.0f);
+  o.hyper = {{"warmup_steps", 7.0}};
+  EXPECT_EQ(optimizer_options(o, 8).hyper->warmup_steps, 7.0f);
+  o.hyper.clear();
+  o.schedule = ScheduleKind::kWarmupCosine;
+  EXPECT_EQ(optimizer_options(o, 8).hyper->warmup_steps, 0.0f);
+}
+
 }  // namespace
 }  // namespace nibble::train
