@@ -179,6 +179,7 @@ Fp8Budget fp8_budget(const AlgoSetup& setup) {
       {"Adafactor", {0.074, 0.034}}, // .0492 .0223
       {"ADOPT", {0.075, 0.04}},      // .0497 .0263
       {"AdEMAMix", {0.11, 0.045}},   // .0730 .0299
+      {"AdamWScheduleFree", {0.085, 0.028}},  // .0566 .0185 (its z is fp32: only v is fp8)
   };
   const auto it = budgets.find(setup.label);
   if (it == budgets.end()) {
