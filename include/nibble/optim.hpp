@@ -1,6 +1,6 @@
-// nibble's optimizers: SGD, Adam, AdamW, Lion, Adafactor, AdamP, QHM and SophiaG, each with its
-// state held at fp32, bf16, 8-bit or 4-bit (block-wise quantized), stepped over all parameter
-// tensors at once, on the CPU or a CUDA GPU. Parameters and gradients are arrays owned by the
+// nibble's optimizers: SGD, Adam, AdamW, Lion, Adafactor, AdamP, QHM, SophiaG, ADOPT, AdEMAMix and
+// Muon, each with its state held at fp32, bf16, 8-bit or 4-bit (block-wise quantized), stepped over
+// all parameter tensors at once, on the CPU or a CUDA GPU. Parameters and gradients are arrays owned by the
 // caller: fp32 host arrays for the CPU backend; device arrays of fp32, bf16 or fp16 parameters and
 // fp32 or bf16 gradients for the CUDA backend.
 #pragma once
@@ -81,6 +81,12 @@ struct OptimizerOptions {
   void* cuda_stream = nullptr;             // CUDA: the cudaStream_t every launch goes to (null: default)
   bool master_weights = false;             // CUDA, bf16/fp16 parameters: keep and step an fp32 copy
   bool param_stochastic_rounding = false;  // CUDA, bf16 parameters: round the stepped value stochastically
+  // Muon: which tensors are orthogonalised; the others step with its AdamW fallback (adamw_lr,
+  // beta1, beta2, adamw_eps, adamw_weight_decay). Unset: those of rank >= 2 whose name contains none
+  // of adamw_names (embeddings and output heads); true: every tensor (each must have rank >= 2);
+  // false: none.
+  std::optional<bool> use_muon;
+  std::vector<std::string> adamw_names = {"embed", "wte", "wpe", "lm_head"};
 };
 
 struct StepOptions {

@@ -14,6 +14,7 @@
 #include "nibble/error.hpp"
 #include "math/scratch_layout.hpp"
 #include "math/step_policy.hpp"
+#include "optim/cpu/newton_schulz.hpp"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -107,8 +108,9 @@ std::vector<std::int64_t> global_shape_of(const Param& param, std::int64_t local
 // reducing those statistics over the ranks would cost a collective per tensor per step.
 void check_split(const TensorState& t, const AlgorithmSpec& algo, std::size_t global_rank, bool rank1_requested) {
   if (!t.param.split) return;
-  std::string_view why = global_rank >= 2 && !algo.split_refusal_matrix.empty() ? algo.split_refusal_matrix
-                                                                                : algo.split_refusal_any;
+  const bool matrix = global_rank >= 2 && (!algo.orthogonalises_matrices || t.orthogonalised);
+  std::string_view why = matrix && !algo.split_refusal_matrix.empty() ? algo.split_refusal_matrix
+                                                                     : algo.split_refusal_any;
   for (int j = 0; j < t.slot_count && why.empty(); ++j)
     if (uses_rank1(rank1_requested, algo, t.slots[j].precision, t.slots[j].is_signed, global_rank))
       why = "rank-1 4-bit second moments are scaled by row and column maxima of the whole matrix";
@@ -216,12 +218,19 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.group = static_cast<int>(gi);
       t.offset = im.total_numel;
       im.total_numel += t.numel;
-      t.lr = group.lr.value_or(hyper.lr);
-      t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
+      plan_tensor_state(t, spec, hyper, group.precision, options, global);
+      // Muon's AdamW fallback has an lr and a weight decay of its own.
+      const bool fallback = spec.orthogonalises_matrices && !t.orthogonalised;
+      t.lr = group.lr.value_or(fallback ? hyper.adamw_lr : hyper.lr);
+      t.weight_decay = group.weight_decay.value_or(fallback ? hyper.adamw_weight_decay : hyper.weight_decay);
       if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
-      plan_tensor_state(t, spec, hyper, group.precision, options, global);
       check_split(t, spec, global_rank, options.rank1_second_moment);
+      if (t.orthogonalised && !on_cuda) {
+        const std::int64_t rows = param.shape[0], cols = rows > 0 ? t.numel / rows : 0;
+        const auto need = static_cast<std::size_t>(t.numel + cpu::newton_schulz_workspace(rows, cols));
+        if (im.ns_scratch.size() < need) im.ns_scratch.resize(need);
+      }
       if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
         // The dot products: per row, or per fixed segment of the tensor.
         const std::int64_t rows0 = param.shape[0];

@@ -134,6 +134,17 @@ Precision tensor_precision(Precision requested, std::int64_t global_numel, const
   return requested;
 }
 
+bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name, std::size_t global_rank,
+                         const OptimizerOptions& options) {
+  if (!algorithm.orthogonalises_matrices) return false;
+  if (options.use_muon == true && global_rank < 2)
+    throw InvalidArgument(fmt::format("parameter '{}' has rank {}: use_muon true orthogonalises every tensor, and "
+                                      "Newton-Schulz needs rank >= 2; give it a group or optimizer without use_muon",
+                                      name, global_rank));
+  if (options.use_muon) return *options.use_muon;
+  return global_rank >= 2 && !name_contains_any(name, options.adamw_names);
+}
+
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
                    const OptimizerOptions& options, std::span<const std::int64_t> global_shape) {
   const std::vector<std::int64_t>& shape = t.param.shape;
@@ -145,7 +156,8 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
   t.block = state_block(precision, options.block_size);
   t.factored = algorithm.factors_matrices && global_shape.size() >= 2 && t.numel > 0;
   StateSlot specs[kMaxStateSlots];
-  t.slot_count = algorithm.slots(hyper, t.factored, specs);
+  t.orthogonalised = muon_orthogonalises(algorithm, t.param.name, global_shape.size(), options);
+  t.slot_count = algorithm.slots(hyper, t.factored || t.orthogonalised, specs);
   for (int j = 0; j < t.slot_count; ++j) {
     Slot& s = t.slots[j];
     s.name = specs[j].name;

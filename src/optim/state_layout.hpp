@@ -51,7 +51,13 @@ inline bool slot_non_negative(const AlgorithmSpec& algorithm, const Slot& slot) 
 Precision tensor_precision(Precision requested, std::int64_t global_numel, const std::string& name,
                            const OptimizerOptions& options);
 
-// Fills t's view (rows, cols, batch_rows), precision, block, factoring and slots from its
+// Muon: whether a tensor named `name` of rank `global_rank` is orthogonalised (else its AdamW
+// fallback steps it), as options.use_muon and options.adamw_names say; false for other algorithms.
+// Throws InvalidArgument for use_muon true and a tensor of rank < 2.
+bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name, std::size_t global_rank,
+                         const OptimizerOptions& options);
+
+// Fills t's view (rows, cols, batch_rows), precision, block, factoring, Muon's choice and slots from its
 // parameter (t.param, t.numel set) and the global shape. Allocates nothing.
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
                    const OptimizerOptions& options, std::span<const std::int64_t> global_shape);
