@@ -1,6 +1,6 @@
-// nibble's optimizers: SGD, Adam, AdamW, Lion, Adafactor, AdamP, QHM, SophiaG, ADOPT, AdEMAMix and
-// Muon, each with its state held at fp32, bf16, 8-bit or 4-bit (block-wise quantized), stepped over
-// all parameter tensors at once, on the CPU or a CUDA GPU. Parameters and gradients are arrays owned by the
+// nibble's optimizers: SGD, Adam, AdamW, Lion, Adafactor, AdamP, QHM and SophiaG, each with its
+// state held at fp32, bf16, 8-bit or 4-bit (block-wise quantized), stepped over all parameter
+// tensors at once, on the CPU or a CUDA GPU. Parameters and gradients are arrays owned by the
 // caller: fp32 host arrays for the CPU backend; device arrays of fp32, bf16 or fp16 parameters and
 // fp32 or bf16 gradients for the CUDA backend.
 #pragma once

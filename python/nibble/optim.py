@@ -1,5 +1,5 @@
 """nibble's optimizers as torch.optim.Optimizer subclasses: SGD, Adam, AdamW, Lion, Adafactor,
-AdamP, QHM, SophiaG, ADOPT, AdEMAMix and Muon with state at fp32, bf16, 8-bit or 4-bit, stepped by nibble's C++/CUDA
+AdamP, QHM and SophiaG with state at fp32, bf16, 8-bit or 4-bit, stepped by nibble's C++/CUDA
 library in one call per parameter group (no per-parameter Python loop, no synchronisation)."""
 from __future__ import annotations
 
