@@ -327,6 +327,25 @@ TEST(MuonTensors, FallbackTakesItsOwnLrAndWeightDecay) {
   }
 }
 
+// Scratch beside the state, as planned and as allocated: on the CPU the largest matrix's update,
+// X, Y (its elements each) and A, B (its short side squared each) in fp32; on CUDA every matrix's
+// fp32 update, per matrix its index, norm and bf16 X, Y, A, B, and one cuBLAS workspace. Vectors
+// (the AdamW fallback) need none, and other algorithms none.
+TEST(MuonTensors, ScratchAsPlannedAndAllocated) {
+  Tensors t = make_tensors({{"a", {37, 53}}, {"b", {64, 17}}, {"bias", {64}}});
+  const std::int64_t cpu = 4 * (3 * 37 * 53 + 2 * 37 * 37);
+  const std::int64_t cuda = 4 * (37 * 53 + 64 * 17) + (12 + 2 * (2 * 37 * 53 + 2 * 37 * 37)) +
+                            (12 + 2 * (2 * 64 * 17 + 2 * 17 * 17)) + (32 << 20);
+  OptimizerOptions o = muon_options();
+  EXPECT_EQ(planned_scratch_bytes(std::span<const ParamGroup>(&t.group, 1), o), cpu);
+  EXPECT_EQ(Optimizer({t.group}, o).state_stats().scratch_bytes, cpu);
+  o.device = Device::kCuda;
+  EXPECT_EQ(planned_scratch_bytes(std::span<const ParamGroup>(&t.group, 1), o), cuda);
+  o.algorithm = Algorithm::kAdamW;
+  o.hyper.reset();
+  EXPECT_EQ(planned_scratch_bytes(std::span<const ParamGroup>(&t.group, 1), o), 0);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Refusals name the bad value.
 
@@ -360,13 +379,13 @@ TEST(MuonRefusals, SplitMatrixButNotSplitFallback) {
   Param matrix{"h.0.mlp.weight", {8, 16}, data.data(), grad.data()};
   matrix.global_shape = {16, 16};
   matrix.split = true;
-  EXPECT_EQ(test::thrown_message<InvalidArgument>([&] { Optimizer({ParamGroup{{matrix}}}, muon_options()); }),
+  EXPECT_EQ(test::thrown_message<InvalidArgument>([&] { Optimizer({ParamGroup{{matrix}, {}, {}, {}}}, muon_options()); }),
             "parameter 'h.0.mlp.weight' is split across ranks, and muon orthogonalises the whole matrix "
             "(Newton-Schulz); its AdamW fallback tensors may be split: keep it whole on one rank (a replicated "
             "tensor) or use another algorithm");
   Param embedding = matrix;
   embedding.name = "wte";
-  EXPECT_NO_THROW(Optimizer({ParamGroup{{embedding}}}, muon_options()));
+  EXPECT_NO_THROW(Optimizer({ParamGroup{{embedding}, {}, {}, {}}}, muon_options()));
 }
 
 }  // namespace

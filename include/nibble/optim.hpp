@@ -125,6 +125,7 @@ struct StepResult {
 struct StateStats {
   std::int64_t params = 0;       // elements of all parameter tensors
   std::int64_t state_bytes = 0;  // optimizer state, scales and codes included
+  std::int64_t scratch_bytes = 0;  // allocated beside the state for the step (Muon's Newton-Schulz buffers)
   double bytes_per_param() const { return params ? static_cast<double>(state_bytes) / params : 0.0; }
 };
 
@@ -201,6 +202,8 @@ class Optimizer {
 // rank-1 scales, master weights of 16-bit parameters); parameters need no data. Throws as
 // resolve_options does.
 std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options);
+// The scratch bytes it would allocate beside the state (its state_stats().scratch_bytes).
+std::int64_t planned_scratch_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options);
 
 // Bytes of optimizer state per element for a tensor of `numel` elements (scales included), as the
 // optimizer would allocate it; 0 for none.

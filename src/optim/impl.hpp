@@ -90,6 +90,7 @@ struct Optimizer::Impl {
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
   // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace.
   std::vector<float> ns_scratch;
+  std::int64_t scratch_bytes = 0;  // beside the state: muon_scratch_bytes (state_layout.hpp)
   std::int64_t max_cols = 0;
   int threads = 1;
   Buffer arena;                    // CPU: all state; CUDA: unused (the state lives on the device)

@@ -14,7 +14,6 @@
 #include "nibble/error.hpp"
 #include "math/scratch_layout.hpp"
 #include "math/step_policy.hpp"
-#include "optim/cpu/newton_schulz.hpp"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -171,6 +170,20 @@ std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const Optim
   return bytes;
 }
 
+std::int64_t planned_scratch_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options_in) {
+  const OptimizerOptions options = resolve_options(options_in);
+  const AlgorithmSpec& spec = algorithm_spec(options.algorithm);
+  std::vector<TensorState> tensors;
+  for (const ParamGroup& group : groups)
+    for (const Param& param : group.params) {
+      TensorState& t = tensors.emplace_back();
+      t.param = param;
+      t.numel = shape_numel(param.shape);
+      plan_tensor_state(t, spec, *options.hyper, group.precision, options, global_shape_of(param, t.numel));
+    }
+  return muon_scratch_bytes(tensors, options.device);
+}
+
 Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
   Impl& im = *impl_;
   options = resolve_options(std::move(options));
@@ -226,11 +239,6 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
       check_split(t, spec, global_rank, options.rank1_second_moment);
-      if (t.orthogonalised && !on_cuda) {
-        const std::int64_t rows = param.shape[0], cols = rows > 0 ? t.numel / rows : 0;
-        const auto need = static_cast<std::size_t>(t.numel + cpu::newton_schulz_workspace(rows, cols));
-        if (im.ns_scratch.size() < need) im.ns_scratch.resize(need);
-      }
       if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
         // The dot products: per row, or per fixed segment of the tensor.
         const std::int64_t rows0 = param.shape[0];
@@ -244,6 +252,8 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     }
   }
   if (im.tensors.empty()) throw InvalidArgument("optimizer: the parameter list is empty");
+  im.scratch_bytes = muon_scratch_bytes(im.tensors, options.device);
+  if (!on_cuda) im.ns_scratch.resize(static_cast<std::size_t>(im.scratch_bytes / 4));
 
   // Lay out all state in one arena: first measure, then carve.
   for (int pass = 0; pass < 2; ++pass) {
@@ -365,7 +375,7 @@ Precision Optimizer::state_precision(std::size_t param_index) const {
   return impl_->tensors[param_index].precision;
 }
 
-StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->state_bytes}; }
+StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->state_bytes, impl_->scratch_bytes}; }
 
 std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
   param(param_index);

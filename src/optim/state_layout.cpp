@@ -7,10 +7,13 @@
 #include <cctype>
 #include <ostream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "nibble/error.hpp"
+#include "optim/cpu/newton_schulz.hpp"
 
 namespace nibble {
 namespace {
@@ -143,6 +146,23 @@ bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name
                                       name, global_rank));
   if (options.use_muon) return *options.use_muon;
   return global_rank >= 2 && !name_contains_any(name, options.adamw_names);
+}
+
+std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device device) {
+  std::int64_t cpu = 0, updates = 0, batches = 0;
+  std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
+  for (const TensorState& t : tensors) {
+    if (!t.orthogonalised || t.numel == 0) continue;
+    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows, s = std::min(rows, cols);
+    cpu = std::max(cpu, 4 * (t.numel + cpu::newton_schulz_workspace(rows, cols)));
+    updates += 4 * t.numel;
+    // Per matrix of its batch: its index, its norm, X and Y (s x l) and A and B (s x s) in bf16.
+    batches += 4 + 8 + 2 * (2 * t.numel + 2 * s * s);
+    if (std::find(shapes.begin(), shapes.end(), std::make_pair(rows, cols)) == shapes.end())
+      shapes.emplace_back(rows, cols);
+  }
+  if (device == Device::kCpu) return cpu;
+  return shapes.empty() ? 0 : updates + batches + kCublasWorkspaceBytes;
 }
 
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,

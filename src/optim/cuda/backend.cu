@@ -204,9 +204,8 @@ std::byte* allocate_arena(Optimizer::Impl& impl, DeviceState& ds, std::int64_t b
 }
 
 // Muon: an fp32 update buffer for every orthogonalised matrix (in ds.tensors), and its matrices
-// grouped by shape into batches with their bf16 Newton-Schulz operands.
-constexpr std::size_t kCublasWorkspace = 32u << 20;  // cuBLAS's recommendation for Hopper
-
+// grouped by shape into batches with their bf16 Newton-Schulz operands: the bytes
+// muon_scratch_bytes counts.
 void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
   std::int64_t total = 0;
   std::vector<std::pair<std::pair<std::int64_t, std::int64_t>, std::vector<int>>> shapes;
@@ -251,8 +250,9 @@ void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
     ds.ns_batches.push_back(b);
   }
   check_cublas(cublasCreate(&ds.cublas), "cublasCreate");
-  ds.cublas_workspace = device_alloc(ds, kCublasWorkspace, "cuBLAS workspace");
-  check_cublas(cublasSetWorkspace(ds.cublas, ds.cublas_workspace, kCublasWorkspace), "cublasSetWorkspace");
+  const auto workspace = static_cast<std::size_t>(kCublasWorkspaceBytes);
+  ds.cublas_workspace = device_alloc(ds, workspace, "cuBLAS workspace");
+  check_cublas(cublasSetWorkspace(ds.cublas, ds.cublas_workspace, workspace), "cublasSetWorkspace");
   // The batches' tensor lists are uploaded from `shapes`, which ends here.
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
 }
