@@ -168,7 +168,9 @@ TEST(MemoryPlan, MatchesWhatTheEngineAllocates) {
       EXPECT_EQ(plan.activations, gpt.activation_bytes());
       Optimizer opt(train::optimizer_param_groups(gpt.tensors()), oo);
       EXPECT_EQ(plan.optimizer_state, opt.state_stats().state_bytes);
-      EXPECT_EQ(plan.workspace, a == Algorithm::kSophiaG ? plan.params : 0);
+      // SophiaG's Hessian estimates; Muon's Newton-Schulz scratch, which only Muon allocates.
+      EXPECT_EQ(plan.workspace, (a == Algorithm::kSophiaG ? plan.params : 0) + opt.state_stats().scratch_bytes);
+      EXPECT_EQ(opt.state_stats().scratch_bytes > 0, a == Algorithm::kMuon);
     }
 }
 

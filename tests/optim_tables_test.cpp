@@ -68,7 +68,10 @@ TEST(AlgorithmTable, ValidationFollowsEachRange) {
   };
   const Case cases[] = {{HyperRange::kNonNegative, -0.5f, 0.0f}, {HyperRange::kPositive, 0.0f, 1e-30f},
                         {HyperRange::kBeta, 1.0f, 0.0f},         {HyperRange::kUnit, 1.5f, 1.0f},
-                        {HyperRange::kDecayRate, 0.0f, -1.0f},   {HyperRange::kOpenUnit, 0.0f, 0.5f}};
+                        {HyperRange::kDecayRate, 0.0f, -1.0f},   {HyperRange::kOpenUnit, 0.0f, 0.5f},
+                        {HyperRange::kStepCount, 0.0f, 1.0f},    {HyperRange::kStepCount, 100.0f, 99.0f},
+                        {HyperRange::kStepCount, 2.5f, 2.0f},    {HyperRange::kChoice, 3.0f, 2.0f},
+                        {HyperRange::kChoice, 0.5f, 0.0f},       {HyperRange::kChoice, -1.0f, 1.0f}};
   for (const AlgorithmSpec& spec : algorithm_specs())
     for (const HyperUse& use : spec.numbers)
       for (const Case& c : cases) {

@@ -1,6 +1,7 @@
 // Thread-count independence of the reductions inside a step: AdamP's projection (per-row and
-// whole-tensor views) and Adafactor's row/column statistics must give bit-identical parameters
-// with 1, 2 and 3 threads, since every partial sum has a fixed order.
+// whole-tensor views), Adafactor's row/column statistics and Muon's Newton-Schulz products must
+// give bit-identical parameters with 1, 2 and 3 threads, since every partial sum has a fixed order
+// and every product a fixed split.
 #include <gtest/gtest.h>
 #include <omp.h>
 
@@ -81,7 +82,9 @@ TEST(StepReductions, BitIdenticalForOneTwoAndThreeThreads) {
   const std::vector<Case> cases = {{Algorithm::kAdamP, Orthogonal::kNone, "adamp, no projection"},
                                    {Algorithm::kAdamP, Orthogonal::kPerRow, "adamp, per-row view"},
                                    {Algorithm::kAdamP, Orthogonal::kWholeTensor, "adamp, whole-tensor view"},
-                                   {Algorithm::kAdafactor, Orthogonal::kNone, "adafactor"}};
+                                   {Algorithm::kAdafactor, Orthogonal::kNone, "adafactor"},
+                                   // Newton-Schulz's products split the 300 rows into blocks.
+                                   {Algorithm::kMuon, Orthogonal::kNone, "muon"}};
   for (const Case& c : cases)
     for (Precision precision : {Precision::kFp32, Precision::kInt8}) {
       SCOPED_TRACE(std::string(c.name) + " " + std::string(precision_name(precision)));

@@ -100,6 +100,10 @@ class RefOptimizer {
         case Algorithm::kAdopt: adopt(t, g, lr); break;
         case Algorithm::kAdEMAMix: ademamix(t, g, lr); break;
         case Algorithm::kAdamWScheduleFree: schedulefree(t, g, lr); break;
+        case Algorithm::kMuon:
+          if (orthogonalised(t)) muon(t, g, lr);
+          else muon_adamw(t, g, lr);
+          break;
       }
     }
     return norm;
@@ -166,6 +170,14 @@ class RefOptimizer {
       case Algorithm::kAdamWScheduleFree:
         add("z", t.numel);
         add("exp_avg_sq", t.numel);
+        break;
+      case Algorithm::kMuon:
+        if (orthogonalised(t)) {
+          add("momentum_buffer", t.numel);
+        } else {
+          add("exp_avg", t.numel);
+          add("exp_avg_sq", t.numel);
+        }
         break;
       case Algorithm::kAdafactor:
         if (h_.first_moment) add("exp_avg", t.numel);
@@ -456,6 +468,99 @@ class RefOptimizer {
       const std::vector<double>& z = t.get("z");
       for (std::int64_t e = 0; e < t.numel; ++e) t.p[e] += weight * (z[e] - t.p[e]);
     }
+  }
+
+  // Muon (torch.optim.Muon, with fp64 Newton-Schulz): torch's lerp momentum, the Nesterov update
+  // orthogonalised as a (shape[0], rest) matrix, decoupled decay, lr times the shape factor.
+  void muon(RefTensor& t, const std::vector<double>& g, double lr) {
+    const double mu = h_.momentum;
+    std::vector<double>& buf = t.get("momentum_buffer");
+    std::vector<double> u(g.size());
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      buf[e] += (1.0 - mu) * (g[e] - buf[e]);
+      u[e] = h_.nesterov ? g[e] + mu * (buf[e] - g[e]) : buf[e];
+    }
+    const std::int64_t rows = t.shape[0], cols = t.numel / rows;
+    const std::vector<double> o = newton_schulz(u, rows, cols, h_.ns_a, h_.ns_b, h_.ns_c,
+                                                static_cast<int>(h_.ns_steps), h_.eps);
+    const double A = static_cast<double>(rows), B = static_cast<double>(cols);
+    double factor = 1.0;
+    switch (static_cast<int>(h_.adjust_lr)) {
+      case 0: factor = std::sqrt(std::max(1.0, A / B)); break;
+      case 1: factor = 0.2 * std::sqrt(std::max(A, B)); break;
+      case 2: factor = std::sqrt(A / B); break;
+      default: throw std::invalid_argument("reference: unknown adjust_lr");
+    }
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      t.p[e] *= 1.0 - lr * t.weight_decay;
+      t.p[e] -= lr * factor * o[e];
+    }
+  }
+
+  // Muon's AdamW fallback: AdamW with beta1, beta2 and adamw_eps (lr and weight decay come in t).
+  void muon_adamw(RefTensor& t, const std::vector<double>& g, double lr) {
+    const double b1 = h_.beta1, b2 = h_.beta2, eps = h_.adamw_eps, n = static_cast<double>(t.step);
+    const double bc1 = 1.0 - std::pow(b1, n), bc2 = 1.0 - std::pow(b2, n);
+    std::vector<double>& m = t.get("exp_avg");
+    std::vector<double>& v = t.get("exp_avg_sq");
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      t.p[e] *= 1.0 - lr * t.weight_decay;
+      m[e] = b1 * m[e] + (1.0 - b1) * g[e];
+      v[e] = b2 * v[e] + (1.0 - b2) * g[e] * g[e];
+      t.p[e] -= lr / bc1 * m[e] / (std::sqrt(v[e] / bc2) + eps);
+    }
+  }
+
+ public:
+  // Muon's default choice: matrices (rank >= 2) but embeddings and output heads.
+  static bool muon_default_orthogonalises(const std::string& name, int rank) {
+    for (const char* pattern : {"embed", "wte", "wpe", "lm_head"})
+      if (name.find(pattern) != std::string::npos) return false;
+    return rank >= 2;
+  }
+  // The Newton-Schulz iteration of torch's _zeropower_via_newtonschulz in fp64, on a row-major
+  // rows x cols matrix: transposed when tall, X = G / max(|G|_F, eps), then `steps` times
+  // A = X X^T, B = b A + c A A, X = a X + B X.
+  static std::vector<double> newton_schulz(const std::vector<double>& g, std::int64_t rows, std::int64_t cols,
+                                           double a, double b, double c, int steps, double eps) {
+    const bool tall = rows > cols;
+    const std::int64_t s = tall ? cols : rows, l = tall ? rows : cols;
+    double norm = 0.0;
+    for (double x : g) norm += x * x;
+    norm = std::max(std::sqrt(norm), eps);
+    std::vector<double> x(static_cast<std::size_t>(s * l)), y(x.size()), A(static_cast<std::size_t>(s * s)), B(A.size());
+    for (std::int64_t r = 0; r < s; ++r)
+      for (std::int64_t k = 0; k < l; ++k) x[r * l + k] = (tall ? g[k * cols + r] : g[r * l + k]) / norm;
+    for (int it = 0; it < steps; ++it) {
+      for (std::int64_t i = 0; i < s; ++i)
+        for (std::int64_t j = 0; j < s; ++j) {
+          double d = 0.0;
+          for (std::int64_t k = 0; k < l; ++k) d += x[i * l + k] * x[j * l + k];
+          A[i * s + j] = d;
+        }
+      for (std::int64_t i = 0; i < s; ++i)
+        for (std::int64_t j = 0; j < s; ++j) {
+          double d = 0.0;
+          for (std::int64_t k = 0; k < s; ++k) d += A[i * s + k] * A[k * s + j];
+          B[i * s + j] = b * A[i * s + j] + c * d;
+        }
+      for (std::int64_t i = 0; i < s; ++i)
+        for (std::int64_t j = 0; j < l; ++j) {
+          double d = 0.0;
+          for (std::int64_t k = 0; k < s; ++k) d += B[i * s + k] * x[k * l + j];
+          y[i * l + j] = a * x[i * l + j] + d;
+        }
+      std::swap(x, y);
+    }
+    std::vector<double> out(g.size());
+    for (std::int64_t r = 0; r < rows; ++r)
+      for (std::int64_t k = 0; k < cols; ++k) out[r * cols + k] = tall ? x[k * l + r] : x[r * cols + k];
+    return out;
+  }
+
+ private:
+  bool orthogonalised(const RefTensor& t) const {
+    return algorithm_ == Algorithm::kMuon && muon_default_orthogonalises(t.name, t.rank());
   }
 
   static double sign(double x) { return x > 0.0 ? 1.0 : (x < 0.0 ? -1.0 : 0.0); }

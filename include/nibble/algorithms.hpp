@@ -15,7 +15,8 @@
 namespace nibble {
 
 // One field of Hyper: its name (as the C interface's JSON, saved state and Python know it) and its
-// member. Exactly one of `number` and `flag` is set.
+// member. Exactly one of `number` and `flag` is set. A number with `choices` holds the index of one
+// of them (Muon's adjust_lr); the C interface, the CLI and saved state also take it by name.
 using HyperNumber = float Hyper::*;
 using HyperFlag = bool Hyper::*;
 struct HyperField {
@@ -27,10 +28,15 @@ struct HyperField {
   // Written to every state file (the fields of the first state schema); fields added since are
   // written only for the algorithms that read them, so existing algorithms' files do not change.
   bool in_every_file = true;
+  std::span<const std::string_view> choices = {};
 };
 std::span<const HyperField> hyper_fields();
 const HyperField* find_hyper_field(std::string_view name);
 std::string hyper_field_names();  // "lr, weight_decay, ...", for messages
+// The index of the choice `name` of a field with choices; throws InvalidArgument naming the field,
+// the name and the choices.
+float hyper_choice(const HyperField& field, std::string_view name);
+std::string hyper_choice_names(const HyperField& field);  // "original, match_rms_adamw, ..." 
 
 // The valid values of a number an algorithm reads; every range also requires a finite value.
 enum class HyperRange : std::uint8_t {
@@ -41,6 +47,8 @@ enum class HyperRange : std::uint8_t {
   kUnit,         // [0, 1]
   kDecayRate,    // [-1, 0)
   kOpenUnit,     // (0, 1)
+  kStepCount,    // an integer in [1, 99] (Muon's Newton-Schulz steps)
+  kChoice,       // the index of one of the field's choices
 };
 struct HyperUse {
   std::string_view name;  // a HyperField's name
@@ -63,6 +71,7 @@ enum class Reduction : std::uint8_t {
   kNone,
   kProjection,       // AdamP: cosines of gradient and parameter per row and per tensor
   kFactoredSecond,   // Adafactor: row/column means of g^2 for >= 2-D tensors, update and parameter RMS
+  kOrthogonalise,    // Muon: the Newton-Schulz iteration over each matrix's momentum update
 };
 
 struct AlgorithmSpec {
@@ -80,17 +89,21 @@ struct AlgorithmSpec {
   bool always_decoupled = false;
   // Checks between fields that a range cannot say; throws InvalidArgument naming the values.
   void (*check)(const Hyper&) = nullptr;
-  // The state slots it keeps for a tensor (factored: Adafactor's >= 2-D tensors); returns the count.
-  int (*slots)(const Hyper&, bool factored, StateSlot* out) = nullptr;
+  // The state slots it keeps for a tensor; returns the count. matrix_form: the tensor takes the
+  // algorithm's matrix form (Adafactor's factored >= 2-D tensors, Muon's orthogonalised matrices).
+  int (*slots)(const Hyper&, bool matrix_form, StateSlot* out) = nullptr;
   // A one-line description of its state for listings ("m, v").
   std::string (*state_note)(const Hyper&) = nullptr;
   Reduction reduction = Reduction::kNone;
   // Second moments factored into row and column statistics for tensors of rank >= 2.
   bool factors_matrices = false;
+  // Muon: tensors of rank >= 2 are orthogonalised (seen as (shape[0], rest) matrices) as
+  // OptimizerOptions::use_muon and adamw_names decide; the others step with its AdamW fallback.
+  bool orthogonalises_matrices = false;
   // Its Hessian EMA is written outside the step (update_hessian): no rank-1 scales for it.
   bool hessian_slot = false;
-  // Why a tensor split across ranks is refused, for tensors of rank >= 2 and of any rank (empty:
-  // a split tensor steps like a whole one).
+  // Why a tensor split across ranks is refused, for tensors of rank >= 2 (Muon: orthogonalised
+  // ones) and of any rank (empty: a split tensor steps like a whole one).
   std::string_view split_refusal_matrix = {};
   std::string_view split_refusal_any = {};
 };

@@ -53,14 +53,16 @@ NIBBLE_C_EXPORT int nibble_cuda_available(void);
  * "min_quant_size": 4096, "max_grad_norm": 0, "check_finite": true, "stochastic_rounding": false,
  * "seed": 0, "rank1_second_moment": false, "master_weights": false,
  * "param_stochastic_rounding": false, "full_precision_names": [...], "no_decay_names": [...],
- * "no_decay_vectors": false}. Unknown keys are refused by name. */
+ * "no_decay_vectors": false, "use_muon": null|true|false, "adamw_names": [...]}. A hyperparameter
+ * with choices (Muon's "adjust_lr") also takes a choice's name. Unknown keys are refused by name. */
 /* Checks options_json as nibble_create does (algorithm, hyperparameters, precision, block size and
  * the rest), without parameters and without looking for a device. */
 NIBBLE_C_EXPORT int nibble_check_options(const char* options_json);
 /* The library's tables as JSON, valid while the library is loaded: {"algorithms": [{"name",
  * "alias", "title", "defaults": {every hyperparameter}, "numbers": [{"name", "range"}] (validated,
  * besides lr and weight_decay), "flags": [...] (read, besides maximize), "state": [slot names at
- * the defaults]}], "precisions": ["fp32", ...], "hyper": [{"name", "type": "number"|"flag"}]}. */
+ * the defaults]}], "precisions": ["fp32", ...], "hyper": [{"name", "type": "number"|"flag",
+ * "choices": [names] (a number that holds the index of one)}]}. */
 NIBBLE_C_EXPORT const char* nibble_tables_json(void);
 NIBBLE_C_EXPORT int nibble_create(const char* options_json, const nibble_param* params, int64_t count,
                                   nibble_optimizer** out);

@@ -7,9 +7,14 @@
 namespace nibble {
 
 enum class Algorithm : std::uint8_t {
-  kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix, kAdamWScheduleFree
+  kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix, kAdamWScheduleFree,
+  kMuon
 };
 enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4, kFp8 };
+// Muon's learning-rate factor for a matrix of shape (A, B): sqrt(max(1, A/B)) (Keller Jordan's),
+// 0.2 sqrt(max(A, B)) (Moonshot's, matching AdamW's update RMS), sqrt(A/B) (Bernstein's). Held in
+// Hyper::adjust_lr as its index; its names are the choices of that field in the algorithm table.
+enum class AdjustLr : std::uint8_t { kOriginal, kMatchRmsAdamW, kSpectralUnclamped };
 
 // Every hyperparameter of every algorithm; each algorithm reads the ones it names.
 // default_hyper() gives each algorithm the defaults of its paper's reference code.
@@ -46,5 +51,13 @@ struct Hyper {
   float warmup_steps = 0.0f;    // schedule-free AdamW: steps over which lr rises linearly (0: none)
   float r = 0.0f;               // schedule-free AdamW: the average's weights grow as step^r
   float weight_lr_power = 2.0f; // schedule-free AdamW: ... and as lr_max^weight_lr_power
+  float ns_steps = 5.0f;        // Muon: Newton-Schulz iterations (an integer in [1, 99])
+  float ns_a = 3.4445f;         // Muon: the quintic's coefficients, X <- a X + (b A + c A^2) X, A = X X^T
+  float ns_b = -4.7750f;
+  float ns_c = 2.0315f;
+  float adjust_lr = 0.0f;       // Muon: the lr's shape factor, an AdjustLr as its index
+  float adamw_lr = 3e-4f;       // Muon's AdamW fallback (tensors it does not orthogonalise); its betas are
+  float adamw_eps = 1e-10f;     // beta1 and beta2
+  float adamw_weight_decay = 0.0f;
 };
 }  // namespace nibble

@@ -81,6 +81,12 @@ struct OptimizerOptions {
   void* cuda_stream = nullptr;             // CUDA: the cudaStream_t every launch goes to (null: default)
   bool master_weights = false;             // CUDA, bf16/fp16 parameters: keep and step an fp32 copy
   bool param_stochastic_rounding = false;  // CUDA, bf16 parameters: round the stepped value stochastically
+  // Muon: which tensors are orthogonalised; the others step with its AdamW fallback (adamw_lr,
+  // beta1, beta2, adamw_eps, adamw_weight_decay). Unset: those of rank >= 2 whose name contains none
+  // of adamw_names (embeddings and output heads); true: every tensor (each must have rank >= 2);
+  // false: none.
+  std::optional<bool> use_muon;
+  std::vector<std::string> adamw_names = {"embed", "wte", "wpe", "lm_head"};
 };
 
 struct StepOptions {
@@ -119,6 +125,7 @@ struct StepResult {
 struct StateStats {
   std::int64_t params = 0;       // elements of all parameter tensors
   std::int64_t state_bytes = 0;  // optimizer state, scales and codes included
+  std::int64_t scratch_bytes = 0;  // allocated beside the state for the step (Muon's Newton-Schulz buffers)
   double bytes_per_param() const { return params ? static_cast<double>(state_bytes) / params : 0.0; }
 };
 
@@ -204,6 +211,8 @@ class Optimizer {
 // rank-1 scales, master weights of 16-bit parameters); parameters need no data. Throws as
 // resolve_options does.
 std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options);
+// The scratch bytes it would allocate beside the state (its state_stats().scratch_bytes).
+std::int64_t planned_scratch_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options);
 
 // Bytes of optimizer state per element for a tensor of `numel` elements (scales included), as the
 // optimizer would allocate it; 0 for none.

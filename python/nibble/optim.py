@@ -14,7 +14,8 @@ from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_devi
 # The public classes, exported by the package as they are listed here.
 __all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
            "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer",
-           "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8", "AdamWScheduleFree", "AdamWScheduleFree8bit"]
+           "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8", "AdamWScheduleFree", "AdamWScheduleFree8bit", "Muon",
+           "Muon8bit"]
 
 # The state precisions by their names in nibble, from the library's table (it also takes aliases
 # such as "int8").
@@ -715,6 +716,77 @@ class AdamWScheduleFree(NibbleOptimizer):
         return super().step(closure)
 
 
+class Muon(NibbleOptimizer):
+    """Muon (Jordan et al. 2024) with torch.optim.Muon's arguments and math (Nesterov momentum,
+    Newton-Schulz orthogonalisation of the update, run by nibble in fp32 on the CPU, decoupled weight
+    decay, lr times adjust_lr_fn's shape factor), and an AdamW fallback inside the same optimizer,
+    as Keller Jordan's MuonWithAuxAdam: a group's use_muon None (the default) orthogonalises its
+    parameters of rank >= 2 (higher ranks seen as (shape[0], rest), as conv weights) and steps the
+    others (biases, norms) with AdamW at adamw_lr, adamw_betas, adamw_eps and adamw_weight_decay;
+    lr's changes (schedulers) scale adamw_lr alike: it is taken relative to the group's base lr
+    (its "initial_lr" when a scheduler set one, else its lr at the first step). use_muon True
+    orthogonalises every parameter (each must have rank >= 2); use_muon False steps every one with
+    AdamW, the group's lr and weight_decay then being AdamW's (MuonWithAuxAdam's groups). Give
+    embeddings and output heads, which are matrices, a group with use_muon False."""
+
+    algorithm = "muon"
+    _torch_names = {"ns_a": "ns_coefficients[0]", "ns_b": "ns_coefficients[1]", "ns_c": "ns_coefficients[2]",
+                    "adjust_lr": "adjust_lr_fn", "beta1": "adamw_betas[0]", "beta2": "adamw_betas[1]"}
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, weight_decay: float = 0.1, momentum: float = 0.95,
+                 nesterov: bool = True, ns_coefficients: tuple[float, float, float] = (3.4445, -4.7750, 2.0315),
+                 eps: float = 1e-7, ns_steps: int = 5, adjust_lr_fn: Optional[str] = None, adamw_lr: float = 3e-4,
+                 adamw_betas: tuple[float, float] = (0.9, 0.95), adamw_eps: float = 1e-10,
+                 adamw_weight_decay: float = 0.0, use_muon: Optional[bool] = None, *, maximize: bool = False,
+                 precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
+                 max_grad_norm: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
+                                      adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, use_muon=use_muon,
+                                      maximize=maximize),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+
+    def _hyper(self, g: dict) -> dict:
+        coefficients = g["ns_coefficients"]
+        if not isinstance(coefficients, (tuple, list)) or len(coefficients) != 3:
+            raise ValueError(f"ns_coefficients must be three numbers, got {coefficients!r}")
+        use_muon = g["use_muon"]
+        if use_muon not in (None, True, False):
+            raise ValueError(f"use_muon must be None, True or False, got {use_muon!r}")
+        adjust = "original" if g["adjust_lr_fn"] is None else g["adjust_lr_fn"]
+        if not isinstance(adjust, str):
+            raise ValueError(f"adjust_lr_fn must be None or a name, got {adjust!r}")
+        b1, b2 = _pair("adamw_betas", g["adamw_betas"])
+        hyper = {"weight_decay": _number("weight_decay", g["weight_decay"]),
+                 "momentum": _number("momentum", g["momentum"]), "nesterov": bool(g["nesterov"]),
+                 "eps": _number("eps", g["eps"]), "ns_steps": float(_integer("ns_steps", g["ns_steps"])),
+                 "ns_a": _number("ns_coefficients[0]", coefficients[0]),
+                 "ns_b": _number("ns_coefficients[1]", coefficients[1]),
+                 "ns_c": _number("ns_coefficients[2]", coefficients[2]), "adjust_lr": adjust,
+                 "beta1": b1, "beta2": b2, "adamw_eps": _number("adamw_eps", g["adamw_eps"]),
+                 "maximize": bool(g["maximize"])}
+        if use_muon is False:
+            # Every tensor is AdamW's: the group's lr (as lr_scale) and weight decay are AdamW's.
+            hyper.update(adamw_lr=1.0, adamw_weight_decay=hyper["weight_decay"])
+            return hyper
+        # The library scales both lrs by lr_scale (the group's lr), so the fallback's is given
+        # relative to the group's base lr.
+        base = _number("lr", g.get("initial_lr", g["lr"]))
+        adamw_lr = _number("adamw_lr", g["adamw_lr"])
+        if base <= 0.0 and use_muon is None and any(p.dim() < 2 for p in g["params"]):
+            raise ValueError(f"Muon: a group with AdamW fallback parameters needs a base lr > 0 (adamw_lr is scaled "
+                             f"by lr / base lr), got lr {base}; give it initial_lr, or the fallback parameters a "
+                             "group with use_muon=False")
+        hyper.update(adamw_lr=adamw_lr / base if base > 0.0 else adamw_lr,
+                     adamw_weight_decay=_number("adamw_weight_decay", g["adamw_weight_decay"]))
+        return hyper
+
+    def _options(self, group: dict, device: torch.device) -> dict:
+        return dict(super()._options(group, device), use_muon=group["use_muon"])
+
+
 def _with_precision(base: type, precision: str, name: str) -> type:
     """An alias class whose precision defaults to `precision` (AdamW8bit, ...)."""
     return type(name, (base,), {"default_precision": precision, "__doc__": f"{base.__name__} with {precision} state."})
@@ -731,3 +803,4 @@ AdamWFp8 = _with_precision(AdamW, "fp8", "AdamWFp8")
 LionFp8 = _with_precision(Lion, "fp8", "LionFp8")
 AdEMAMixFp8 = _with_precision(AdEMAMix, "fp8", "AdEMAMixFp8")
 AdamWScheduleFree8bit = _with_precision(AdamWScheduleFree, "8bit", "AdamWScheduleFree8bit")
+Muon8bit = _with_precision(Muon, "8bit", "Muon8bit")

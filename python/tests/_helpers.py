@@ -39,8 +39,9 @@ ALGORITHMS = {
     "adopt": (nibble.ADOPT, dict(lr=1e-2, weight_decay=1e-2, decouple=True)),
     "ademamix": (nibble.AdEMAMix, dict(lr=1e-2, weight_decay=1e-2, alpha_warmup=4, beta3_warmup=4)),
     "adamw_schedulefree": (nibble.AdamWScheduleFree, dict(lr=1e-2, weight_decay=1e-2, warmup_steps=4)),
+    "muon": (nibble.Muon, dict(lr=2e-2, weight_decay=1e-2, adamw_lr=1e-2)),
 }
-WHOLE_TENSOR = ("adafactor", "adamp")  # refuse a split tensor
+WHOLE_TENSOR = ("adafactor", "adamp", "muon")  # refuse a split tensor (muon: a split matrix)
 REPLICATED = WHOLE_TENSOR + ("adamw",)  # also run on replicated and on whole-row DTensors
 SHARDED_PRECISIONS = ("fp32", "8bit", "4bit", "fp8")
 

@@ -180,6 +180,159 @@ def test_fp32_matches_the_authors_update(device, ours, theirs, kwargs):
     assert_trains_alike(device, ours, theirs, kwargs)
 
 
+class PlainMuon(torch.optim.Optimizer):
+    """torch.optim.Muon's math (torch/optim/_muon.py) written out with its Newton-Schulz iteration in
+    `dtype` (torch runs it in bf16; nibble's CPU backend in fp32)."""
+
+    def __init__(self, params, lr, weight_decay, momentum, nesterov, ns_coefficients, eps, ns_steps, adjust_lr_fn,
+                 dtype=torch.float32):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
+                                      ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
+                                      adjust_lr_fn=adjust_lr_fn))
+        self.dtype = dtype
+
+    def newton_schulz(self, g, coefficients, steps, eps):
+        a, b, c = coefficients
+        x = g.to(self.dtype)
+        tall = g.size(0) > g.size(1)
+        if tall:
+            x = x.T
+        x = x / x.norm().clamp(min=eps)
+        for _ in range(steps):
+            gram = x @ x.T
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        return (x.T if tall else x).to(g.dtype)
+
+    @torch.no_grad()
+    def step(self):
+        for g in self.param_groups:
+            for p in g["params"]:
+                if p.grad is None:
+                    continue
+                buf = self.state[p].setdefault("momentum_buffer", torch.zeros_like(p))
+                buf.lerp_(p.grad, 1 - g["momentum"])
+                update = p.grad.lerp(buf, g["momentum"]) if g["nesterov"] else buf
+                o = self.newton_schulz(update.reshape(p.shape[0], -1), g["ns_coefficients"], g["ns_steps"], g["eps"])
+                A, B = p.shape[0], p[0].numel()
+                factor = {"original": math.sqrt(max(1, A / B)), "match_rms_adamw": 0.2 * math.sqrt(max(A, B)),
+                          "spectral_unclamped": math.sqrt(A / B)}[g["adjust_lr_fn"] or "original"]
+                p.mul_(1 - g["lr"] * g["weight_decay"])
+                p.add_(o.reshape(p.shape), alpha=-g["lr"] * factor)
+
+
+MUON = dict(lr=2e-2, weight_decay=0.1, momentum=0.95, nesterov=True, ns_coefficients=(3.4445, -4.7750, 2.0315),
+            eps=1e-7, ns_steps=5, adjust_lr_fn=None)
+
+
+def train_pair(net, opts, scheds, steps):
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(steps):
+        x = torch.randn(16, 32, generator=gen)
+        for o in opts:
+            o.zero_grad()
+        net(x).square().mean().backward()
+        for o in opts:
+            o.step()
+        for s in scheds:
+            s.step()
+
+
+@pytest.mark.parametrize("kwargs", [
+    MUON,
+    dict(MUON, nesterov=False, momentum=0.9, adjust_lr_fn="match_rms_adamw", weight_decay=0.01, lr=1e-3),
+    dict(MUON, adjust_lr_fn="spectral_unclamped", ns_steps=3, ns_coefficients=(2.0, -1.5, 0.5), eps=1e-5),
+])
+def test_muon_matches_torch_muons_math_and_adamw_on_the_rest(kwargs):
+    """nibble.Muon over the whole model (weights orthogonalised, biases by its AdamW fallback) against
+    torch.optim.Muon's math with fp32 Newton-Schulz on the weights and torch.optim.AdamW on the
+    biases, 20 steps under one StepLR schedule each (lr_scale scales both lrs)."""
+    adamw = dict(lr=1e-2, betas=(0.8, 0.99), eps=1e-8, weight_decay=0.05)
+    a, b = model(), model()
+    ours = nibble.Muon(a.parameters(), **kwargs, adamw_lr=adamw["lr"], adamw_betas=adamw["betas"],
+                       adamw_eps=adamw["eps"], adamw_weight_decay=adamw["weight_decay"])
+    plain = PlainMuon([p for p in b.parameters() if p.dim() >= 2], **kwargs)
+    torch_adamw = torch.optim.AdamW([p for p in b.parameters() if p.dim() < 2], **adamw)
+    scheds_a = [torch.optim.lr_scheduler.StepLR(ours, step_size=7, gamma=0.5)]
+    scheds_b = [torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5) for o in (plain, torch_adamw)]
+    train_pair(a, [ours], scheds_a, 20)
+    train_pair(b, [plain, torch_adamw], scheds_b, 20)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert max_diff(a, model()) > 1e-3, "the run did not move the parameters"
+
+
+# torch.optim.Muon runs Newton-Schulz in bf16 (8 significant bits): each orthogonalised update
+# differs from nibble's fp32 one by ~2^-8 relative and more where the quintic amplifies it, and the
+# trajectories drift apart through the gradients. Measured over 20 steps: the largest parameter
+# difference is 1.9% of the largest distance torch's run moved a parameter; bound 5%, while the
+# update is 100% (a missing or doubled step, a wrong shape factor would be tens of percent).
+def test_muon_follows_torch_optim_muon_within_its_bf16_rounding():
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(32, 129, bias=False), torch.nn.GELU(), torch.nn.Linear(129, 7, bias=False))
+    b, start = copy.deepcopy(a), copy.deepcopy(a)
+    ours = nibble.Muon(a.parameters(), **MUON)
+    theirs = torch.optim.Muon(b.parameters(), **MUON)
+    train_pair(a, [ours], [], 20)
+    train_pair(b, [theirs], [], 20)
+    moved = max_diff(b, start)
+    assert moved > 1e-2
+    assert max_diff(a, b) < 0.05 * moved, f"nibble vs torch.optim.Muon: {max_diff(a, b):.3g} of {moved:.3g} moved"
+
+
+def test_muon_groups_choose_muon_or_adamw():
+    """use_muon False: the group is AdamW's (its lr, weight_decay, adamw_betas, adamw_eps), as in
+    MuonWithAuxAdam; True: every parameter orthogonalised, a vector refused."""
+    a, b = model(), model()
+    wa = [a[0].weight, a[2].weight]
+    ours = nibble.Muon([dict(params=wa, use_muon=True),
+                        dict(params=[a[0].bias, a[2].bias], use_muon=False, lr=5e-3,
+                             weight_decay=0.02)], **MUON, adamw_betas=(0.9, 0.95), adamw_eps=1e-10)
+    plain = PlainMuon([b[0].weight, b[2].weight], **MUON)
+    torch_adamw = torch.optim.AdamW([b[0].bias, b[2].bias], lr=5e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.02)
+    train_pair(a, [ours], [], 15)
+    train_pair(b, [plain, torch_adamw], [], 15)
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    names = [sorted(e) for e in ours.state_dict()["state"].values()]
+    assert names == [["momentum_buffer", "step"]] * 2 + [["exp_avg", "exp_avg_sq", "step"]] * 2
+    net = model()
+    with pytest.raises(ValueError, match="parameter 'param.1' has rank 1: use_muon true orthogonalises every tensor"):
+        train(net, nibble.Muon(net.parameters(), use_muon=True), 1)
+
+
+def test_muon_state_dict_round_trip_continues_in_lockstep():
+    a, b = model(), model()
+    opt_a = nibble.Muon8bit(a.parameters(), lr=2e-2, adamw_lr=1e-2, min_quant_size=0)
+    train(a, opt_a, 8)
+    state = copy.deepcopy(opt_a.state_dict())
+    assert state["state"][0]["momentum_buffer.codes"].dtype == torch.uint8
+    assert "exp_avg_sq.codes" in state["state"][1]
+    b.load_state_dict(a.state_dict())
+    opt_b = nibble.Muon8bit(b.parameters(), lr=2e-2, adamw_lr=1e-2, min_quant_size=0)
+    opt_b.load_state_dict(state)
+    train(a, opt_a, 5, seed=3)
+    train(b, opt_b, 5, seed=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("make,match", [
+    (lambda p: nibble.Muon(p, ns_steps=0), r"muon: ns_steps must be an integer in \[1, 99\], got 0"),
+    (lambda p: nibble.Muon(p, ns_steps=100), r"ns_steps must be an integer in \[1, 99\], got 100"),
+    (lambda p: nibble.Muon(p, ns_steps=2.5), "ns_steps must be an integer, got 2.5"),
+    (lambda p: nibble.Muon(p, adjust_lr_fn="adamw"), "adjust_lr must be one of original, match_rms_adamw, "
+                                                      "spectral_unclamped, got 'adamw'"),
+    (lambda p: nibble.Muon(p, eps=float("nan")), "eps must be finite"),
+    (lambda p: nibble.Muon(p, ns_coefficients=(1.0, 2.0)), "ns_coefficients must be three numbers"),
+    (lambda p: nibble.Muon(p, adamw_betas=(1.0, 0.9)), r"adamw_betas\[0\]"),
+    (lambda p: nibble.Muon(p, momentum=1.5), "momentum"),
+    (lambda p: nibble.Muon(p, lr=0.0), "needs a base lr > 0"),
+])
+def test_muon_bad_arguments_raise_value_error_naming_them(make, match):
+    with pytest.raises(ValueError, match=match):
+        make(model().parameters())
+
+
 def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():
     # On CUDA the step hands torch's current stream to nibble_set_grads, so the gradient table is
     # uploaded on the stream the step is queued on; a CPU optimizer has no stream to take.

@@ -81,7 +81,8 @@ void read_hyper(const nlohmann::json& j, nibble::Hyper& h) {
     };
     const nibble::HyperField* field = nibble::find_hyper_field(key);
     if (field == nullptr) throw nibble::InvalidArgument(fmt::format("hyper.{} is not a nibble hyperparameter", key));
-    if (field->number != nullptr) number(h.*field->number);
+    if (!field->choices.empty() && value.is_string()) h.*field->number = nibble::hyper_choice(*field, value.get<std::string>());
+    else if (field->number != nullptr) number(h.*field->number);
     else flag(h.*field->flag);
   }
 }
@@ -95,6 +96,8 @@ const char* range_name(nibble::HyperRange range) {
     case nibble::HyperRange::kUnit: return "[0, 1]";
     case nibble::HyperRange::kDecayRate: return "[-1, 0)";
     case nibble::HyperRange::kOpenUnit: return "(0, 1)";
+    case nibble::HyperRange::kStepCount: return "integer in [1, 99]";
+    case nibble::HyperRange::kChoice: return "choice";
   }
   return "";
 }
@@ -102,8 +105,10 @@ const char* range_name(nibble::HyperRange range) {
 // The algorithm, precision and hyperparameter tables, for bindings that list or check them.
 nlohmann::ordered_json tables_json() {
   nlohmann::ordered_json hyper = nlohmann::ordered_json::array();
-  for (const nibble::HyperField& f : nibble::hyper_fields())
+  for (const nibble::HyperField& f : nibble::hyper_fields()) {
     hyper.push_back({{"name", f.name}, {"type", f.number != nullptr ? "number" : "flag"}});
+    if (!f.choices.empty()) hyper.back()["choices"] = f.choices;
+  }
   nlohmann::ordered_json algorithms = nlohmann::ordered_json::array();
   for (const nibble::AlgorithmSpec& a : nibble::algorithm_specs()) {
     nlohmann::ordered_json defaults = nlohmann::ordered_json::object();
@@ -179,6 +184,11 @@ nibble::OptimizerOptions read_options(const char* text) {
     else if (key == "full_precision_names") get(key, o.full_precision_names);
     else if (key == "no_decay_names") get(key, o.no_decay_names);
     else if (key == "no_decay_vectors") get(key, o.no_decay_vectors);
+    else if (key == "use_muon") {
+      if (!value.is_null() && !value.is_boolean())
+        throw nibble::InvalidArgument(fmt::format("option use_muon must be true, false or null, got {}", value.dump()));
+      o.use_muon = value.is_null() ? std::nullopt : std::optional<bool>(value.get<bool>());
+    } else if (key == "adamw_names") get(key, o.adamw_names);
     else throw nibble::InvalidArgument(fmt::format("option '{}' is not a nibble optimizer option", key));
   }
   o.hyper = hyper;

@@ -76,6 +76,12 @@ void run_train(TrainFlags& f) {
     const char* end = item.data() + item.size();
     const auto [at, ec] = eq == std::string::npos ? std::from_chars(end, end, value)
                                                   : std::from_chars(item.data() + eq + 1, end, value);
+    // A hyperparameter with named choices (Muon's adjust_lr) also takes a choice's name.
+    const HyperField* field = eq == std::string::npos ? nullptr : find_hyper_field(item.substr(0, eq));
+    if (field != nullptr && !field->choices.empty() && (ec != std::errc() || at != end)) {
+      o.hyper.emplace_back(item.substr(0, eq), hyper_choice(*field, item.substr(eq + 1)));
+      continue;
+    }
     if (eq == std::string::npos || eq == 0 || ec != std::errc() || at != end || !std::isfinite(value))
       throw InvalidArgument(fmt::format("--hyper takes NAME=VALUE with a finite number, got '{}'", item));
     o.hyper.emplace_back(item.substr(0, eq), value);
@@ -206,7 +212,8 @@ void add_train_command(CLI::App& app) {
   sub->add_option("--eps", f->eps, "epsilon (default: the optimizer's)")->check(positive());
   sub->add_option("--hyper", f->hyper,
                   "Any other hyperparameter the optimizer reads, NAME=VALUE, comma-separated (e.g. "
-                  "alpha=5,beta3_warmup=1000 for ademamix; flags 0 or 1). Names: " + hyper_field_names())
+                  "alpha=5,beta3_warmup=1000 for ademamix; flags 0 or 1; a choice by name, e.g. "
+                  "adjust_lr=match_rms_adamw for muon). Names: " + hyper_field_names())
       ->delimiter(',')
       ->option_text("NAME=VALUE");
   sub->add_option("--schedule", f->schedule,

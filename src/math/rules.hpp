@@ -229,6 +229,30 @@ NIBBLE_HD ScheduleFreeScalars schedulefree_advance(const Hyper& h, double lr, st
   return {lr, weight_sum > 0.0 ? weight / weight_sum : 0.0};
 }
 
+// Muon (Jordan et al., 2024), as torch.optim.Muon: a momentum buffer (torch's lerp) whose Nesterov
+// update the backends orthogonalise by Newton-Schulz over the whole matrix, then a decoupled decay
+// and a step of lr times the shape factor of muon_lr_factor. Its other tensors step with AdamStep.
+struct MuonStep {
+  float momentum, one_minus_momentum, nesterov, grad_mul, lr, decay;
+};
+// Updates the buffer and returns the update to orthogonalise.
+NIBBLE_HD float muon_momentum(float g, float& buf, const MuonStep& k) {
+  g = g * k.grad_mul;
+  buf = lerp_f(buf, g, k.one_minus_momentum);
+  return k.nesterov != 0.0f ? lerp_f(g, buf, k.momentum) : buf;
+}
+// o: the orthogonalised update; step = lr * muon_lr_factor.
+NIBBLE_HD void muon_apply(float& p, float o, float decay, float step) { p = p * decay - step * o; }
+// The lr's factor for a matrix of shape (A, B) (rank > 2: (shape[0], the rest)), by AdjustLr.
+NIBBLE_HD double muon_lr_factor(float adjust, double rows, double cols) {
+  switch (static_cast<AdjustLr>(static_cast<int>(adjust))) {
+    case AdjustLr::kOriginal: return ::sqrt(rows / cols > 1.0 ? rows / cols : 1.0);
+    case AdjustLr::kMatchRmsAdamW: return 0.2 * ::sqrt(rows > cols ? rows : cols);
+    case AdjustLr::kSpectralUnclamped: return ::sqrt(rows / cols);
+  }
+  return 1.0;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Rule adaptors. Each says which algorithms it steps (handles), fills its constants once per
 // tensor per step (fill), and, when kElementwise, updates one element with up to three state
@@ -261,6 +285,7 @@ struct StepConstants {
   AdoptStep adopt;
   AdemamixStep ademamix;
   ScheduleFreeStep schedulefree;
+  MuonStep muon;
   float lr;
   float adamp_decay;
   int adamp_view;  // 0: not projected, 1: channel view (rows of shape[0]), 2: whole tensor
@@ -427,11 +452,23 @@ struct AdafactorRule : RuleDefaults {
   }
 };
 
+struct MuonRule : RuleDefaults {
+  static constexpr bool kElementwise = false;  // Newton-Schulz over each whole matrix
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kMuon; }
+  // The orthogonalised tensors' momentum, and the AdamW fallback's constants for the others (whose
+  // lr and wd are adamw_lr and adamw_weight_decay unless their group sets them).
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    k.muon = {h.momentum, 1.0f - h.momentum, h.nesterov ? 1.0f : 0.0f, in.grad_mul, in.lr, 1.0f - in.lr * in.wd};
+    k.adam = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, in.lr / in.bc1, 1.0f / sqrtf(in.bc2),
+              h.adamw_eps, 0.0f, 1.0f - in.lr * in.wd, in.grad_mul};
+  }
+};
+
 template <class... R>
 struct RuleList {};
 // Every algorithm's rule: the backends instantiate these and nothing else.
 using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdoptRule, AdemamixRule, AdamPRule,
-                       AdafactorRule, ScheduleFreeRule>;
+                       AdafactorRule, ScheduleFreeRule, MuonRule>;
 
 // Fills k from the rule that handles `algorithm`.
 template <class... R>

@@ -17,6 +17,9 @@
 namespace nibble {
 namespace {
 
+// In the order of enum AdjustLr.
+constexpr std::string_view kAdjustLrChoices[] = {"original", "match_rms_adamw", "spectral_unclamped"};
+
 constexpr std::array kHyperFields = {
     HyperField{"lr", &Hyper::lr},
     HyperField{"weight_decay", &Hyper::weight_decay},
@@ -50,6 +53,14 @@ constexpr std::array kHyperFields = {
     HyperField{"warmup_steps", &Hyper::warmup_steps, nullptr, false, false},
     HyperField{"r", &Hyper::r, nullptr, false, false},
     HyperField{"weight_lr_power", &Hyper::weight_lr_power, nullptr, false, false},
+    HyperField{"ns_steps", &Hyper::ns_steps, nullptr, false, false},
+    HyperField{"ns_a", &Hyper::ns_a, nullptr, false, false},
+    HyperField{"ns_b", &Hyper::ns_b, nullptr, false, false},
+    HyperField{"ns_c", &Hyper::ns_c, nullptr, false, false},
+    HyperField{"adjust_lr", &Hyper::adjust_lr, nullptr, false, false, kAdjustLrChoices},
+    HyperField{"adamw_lr", &Hyper::adamw_lr, nullptr, false, false},
+    HyperField{"adamw_eps", &Hyper::adamw_eps, nullptr, false, false},
+    HyperField{"adamw_weight_decay", &Hyper::adamw_weight_decay, nullptr, false, false},
 };
 
 // Defaults: Hyper's own values, changed where the algorithm's reference code differs.
@@ -81,6 +92,11 @@ constexpr HyperUse kAdemamixNumbers[] = {{"beta1", R::kBeta},  {"beta2", R::kBet
 constexpr HyperUse kScheduleFreeNumbers[] = {{"beta1", R::kOpenUnit},         {"beta2", R::kBeta},
                                              {"eps", R::kPositive},       {"warmup_steps", R::kNonNegative},
                                              {"r", R::kFinite},           {"weight_lr_power", R::kNonNegative}};
+constexpr HyperUse kMuonNumbers[] = {
+    {"momentum", R::kUnit},        {"eps", R::kPositive},           {"ns_steps", R::kStepCount},
+    {"ns_a", R::kFinite},          {"ns_b", R::kFinite},            {"ns_c", R::kFinite},
+    {"adjust_lr", R::kChoice},     {"adamw_lr", R::kNonNegative},   {"beta1", R::kBeta},
+    {"beta2", R::kBeta},           {"adamw_eps", R::kPositive},     {"adamw_weight_decay", R::kNonNegative}};
 
 constexpr std::string_view kSgdFlags[] = {"nesterov", "decoupled_weight_decay"};
 constexpr std::string_view kAdamFlags[] = {"amsgrad", "bias_correction", "decoupled_weight_decay"};
@@ -90,6 +106,7 @@ constexpr std::string_view kAdamPFlags[] = {"nesterov", "bias_correction"};
 constexpr std::string_view kQhmFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdoptFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdemamixFlags[] = {"bias_correction"};
+constexpr std::string_view kMuonFlags[] = {"nesterov"};
 
 void check_range(std::string_view algo, std::string_view what, float v, HyperRange range);
 
@@ -291,6 +308,36 @@ constexpr std::array kAlgorithmSpecs = {
         },
         .state_note = [](const Hyper&) -> std::string { return "z (always fp32), v"; },
     },
+    AlgorithmSpec{
+        .id = Algorithm::kMuon,
+        .name = "muon",
+        .title = "Muon (Jordan et al., 2024) with its AdamW fallback",
+        // torch.optim.Muon's; the fallback's as Keller Jordan's MuonWithAuxAdam.
+        .defaults = hyper_with([](Hyper& h) {
+          h.weight_decay = 0.1f;
+          h.momentum = 0.95f;
+          h.nesterov = true;
+          h.eps = 1e-7f;
+          h.beta2 = 0.95f;
+        }),
+        .numbers = kMuonNumbers,
+        .flags = kMuonFlags,
+        .always_decoupled = true,
+        .slots = [](const Hyper&, bool orthogonalised, StateSlot* out) {
+          if (orthogonalised) {
+            out[0] = {"momentum_buffer", true};
+            return 1;
+          }
+          out[0] = {"exp_avg", true};
+          out[1] = {"exp_avg_sq", false};
+          return 2;
+        },
+        .state_note = [](const Hyper&) -> std::string { return "momentum buffer (matrices); m, v (AdamW fallback)"; },
+        .reduction = Reduction::kOrthogonalise,
+        .orthogonalises_matrices = true,
+        .split_refusal_matrix = "muon orthogonalises the whole matrix (Newton-Schulz); its AdamW fallback tensors "
+                                "may be split",
+    },
 };
 
 // The enum's values and the table's order are the same, so a lookup is an index.
@@ -339,6 +386,16 @@ void check_range(std::string_view algo, std::string_view what, float v, HyperRan
     case HyperRange::kOpenUnit:
       if (v <= 0.0f || v >= 1.0f) fail("in (0, 1)");
       break;
+    case HyperRange::kStepCount:
+      if (v < 1.0f || v > 99.0f || v != std::floor(v)) fail("an integer in [1, 99]");
+      break;
+    case HyperRange::kChoice: {
+      const HyperField* field = find_hyper_field(what);
+      const auto n = static_cast<float>(field != nullptr ? field->choices.size() : 0);
+      if (v < 0.0f || v >= n || v != std::floor(v))
+        fail(fmt::format("the index of one of {} (or its name)", field != nullptr ? hyper_choice_names(*field) : ""));
+      break;
+    }
   }
 }
 
@@ -365,6 +422,18 @@ std::string hyper_field_names() {
   std::string out;
   for (const HyperField& f : kHyperFields) out += fmt::format("{}{}", out.empty() ? "" : ", ", f.name);
   return out;
+}
+
+std::string hyper_choice_names(const HyperField& field) {
+  std::string out;
+  for (std::string_view c : field.choices) out += fmt::format("{}{}", out.empty() ? "" : ", ", c);
+  return out;
+}
+
+float hyper_choice(const HyperField& field, std::string_view name) {
+  for (std::size_t i = 0; i < field.choices.size(); ++i)
+    if (field.choices[i] == name) return static_cast<float>(i);
+  throw InvalidArgument(fmt::format("{} must be one of {}, got '{}'", field.name, hyper_choice_names(field), name));
 }
 
 const HyperField* find_hyper_field(std::string_view name) {

@@ -65,6 +65,7 @@ struct TensorState {
   // Adafactor, factored (rank >= 2): EMAs of row and column means of g^2 + eps1, fp32.
   bool factored = false;
   std::int64_t batch_rows = 1;  // shape[-2]; rows = batches * batch_rows
+  bool orthogonalised = false;  // Muon: its update is orthogonalised (else its AdamW fallback steps it)
   bool has_master = false;      // keeps an fp32 copy of a bf16/fp16 parameter (CUDA, master_weights)
   float* master = nullptr;
   float* af_row = nullptr;      // [rows]
@@ -90,6 +91,9 @@ struct Optimizer::Impl {
   std::vector<StepConstants> constants;  // one per tensor
   std::vector<double> chunk_partials;    // one per chunk: deterministic global reductions
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
+  // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace.
+  std::vector<float> ns_scratch;
+  std::int64_t scratch_bytes = 0;  // beside the state: muon_scratch_bytes (state_layout.hpp)
   std::int64_t max_cols = 0;
   int threads = 1;
   Buffer arena;                    // CPU: all state; CUDA: unused (the state lives on the device)

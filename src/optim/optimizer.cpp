@@ -107,8 +107,9 @@ std::vector<std::int64_t> global_shape_of(const Param& param, std::int64_t local
 // reducing those statistics over the ranks would cost a collective per tensor per step.
 void check_split(const TensorState& t, const AlgorithmSpec& algo, std::size_t global_rank, bool rank1_requested) {
   if (!t.param.split) return;
-  std::string_view why = global_rank >= 2 && !algo.split_refusal_matrix.empty() ? algo.split_refusal_matrix
-                                                                                : algo.split_refusal_any;
+  const bool matrix = global_rank >= 2 && (!algo.orthogonalises_matrices || t.orthogonalised);
+  std::string_view why = matrix && !algo.split_refusal_matrix.empty() ? algo.split_refusal_matrix
+                                                                     : algo.split_refusal_any;
   for (int j = 0; j < t.slot_count && why.empty(); ++j)
     if (uses_rank1(rank1_requested, algo, t.slots[j].precision, t.slots[j].is_signed, global_rank))
       why = "rank-1 4-bit second moments are scaled by row and column maxima of the whole matrix";
@@ -175,6 +176,20 @@ std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const Optim
   return bytes;
 }
 
+std::int64_t planned_scratch_bytes(std::span<const ParamGroup> groups, const OptimizerOptions& options_in) {
+  const OptimizerOptions options = resolve_options(options_in);
+  const AlgorithmSpec& spec = algorithm_spec(options.algorithm);
+  std::vector<TensorState> tensors;
+  for (const ParamGroup& group : groups)
+    for (const Param& param : group.params) {
+      TensorState& t = tensors.emplace_back();
+      t.param = param;
+      t.numel = shape_numel(param.shape);
+      plan_tensor_state(t, spec, *options.hyper, group.precision, options, global_shape_of(param, t.numel));
+    }
+  return muon_scratch_bytes(tensors, options.device);
+}
+
 Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) : impl_(std::make_unique<Impl>()) {
   Impl& im = *impl_;
   options = resolve_options(std::move(options));
@@ -222,11 +237,13 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.group = static_cast<int>(gi);
       t.offset = im.total_numel;
       im.total_numel += t.numel;
-      t.lr = group.lr.value_or(hyper.lr);
-      t.weight_decay = group.weight_decay.value_or(hyper.weight_decay);
+      plan_tensor_state(t, spec, hyper, group.precision, options, global);
+      // Muon's AdamW fallback has an lr and a weight decay of its own.
+      const bool fallback = spec.orthogonalises_matrices && !t.orthogonalised;
+      t.lr = group.lr.value_or(fallback ? hyper.adamw_lr : hyper.lr);
+      t.weight_decay = group.weight_decay.value_or(fallback ? hyper.adamw_weight_decay : hyper.weight_decay);
       if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
         t.weight_decay = 0.0f;
-      plan_tensor_state(t, spec, hyper, group.precision, options, global);
       check_split(t, spec, global_rank, options.rank1_second_moment);
       if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
         // The dot products: per row, or per fixed segment of the tensor.
@@ -241,6 +258,8 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     }
   }
   if (im.tensors.empty()) throw InvalidArgument("optimizer: the parameter list is empty");
+  im.scratch_bytes = muon_scratch_bytes(im.tensors, options.device);
+  if (!on_cuda) im.ns_scratch.resize(static_cast<std::size_t>(im.scratch_bytes / 4));
 
   // Lay out all state in one arena: first measure, then carve.
   for (int pass = 0; pass < 2; ++pass) {
@@ -382,7 +401,7 @@ Precision Optimizer::state_precision(std::size_t param_index) const {
   return impl_->tensors[param_index].precision;
 }
 
-StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->state_bytes}; }
+StateStats Optimizer::state_stats() const { return {impl_->total_numel, impl_->state_bytes, impl_->scratch_bytes}; }
 
 std::vector<std::string> Optimizer::state_names(std::size_t param_index) const {
   param(param_index);

@@ -7,10 +7,13 @@
 #include <cctype>
 #include <ostream>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include <fmt/format.h>
 
 #include "nibble/error.hpp"
+#include "optim/cpu/newton_schulz.hpp"
 
 namespace nibble {
 namespace {
@@ -140,6 +143,34 @@ Precision tensor_precision(Precision requested, std::int64_t global_numel, const
   return requested;
 }
 
+bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name, std::size_t global_rank,
+                         const OptimizerOptions& options) {
+  if (!algorithm.orthogonalises_matrices) return false;
+  if (options.use_muon == true && global_rank < 2)
+    throw InvalidArgument(fmt::format("parameter '{}' has rank {}: use_muon true orthogonalises every tensor, and "
+                                      "Newton-Schulz needs rank >= 2; give it a group or optimizer without use_muon",
+                                      name, global_rank));
+  if (options.use_muon) return *options.use_muon;
+  return global_rank >= 2 && !name_contains_any(name, options.adamw_names);
+}
+
+std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device device) {
+  std::int64_t cpu = 0, updates = 0, batches = 0;
+  std::vector<std::pair<std::int64_t, std::int64_t>> shapes;
+  for (const TensorState& t : tensors) {
+    if (!t.orthogonalised || t.numel == 0) continue;
+    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows, s = std::min(rows, cols);
+    cpu = std::max(cpu, 4 * (t.numel + cpu::newton_schulz_workspace(rows, cols)));
+    updates += 4 * t.numel;
+    // Per matrix of its batch: its index, its norm, X and Y (s x l) and A and B (s x s) in bf16.
+    batches += 4 + 8 + 2 * (2 * t.numel + 2 * s * s);
+    if (std::find(shapes.begin(), shapes.end(), std::make_pair(rows, cols)) == shapes.end())
+      shapes.emplace_back(rows, cols);
+  }
+  if (device == Device::kCpu) return cpu;
+  return shapes.empty() ? 0 : updates + batches + kCublasWorkspaceBytes;
+}
+
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
                    const OptimizerOptions& options, std::span<const std::int64_t> global_shape) {
   const std::vector<std::int64_t>& shape = t.param.shape;
@@ -151,7 +182,8 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
   t.block = state_block(precision, options.block_size);
   t.factored = algorithm.factors_matrices && global_shape.size() >= 2 && t.numel > 0;
   StateSlot specs[kMaxStateSlots];
-  t.slot_count = algorithm.slots(hyper, t.factored, specs);
+  t.orthogonalised = muon_orthogonalises(algorithm, t.param.name, global_shape.size(), options);
+  t.slot_count = algorithm.slots(hyper, t.factored || t.orthogonalised, specs);
   for (int j = 0; j < t.slot_count; ++j) {
     Slot& s = t.slots[j];
     s.name = specs[j].name;

@@ -51,7 +51,20 @@ inline bool slot_non_negative(const AlgorithmSpec& algorithm, const Slot& slot) 
 Precision tensor_precision(Precision requested, std::int64_t global_numel, const std::string& name,
                            const OptimizerOptions& options);
 
-// Fills t's view (rows, cols, batch_rows), precision, block, factoring and slots from its
+// Muon: whether a tensor named `name` of rank `global_rank` is orthogonalised (else its AdamW
+// fallback steps it), as options.use_muon and options.adamw_names say; false for other algorithms.
+// Throws InvalidArgument for use_muon true and a tensor of rank < 2.
+bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name, std::size_t global_rank,
+                         const OptimizerOptions& options);
+
+// Muon's scratch beside the state for these laid-out tensors: on the CPU the largest orthogonalised
+// matrix's update and Newton-Schulz workspace (fp32); on CUDA an fp32 update per matrix and, per
+// batch of one shape, its tensor list, norms, bf16 X, Y, A and B, and the cuBLAS workspace (what
+// the backends allocate). 0 when no tensor is orthogonalised.
+std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device device);
+inline constexpr std::int64_t kCublasWorkspaceBytes = 32 << 20;  // cuBLAS's recommendation for Hopper
+
+// Fills t's view (rows, cols, batch_rows), precision, block, factoring, Muon's choice and slots from its
 // parameter (t.param, t.numel set) and the global shape. Allocates nothing.
 void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper, Precision precision,
                    const OptimizerOptions& options, std::span<const std::int64_t> global_shape);

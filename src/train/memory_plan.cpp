@@ -11,10 +11,12 @@
 
 namespace nibble::train {
 
-std::int64_t planned_optimizer_state_bytes(const model::GptConfig& config, const OptimizerOptions& options,
-                                           model::CudaPrecision compute) {
-  // The optimizer's own decision over the model's tensors, as the engine will hand them over: bf16
-  // parameters on CUDA in bf16 compute (fp32 master weights when asked for), fp32 otherwise.
+namespace {
+
+// The model's tensors as the engine will hand them to the optimizer: bf16 parameters on CUDA in
+// bf16 compute (fp32 master weights when asked for), fp32 otherwise.
+ParamGroup gpt_param_group(const model::GptConfig& config, const OptimizerOptions& options,
+                           model::CudaPrecision compute) {
   const bool bf16 = options.device == Device::kCuda && compute == model::CudaPrecision::kBf16;
   ParamGroup group;
   for (const model::ParamTensor& t : model::gpt_param_layout(config)) {
@@ -24,7 +26,21 @@ std::int64_t planned_optimizer_state_bytes(const model::GptConfig& config, const
     param.dtype = bf16 ? DType::BF16 : DType::F32;
     group.params.push_back(std::move(param));
   }
+  return group;
+}
+
+}  // namespace
+
+std::int64_t planned_optimizer_state_bytes(const model::GptConfig& config, const OptimizerOptions& options,
+                                           model::CudaPrecision compute) {
+  const ParamGroup group = gpt_param_group(config, options, compute);
   return planned_state_bytes(std::span<const ParamGroup>(&group, 1), options);
+}
+
+std::int64_t planned_optimizer_scratch_bytes(const model::GptConfig& config, const OptimizerOptions& options,
+                                             model::CudaPrecision compute) {
+  const ParamGroup group = gpt_param_group(config, options, compute);
+  return planned_scratch_bytes(std::span<const ParamGroup>(&group, 1), options);
 }
 
 MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::int64_t seq,
@@ -47,6 +63,7 @@ MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::
     plan.activations = m.activations;
     plan.workspace = m.workspace;
   }
+  plan.workspace += planned_optimizer_scratch_bytes(config, options, compute);
   return plan;
 }
 

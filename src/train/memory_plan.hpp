@@ -15,7 +15,7 @@ struct MemoryPlan {
   std::int64_t grads = 0;
   std::int64_t optimizer_state = 0;
   std::int64_t activations = 0;
-  std::int64_t workspace = 0;  // SophiaG's Hessian-estimate buffer
+  std::int64_t workspace = 0;  // SophiaG's Hessian-estimate buffer; Muon's Newton-Schulz scratch
   std::int64_t total() const { return params + grads + optimizer_state + activations + workspace; }
 };
 
@@ -30,5 +30,9 @@ MemoryPlan plan_memory(const model::GptConfig& config, std::int64_t batch, std::
 // parameters on the CUDA engine.
 std::int64_t planned_optimizer_state_bytes(const model::GptConfig& config, const OptimizerOptions& options,
                                            model::CudaPrecision compute);
+// The scratch the optimizer allocates beside its state over the same tensors (Muon's Newton-Schulz
+// buffers), counted in the plan's workspace.
+std::int64_t planned_optimizer_scratch_bytes(const model::GptConfig& config, const OptimizerOptions& options,
+                                             model::CudaPrecision compute);
 
 }  // namespace nibble::train

@@ -18,6 +18,7 @@
 #include "math/scratch_layout.hpp"
 #include "nibble/error.hpp"
 #include "optim/cpu/codec_simd.hpp"
+#include "optim/cpu/newton_schulz.hpp"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -513,6 +514,7 @@ inline constexpr bool kNoBlockRuleFor = false;
 template <class R, bool kVariant>
 struct BlockRule {
   const Optimizer::Impl& impl;
+  float* muon_update = nullptr;  // Muon: the orthogonalised matrix's update, from its first element
   void operator()(const TensorState& t, std::int64_t b, std::int64_t n, float* __restrict p,
                   const float* __restrict g, float** s) const {
     const StepConstants& k = impl.constants[&t - impl.tensors.data()];
@@ -576,11 +578,53 @@ struct BlockRule {
           math::adafactor_apply<kVariant>(p[i], u, s1[i], ka);
         }
       }
+    } else if constexpr (std::is_same_v<R, math::MuonRule>) {
+      if (t.orthogonalised) {
+        const math::MuonStep km = k.muon;
+        float* __restrict u = muon_update + b;
+        for (std::int64_t i = 0; i < n; ++i) u[i] = math::muon_momentum(g[i], s0[i], km);
+      } else {
+        const math::AdamStep ka = k.adam;
+        for (std::int64_t i = 0; i < n; ++i) math::adam_update<false>(p[i], g[i], s0[i], s1[i], s2[i], ka);
+      }
     } else {
-      static_assert(kNoBlockRuleFor<R>, "BlockRule: a rule that is neither element-wise nor AdamP or Adafactor");
+      static_assert(kNoBlockRuleFor<R>, "BlockRule: a rule that is neither element-wise nor AdamP, Adafactor or Muon");
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Muon: per orthogonalised matrix, the momentum pass writes the update into impl.ns_scratch, the
+// Newton-Schulz iteration orthogonalises it there, and the apply pass steps the parameter.
+
+void muon_matrices(Optimizer::Impl& impl, BlockRule<math::MuonRule, false>& rule, unsigned store_mask) {
+  const Hyper& h = impl.hyper;
+  const NewtonSchulz ns{h.ns_a, h.ns_b, h.ns_c, static_cast<int>(h.ns_steps), h.eps};
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    TensorState& t = impl.tensors[i];
+    if (!t.orthogonalised || t.param.grad == nullptr || t.numel == 0) continue;
+    float* u = impl.ns_scratch.data();
+    rule.muon_update = u;
+    parallel_chunks_of(impl, [&](int index) { return static_cast<std::size_t>(index) == i; },
+                       [&](std::int64_t, const Chunk& ch, TensorState& tc, BlockScratch& scratch) {
+                         for_blocks(impl, tc, ch.begin, ch.end, true, store_mask, scratch,
+                                    [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) {
+                                      rule(tc, b, n, p, g, s);
+                                    });
+                       });
+    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows;
+    newton_schulz(u, rows, cols, ns, u + t.numel, u);
+    const math::MuonStep& k = impl.constants[i].muon;
+    const float step = static_cast<float>(static_cast<double>(k.lr) *
+                                          math::muon_lr_factor(h.adjust_lr, static_cast<double>(rows),
+                                                               static_cast<double>(cols)));
+    const float decay = k.decay;
+    float* __restrict p = static_cast<float*>(t.param.data);
+    const std::int64_t numel = t.numel;
+#pragma omp parallel for schedule(static)
+    for (std::int64_t e = 0; e < numel; ++e) math::muon_apply(p[e], u[e], decay, step);
+  }
+}
 
 }  // namespace
 
@@ -621,10 +665,14 @@ void step(Optimizer::Impl& impl, float grad_mul, float lr_scale) {
     if constexpr (std::is_same_v<R, math::AdafactorRule>) adafactor_prepare(impl, lr_scale);
     if (any_rank1) rank1_prepare(impl, rule);
     constexpr unsigned store_mask = (1u << R::kWrittenSlots) - 1;
-    parallel_chunks(impl, [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
-      for_blocks(impl, t, ch.begin, ch.end, true, store_mask, scratch,
-                 [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) { rule(t, b, n, p, g, s); });
-    });
+    // Muon's orthogonalised matrices step one by one after the others (its AdamW fallback).
+    parallel_chunks_of(
+        impl, [&](int i) { return impl.tensors[i].param.grad != nullptr && !impl.tensors[i].orthogonalised; },
+        [&](std::int64_t, const Chunk& ch, TensorState& t, BlockScratch& scratch) {
+          for_blocks(impl, t, ch.begin, ch.end, true, store_mask, scratch,
+                     [&](std::int64_t b, std::int64_t n, float* p, const float* g, float** s) { rule(t, b, n, p, g, s); });
+        });
+    if constexpr (std::is_same_v<R, math::MuonRule>) muon_matrices(impl, rule, store_mask);
   });
   if (any_rank1) rank1_commit(impl);
 }

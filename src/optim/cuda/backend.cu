@@ -6,6 +6,7 @@
 // NOTE: every copy and memset goes to the optimizer's own stream. Synchronous cudaMemcpy/cudaMemset
 // run on the legacy default stream, which a cudaStreamNonBlocking stream is not ordered after, and
 // a pageable host-to-device cudaMemcpy may return before its data lands.
+#include <algorithm>
 #include <climits>
 #include <cmath>
 #include <cstring>
@@ -14,10 +15,12 @@
 #include <memory>
 #include <string>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "nibble/device.hpp"
 #include "optim/cuda/common.cuh"
+#include "optim/cuda/newton_schulz.cuh"
 #include "optim/impl.hpp"
 #include "optim/state_layout.hpp"
 
@@ -38,8 +41,14 @@ struct DeviceState {
   void* staging = nullptr;          // pinned copy of the tensor table for eager uploads (set_grads)
   void* capture_staging = nullptr;  // the same for uploads captured in a CUDA graph
   cudaEvent_t staging_done = nullptr;
+  // Muon: its matrices by shape, and the cuBLAS handle and workspace of their Newton-Schulz GEMMs
+  // (a workspace of its own, so that a captured step allocates nothing).
+  std::vector<NsBatch> ns_batches;
+  cublasHandle_t cublas = nullptr;
+  void* cublas_workspace = nullptr;
 
   ~DeviceState() {
+    if (cublas != nullptr) cublasDestroy(cublas);
     if (staging_done != nullptr) cudaEventSynchronize(staging_done);
     cudaFreeHost(staging);
     cudaFreeHost(capture_staging);
@@ -194,6 +203,60 @@ std::byte* allocate_arena(Optimizer::Impl& impl, DeviceState& ds, std::int64_t b
   return ds.arena;
 }
 
+// Muon: an fp32 update buffer for every orthogonalised matrix (in ds.tensors), and its matrices
+// grouped by shape into batches with their bf16 Newton-Schulz operands: the bytes
+// muon_scratch_bytes counts.
+void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
+  std::int64_t total = 0;
+  std::vector<std::pair<std::pair<std::int64_t, std::int64_t>, std::vector<int>>> shapes;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    if (!t.orthogonalised || t.numel == 0) continue;
+    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows;
+    total += t.numel;
+    auto it = std::find_if(shapes.begin(), shapes.end(), [&](const auto& e) { return e.first == std::make_pair(rows, cols); });
+    if (it == shapes.end()) it = shapes.insert(shapes.end(), {{rows, cols}, {}});
+    it->second.push_back(static_cast<int>(i));
+  }
+  if (total == 0) return;
+  float* updates = zeroed<float>(ds, static_cast<std::size_t>(total), "Muon updates");
+  std::int64_t offset = 0;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    if (!t.orthogonalised || t.numel == 0) continue;
+    DTensor& d = ds.tensors[i];
+    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows;
+    d.muon_update = updates + offset;
+    d.muon_cols = cols;
+    d.muon_factor = static_cast<float>(math::muon_lr_factor(impl.hyper.adjust_lr, static_cast<double>(rows),
+                                                            static_cast<double>(cols)));
+    offset += t.numel;
+  }
+  for (const auto& [shape, members] : shapes) {
+    NsBatch b;
+    b.rows = shape.first;
+    b.cols = shape.second;
+    b.tall = b.rows > b.cols ? 1 : 0;
+    b.s = std::min(b.rows, b.cols);
+    b.l = std::max(b.rows, b.cols);
+    b.count = static_cast<int>(members.size());
+    const auto n = static_cast<std::size_t>(b.count);
+    b.tensors = upload_vector(ds, members, "Muon batch");
+    b.norms = zeroed<double>(ds, n, "Muon norms");
+    b.x = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.l), "Newton-Schulz X");
+    b.y = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.l), "Newton-Schulz X");
+    b.a = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.s), "Newton-Schulz A");
+    b.b = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.s), "Newton-Schulz B");
+    ds.ns_batches.push_back(b);
+  }
+  check_cublas(cublasCreate(&ds.cublas), "cublasCreate");
+  const auto workspace = static_cast<std::size_t>(kCublasWorkspaceBytes);
+  ds.cublas_workspace = device_alloc(ds, workspace, "cuBLAS workspace");
+  check_cublas(cublasSetWorkspace(ds.cublas, ds.cublas_workspace, workspace), "cublasSetWorkspace");
+  // The batches' tensor lists are uploaded from `shapes`, which ends here.
+  NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
+}
+
 void create(Optimizer::Impl& impl) {
   DeviceState& ds = state(impl);
   const Algorithm algorithm = impl.options.algorithm;
@@ -250,6 +313,7 @@ void create(Optimizer::Impl& impl) {
       if (t.slots[j].rank1) rank1.push_back(make_int2(index, j));
     ds.tensors.push_back(d);
   }
+  create_muon(impl, ds);
   auto* scratch = zeroed<double>(ds, static_cast<std::size_t>(scratch_doubles), "reduction scratch");
   for (std::size_t i = 0; i < ds.tensors.size(); ++i)
     if (scratch_offsets[i] < scratch_doubles && (i + 1 == ds.tensors.size() || scratch_offsets[i + 1] > scratch_offsets[i]))
@@ -332,6 +396,13 @@ void enqueue_step(Optimizer::Impl& impl) {
   }
   launch_update(ds.tb, ds.cfg, ds.stream);
   if (ds.rank1_count > 0) launch_rank1_commit(ds.tb, ds.rank1_slots, ds.rank1_count, ds.stream);
+  // Muon: the update pass left each matrix's momentum update; orthogonalise and apply them.
+  for (const NsBatch& batch : ds.ns_batches) {
+    launch_muon_load(ds.tb, batch, ds.cfg.hyper.eps, ds.stream);
+    NsBatch done = batch;
+    done.x = newton_schulz_batched(ds.cublas, batch, ds.cfg.hyper, ds.stream);
+    launch_muon_apply(ds.tb, ds.cfg, done, ds.stream);
+  }
 }
 
 StepResult read_result(Optimizer::Impl& impl) {

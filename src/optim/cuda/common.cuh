@@ -63,6 +63,26 @@ struct DTensor {
   int slot_count = 0;
   std::uint8_t param_type = kF32, grad_type = kF32, factored = 0;
   DSlot slots[kMaxSlots];
+  // Muon, orthogonalised matrices: the momentum update in fp32 (null for the other tensors), the
+  // columns of its (shape[0], rest) view, and its lr factor (muon_lr_factor of that view).
+  float* muon_update = nullptr;
+  std::int64_t muon_cols = 0;
+  float muon_factor = 0.0f;
+};
+
+// Muon: the orthogonalised matrices of one shape, Newton-Schulz'd together by strided-batched
+// GEMMs in bf16 with fp32 accumulation, as torch.optim.Muon runs it. X is the wide orientation of
+// each matrix (s x l, s <= l: transposed when tall), scaled by its Frobenius norm.
+struct NsBatch {
+  std::int64_t rows = 0, cols = 0, s = 0, l = 0;
+  int tall = 0;
+  int count = 0;
+  int* tensors = nullptr;      // [count] tensor indices
+  double* norms = nullptr;     // [count] Frobenius norms of the updates
+  __nv_bfloat16* x = nullptr;  // [count][s][l]
+  __nv_bfloat16* y = nullptr;  // [count][s][l]
+  __nv_bfloat16* a = nullptr;  // [count][s][s]
+  __nv_bfloat16* b = nullptr;  // [count][s][s]
 };
 
 struct DChunk {
@@ -229,5 +249,10 @@ void launch_hessian_check(const Tables& tb, const float* const* estimates, cudaS
 void launch_master_init(const Tables& tb, cudaStream_t stream);
 // p = lerp(p, slot 0, weight) for the tensors that have stepped (schedule-free train and eval).
 void launch_interpolate_params(const Tables& tb, float weight, cudaStream_t stream);
+// Muon: each matrix's update norm and X = its wide orientation / max(norm, eps) in bf16
+// (reduce_kernels.cu); after Newton-Schulz, the step p = p (1 - lr wd) - lr factor X
+// (update_kernels.cu). Both do nothing when the step is skipped or a tensor has no gradient.
+void launch_muon_load(const Tables& tb, const NsBatch& batch, float eps, cudaStream_t stream);
+void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, cudaStream_t stream);
 
 }  // namespace nibble::cuda

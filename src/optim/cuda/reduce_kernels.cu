@@ -5,6 +5,7 @@
 // a fixed order (per-thread strides, then a fixed tree), so repeated runs give identical results.
 #include <math_constants.h>
 
+#include <algorithm>
 #include <cfloat>
 
 #include "optim/cuda/common.cuh"
@@ -362,6 +363,47 @@ void launch_rank1_reset(const Tables& tb, const int2* slots, int count, cudaStre
 void launch_rank1_commit(const Tables& tb, const int2* slots, int count, cudaStream_t stream) {
   if (count == 0) return;
   rank1_commit_kernel<<<grid(count), kReduceThreads, 0, stream>>>(tb, slots);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+// Muon: per matrix of a batch (blockIdx.x), the Frobenius norm of its update in double, summed in
+// a fixed order.
+__global__ void __launch_bounds__(kReduceThreads) muon_norm_kernel(Tables tb, NsBatch batch) {
+  __shared__ double red[kReduceThreads];
+  if (tb.scalars->skip) return;
+  const DTensor& t = tb.tensors[batch.tensors[blockIdx.x]];
+  if (t.grad == nullptr) return;
+  double acc = 0.0;
+  for (std::int64_t e = threadIdx.x; e < t.numel; e += kReduceThreads) {
+    const double u = t.muon_update[e];
+    acc += u * u;
+  }
+  const double sum = block_sum<kReduceThreads>(acc, red);
+  if (threadIdx.x == 0) batch.norms[blockIdx.x] = sqrt(sum);
+}
+
+// X of every matrix of a batch: its wide orientation divided by max(norm, eps), rounded to bf16.
+__global__ void __launch_bounds__(kReduceThreads) muon_load_kernel(Tables tb, NsBatch batch, float eps) {
+  if (tb.scalars->skip) return;
+  const std::int64_t per = batch.s * batch.l, total = per * batch.count;
+  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total;
+       i += static_cast<std::int64_t>(gridDim.x) * kReduceThreads) {
+    const std::int64_t j = i / per, r = (i % per) / batch.l, c = i % batch.l;
+    const DTensor& t = tb.tensors[batch.tensors[j]];
+    if (t.grad == nullptr) continue;
+    const float norm = fmaxf(static_cast<float>(batch.norms[j]), eps);
+    const float u = t.muon_update[batch.tall ? c * batch.cols + r : r * batch.cols + c];
+    batch.x[i] = __float2bfloat16_rn(u / norm);
+  }
+}
+
+void launch_muon_load(const Tables& tb, const NsBatch& batch, float eps, cudaStream_t stream) {
+  if (batch.count == 0) return;
+  muon_norm_kernel<<<static_cast<unsigned>(batch.count), kReduceThreads, 0, stream>>>(tb, batch);
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+  const std::int64_t total = batch.s * batch.l * batch.count;
+  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((total + kReduceThreads - 1) / kReduceThreads, 4096));
+  muon_load_kernel<<<blocks, kReduceThreads, 0, stream>>>(tb, batch, eps);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

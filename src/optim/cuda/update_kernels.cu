@@ -284,8 +284,12 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
       const float u = math::adafactor_unfactored(g, s0, k.adafactor);
       math::adafactor_apply<kVariant>(p, u, s1, k.adafactor);
     }
+  } else if constexpr (std::is_same_v<R, math::MuonRule>) {
+    // Orthogonalised matrices keep their update for Newton-Schulz; the rest is AdamW's.
+    if (t.muon_update != nullptr) t.muon_update[e] = math::muon_momentum(g, s0, k.muon);
+    else math::adam_update<false>(p, g, s0, s1, s2, k.adam);
   } else {
-    static_assert(kNoRuleFor<R>, "apply_rule: a rule that is neither element-wise nor AdamP or Adafactor");
+    static_assert(kNoRuleFor<R>, "apply_rule: a rule that is neither element-wise nor AdamP, Adafactor or Muon");
   }
 }
 
@@ -344,6 +348,35 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
     for (int j = 0; j < kMaxSlots; ++j)
       if (j < stored_slots)
         store8_state(t, t.slots[j], sh.codebooks[j], cfg, k.rounding_seed, j, e0, n, s[j], sh.warp_buffer);
+  }
+}
+
+// Muon: the orthogonalised update X of each matrix of a batch steps its parameter, p = p decay -
+// lr factor O, O read from X (transposed back for a tall matrix). blockIdx.y: the matrix.
+__global__ void __launch_bounds__(kThreads) muon_apply_kernel(Tables tb, StepConfig cfg, NsBatch batch) {
+  if (tb.scalars->skip) return;
+  const int index = batch.tensors[blockIdx.y];
+  const DTensor& t = tb.tensors[index];
+  if (t.grad == nullptr) return;
+  const StepConstants& k = tb.constants[index];
+  const float decay = k.muon.decay, step = k.muon.lr * t.muon_factor;
+  const __nv_bfloat16* o = batch.x + static_cast<std::int64_t>(blockIdx.y) * batch.s * batch.l;
+  const std::int64_t cols = t.muon_cols, l = batch.l;
+  for (std::int64_t base = static_cast<std::int64_t>(blockIdx.x) * kPass; base < t.numel;
+       base += static_cast<std::int64_t>(gridDim.x) * kPass) {
+    const std::int64_t e0 = base + static_cast<std::int64_t>(threadIdx.x) * kPerThread;
+    const std::int64_t left = t.numel - e0;
+    const int n = left <= 0 ? 0 : (left >= kPerThread ? kPerThread : static_cast<int>(left));
+    if (n == 0) continue;
+    float p[kPerThread];
+    load8_param(t, e0, n, p);
+#pragma unroll
+    for (int i = 0; i < kPerThread; ++i) {
+      if (i >= n) continue;
+      const std::int64_t e = e0 + i, r = e / cols, c = e % cols;
+      math::muon_apply(p[i], __bfloat162float(o[batch.tall ? c * l + r : r * l + c]), decay, step);
+    }
+    store8_param(t, cfg, k, e0, n, p);
   }
 }
 
@@ -522,6 +555,14 @@ void launch_rank1_max(const Tables& tb, const StepConfig& config, cudaStream_t s
   if (tb.chunk_count == 0) return;
   math::visit_rule(math::Rules{}, config.algorithm, config.hyper,
                    [&]<class R, bool kVariant>() { launch_rank1_for<R, kVariant>(tb, stream); });
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, cudaStream_t stream) {
+  if (batch.count == 0) return;
+  const std::int64_t numel = batch.rows * batch.cols;
+  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((numel + kPass - 1) / kPass, 1024));
+  muon_apply_kernel<<<dim3(blocks, static_cast<unsigned>(batch.count)), kThreads, 0, stream>>>(tb, config, batch);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
