@@ -153,7 +153,9 @@ TEST(ScheduleFree, OtherAlgorithmsIgnoreTrainAndEval) {
   std::vector<float> p(33, 0.5f), g(33, 0.1f);
   OptimizerOptions o;
   o.algorithm = Algorithm::kAdamW;
-  Optimizer opt({ParamGroup{{{"w", {33}, p.data(), g.data()}}}}, o);
+  ParamGroup group;
+  group.params = {{"w", {33}, p.data(), g.data()}};
+  Optimizer opt({group}, o);
   opt.step();
   const std::vector<float> before = p;
   opt.eval();
