@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from ._gpt import GPT, GPTConfig
+from .bench_torch import _positive_int
 
 FORTUNES = Path("/usr/share/games/fortunes")
 # The longest a busy process may live, whatever happens to this benchmark: it ends itself.
@@ -278,13 +279,7 @@ def write_reports(args: argparse.Namespace, info: dict, runs: list[Run]) -> None
 # Command line
 
 def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+    return _positive_int(text, "value")
 
 
 def _positive_float(text: str) -> float:
