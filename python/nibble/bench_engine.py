@@ -304,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "decay 0.1, clip 1, 2000 steps).")
     parser.add_argument("--nibble", type=Path, metavar="PATH",
                         help="the nibble command-line program (default: `nibble` on PATH, else build/nibble of the "
-                             "source tree when the package runs from one)")
+                             "source tree when the package runs from one, else ./build/nibble)")
     parser.add_argument("--data", type=Path, metavar="FILE",
                         help="text to train on (default: the fortunes corpus `nibble train` reads by default)")
     parser.add_argument("--steps", type=_positive, default=r.steps, metavar="N", help=f"steps per run (default {r.steps})")
@@ -342,9 +342,11 @@ def find_cli(given: Path | None) -> Path:
     on_path = shutil.which("nibble")
     if on_path:
         return Path(on_path)
-    built = Path(__file__).resolve().parents[2] / "build" / "nibble"
-    if built.is_file():
-        return built
+    # The source tree's build when the package runs from it, else ./build of the directory it runs in
+    # (the repository's root, for the package installed into its .venv).
+    for built in (Path(__file__).resolve().parents[2] / "build" / "nibble", Path.cwd() / "build" / "nibble"):
+        if built.is_file():
+            return built
     raise SystemExit("cannot find the nibble program: put it on PATH or pass --nibble PATH")
 
 
