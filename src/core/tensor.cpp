@@ -11,6 +11,10 @@
 #include <limits>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #include "nibble/error.hpp"
 
 namespace nibble {
@@ -73,6 +77,23 @@ void charge(std::int64_t bytes) {
   }
 }
 
+// NOTE: buffers of a huge page or more start on a huge-page boundary and ask the kernel for
+// transparent huge pages (MADV_HUGEPAGE), before the first touch: where THP is in its common
+// "madvise" mode, optimizer state and activations would otherwise sit on 4 KiB pages, and a step
+// that streams gigabytes spends a tenth of its time on TLB misses. PyTorch's CPU allocator does
+// the same for its tensors. The advice is only a hint: where it fails the buffer works as before.
+constexpr std::size_t kHugePage = std::size_t{2} << 20;
+
+std::byte* allocate_host(std::size_t capacity) {
+  if (capacity < kHugePage) return static_cast<std::byte*>(std::aligned_alloc(Buffer::kAlignment, capacity));
+  void* memory = nullptr;
+  if (posix_memalign(&memory, kHugePage, capacity) != 0) return nullptr;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(memory, capacity, MADV_HUGEPAGE);
+#endif
+  return static_cast<std::byte*>(memory);
+}
+
 }  // namespace
 
 HostMemoryStats host_memory_stats() {
@@ -95,7 +116,7 @@ Buffer::Buffer(std::size_t bytes) {
   const std::size_t capacity =
       bytes == 0 ? kAlignment : (bytes + kAlignment - 1) / kAlignment * kAlignment;
   charge(static_cast<std::int64_t>(capacity));
-  auto* memory = static_cast<std::byte*>(std::aligned_alloc(kAlignment, capacity));
+  std::byte* memory = allocate_host(capacity);
   if (memory == nullptr) {
     g_live_bytes.fetch_sub(static_cast<std::int64_t>(capacity));
     throw OutOfMemory(fmt::format("out of memory: the system refused {}", byte_count(static_cast<std::int64_t>(capacity))),
