@@ -11,6 +11,7 @@
 #include <cmath>
 #include <limits>
 
+#include "model/cpu/vector_math.hpp"
 #include "nibble/error.hpp"
 
 namespace nibble::model::cpu {
@@ -338,13 +339,13 @@ void attention_backward(float* dqkv, float* datt, const float* dout, const float
 void gelu_forward(float* out, const float* in, std::int64_t n, bool exact) {
   if (exact) {
 #pragma omp parallel for schedule(static)
-    for (std::int64_t i = 0; i < n; ++i) out[i] = in[i] * (0.5f + 0.5f * std::erf(in[i] * kInvSqrt2));
+    for (std::int64_t i = 0; i < n; ++i) out[i] = in[i] * (0.5f + 0.5f * erf_f(in[i] * kInvSqrt2));
     return;
   }
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];
-    out[i] = 0.5f * x * (1.0f + std::tanh(kGeluScale * (x + kGeluCubic * x * x * x)));
+    out[i] = 0.5f * x * (1.0f + tanh_f(kGeluScale * (x + kGeluCubic * x * x * x)));
   }
 }
 
@@ -354,8 +355,8 @@ void gelu_backward(float* din, const float* in, const float* dout, std::int64_t 
 #pragma omp parallel for schedule(static)
     for (std::int64_t i = 0; i < n; ++i) {
       const float x = in[i];
-      const float cdf = 0.5f + 0.5f * std::erf(x * kInvSqrt2);
-      const float pdf = kInvSqrt2Pi * std::exp(-0.5f * x * x);
+      const float cdf = 0.5f + 0.5f * erf_f(x * kInvSqrt2);
+      const float pdf = kInvSqrt2Pi * exp_f(-0.5f * x * x);
       din[i] += (cdf + x * pdf) * dout[i];
     }
     return;
@@ -363,7 +364,7 @@ void gelu_backward(float* din, const float* in, const float* dout, std::int64_t 
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];
-    const float th = std::tanh(kGeluScale * (x + kGeluCubic * x * x * x));
+    const float th = tanh_f(kGeluScale * (x + kGeluCubic * x * x * x));
     const float dth = (1.0f - th * th) * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
     din[i] += (0.5f * (1.0f + th) + 0.5f * x * dth) * dout[i];
   }
