@@ -350,6 +350,9 @@ TEST(ModelOps, AttentionTwoHeadsOfFour) { check_attention(2, 5, 8, 2, 7); }
 // Head size 12: the vectorised lanes of the dot products and their tail.
 TEST(ModelOps, AttentionTwoHeadsOfTwelve) { check_attention(1, 4, 24, 2, 8); }
 
+// 70 positions: two blocks of query rows (64 + 6), the second reading keys of both.
+TEST(ModelOps, AttentionAcrossRowBlocks) { check_attention(1, 70, 8, 2, 13); }
+
 TEST(ModelOps, AttentionIsCausal) {
   const std::int64_t B = 2, T = 5, C = 8, NH = 2, t0 = 3;
   Rng rng(9);

@@ -53,11 +53,6 @@ float sum(const float* __restrict a, std::int64_t n) {
   return s;
 }
 
-// y += alpha * x
-void axpy(float* __restrict y, float alpha, const float* __restrict x, std::int64_t n) {
-  for (std::int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
-}
-
 // OpenBLAS takes 32-bit dimensions; a larger one would silently wrap.
 int blas_dim(std::int64_t n, const char* what) {
   if (n > std::numeric_limits<int>::max())
@@ -196,17 +191,23 @@ void layernorm_backward(float* din, float* dweight, float* dbias, const float* d
   }
 }
 
+namespace {
+
 // NOTE: matrix products run OpenBLAS single-threaded inside nibble's own OpenMP threads, each on
 // a contiguous slice of output rows. OpenBLAS's own thread pool beside OpenMP's spinning threads
 // oversubscribed the cores (a 2-core machine ran several times slower under any other load), and
 // one pool keeps the results a function of the OpenMP thread count alone.
-template <class Fn>
-void parallel_slices(std::int64_t rows, Fn&& fn) {
+void single_threaded_blas() {
   static const bool single = [] {
     openblas_set_num_threads(1);
     return true;
   }();
   (void)single;
+}
+
+template <class Fn>
+void parallel_slices(std::int64_t rows, Fn&& fn) {
+  single_threaded_blas();
 #pragma omp parallel
   {
     const std::int64_t threads = omp_get_num_threads(), me = omp_get_thread_num();
@@ -214,6 +215,8 @@ void parallel_slices(std::int64_t rows, Fn&& fn) {
     if (r0 < r1) fn(r0, r1);
   }
 }
+
+}  // namespace
 
 void matmul_forward(float* out, const float* in, const float* weight, const float* bias, std::int64_t N,
                     std::int64_t IC, std::int64_t OC) {
@@ -267,37 +270,49 @@ void matmul_backward(float* din, float* dweight, float* dbias, const float* dout
   }
 }
 
+// NOTE: attention runs per (batch, head) pair on one thread, as matrix products over blocks of
+// kAttentionRows query rows: block [r0, r1) needs keys and values [0, r1) only (causal), so
+// about half of the T x T products are skipped for long contexts. Dot products of head-size
+// length, one (query, key) pair at a time, ran at a fraction of what the GEMM kernels reach.
+// Each pair's products have fixed shapes and order, so results do not depend on the thread count.
+constexpr std::int64_t kAttentionRows = 64;
+
 void attention_forward(float* out, float* att, const float* qkv, std::int64_t B, std::int64_t T,
                        std::int64_t C, std::int64_t NH) {
   if (NH <= 0 || C % NH != 0)
     throw InvalidArgument(fmt::format("attention width {} is not divisible by heads {}", C, NH));
   const std::int64_t hs = C / NH, C3 = 3 * C;
+  const int ld_t = blas_dim(T, "context"), hs_dim = blas_dim(hs, "head size"), c3 = blas_dim(C3, "qkv width");
+  const int c_dim = blas_dim(C, "width");
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  // Rows are independent; row t costs O(t), so hand them out dynamically.
-#pragma omp parallel for collapse(3) schedule(dynamic, 4)
+  single_threaded_blas();
+#pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t t = 0; t < T; ++t)
-      for (std::int64_t h = 0; h < NH; ++h) {
-        const float* q = qkv + (b * T + t) * C3 + h * hs;
-        float* a = att + ((b * NH + h) * T + t) * T;
-        float maxv = -std::numeric_limits<float>::infinity();
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
-          const float* k = qkv + (b * T + t2) * C3 + C + h * hs;
-          a[t2] = dot(q, k, hs) * scale;
-          maxv = std::max(maxv, a[t2]);
+    for (std::int64_t h = 0; h < NH; ++h) {
+      const float* q = qkv + b * T * C3 + h * hs;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* p = att + (b * NH + h) * T * T;
+      float* o = out + b * T * C + h * hs;
+      for (std::int64_t r0 = 0; r0 < T; r0 += kAttentionRows) {
+        const std::int64_t r1 = std::min(T, r0 + kAttentionRows);
+        const int rows = static_cast<int>(r1 - r0), keys = static_cast<int>(r1);
+        // Scores of the block's queries against keys [0, r1).
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, hs_dim, scale, q + r0 * C3, c3, k, c3, 0.0f,
+                    p + r0 * T, ld_t);
+        for (std::int64_t t = r0; t < r1; ++t) {
+          float* a = p + t * T;
+          float maxv = -std::numeric_limits<float>::infinity();
+          for (std::int64_t t2 = 0; t2 <= t; ++t2) maxv = std::max(maxv, a[t2]);
+          for (std::int64_t t2 = 0; t2 <= t; ++t2) a[t2] = exp_f(a[t2] - maxv);
+          const float inv = 1.0f / sum(a, t + 1);
+          for (std::int64_t t2 = 0; t2 <= t; ++t2) a[t2] *= inv;
+          for (std::int64_t t2 = t + 1; t2 < T; ++t2) a[t2] = 0.0f;
         }
-        float total = 0.0f;
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
-          a[t2] = std::exp(a[t2] - maxv);
-          total += a[t2];
-        }
-        const float inv = 1.0f / total;
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) a[t2] *= inv;
-        for (std::int64_t t2 = t + 1; t2 < T; ++t2) a[t2] = 0.0f;
-        float* o = out + (b * T + t) * C + h * hs;
-        for (std::int64_t i = 0; i < hs; ++i) o[i] = 0.0f;
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) axpy(o, a[t2], qkv + (b * T + t2) * C3 + 2 * C + h * hs, hs);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hs_dim, keys, 1.0f, p + r0 * T, ld_t, v, c3,
+                    0.0f, o + r0 * C, c_dim);
       }
+    }
 }
 
 void attention_backward(float* dqkv, float* datt, const float* dout, const float* qkv, const float* att,
@@ -305,35 +320,48 @@ void attention_backward(float* dqkv, float* datt, const float* dout, const float
   if (NH <= 0 || C % NH != 0)
     throw InvalidArgument(fmt::format("attention width {} is not divisible by heads {}", C, NH));
   const std::int64_t hs = C / NH, C3 = 3 * C;
+  const int ld_t = blas_dim(T, "context"), hs_dim = blas_dim(hs, "head size"), c3 = blas_dim(C3, "qkv width");
+  const int c_dim = blas_dim(C, "width");
   const float scale = 1.0f / std::sqrt(static_cast<float>(hs));
-  // NOTE: dk and dv of position t2 collect from every later query t, so a (batch, head) pair is
-  // one thread's work: it owns its slice of dqkv and adds in the order t = 0, 1, ...
+  single_threaded_blas();
+  // NOTE: dk and dv of position t2 collect from every later query block, so a (batch, head) pair
+  // is one thread's work: it owns its slice of dqkv and adds the blocks in order.
 #pragma omp parallel for collapse(2) schedule(static)
   for (std::int64_t b = 0; b < B; ++b)
-    for (std::int64_t h = 0; h < NH; ++h)
-      for (std::int64_t t = 0; t < T; ++t) {
-        const float* a = att + ((b * NH + h) * T + t) * T;
-        float* da = datt + ((b * NH + h) * T + t) * T;
-        const float* d = dout + (b * T + t) * C + h * hs;
-        const float* q = qkv + (b * T + t) * C3 + h * hs;
-        float* dq = dqkv + (b * T + t) * C3 + h * hs;
-        float weighted = 0.0f;
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
-          const std::int64_t v_off = (b * T + t2) * C3 + 2 * C + h * hs;
-          da[t2] = dot(d, qkv + v_off, hs);
-          axpy(dqkv + v_off, a[t2], d, hs);
-          weighted += a[t2] * da[t2];
+    for (std::int64_t h = 0; h < NH; ++h) {
+      const std::int64_t base = b * T * C3 + h * hs;
+      const float* q = qkv + base;
+      const float* k = q + C;
+      const float* v = q + 2 * C;
+      float* dq = dqkv + base;
+      float* dk = dq + C;
+      float* dv = dq + 2 * C;
+      const float* p = att + (b * NH + h) * T * T;
+      float* ds = datt + (b * NH + h) * T * T;
+      const float* d = dout + b * T * C + h * hs;
+      for (std::int64_t r0 = 0; r0 < T; r0 += kAttentionRows) {
+        const std::int64_t r1 = std::min(T, r0 + kAttentionRows);
+        const int rows = static_cast<int>(r1 - r0), keys = static_cast<int>(r1);
+        // dv[0, r1) += P[r0:r1, 0:r1]^T dout[r0:r1]; d(probabilities) = dout[r0:r1] v[0:r1]^T.
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, hs_dim, rows, 1.0f, p + r0 * T, ld_t, d + r0 * C,
+                    c_dim, 1.0f, dv, c3);
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, rows, keys, hs_dim, 1.0f, d + r0 * C, c_dim, v, c3, 0.0f,
+                    ds + r0 * T, ld_t);
+        // Softmax backward: d(score) = P (dP - sum(P dP)) * scale, in place.
+        for (std::int64_t t = r0; t < r1; ++t) {
+          const float* a = p + t * T;
+          float* da = ds + t * T;
+          const float weighted = dot(a, da, t + 1);
+          for (std::int64_t t2 = 0; t2 <= t; ++t2) da[t2] = a[t2] * (da[t2] - weighted) * scale;
+          for (std::int64_t t2 = t + 1; t2 < T; ++t2) da[t2] = 0.0f;
         }
-        // Softmax backward, then the scaled dot products: datt becomes d(score) in place.
-        for (std::int64_t t2 = 0; t2 <= t; ++t2) {
-          const std::int64_t k_off = (b * T + t2) * C3 + C + h * hs;
-          const float ds = a[t2] * (da[t2] - weighted) * scale;
-          da[t2] = ds;
-          axpy(dq, ds, qkv + k_off, hs);
-          axpy(dqkv + k_off, ds, q, hs);
-        }
-        for (std::int64_t t2 = t + 1; t2 < T; ++t2) da[t2] = 0.0f;
+        // dq[r0:r1] += dS k[0:r1]; dk[0:r1] += dS^T q[r0:r1].
+        cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, rows, hs_dim, keys, 1.0f, ds + r0 * T, ld_t, k, c3,
+                    1.0f, dq + r0 * C3, c3);
+        cblas_sgemm(CblasRowMajor, CblasTrans, CblasNoTrans, keys, hs_dim, rows, 1.0f, ds + r0 * T, ld_t, q + r0 * C3,
+                    c3, 1.0f, dk, c3);
       }
+    }
 }
 
 void gelu_forward(float* out, const float* in, std::int64_t n, bool exact) {
