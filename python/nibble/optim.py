@@ -84,9 +84,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict, *, precision: Optional[str], block_size: int,
                  min_quant_size: int, master_weights: bool, stochastic_rounding: bool, seed: int,
-                 max_grad_norm: float = 0.0) -> None:
+                 max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         precision = self.default_precision if precision is None else precision
         max_grad_norm = _number("max_grad_norm", max_grad_norm)
+        if not isinstance(check_finite, bool):
+            raise ValueError(f"check_finite must be True or False, got {check_finite!r}")
         defaults = dict(defaults, precision=precision)
         self._settings = {"block_size": _integer("block_size", block_size),
                           "min_quant_size": _integer("min_quant_size", min_quant_size),
@@ -94,6 +96,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
                           "seed": int(seed)}
         if max_grad_norm != 0:
             self._settings["max_grad_norm"] = max_grad_norm
+        if not check_finite:
+            self._settings["check_finite"] = False
         self._groups: dict[int, _handle.GroupHandle] = {}
         self._mesh: Any = None  # the device mesh of DTensor parameters: set, the optimizer is sharded
         self._constructed = False
@@ -392,10 +396,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
 # nibble's (_torch_names), and the aliases with another default precision at the end.
 
 def _settings(precision: Optional[str], block_size: int, min_quant_size: int, master_weights: bool,
-              stochastic_rounding: bool, seed: int, max_grad_norm: float) -> dict:
+              stochastic_rounding: bool, seed: int, max_grad_norm: float, check_finite: bool) -> dict:
     return {"precision": precision, "block_size": block_size, "min_quant_size": min_quant_size,
             "master_weights": master_weights, "stochastic_rounding": stochastic_rounding, "seed": seed,
-            "max_grad_norm": max_grad_norm}
+            "max_grad_norm": max_grad_norm, "check_finite": check_finite}
 
 
 _BETAS = {"beta1": "betas[0]", "beta2": "betas[1]"}
@@ -409,10 +413,10 @@ class SGD(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
-                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                       nesterov=nesterov, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         return {"momentum": _number("momentum", g["momentum"]), "dampening": _number("dampening", g["dampening"]),
@@ -431,11 +435,11 @@ class Adam(NibbleOptimizer):
                  eps: float = 1e-8, weight_decay: Optional[float] = None, amsgrad: bool = False, *,
                  maximize: bool = False, precision: Optional[str] = None, block_size: int = 0,
                  min_quant_size: int = 4096, master_weights: bool = False, stochastic_rounding: bool = False,
-                 seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         wd = self.default_weight_decay if weight_decay is None else weight_decay
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=amsgrad,
                                       maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -460,9 +464,9 @@ class Lion(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.9, 0.99),
                  weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -483,7 +487,7 @@ class Adafactor(NibbleOptimizer):
                  weight_decay: float = 0.0, scale_parameter: bool = True, relative_step: bool = True,
                  warmup_init: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         if lr is not None and relative_step:
             raise ValueError("lr cannot be set together with relative_step=True (pass relative_step=False)")
         if lr is None and not relative_step:
@@ -491,7 +495,7 @@ class Adafactor(NibbleOptimizer):
         super().__init__(params, dict(lr=lr, eps=eps, clip_threshold=clip_threshold, decay_rate=decay_rate,
                                       beta1=beta1, weight_decay=weight_decay, scale_parameter=scale_parameter,
                                       relative_step=relative_step, warmup_init=warmup_init, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _lr(self, group: dict) -> Any:
         return 1.0 if group["lr"] is None else group["lr"]
@@ -523,10 +527,10 @@ class AdamP(NibbleOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, delta: float = 0.1, wd_ratio: float = 0.1,
                  nesterov: bool = False, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta,
                                       wd_ratio=wd_ratio, nesterov=nesterov, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -544,9 +548,9 @@ class QHM(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.999, nu: float = 0.7,
                  weight_decay: float = 0.0, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, nu=nu, weight_decay=weight_decay, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         return {"momentum": _number("momentum", g["momentum"]), "nu": _number("nu", g["nu"]),
@@ -563,9 +567,9 @@ class SophiaG(NibbleOptimizer):
     def __init__(self, params: Iterable, lr: float = 1e-4, betas: tuple[float, float] = (0.965, 0.99),
                  rho: float = 0.04, weight_decay: float = 1e-1, bs: int = 5120, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
-                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, rho=rho, weight_decay=weight_decay, bs=bs, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -612,10 +616,10 @@ class ADOPT(NibbleOptimizer):
                  eps: float = 1e-6, weight_decay: float = 0.0, decouple: bool = False,
                  clip_exponent: Optional[float] = 0.25, *, maximize: bool = False, precision: Optional[str] = None,
                  block_size: int = 0, min_quant_size: int = 4096, master_weights: bool = False,
-                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0) -> None:
+                 stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, decouple=decouple,
                                       clip_exponent=clip_exponent, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -638,10 +642,10 @@ class AdEMAMix(NibbleOptimizer):
                  eps: float = 1e-8, weight_decay: float = 0.0, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
-                 max_grad_norm: float = 0.0) -> None:
+                 max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, betas=betas, alpha=alpha, beta3_warmup=beta3_warmup,
                                       alpha_warmup=alpha_warmup, eps=eps, weight_decay=weight_decay, maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         betas = g["betas"]
@@ -673,12 +677,12 @@ class AdamWScheduleFree(NibbleOptimizer):
                  weight_lr_power: float = 2.0, foreach: Optional[bool] = None, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
-                 max_grad_norm: float = 0.0) -> None:
+                 max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         del foreach
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                                       warmup_steps=warmup_steps, r=r, weight_lr_power=weight_lr_power,
                                       maximize=maximize, train_mode=True),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
@@ -740,13 +744,13 @@ class Muon(NibbleOptimizer):
                  adamw_weight_decay: float = 0.0, use_muon: Optional[bool] = None, *, maximize: bool = False,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0,
-                 max_grad_norm: float = 0.0) -> None:
+                 max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, nesterov=nesterov,
                                       ns_coefficients=ns_coefficients, eps=eps, ns_steps=ns_steps,
                                       adjust_lr_fn=adjust_lr_fn, adamw_lr=adamw_lr, adamw_betas=adamw_betas,
                                       adamw_eps=adamw_eps, adamw_weight_decay=adamw_weight_decay, use_muon=use_muon,
                                       maximize=maximize),
-                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm))
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         coefficients = g["ns_coefficients"]

@@ -527,10 +527,36 @@ def test_grad_scaler_unscales_in_the_step_and_skips_inf():
     (lambda p: nibble.Adafactor(p, lr=1e-3), "relative_step"),
     (lambda p: nibble.QHM(p, nu=2.0), "nu"),
     (lambda p: nibble.SophiaG(p, rho=-1.0), "rho"),
+    (lambda p: nibble.AdamW(p, check_finite=1), "check_finite must be True or False, got 1"),
 ])
 def test_bad_arguments_raise_value_error_naming_them(make, match):
     with pytest.raises(ValueError, match=match):
         make(model().parameters())
+
+
+@pytest.mark.parametrize("cls", [nibble.AdamW, nibble.AdamW8bit], ids=lambda c: c.__name__)
+def test_check_finite_skips_a_nan_gradient_and_off_steps_through_it_as_torch(cls):
+    """By default a NaN gradient skips the step (parameters and state unchanged); check_finite=False
+    drops the gradient pre-pass and steps it as torch.optim does, the NaN reaching the parameter."""
+    for check in (True, False):
+        net = model()
+        opt = cls(net.parameters(), check_finite=check, min_quant_size=0)
+        train(net, opt, 2)
+        before = [p.detach().clone() for p in net.parameters()]
+        state = copy.deepcopy(opt.state_dict()["state"])
+        net(torch.randn(4, 32)).square().mean().backward()
+        first = next(net.parameters())
+        first.grad[0, 0] = float("nan")
+        opt.step()
+        if check:
+            assert opt.counters() == [(2, 1)]
+            assert all(torch.equal(p, q) for p, q in zip(net.parameters(), before))
+            after = opt.state_dict()["state"]
+            assert all(torch.equal(after[i][k], v) for i in state for k, v in state[i].items())
+        else:
+            assert opt.counters() == [(3, 0)]
+            assert torch.isnan(first[0, 0]) and not torch.isnan(first[0, 1])
+            assert torch.isfinite(list(net.parameters())[-1]).all()
 
 
 def test_every_algorithm_of_the_library_has_a_class_and_the_same_precisions():
