@@ -321,10 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--eval-batches", type=_positive, default=r.eval_batches, metavar="N",
                         help=f"validation batches for the final loss, both engines (default {r.eval_batches})")
     parser.add_argument("--torch-bias", action="store_true",
-                        help="give the PyTorch GPT biases, as nibble's engine has (nanoGPT's train.py trains without)")
-    parser.add_argument("--nibble-model", choices=("gpt2", "nanogpt"), default="gpt2",
-                        help="the engine's model: gpt2 (its default: biases, tanh GELU) or nanogpt (--no-bias "
-                             "--gelu exact, the PyTorch GPT's model)")
+                        help="give the PyTorch GPT biases, as GPT-2's model (--nibble-model gpt2) has; nanoGPT's "
+                             "train.py trains without")
+    parser.add_argument("--nibble-model", choices=("gpt2", "nanogpt"), default="nanogpt",
+                        help="the engine's model: nanogpt (--no-bias --gelu exact, the PyTorch GPT's model, so "
+                             "both engines train the same model) or gpt2 (`nibble train`'s default: biases, tanh "
+                             "GELU) (default nanogpt)")
     parser.add_argument("--busy", action="store_true",
                         help="also repeat every run with a process spinning on one core (started and stopped here)")
     parser.add_argument("--engines", default="nibble,torch", metavar="LIST",
