@@ -375,22 +375,15 @@ TEST(ModelOps, AttentionIsCausal) {
 
 // ---- GELU and residual -------------------------------------------------------------------------
 
-// The branch-free exp/tanh/erf behind GELU, on dense grids against fp64, at the bounds their header
-// states (measured: 1.0e-7, 1.8e-7 and 3.3e-7), plus the special values.
+// The branch-free exp and erf behind GELU, on dense grids against fp64, at the bounds their header
+// states (measured: 1.0e-7 and 3.3e-7), plus the special values.
 TEST(ModelOps, VectorMathMatchesDoublePrecision) {
-  double exp_rel = 0, tanh_rel = 0, erf_abs = 0, erf_small_rel = 0;
+  double exp_rel = 0, erf_abs = 0, erf_small_rel = 0;
   for (double x = -87.0; x <= 88.0; x += 1e-4) {
     const float f = static_cast<float>(x);
     const double want = std::exp(static_cast<double>(f));
     exp_rel = std::max(exp_rel, std::abs(exp_f(f) - want) / want);
   }
-  const auto tanh_at = [&](double x) {
-    const float f = static_cast<float>(x);
-    const double want = std::tanh(static_cast<double>(f));
-    if (want != 0.0) tanh_rel = std::max(tanh_rel, std::abs(tanh_f(f) - want) / std::abs(want));
-  };
-  for (double x = -20.0; x <= 20.0; x += 1e-5) tanh_at(x);
-  for (double x = -1e-3; x <= 1e-3; x += 1e-8) tanh_at(x);
   for (double x = -10.0; x <= 10.0; x += 1e-5) {
     const float f = static_cast<float>(x);
     const double want = std::erf(static_cast<double>(f));
@@ -399,27 +392,24 @@ TEST(ModelOps, VectorMathMatchesDoublePrecision) {
     if (std::abs(f) < 0.5f && want != 0.0) erf_small_rel = std::max(erf_small_rel, err / std::abs(want));
   }
   EXPECT_LE(exp_rel, 3e-7);
-  EXPECT_LE(tanh_rel, 5e-7);
   EXPECT_LE(erf_abs, 4e-7);
   EXPECT_LE(erf_small_rel, 3e-7);
 
   constexpr float kInf = std::numeric_limits<float>::infinity();
-  EXPECT_EQ(tanh_f(kInf), 1.0f);
-  EXPECT_EQ(tanh_f(-kInf), -1.0f);
-  EXPECT_EQ(tanh_f(30.0f), 1.0f);
-  EXPECT_TRUE(std::signbit(tanh_f(-0.0f)));
-  EXPECT_EQ(tanh_f(1e-40f), 1e-40f);  // subnormal: tanh x = x
   EXPECT_EQ(erf_f(kInf), 1.0f);
   EXPECT_EQ(erf_f(-kInf), -1.0f);
+  EXPECT_TRUE(std::signbit(erf_f(-0.0f)));
   EXPECT_EQ(exp_f(-kInf), exp_f(-87.0f));  // the documented floor
   EXPECT_GT(exp_f(-87.0f), 0.0f);
-  for (float (*fn)(float) : {exp_f, tanh_f, erf_f}) EXPECT_TRUE(std::isnan(fn(kNaN)));
+  EXPECT_EQ(exp_f(0.0f), 1.0f);
+  for (float (*fn)(float) : {exp_f, erf_f}) EXPECT_TRUE(std::isnan(fn(kNaN)));
 }
 
 TEST(ModelOps, GeluMatchesReferenceAndFiniteDifferences) {
   Rng rng(10);
   Vec in = random_vec(rng, 40, 2.0f);
-  for (float x : {-6.0f, -3.0f, -0.5f, 0.0f, 0.5f, 3.0f, 6.0f}) in.push_back(x);
+  // Beyond +-10 the exponential inside saturates (and is clamped): the results must stay finite.
+  for (float x : {-30.0f, -12.0f, -6.0f, -3.0f, -0.5f, 0.0f, 0.5f, 3.0f, 6.0f, 12.0f, 30.0f}) in.push_back(x);
   Vec out(in.size(), kNaN);
   gelu_forward(out.data(), in.data(), static_cast<std::int64_t>(in.size()));
   const DVec in_d = to_double(in);

@@ -370,10 +370,16 @@ void gelu_forward(float* out, const float* in, std::int64_t n, bool exact) {
     for (std::int64_t i = 0; i < n; ++i) out[i] = in[i] * (0.5f + 0.5f * erf_f(in[i] * kInvSqrt2));
     return;
   }
+  // 0.5 x (1 + tanh u) = x sigmoid(2u): one exp and one division, and no cancellation for x << 0
+  // as 1 + tanh u has. With e = e^-2|u| (at most 1), sigmoid(2u) is 1 / (1 + e) for u >= 0 and
+  // e / (1 + e) below (x / (1 + e^-2u) as written ran at half the speed here).
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];
-    out[i] = 0.5f * x * (1.0f + tanh_f(kGeluScale * (x + kGeluCubic * x * x * x)));
+    const float u2 = 2.0f * kGeluScale * (x + kGeluCubic * x * x * x);
+    const float e = exp_f(-std::fabs(u2));
+    const float s = 1.0f / (1.0f + e);
+    out[i] = x * (u2 >= 0.0f ? s : e * s);
   }
 }
 
@@ -389,12 +395,14 @@ void gelu_backward(float* din, const float* in, const float* dout, std::int64_t 
     }
     return;
   }
+  // d/dx x s = s + x s (1 - s) 2u', s = sigmoid(2u) = 1 / (1 + e), 1 - s = e s.
 #pragma omp parallel for schedule(static)
   for (std::int64_t i = 0; i < n; ++i) {
     const float x = in[i];
-    const float th = tanh_f(kGeluScale * (x + kGeluCubic * x * x * x));
-    const float dth = (1.0f - th * th) * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
-    din[i] += (0.5f * (1.0f + th) + 0.5f * x * dth) * dout[i];
+    const float e = exp_f(-2.0f * kGeluScale * (x + kGeluCubic * x * x * x));
+    const float s = 1.0f / (1.0f + e);
+    const float du = 2.0f * kGeluScale * (1.0f + 3.0f * kGeluCubic * x * x);
+    din[i] += (s + x * (e * s) * s * du) * dout[i];
   }
 }
 

@@ -1,11 +1,11 @@
-// exp, tanh and erf in float as straight-line arithmetic (no calls, no branches), so that the
-// element-wise loops of the CPU ops vectorise: libm's scalar tanhf and erff took 40% of a small
-// GPT's training step (GELU forward and backward), more than all of its matrix products.
+// exp and erf in float as straight-line arithmetic (no calls, no branches), so that the
+// element-wise loops of the CPU ops vectorise: libm's scalar tanhf (GELU forward and backward,
+// now written with exp) took 40% of a small GPT's training step, more than its matrix products.
 //
 // Accuracy, checked against double precision in tests/model_ops_test.cpp:
 //   exp_f   relative error within 3e-7 on [-87, 88]; below -87 it returns exp(-87) (~1.6e-38), above
-//           88 exp(88): callers use it on arguments <= 0 or softmax differences;
-//   tanh_f  relative error within 5e-7 everywhere; tanh_f(+-inf) = +-1;
+//           88 exp(88) (the GELU backward meets that only for x < -10, where its result, ~1e-37,
+//           moves by less than itself);
 //   erf_f   absolute error within 4e-7, relative within 3e-7 below 1/2 (the rational approximation
 //           7.1.26 of Abramowitz & Stegun's Handbook of Mathematical Functions above 1/2, whose
 //           bound is 1.5e-7).
@@ -43,22 +43,6 @@ inline float exp_f(float x) {
   // NaN converts to some integer; p is NaN then, and so is the product.
   const std::int32_t biased = static_cast<std::int32_t>(n) + 127;
   return p * std::bit_cast<float>(static_cast<std::uint32_t>(biased) << 23);
-}
-
-// tanh|x| = (1 - e^-2|x|) / (1 + e^-2|x|), which loses relative precision as |x| -> 0 where the
-// numerator cancels; below 1/4 the odd Taylor series to x^11 (truncation 3e-10 relative) instead.
-inline float tanh_f(float x) {
-  const float a = std::fabs(x);
-  const float t = exp_f(-2.0f * a);
-  const float large = (1.0f - t) / (1.0f + t);
-  const float a2 = a * a;
-  float s = -1382.0f / 155925.0f;
-  s = s * a2 + 62.0f / 2835.0f;
-  s = s * a2 - 17.0f / 315.0f;
-  s = s * a2 + 2.0f / 15.0f;
-  s = s * a2 - 1.0f / 3.0f;
-  const float small = a + a * (a2 * s);
-  return std::copysign(a < 0.25f ? small : large, x);
 }
 
 // erf|x| = 1 - (a1 t + a2 t^2 + a3 t^3 + a4 t^4 + a5 t^5) e^(-x^2), t = 1 / (1 + p|x|); below
