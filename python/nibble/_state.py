@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import torch
 
@@ -94,27 +94,75 @@ def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dic
                                   "per-parameter lr_max and weight_sum a sharded checkpoint does not carry yet; "
                                   "checkpoint it unsharded")
     layout = json.loads(metadata["layout"])
+    whole = _whole_factors(opt, group["params"], layout, tensors) if metadata["algorithm"] == "adafactor" else {}
+    # A rank whose shard of a parameter is empty never steps it, and the checkpoint keeps one "step"
+    # per parameter (a plain tensor, taken from any rank): every rank saves the largest count.
+    steps = tensors["steps"].to(torch.int64).clone()
+    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=_process_group(opt))
     described = []
     entries = []
     for i, p in enumerate(group["params"]):
-        names = _state_names(layout[i])
-        entry: dict[str, torch.Tensor] = {"step": tensors["steps"][i].to(torch.float32)}
+        names = whole[i]["names"] if i in whole else _state_names(layout[i])
+        entry: dict[str, torch.Tensor] = {"step": steps[i].to(torch.float32)}
         for name in names:
-            entry[name] = _sharded_entry(made, index, i, p, name, tensors)
+            if name in _FACTORS and i in whole:
+                entry[name] = whole[i]["factors"][name]
+            else:
+                entry[name] = _sharded_entry(made, i, p, name, tensors)
         entries.append(entry)
         described.append({"shape": list(p.shape), "precision": layout[i]["precision"], "state": names})
     return {"nibble": {"format": SHARDED_FORMAT, "algorithm": metadata["algorithm"], "step": metadata["step"],
                        "skipped": metadata["skipped"], "layout": json.dumps(described)}}, entries
 
 
-def _sharded_entry(made: GroupHandle, index: int, i: int, p: torch.Tensor, name: str,
+_FACTORS = ("exp_avg_sq_row", "exp_avg_sq_col")
+
+
+def _process_group(opt: "NibbleOptimizer") -> Any:
+    """The process group over the optimizer's device mesh (None: the default group)."""
+    mesh = opt._mesh
+    return mesh.get_group() if mesh.ndim == 1 else None
+
+
+def _is_split_placement(p: torch.Tensor) -> bool:
+    return is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements)
+
+
+# NOTE: factored Adafactor runs only on tensors that no rank splits (the library refuses a split
+# one). Under a sharded placement such a tensor is whole on one rank and empty on the others, which
+# keep an empty unfactored slot instead of its factors. A checkpoint must hold the same entries on
+# every rank, so the rank that holds the tensor gives its state names and factors to all ranks
+# (one all_gather_object for the names and shapes, one all_reduce per factor: the holder's values
+# plus zeros), and the factors are saved as plain tensors, as a replicated tensor's are.
+
+def _whole_factors(opt: "NibbleOptimizer", params: list, layout: list[dict],
+                   tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
+    """{parameter index: {"names": the holder's state names, "factors": {name: tensor}}} for the
+    factored parameters of a sharded placement, the same on every rank."""
+    mine = {i: {"names": _state_names(layout[i]),
+                "shapes": {name: list(tensors[f"state.{i}.{name}"].shape) for name in _FACTORS}}
+            for i, p in enumerate(params) if _is_split_placement(p) and layout[i].get("factored")}
+    process_group = _process_group(opt)
+    gathered: list = [None] * torch.distributed.get_world_size(process_group)
+    torch.distributed.all_gather_object(gathered, mine, group=process_group)
+    found: dict[int, dict] = {}
+    for held in gathered:
+        found.update(held)
+    whole = {}
+    for i in sorted(found):
+        factors = {}
+        for name in _FACTORS:
+            values = (tensors[f"state.{i}.{name}"].to(torch.float32).clone() if i in mine
+                      else torch.zeros(found[i]["shapes"][name], dtype=torch.float32))
+            torch.distributed.all_reduce(values, group=process_group)
+            factors[name] = values
+        whole[i] = {"names": found[i]["names"], "factors": factors}
+    return whole
+
+
+def _sharded_entry(made: GroupHandle, i: int, p: torch.Tensor, name: str,
                    tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    if name in ("exp_avg_sq_row", "exp_avg_sq_col"):
-        # Factored Adafactor runs only on tensors that no rank splits; replicated ones hold the
-        # same factors on every rank.
-        if is_dtensor(p) and not all(pl.is_replicate() for pl in p.placements):
-            raise NotImplementedError(f"state_dict(): parameter {i} of group {index} keeps factored Adafactor "
-                                      f"state while sharded {list(p.placements)}; checkpoint it replicated")
+    if name in _FACTORS:  # a replicated tensor's factors: the same on every rank
         return tensors[f"state.{i}.{name}"]
     shape = local(p).shape
     if f"state.{i}.{name}" in tensors:  # fp32 or bf16: exactly as held
@@ -225,6 +273,12 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
                 raise ValueError(f"{where}: the state_dict's global shape is {described[i]['shape']}, this "
                                  f"optimizer's parameter has {list(p.shape)}")
             names = _state_names(live[i])
+            # A factored tensor that a sharded placement leaves whole on another rank: this rank's
+            # shard is empty, and it keeps no factors to load.
+            empty_here = _is_split_placement(p) and local(p).numel() == 0 and \
+                any(name in _FACTORS for name in described[i]["state"])
+            if empty_here:
+                names = list(described[i]["state"])
             if described[i]["state"] != names:
                 raise ValueError(f"{where}: the state_dict holds state {described[i]['state']}, this optimizer "
                                  f"keeps {names}")
@@ -235,7 +289,7 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
                 if name not in entry or not isinstance(entry[name], torch.Tensor):
                     raise ValueError(f"{where}: the state_dict has no tensor {name!r}")
             tensor_steps.append(int(entry["step"].item()))
-            for name in names:
+            for name in ([] if empty_here else names):
                 t = entry[name]
                 if is_dtensor(t) and list(t.shape) != list(p.shape):
                     raise ValueError(f"{where}: state {name!r} has global shape {list(t.shape)}, the parameter "

@@ -14,10 +14,10 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict, set_optimizer_state_dict
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 import nibble
-from _helpers import batch, exact_grads, expect_error, full, fully_sharded, library_state, mlp, run_rank
+from _helpers import batch, exact_grads, expect_error, full, fully_sharded, library_state, mlp, rows_of, run_rank
 
 STEPS_BEFORE, STEPS_AFTER = 5, 5
 LR = 1e-2
@@ -174,6 +174,85 @@ def case_bad_layouts() -> str:
     return "refused"
 
 
+# -- factored Adafactor state of tensors a sharded placement leaves whole on one rank ---------------
+#
+# (1, 64) and (1, 16) under Shard(0): rank 0 holds each whole at 1, 2 and 4 ranks, the others an
+# empty shard; Adafactor factors them (with a first moment, so a DTensor slot travels beside the
+# factors). The gradients depend on the step only, so every world size sees the same ones.
+
+WHOLE_SHAPES = [(1, 64), (1, 16)]
+
+
+def whole_run(mesh):
+    torch.manual_seed(0)
+    model = torch.nn.ParameterList([torch.nn.Parameter(distribute_tensor(torch.randn(*s), mesh, [Shard(0)]))
+                                    for s in WHOLE_SHAPES])
+    return model, nibble.Adafactor(model.parameters(), beta1=0.9)
+
+
+def whole_train(model, opt, steps: range) -> None:
+    for step in steps:
+        gen = torch.Generator().manual_seed(step)
+        with torch.no_grad():
+            for p in model:
+                grad = torch.randn(p.shape, generator=gen)
+                start, rows = rows_of(p)
+                p.grad = DTensor.from_local(grad[start:start + rows].clone(), p.device_mesh, p.placements,
+                                            shape=p.shape, stride=p.stride())
+        opt.step()
+
+
+def whole_checkpoint(model, opt, out: str, save: bool) -> None:
+    sd = {"model": model.state_dict(), "optim": opt.state_dict()}
+    if save:
+        dcp.save(sd, checkpoint_id=os.path.join(out, "ckpt-adafactor-whole"))
+        return
+    dcp.load(sd, checkpoint_id=os.path.join(out, "ckpt-adafactor-whole"))
+    model.load_state_dict(sd["model"])
+    opt.load_state_dict(sd["optim"])
+
+
+def case_save_adafactor_whole(mesh, out: str) -> str:
+    model, opt = whole_run(mesh)
+    whole_train(model, opt, range(STEPS_BEFORE))
+    state = opt.state_dict()["state"]
+    for key, entry in state.items():
+        if sorted(entry) != ["exp_avg", "exp_avg_sq_col", "exp_avg_sq_row", "step"]:
+            raise AssertionError(f"rank {dist.get_rank()}: parameter {key} saves {sorted(entry)}")
+        for name in ("exp_avg_sq_row", "exp_avg_sq_col"):
+            gathered = [torch.empty_like(entry[name]) for _ in range(dist.get_world_size())]
+            dist.all_gather(gathered, entry[name])
+            if not all(torch.equal(g, gathered[0]) for g in gathered) or not (gathered[0] > 0).all():
+                raise AssertionError(f"parameter {key}: {name} differs between ranks or is not the holder's")
+    whole_checkpoint(model, opt, out, save=True)
+    twin, opt_twin = whole_run(mesh)
+    whole_checkpoint(twin, opt_twin, out, save=False)
+    if not all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(twin, model)):
+        raise AssertionError("the model did not come back from the checkpoint")
+    # Ranks with empty shards take the holder's step counts back (they never step those tensors).
+    before, after = library_state(opt), library_state(opt_twin)
+    if dist.get_rank() != 0:
+        del before["steps"], after["steps"]
+    assert_same_state(before, after, "adafactor-whole: DCP at the same world size")
+    whole_train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    whole_train(twin, opt_twin, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    final = [p.full_tensor().detach() for p in model]
+    assert_equal([p.full_tensor() for p in twin], final, "adafactor-whole: resumed at 2 ranks")
+    if dist.get_rank() == 0:
+        torch.save({"final": final}, os.path.join(out, "ref-adafactor-whole.pt"))
+    return "saved"
+
+
+def case_load_adafactor_whole(mesh, out: str) -> str:
+    saved = torch.load(os.path.join(out, "ref-adafactor-whole.pt"), weights_only=False)
+    model, opt = whole_run(mesh)
+    whole_checkpoint(model, opt, out, save=False)
+    whole_train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
+    assert_equal([p.full_tensor() for p in model], saved["final"],
+                 f"adafactor-whole: resumed at {dist.get_world_size()} ranks")
+    return "exact"
+
+
 # -- "load" on 1 or 4 ranks -------------------------------------------------------------------------
 
 def load_checkpoint(name: str, model, opt, out: str) -> None:
@@ -239,6 +318,9 @@ def main() -> None:
                 found[f"load-{name}"] = lambda name=name: case_load(name, out)
         if phase == "save":
             found["bad-layouts"] = case_bad_layouts
+            found["save-adafactor-whole"] = lambda: case_save_adafactor_whole(mesh, out)
+        else:
+            found["load-adafactor-whole"] = lambda: case_load_adafactor_whole(mesh, out)
         return found
     run_rank(rank, world, port, os.path.join(out, f"{phase}-rank{rank}.json"), cases)
 

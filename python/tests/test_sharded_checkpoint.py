@@ -8,8 +8,9 @@ import pytest
 
 from _helpers import assert_case, launch, needs_gloo
 
-SAVE_CASES = [f"save-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")] + ["bad-layouts"]
-LOAD_CASES = [f"load-{c}" for c in ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut")]
+CASES = ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut", "adafactor-whole")
+SAVE_CASES = [f"save-{c}" for c in CASES] + ["bad-layouts"]
+LOAD_CASES = [f"load-{c}" for c in CASES]
 
 pytestmark = needs_gloo
 
