@@ -13,6 +13,7 @@
 
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
+#include "nibble/safetensors.hpp"
 #include "reference_optimizers.hpp"
 #include "test_util.hpp"
 
@@ -197,6 +198,56 @@ TEST(ScheduleFree, SaveLoadInEitherModeResumesBitForBit) {
       r.opt->save(dir / "r.safetensors");
       EXPECT_TRUE(test::read_bytes(dir / "u.safetensors") == test::read_bytes(dir / "r.safetensors"));
     }
+}
+
+// What a sharded checkpoint restores by hand: state values, step counts and the running sums set
+// into a fresh optimizer make it continue as the original, bit for bit; bad sums are refused and
+// change nothing, and other algorithms refuse them.
+TEST(ScheduleFree, RunningSumsSetByHandResumeBitForBit) {
+  SfRun u;
+  for (int it = 0; it < 6; ++it) u.step(it);
+  SfRun r(Precision::kFp32, &u.p);
+  std::vector<std::int64_t> steps;
+  std::vector<double> lr_max, weight_sum;
+  TempDir dir;
+  u.opt->save(dir / "u.safetensors");
+  for (std::size_t i = 0; i < u.p.size(); ++i) {
+    for (const std::string& name : u.opt->state_names(i)) r.opt->set_state_values(i, name, u.opt->state_values(i, name));
+    steps.push_back(6);
+  }
+  r.opt->set_step_counts(steps, 6, 0);
+  r.opt->save(dir / "before.safetensors");
+  for (const auto& [bad, what] : {std::pair{-1.0, "lr_max of parameter 0 is -1"},
+                                  std::pair{std::numeric_limits<double>::quiet_NaN(), "lr_max of parameter 0 is nan"}}) {
+    const std::vector<double> wrong(u.p.size(), bad), ok(u.p.size(), 1.0);
+    EXPECT_NE(thrown_message<InvalidArgument>([&] { r.opt->set_running_sums(wrong, ok); }).find(what), std::string::npos);
+  }
+  r.opt->save(dir / "refused.safetensors");
+  EXPECT_TRUE(test::read_bytes(dir / "before.safetensors") == test::read_bytes(dir / "refused.safetensors"));
+  // Still without the sums, the file differs from the original's; with them, it is the same.
+  EXPECT_FALSE(test::read_bytes(dir / "u.safetensors") == test::read_bytes(dir / "before.safetensors"));
+  const SafetensorsFile saved = load_safetensors(dir / "u.safetensors");
+  for (std::size_t i = 0; i < u.p.size(); ++i) {
+    lr_max.push_back(saved.at("state." + std::to_string(i) + ".lr_max").data_as<double>()[0]);
+    weight_sum.push_back(saved.at("state." + std::to_string(i) + ".weight_sum").data_as<double>()[0]);
+  }
+  r.opt->set_running_sums(lr_max, weight_sum);
+  r.opt->save(dir / "r.safetensors");
+  EXPECT_TRUE(test::read_bytes(dir / "u.safetensors") == test::read_bytes(dir / "r.safetensors"));
+  for (int it = 6; it < 12; ++it) {
+    u.step(it);
+    r.step(it);
+  }
+  EXPECT_TRUE(same_bits(u.p, r.p));
+
+  std::vector<float> p(33, 0.5f), g(33, 0.1f);
+  OptimizerOptions o;
+  o.algorithm = Algorithm::kAdamW;
+  ParamGroup group;
+  group.params = {{"w", {33}, p.data(), g.data()}};
+  Optimizer adamw({group}, o);
+  EXPECT_NE(thrown_message<InvalidArgument>([&] { adamw.set_running_sums({{1.0}}, {{1.0}}); }).find("schedule-free"),
+            std::string::npos);
 }
 
 // A step skipped for a NaN gradient changes nothing, lr_max, weight_sum and the warm-up included:

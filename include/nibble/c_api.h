@@ -104,13 +104,16 @@ NIBBLE_C_EXPORT int nibble_load(nibble_optimizer* optimizer, const char* path);
  * state dequantized so that nibble_set_state_values gives back the same codes and absmax where the
  * blocks are the same. nibble_set_state_values quantizes, rounds or copies them back after checking
  * the count and that they are finite (and >= 0 for second moments); nothing changes on an error.
- * nibble_set_step_counts sets each parameter's step count, the steps taken and the skipped. */
+ * nibble_set_step_counts sets each parameter's step count, the steps taken and the skipped;
+ * nibble_set_running_sums schedule-free AdamW's lr_max and weight_sum of each parameter. */
 NIBBLE_C_EXPORT int nibble_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name, float* out,
                                         int64_t count);
 NIBBLE_C_EXPORT int nibble_set_state_values(nibble_optimizer* optimizer, int64_t param_index, const char* name,
                                             const float* values, int64_t count);
 NIBBLE_C_EXPORT int nibble_set_step_counts(nibble_optimizer* optimizer, const int64_t* tensor_steps, int64_t count,
                                            int64_t steps, int64_t skipped);
+NIBBLE_C_EXPORT int nibble_set_running_sums(nibble_optimizer* optimizer, const double* lr_max, const double* weight_sum,
+                                            int64_t count);
 /* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. */
 NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count);
 /* Schedule-free AdamW: parameters to y (train) or to the averaged x (eval); no-ops in that mode

@@ -194,6 +194,10 @@ class Optimizer {
   void set_state_values(std::size_t param_index, std::string_view name, std::span<const float> values);
   // Step counts, as a loaded state sets them: one per parameter, the optimizer's steps and skips.
   void set_step_counts(std::span<const std::int64_t> tensor_steps, std::int64_t steps, std::int64_t skipped);
+  // Schedule-free AdamW: each parameter's lr_max and weight_sum, as a loaded state sets them (a
+  // sharded checkpoint carries them beside the state values). Finite and >= 0; other algorithms
+  // keep none and refuse.
+  void set_running_sums(std::span<const double> lr_max, std::span<const double> weight_sum);
 
   // The whole optimizer state as safetensors (atomic write). load() checks the file against
   // this optimizer first and changes nothing unless every check passes.

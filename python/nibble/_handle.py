@@ -198,6 +198,12 @@ class GroupHandle:
         array = (ctypes.c_int64 * max(len(tensor_steps), 1))(*tensor_steps)
         _lib.check(_lib.lib.nibble_set_step_counts(self.handle, array, len(tensor_steps), steps, skipped))
 
+    def set_running_sums(self, lr_max: list[float], weight_sum: list[float]) -> None:
+        """Schedule-free AdamW: each parameter's lr_max and weight_sum (doubles)."""
+        count = len(lr_max)
+        arrays = [(ctypes.c_double * max(count, 1))(*values) for values in (lr_max, weight_sum)]
+        _lib.check(_lib.lib.nibble_set_running_sums(self.handle, arrays[0], arrays[1], count))
+
     def set_mode(self, train: bool) -> None:
         """Schedule-free AdamW: the parameters to y (train) or to the average x (eval)."""
         if self.device.type == "cuda":

@@ -89,21 +89,27 @@ def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dic
     step counts and every parameter's global shape and state names."""
     made = opt._nibble(index)
     tensors, metadata = made.save()
-    if metadata.get("algorithm") == "adamw_schedulefree":
-        raise NotImplementedError(f"state_dict(): parameter group {index} is sharded schedule-free AdamW, whose "
-                                  "per-parameter lr_max and weight_sum a sharded checkpoint does not carry yet; "
-                                  "checkpoint it unsharded")
     layout = json.loads(metadata["layout"])
     whole = _whole_factors(opt, group["params"], layout, tensors) if metadata["algorithm"] == "adafactor" else {}
     # A rank whose shard of a parameter is empty never steps it, and the checkpoint keeps one "step"
     # per parameter (a plain tensor, taken from any rank): every rank saves the largest count.
     steps = tensors["steps"].to(torch.int64).clone()
     torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=_process_group(opt))
+    # Schedule-free AdamW's lr_max and weight_sum per parameter (plain float64 entries, as in an
+    # unsharded state_dict): both only grow, so the largest over the ranks is a stepping rank's.
+    sums = {}
+    for name in _RUNNING if metadata["algorithm"] == "adamw_schedulefree" else ():
+        values = torch.cat([tensors[f"state.{i}.{name}"].reshape(1).to(torch.float64)
+                            for i in range(len(group["params"]))])
+        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=_process_group(opt))
+        sums[name] = values
     described = []
     entries = []
     for i, p in enumerate(group["params"]):
         names = whole[i]["names"] if i in whole else _state_names(layout[i])
         entry: dict[str, torch.Tensor] = {"step": steps[i].to(torch.float32)}
+        for name, values in sums.items():
+            entry[name] = values[i:i + 1].clone()
         for name in names:
             if name in _FACTORS and i in whole:
                 entry[name] = whole[i]["factors"][name]
@@ -116,6 +122,7 @@ def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dic
 
 
 _FACTORS = ("exp_avg_sq_row", "exp_avg_sq_col")
+_RUNNING = ("lr_max", "weight_sum")  # schedule-free AdamW's per-parameter sums
 
 
 def _process_group(opt: "NibbleOptimizer") -> Any:
@@ -267,6 +274,7 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
         made = opt._create(index, group)
         live = json.loads(made.save()[1]["layout"])
         tensor_steps = []
+        running: dict[str, list[float]] = {}
         for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
             where = f"parameter {key!r} (group {index}, position {i})"
             if list(described[i]["shape"]) != list(p.shape):
@@ -289,6 +297,11 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
                 if name not in entry or not isinstance(entry[name], torch.Tensor):
                     raise ValueError(f"{where}: the state_dict has no tensor {name!r}")
             tensor_steps.append(int(entry["step"].item()))
+            for name in _RUNNING if opt.algorithm == "adamw_schedulefree" else ():
+                value = entry.get(name)
+                if not isinstance(value, torch.Tensor) or value.numel() != 1:
+                    raise ValueError(f"{where}: the state_dict has no one-element tensor {name!r}")
+                running.setdefault(name, []).append(float(value.item()))
             for name in ([] if empty_here else names):
                 t = entry[name]
                 if is_dtensor(t) and list(t.shape) != list(p.shape):
@@ -296,6 +309,8 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
                                      f"{list(p.shape)}")
                 made.set_state_values(i, name, local(t).detach().to(device="cpu", dtype=torch.float32).contiguous())
         made.set_step_counts(tensor_steps, _count(meta, "step"), _count(meta, "skipped"))
+        if running:
+            made.set_running_sums(running["lr_max"], running["weight_sum"])
         fresh[index] = made
     # Everything checked and loaded: the groups take the saved hyperparameters and the state.
     for index, merged in enumerate(updated):

@@ -32,7 +32,15 @@ CASES = {
     "4bit": (dict(precision="4bit"), True),
     "8bit-cut": (dict(precision="8bit", min_quant_size=0), False),
     "4bit-cut": (dict(precision="4bit", min_quant_size=0), False),
+    # Schedule-free AdamW: its per-parameter lr_max and weight_sum travel beside the state.
+    "schedulefree": (dict(cls=nibble.AdamWScheduleFree, warmup_steps=2), True),
 }
+
+
+def optimizer(params, kwargs: dict):
+    """The case's optimizer (nibble.AdamW unless the case names another class) at lr LR."""
+    kwargs = dict(kwargs)
+    return kwargs.pop("cls", nibble.AdamW)(params, lr=LR, **kwargs)
 
 
 # These go through get/set_optimizer_state_dict (parameters named by their module paths); the others
@@ -81,8 +89,7 @@ def codec_error_bound(opt) -> dict:
 def new_run(kwargs):
     ref = mlp()
     sharded = fully_sharded(ref)
-    return ref, sharded, nibble.AdamW(ref.parameters(), lr=LR, **kwargs), \
-        nibble.AdamW(sharded.parameters(), lr=LR, **kwargs)
+    return ref, sharded, optimizer(ref.parameters(), kwargs), optimizer(sharded.parameters(), kwargs)
 
 
 def assert_equal(got: list, want: list, what: str) -> None:
@@ -107,7 +114,7 @@ def case_save(name: str, out: str) -> str:
     optim_sd = get_optimizer_state_dict(sharded, opt_sh) if name in HELPER_CASES else opt_sh.state_dict()
     for key, entry in optim_sd["state"].items():
         for k, t in entry.items():
-            if k != "step" and not isinstance(t, DTensor):
+            if k not in ("step", "lr_max", "weight_sum") and not isinstance(t, DTensor):
                 raise AssertionError(f"state {key}.{k} is {type(t).__name__}, not a DTensor")
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=os.path.join(out, f"ckpt-{name}"))
     saved_values = full_state(opt_sh)
@@ -115,12 +122,12 @@ def case_save(name: str, out: str) -> str:
     bounds = codec_error_bound(opt_sh)
     # The same world size: a fresh optimizer takes the checkpoint back, codes and absmax included.
     twin = fully_sharded(mlp())
-    opt_twin = nibble.AdamW(twin.parameters(), lr=LR, **kwargs)
+    opt_twin = optimizer(twin.parameters(), kwargs)
     load_checkpoint(name, twin, opt_twin, out)
     assert_same_state(library_state(opt_sh), library_state(opt_twin), "DCP at the same world size")
     # get/set_optimizer_state_dict in memory, into a third optimizer.
     third = fully_sharded(mlp())
-    opt_third = nibble.AdamW(third.parameters(), lr=LR, **kwargs)
+    opt_third = optimizer(third.parameters(), kwargs)
     set_optimizer_state_dict(third, opt_third, get_optimizer_state_dict(sharded, opt_sh))
     assert_same_state(library_state(opt_sh), library_state(opt_third), "get/set_optimizer_state_dict")
     if opt_third.counters() != opt_sh.counters():

@@ -8,7 +8,7 @@ import pytest
 
 from _helpers import assert_case, launch, needs_gloo
 
-CASES = ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut", "adafactor-whole")
+CASES = ("fp32", "bf16", "8bit", "4bit", "8bit-cut", "4bit-cut", "schedulefree", "adafactor-whole")
 SAVE_CASES = [f"save-{c}" for c in CASES] + ["bad-layouts"]
 LOAD_CASES = [f"load-{c}" for c in CASES]
 

@@ -399,6 +399,19 @@ int nibble_set_step_counts(nibble_optimizer* optimizer, const int64_t* tensor_st
     optimizer->optimizer.set_step_counts({tensor_steps, static_cast<std::size_t>(count)}, steps, skipped);
   });
 }
+int nibble_set_running_sums(nibble_optimizer* optimizer, const double* lr_max, const double* weight_sum,
+                            int64_t count) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    if (count > 0) {
+      require(lr_max, "lr_max");
+      require(weight_sum, "weight_sum");
+    }
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("running sums length {} is negative", count));
+    const auto n = static_cast<std::size_t>(count);
+    optimizer->optimizer.set_running_sums({lr_max, n}, {weight_sum, n});
+  });
+}
 int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count) {
   return guarded([&] {
     require(optimizer, "optimizer");

@@ -494,4 +494,21 @@ void Optimizer::set_step_counts(std::span<const std::int64_t> tensor_steps, std:
   commit_host_state(im, host);
 }
 
+void Optimizer::set_running_sums(std::span<const double> lr_max, std::span<const double> weight_sum) {
+  Impl& im = *impl_;
+  if (im.options.algorithm != Algorithm::kAdamWScheduleFree)
+    throw InvalidArgument(fmt::format("lr_max and weight_sum are schedule-free AdamW's; this optimizer runs {}",
+                                      algorithm_name(im.options.algorithm)));
+  if (lr_max.size() != im.tensors.size() || weight_sum.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("{} lr_max and {} weight_sum values for {} parameters", lr_max.size(),
+                                      weight_sum.size(), im.tensors.size()));
+  for (std::size_t i = 0; i < lr_max.size(); ++i)
+    for (const auto& [name, v] : {std::pair{"lr_max", lr_max[i]}, std::pair{"weight_sum", weight_sum[i]}})
+      if (!(std::isfinite(v) && v >= 0.0))
+        throw InvalidArgument(fmt::format("{} of parameter {} is {}; it must be finite and >= 0", name, i, v));
+  HostState host = host_state(im);
+  for (std::size_t i = 0; i < lr_max.size(); ++i) (*host.tensors)[i].running = {lr_max[i], weight_sum[i]};
+  commit_host_state(im, host);
+}
+
 }  // namespace nibble
