@@ -91,25 +91,16 @@ def _sharded_group(opt: "NibbleOptimizer", index: int, group: dict) -> tuple[dic
     tensors, metadata = made.save()
     layout = json.loads(metadata["layout"])
     whole = _whole_factors(opt, group["params"], layout, tensors) if metadata["algorithm"] == "adafactor" else {}
-    # A rank whose shard of a parameter is empty never steps it, and the checkpoint keeps one "step"
-    # per parameter (a plain tensor, taken from any rank): every rank saves the largest count.
-    steps = tensors["steps"].to(torch.int64).clone()
-    torch.distributed.all_reduce(steps, op=torch.distributed.ReduceOp.MAX, group=_process_group(opt))
-    # Schedule-free AdamW's lr_max and weight_sum per parameter (plain float64 entries, as in an
-    # unsharded state_dict): both only grow, so the largest over the ranks is a stepping rank's.
-    sums = {}
-    for name in _RUNNING if metadata["algorithm"] == "adamw_schedulefree" else ():
-        values = torch.cat([tensors[f"state.{i}.{name}"].reshape(1).to(torch.float64)
-                            for i in range(len(group["params"]))])
-        torch.distributed.all_reduce(values, op=torch.distributed.ReduceOp.MAX, group=_process_group(opt))
-        sums[name] = values
+    # "step" and schedule-free AdamW's lr_max and weight_sum are plain tensors, the same on every
+    # rank: a rank whose shard is empty counts the steps too (see NibbleOptimizer._set_grads).
+    running = _RUNNING if metadata["algorithm"] == "adamw_schedulefree" else ()
     described = []
     entries = []
     for i, p in enumerate(group["params"]):
         names = whole[i]["names"] if i in whole else _state_names(layout[i])
-        entry: dict[str, torch.Tensor] = {"step": steps[i].to(torch.float32)}
-        for name, values in sums.items():
-            entry[name] = values[i:i + 1].clone()
+        entry: dict[str, torch.Tensor] = {"step": tensors["steps"][i].to(torch.float32)}
+        for name in running:
+            entry[name] = tensors[f"state.{i}.{name}"].reshape(1).to(torch.float64)
         for name in names:
             if name in _FACTORS and i in whole:
                 entry[name] = whole[i]["factors"][name]
@@ -145,7 +136,11 @@ def _is_split_placement(p: torch.Tensor) -> bool:
 def _whole_factors(opt: "NibbleOptimizer", params: list, layout: list[dict],
                    tensors: dict[str, torch.Tensor]) -> dict[int, dict]:
     """{parameter index: {"names": the holder's state names, "factors": {name: tensor}}} for the
-    factored parameters of a sharded placement, the same on every rank."""
+    factored parameters of a sharded placement, the same on every rank. The library factors a
+    tensor of two or more dimensions that is not empty; when a sharded group holds such tensors,
+    every rank must take the state_dict (as torch.distributed.checkpoint does)."""
+    if not any(_is_split_placement(p) and p.dim() >= 2 and p.numel() > 0 for p in params):
+        return {}
     mine = {i: {"names": _state_names(layout[i]),
                 "shapes": {name: list(tensors[f"state.{i}.{name}"].shape) for name in _FACTORS}}
             for i, p in enumerate(params) if _is_split_placement(p) and layout[i].get("factored")}

@@ -68,6 +68,8 @@ def _integer(name: str, value: Any) -> int:
     return value
 
 
+_EMPTY_GRAD = torch.zeros(1)  # the address passed for an empty CPU gradient (see _set_grads)
+
 class NibbleOptimizer(torch.optim.Optimizer):
     """Base of nibble's optimizers. Subclasses name the algorithm and map a parameter group's
     hyperparameters (PyTorch's names) to nibble's."""
@@ -283,7 +285,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
                                  f"{made.grad_dtypes[i]}, the one its first step saw")
             if not g.is_contiguous():
                 raise ValueError(f"parameter {i} of group {index}: the gradient is not contiguous")
-            grads.append(g.data_ptr())
+            # An empty gradient (this rank's shard of a sharded parameter can be empty) has no
+            # address; any valid one tells the library that the parameter has a gradient this step,
+            # so its step count and running sums advance on every rank alike. Nothing is read.
+            grads.append(g.data_ptr() if g.numel() > 0 or made.device.type != "cpu" else _EMPTY_GRAD.data_ptr())
         made.set_grads(grads)
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------

@@ -236,11 +236,7 @@ def case_save_adafactor_whole(mesh, out: str) -> str:
     whole_checkpoint(twin, opt_twin, out, save=False)
     if not all(torch.equal(p.full_tensor(), q.full_tensor()) for p, q in zip(twin, model)):
         raise AssertionError("the model did not come back from the checkpoint")
-    # Ranks with empty shards take the holder's step counts back (they never step those tensors).
-    before, after = library_state(opt), library_state(opt_twin)
-    if dist.get_rank() != 0:
-        del before["steps"], after["steps"]
-    assert_same_state(before, after, "adafactor-whole: DCP at the same world size")
+    assert_same_state(library_state(opt), library_state(opt_twin), "adafactor-whole: DCP at the same world size")
     whole_train(model, opt, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
     whole_train(twin, opt_twin, range(STEPS_BEFORE, STEPS_BEFORE + STEPS_AFTER))
     final = [p.full_tensor().detach() for p in model]
