@@ -12,7 +12,6 @@
 // NaN in gives NaN out. The functions are host-only: the CUDA kernels use the device's tanhf/erff.
 #pragma once
 
-#include <algorithm>
 #include <bit>
 #include <cmath>
 #include <cstdint>
