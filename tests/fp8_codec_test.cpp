@@ -268,6 +268,51 @@ TEST(Fp8CodecSimd, EncodeEqualsScalarAtEveryLength) {
   }
 }
 
+// The step's encode: x / absmax of x's block, every value finite, so the encoder may drop its NaN
+// and saturation lanes (encode8_block's `bounded`). Blocks of the edge and random inputs within
+// [-1, 1], scaled by factors whose reciprocals round (so x * inv can exceed 1 by an ulp), at block
+// lengths with and without scalar tails: the codes equal the scalar encoder's.
+TEST(Fp8CodecSimd, BoundedEncodeOfABlockEqualsScalar) {
+  for (CodebookId id : kFp8Books) {
+    SCOPED_TRACE(book_name(id));
+    const math::Codebook& cb = codebook(id);
+    std::vector<float> x;
+    for (float v : edge_inputs(cb))
+      if (std::fabs(v) <= 1.0f) x.push_back(v);
+    for (float v : random_inputs(41, 100'000))
+      if (std::fabs(v) <= 1.0f) x.push_back(v);
+    std::mt19937 rng(7);
+    std::shuffle(x.begin(), x.end(), rng);
+    std::int64_t mismatches = 0, blocks = 0;
+    for (std::int64_t n : {std::int64_t{1}, std::int64_t{9}, std::int64_t{33}, std::int64_t{256}, std::int64_t{4096}}) {
+      for (float factor : {1.0f, 3.7f, 1e-20f, 7e20f, -0.3f}) {
+        for (std::size_t begin = 0; begin + static_cast<std::size_t>(n) <= x.size(); begin += 5 * static_cast<std::size_t>(n)) {
+          std::vector<float> block(x.begin() + static_cast<std::ptrdiff_t>(begin),
+                                   x.begin() + static_cast<std::ptrdiff_t>(begin) + n);
+          float absmax = 0.0f;
+          for (float& v : block) {
+            v *= factor;
+            absmax = std::max(absmax, std::fabs(v));
+          }
+          if (!(absmax > 0.0f)) continue;
+          const float inv = 1.0f / absmax;
+          std::vector<std::uint8_t> codes(static_cast<std::size_t>(n), 0xaa);
+          cpu::encode8_block(cb, block.data(), inv, codes.data(), n, /*bounded=*/true);
+          ++blocks;
+          for (std::int64_t i = 0; i < n; ++i) {
+            const int want = math::codebook_encode(cb, block[i] * inv);
+            if (codes[i] != want && ++mismatches <= 5)
+              ADD_FAILURE() << "x = " << block[i] << " absmax " << absmax << ": block " << int{codes[i]}
+                            << ", scalar " << want;
+          }
+        }
+      }
+    }
+    EXPECT_EQ(mismatches, 0);
+    EXPECT_GT(blocks, 1000);
+  }
+}
+
 TEST(Fp8CodecSimd, DecodeEqualsValueTableTimesScale) {
   for (CodebookId id : kFp8Books) {
     SCOPED_TRACE(book_name(id));

@@ -88,6 +88,9 @@ struct SimdCodebook {
     return code;
   }
 
+  // The tree maps' encoder has no lanes to drop for bounded inputs.
+  __m256i encode_bounded(__m256 y) const { return encode(y); }
+
   // Values of eight codes (int32 lanes), equal to the value table. 4-bit maps: two in-register
   // permutes of the 16 values; 8-bit maps: codebook_bin_value computed from the code (cheaper on
   // the CPU than a gather).
@@ -128,7 +131,7 @@ struct SimdMinifloat {
   static constexpr bool kSigned = kId == math::CodebookId::kFp8Signed;
 
   // The format's constants (math::minifloat_magnitude's), taken from the Codebook.
-  __m256i rebias, min_normal, max_magnitude;
+  __m256i rebias, min_normal, max_magnitude, round_rebias;
   __m256 magic, subnormal_step;
 
   explicit SimdMinifloat(const math::Codebook& cb)
@@ -136,7 +139,27 @@ struct SimdMinifloat {
         min_normal(_mm256_set1_epi32((128 - cb.exponent_bias) << 23)),
         max_magnitude(_mm256_set1_epi32(static_cast<int>(cb.max_magnitude))),
         magic(_mm256_castsi256_ps(_mm256_set1_epi32((148 - cb.exponent_bias) << 23))),
-        subnormal_step(_mm256_castsi256_ps(_mm256_set1_epi32((125 - cb.exponent_bias) << 23))) {}
+        subnormal_step(_mm256_castsi256_ps(_mm256_set1_epi32((125 - cb.exponent_bias) << 23))) {
+    round_rebias = _mm256_set1_epi32(static_cast<int>(0x7ffffu - (static_cast<std::uint32_t>(127 - cb.exponent_bias) << 23)));
+  }
+
+  // Codes of y that is finite with |y| at most 1 plus rounding (y = x / absmax of x's block, absmax
+  // finite and positive): the same codes as encode() without its NaN and saturation lanes, which
+  // such y never reach. The re-bias is folded into the rounding constant (exact for the normal
+  // range; the other lanes are replaced by the blend), and the sign goes in by a blend on y's.
+  __m256i encode_bounded(__m256 y) const {
+    const __m256i u = _mm256_castps_si256(y);
+    const __m256i a = kSigned ? _mm256_and_si256(u, _mm256_set1_epi32(0x7fffffff)) : u;
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(a, 20), _mm256_set1_epi32(1));
+    const __m256i normal = _mm256_srli_epi32(_mm256_add_epi32(_mm256_add_epi32(a, round_rebias), odd), 20);
+    const __m256i subnormal = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(_mm256_castsi256_ps(a), magic)),
+                                               _mm256_castps_si256(magic));
+    const __m256i m = _mm256_blendv_epi8(normal, subnormal, _mm256_cmpgt_epi32(min_normal, a));
+    if constexpr (kSigned)
+      return _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(m),
+                                                  _mm256_castsi256_ps(_mm256_or_si256(m, _mm256_set1_epi32(0x80))), y));
+    return _mm256_andnot_si256(_mm256_srai_epi32(u, 31), m);  // negatives and -0: 0
+  }
 
   __m256i encode(__m256 y) const {
     const __m256i u = _mm256_castps_si256(y);
@@ -186,38 +209,77 @@ void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
   }
 }
 
+// `bounded`: the caller knows every x * inv is finite with magnitude at most 1 plus rounding (inv
+// is 1 / the block's absmax, finite and positive), and the encoder may skip the lanes for NaN and
+// saturation. The codes are the same either way.
 inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
-                          std::uint8_t* __restrict codes, std::int64_t n) {
+                          std::uint8_t* __restrict codes, std::int64_t n, bool bounded = false) {
   // The lambda copies the pointers and the count it loops on: a store through a byte pointer may
   // alias anything, so through captured references they would be reloaded at every iteration.
   with_simd_codebook(cb, [&](const auto& simd) {
-    const float* __restrict in = x;
-    std::uint8_t* __restrict out = codes;
-    const std::int64_t count = n;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    std::int64_t i = 0;
-    // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
-    // lanes, so one cross-lane permute puts the 32 bytes back in element order.
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (; i + 32 <= count; i += 32) {
-      const __m256i c0 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
-      const __m256i c1 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 8), vinv));
-      const __m256i c2 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 16), vinv));
-      const __m256i c3 = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i + 24), vinv));
-      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
-    }
-    for (; i + 8 <= count; i += 8) {
-      const __m256i c = simd.encode(_mm256_mul_ps(_mm256_loadu_ps(in + i), vinv));
-      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
-    }
-    math::encode8_run(cb, in, inv, out, i, count);
+    const auto encode = [&]<bool kBounded>() {
+      const float* __restrict in = x;
+      std::uint8_t* __restrict out = codes;
+      const std::int64_t count = n;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      const auto code = [&](const float* at) {
+        const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), vinv);
+        return kBounded ? simd.encode_bounded(y) : simd.encode(y);
+      };
+      std::int64_t i = 0;
+      // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
+      // lanes, so one cross-lane permute puts the 32 bytes back in element order.
+      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+      for (; i + 32 <= count; i += 32) {
+        const __m256i c0 = code(in + i), c1 = code(in + i + 8), c2 = code(in + i + 16), c3 = code(in + i + 24);
+        const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+      }
+      for (; i + 8 <= count; i += 8) {
+        const __m256i c = code(in + i);
+        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
+      }
+      math::encode8_run(cb, in, inv, out, i, count);
+    };
+    if (bounded) encode.template operator()<true>();
+    else encode.template operator()<false>();
   });
 }
 
+#if defined(__F16C__)
+// The signed fp8 map's codes are IEEE half-precision numbers in disguise: e4m3 of y with bias 15 is
+// a half's layout (5 exponent bits, bias 15) with the top exponent bit 0 and 3 of its 10 mantissa
+// bits, subnormals included. So a code becomes its y by moving its bits into a half (16 at a time
+// in 16-bit lanes) and one exact hardware conversion; only the NaN codes (0x7f, 0xff) need a blend.
+inline void decode_fp8_signed_f16c(const std::uint8_t* __restrict in, float scale, float* __restrict values,
+                                   std::int64_t& i, std::int64_t count) {
+  const __m256 vscale = _mm256_set1_ps(scale);
+  const __m256i magnitude_bits = _mm256_set1_epi16(0x7f);
+  const __m256i half_nan = _mm256_set1_epi16(0x7e00);
+  for (; i + 16 <= count; i += 16) {
+    // Sign-extended to 16 bits and shifted by 7: exponent and mantissa land in bits 7..14 with the
+    // code's sign in bit 14 (cleared) and its copies in bit 15 (the half's sign).
+    const __m256i x = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+    __m256i half = _mm256_and_si256(_mm256_slli_epi16(x, 7), _mm256_set1_epi16(static_cast<short>(0xbfff)));
+    half = _mm256_blendv_epi8(half, half_nan,
+                              _mm256_cmpeq_epi16(_mm256_and_si256(x, magnitude_bits), magnitude_bits));
+    _mm256_storeu_ps(values + i, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_castsi256_si128(half)), vscale));
+    _mm256_storeu_ps(values + i + 8, _mm256_mul_ps(_mm256_cvtph_ps(_mm256_extracti128_si256(half, 1)), vscale));
+  }
+}
+#endif
+
 inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
+#if defined(__F16C__)
+  if (cb.id == math::CodebookId::kFp8Signed) {
+    std::int64_t i = 0;
+    decode_fp8_signed_f16c(codes, scale, out, i, n);
+    math::decode8_run(cb, codes, scale, out, i, n);
+    return;
+  }
+#endif
   with_simd_codebook(cb, [&](const auto& simd) {
     const std::uint8_t* __restrict in = codes;
     float* __restrict values = out;
@@ -272,7 +334,7 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
 #else
 
 inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
-                          std::uint8_t* __restrict codes, std::int64_t n) {
+                          std::uint8_t* __restrict codes, std::int64_t n, bool = false) {
   math::encode8_run(cb, x, inv, codes, 0, n);
 }
 inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,

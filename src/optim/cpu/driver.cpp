@@ -114,7 +114,8 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
       const float absmax = block_absmax(x, n);
       const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
       s.absmax[begin / t.block] = absmax;
-      encode8_block(cb, x, inv, s.codes + begin, n);
+      // A finite positive absmax bounds every x / absmax (block_absmax is NaN or inf otherwise).
+      encode8_block(cb, x, inv, s.codes + begin, n, absmax > 0.0f && absmax <= std::numeric_limits<float>::max());
       return;
     }
     case math::StateStorage::kCodes4: {
