@@ -116,5 +116,32 @@ TEST(ShardedParam, AGivenSquareSumEqualsTheOwnNormAndDecidesTheSkip) {
   EXPECT_EQ(given.grad_square_sum(none), 0.0);
 }
 
+// The device-side pair (a square sum queued into device memory, a step that reads one) is CUDA's;
+// a CPU optimizer refuses it by name and points at its own pair. The GPU test is in
+// tests/gpu/optim_cuda_test.cpp (CudaSharded).
+TEST(ShardedParam, TheDeviceSquareSumCallsAreRefusedOnTheCpu) {
+  Tensors t(300);
+  Optimizer opt = make(shard(t, {10, 30}, {}, false), Algorithm::kAdamW);
+  double sum = 0.0;
+  try {
+    opt.enqueue_grad_square_sum({}, &sum);
+    FAIL() << "a CPU optimizer queued a device square sum";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string_view(e.what()).find("grad_square_sum()"), std::string_view::npos) << e.what();
+  }
+  try {
+    opt.enqueue_step_with_square_sum(&sum);
+    FAIL() << "a CPU optimizer queued a step with a device square sum";
+  } catch (const InvalidArgument& e) {
+    EXPECT_NE(std::string_view(e.what()).find("StepOptions::grad_square_sum"), std::string_view::npos) << e.what();
+  }
+  const std::uint8_t two[] = {1, 1};
+  EXPECT_THROW(opt.enqueue_grad_square_sum(two, &sum), InvalidArgument);  // one flag per parameter
+  EXPECT_THROW(opt.enqueue_grad_square_sum({}, nullptr), InvalidArgument);
+  EXPECT_THROW(opt.enqueue_step_with_square_sum(nullptr), InvalidArgument);
+  EXPECT_EQ(opt.step_count(), 0);
+  EXPECT_EQ(t.data, std::vector<float>(300, 0.5f));
+}
+
 }  // namespace
 }  // namespace nibble

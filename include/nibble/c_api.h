@@ -92,6 +92,16 @@ NIBBLE_C_EXPORT int nibble_step_with_square_sum(nibble_optimizer* optimizer, flo
 /* cuda: queues a step that reads lr_scale, grad_scale and found_inf from the device scalars
  * (capturable in a CUDA graph). */
 NIBBLE_C_EXPORT int nibble_enqueue_step(nibble_optimizer* optimizer, void* stream);
+/* Sharded training, cuda, without host round trips: queues on `stream` (NULL: the optimizer's) the
+ * sum of squared gradients (as nibble_grad_square_sum, counted likewise) into the device double at
+ * `out`. New counted flags are copied from the host: not inside a CUDA graph capture. */
+NIBBLE_C_EXPORT int nibble_enqueue_grad_square_sum(nibble_optimizer* optimizer, const uint8_t* counted, int64_t count,
+                                                   double* out, void* stream);
+/* Sharded training, cuda: nibble_enqueue_step whose non-finite check and clipping take the device
+ * double at `square_sum` (read when the step runs, e.g. after an all-reduce of every rank's
+ * nibble_enqueue_grad_square_sum) instead of this optimizer's own gradients. */
+NIBBLE_C_EXPORT int nibble_enqueue_step_with_square_sum(nibble_optimizer* optimizer, const double* square_sum,
+                                                        void* stream);
 /* cuda: device addresses of float lr_scale, float grad_scale, int32 found_inf, int64 steps. */
 NIBBLE_C_EXPORT int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** grad_scale,
                                           void** found_inf, void** steps);

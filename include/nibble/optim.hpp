@@ -157,6 +157,15 @@ class Optimizer {
   // same order as the step's own norm. `counted`: one flag per parameter (0 leaves it out, e.g. a
   // replicated tensor that another rank counts), or empty for all. CPU backend.
   double grad_square_sum(std::span<const std::uint8_t> counted = {}) const;
+  // CUDA, the same without a host round trip: queues on the optimizer's stream the sum of squared
+  // gradients (counted likewise) into the device double `out`. New `counted` flags are uploaded
+  // from the host, which a CUDA graph capture does not allow: set them by one call before capturing.
+  void enqueue_grad_square_sum(std::span<const std::uint8_t> counted, double* out);
+  // CUDA: enqueue_step() whose non-finite check and clipping take the device double `*square_sum`,
+  // read when the step runs (enqueue_grad_square_sum's results summed over every group and rank,
+  // e.g. by an NCCL all-reduce queued in between), instead of this optimizer's own gradients, so
+  // every group and rank skips or clips alike.
+  void enqueue_step_with_square_sum(const double* square_sum);
   // Points a parameter at a new gradient array (same dtype), or null for none.
   void set_grad(std::size_t param_index, void* grad);
   // All gradients at once, one per parameter; on CUDA one asynchronous table update on the

@@ -147,6 +147,24 @@ class GroupHandle:
         views["found_inf"].copy_(found_inf.reshape(1))
         _lib.check(_lib.lib.nibble_enqueue_step(self.handle, self.stream()))
 
+    def enqueue_grad_square_sum(self, out: torch.Tensor) -> None:
+        """CUDA: queues on the current stream the squared norm of the gradients this rank counts
+        into `out`, one float64 element on the group's device; nothing waits for it."""
+        _lib.check(_lib.lib.nibble_enqueue_grad_square_sum(self.handle, self.counted, self.counted_len,
+                                                            ctypes.c_void_p(out.data_ptr()), self.stream()))
+
+    def step_device_with_square_sum(self, lr: torch.Tensor, grad_scale: torch.Tensor,
+                                    square_sum: torch.Tensor) -> None:
+        """CUDA: step_device whose skip and clip follow `square_sum` (a float64 element on the
+        device, summed over every group and rank, a found_inf folded in as inf), read when the
+        step runs."""
+        views = self.scalars()
+        views["lr_scale"].copy_(lr.reshape(1))
+        views["grad_scale"].copy_(grad_scale.reshape(1))
+        views["found_inf"].zero_()
+        _lib.check(_lib.lib.nibble_enqueue_step_with_square_sum(self.handle, ctypes.c_void_p(square_sum.data_ptr()),
+                                                                 self.stream()))
+
     def grad_square_sum(self) -> float:
         """The squared norm of the gradients this rank counts (all of them unless `counted`)."""
         part = ctypes.c_double()

@@ -82,6 +82,8 @@ def _load() -> ctypes.CDLL:
         "nibble_step_with_square_sum": ([vp, ctypes.c_float, ctypes.c_float, i32, ctypes.c_double, ctypes.POINTER(i32),
                                          ctypes.POINTER(ctypes.c_double), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_enqueue_step": ([vp, vp], ctypes.c_int),
+        "nibble_enqueue_grad_square_sum": ([vp, ctypes.POINTER(ctypes.c_uint8), i64, vp, vp], ctypes.c_int),
+        "nibble_enqueue_step_with_square_sum": ([vp, vp, vp], ctypes.c_int),
         "nibble_device_scalars": ([vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.POINTER(vp),
                                    ctypes.POINTER(vp)], ctypes.c_int),
         "nibble_counters": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),

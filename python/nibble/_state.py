@@ -145,6 +145,7 @@ def _whole_factors(opt: "NibbleOptimizer", params: list, layout: list[dict],
                 "shapes": {name: list(tensors[f"state.{i}.{name}"].shape) for name in _FACTORS}}
             for i, p in enumerate(params) if _is_split_placement(p) and layout[i].get("factored")}
     process_group = _process_group(opt)
+    device = local(params[0]).device  # the collective's device: NCCL reduces CUDA tensors only
     gathered: list = [None] * torch.distributed.get_world_size(process_group)
     torch.distributed.all_gather_object(gathered, mine, group=process_group)
     found: dict[int, dict] = {}
@@ -154,8 +155,8 @@ def _whole_factors(opt: "NibbleOptimizer", params: list, layout: list[dict],
     for i in sorted(found):
         factors = {}
         for name in _FACTORS:
-            values = (tensors[f"state.{i}.{name}"].to(torch.float32).clone() if i in mine
-                      else torch.zeros(found[i]["shapes"][name], dtype=torch.float32))
+            values = (tensors[f"state.{i}.{name}"].to(device=device, dtype=torch.float32, copy=True) if i in mine
+                      else torch.zeros(found[i]["shapes"][name], dtype=torch.float32, device=device))
             torch.distributed.all_reduce(values, group=process_group)
             factors[name] = values
         whole[i] = {"names": found[i]["names"], "factors": factors}
@@ -172,7 +173,8 @@ def _sharded_entry(made: GroupHandle, i: int, p: torch.Tensor, name: str,
     else:
         values = torch.empty(shape, dtype=torch.float32)
         made.state_values(i, name, values)
-    return as_dtensor_like(values, p)
+    # On the parameter's device, as its shards are (the library hands state over on the host).
+    return as_dtensor_like(values.to(local(p).device), p)
 
 
 def _state_names(layout: dict) -> list[str]:

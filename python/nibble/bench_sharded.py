@@ -40,8 +40,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before the timed ones (default 2)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run (default 5)")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"),
-                        help="cpu (gloo, any world size) or cuda (NCCL, world size 1 on one GPU; nibble's rows "
-                             "are skipped: nibble steps sharded parameters on the CPU only so far)")
+                        help="cpu (gloo, any world size) or cuda (NCCL, world size 1 on one GPU)")
     parser.add_argument("--json", default="bench_sharded.json", help="JSON output path (default bench_sharded.json)")
     parser.add_argument("--csv", default="bench_sharded.csv", help="CSV output path (default bench_sharded.csv)")
     parser.add_argument("--timeout", type=float, default=600.0,
@@ -138,11 +137,9 @@ def _worker(args: argparse.Namespace) -> None:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=args.timeout))
     rows = []
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
     for name in args.optimizers:
-        if device.type == "cuda" and name != "torch":
-            rows.append({"optimizer": name, "world": world, "rank": rank,
-                         "skipped": "nibble steps sharded (DTensor) parameters on the CPU only so far"})
-            continue
         try:
             row = _run(name, args, device)
         except Exception:  # one failed row, reported; the other optimizers still run

@@ -68,7 +68,22 @@ def _integer(name: str, value: Any) -> int:
     return value
 
 
-_EMPTY_GRAD = torch.zeros(1)  # the address passed for an empty CPU gradient (see _set_grads)
+_EMPTY_GRADS: dict[torch.device, torch.Tensor] = {}  # per device, the address passed for an empty gradient
+
+
+def _on_device(x: Any, default: float, device: torch.device) -> torch.Tensor:
+    """A step scalar (lr, grad_scale, found_inf) as a float32 0-d tensor on `device`: a tensor as
+    it is, a number or None (`default`) copied there."""
+    if isinstance(x, torch.Tensor):
+        return x
+    return torch.full((), default if x is None else float(x), dtype=torch.float32, device=device)
+
+
+def _empty_grad(device: torch.device) -> int:
+    """A valid address on `device` for a gradient with no elements (see _set_grads)."""
+    if device not in _EMPTY_GRADS:
+        _EMPTY_GRADS[device] = torch.zeros(1, device=device)
+    return _EMPTY_GRADS[device].data_ptr()
 
 class NibbleOptimizer(torch.optim.Optimizer):
     """Base of nibble's optimizers. Subclasses name the algorithm and map a parameter group's
@@ -155,14 +170,21 @@ class NibbleOptimizer(torch.optim.Optimizer):
         self._mesh = mesh
 
     def _check_devices(self) -> None:
-        devices = {p.device.type for group in self.param_groups for p in group["params"]}
-        if self._mesh is not None and devices - {"cpu"}:
-            raise ValueError("nibble steps sharded (DTensor) parameters on the CPU only so far (gloo); got parameters "
-                             f"on {sorted(devices)}")
-        if self._settings.get("max_grad_norm") and "cuda" in devices and \
-                sum(1 for group in self.param_groups if group["params"]) > 1:
-            raise ValueError("max_grad_norm with CUDA parameters clips each parameter group by its own norm; put the "
-                             "parameters in one group, or clip with torch.nn.utils.clip_grad_norm_")
+        devices = {p.device for group in self.param_groups for p in group["params"]}
+        if self._global_norm() and len(devices) > 1:
+            why = "a sharded optimizer" if self._mesh is not None else "max_grad_norm over several parameter groups"
+            raise ValueError(f"{why} reduces one gradient norm over all parameters, which are on "
+                             f"{sorted(map(str, devices))}; put them on one device")
+
+    def _global_norm(self) -> bool:
+        """Whether a step reduces one gradient norm over the groups (and ranks) before any group
+        steps: sharded, or clipping on the CPU or over several CUDA groups. A single CUDA group that
+        clips computes its norm inside its own step."""
+        if self._mesh is not None:
+            return True
+        if not self._settings.get("max_grad_norm"):
+            return False
+        return self._on_cpu() or sum(1 for group in self.param_groups if group["params"]) > 1
 
     def _create_sharded(self) -> None:
         """A sharded optimizer creates nibble's state at once, so that a layout nibble refuses
@@ -288,7 +310,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
             # An empty gradient (this rank's shard of a sharded parameter can be empty) has no
             # address; any valid one tells the library that the parameter has a gradient this step,
             # so its step count and running sums advance on every rank alike. Nothing is read.
-            grads.append(g.data_ptr() if g.numel() > 0 or made.device.type != "cpu" else _EMPTY_GRAD.data_ptr())
+            grads.append(g.data_ptr() if g.numel() > 0 else _empty_grad(g.device))
         made.set_grads(grads)
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------
@@ -303,8 +325,11 @@ class NibbleOptimizer(torch.optim.Optimizer):
             self._load_assigned()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if self._mesh is not None or (self._settings.get("max_grad_norm") and self._on_cpu()):
-            self._step_with_norm(grad_scale, found_inf)
+        if self._global_norm():
+            if self._on_cpu():
+                self._step_with_norm(grad_scale, found_inf)
+            else:
+                self._step_with_device_norm(grad_scale, found_inf)
             return loss
         for index, group in enumerate(self.param_groups):
             if not group["params"]:
@@ -322,11 +347,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 continue
             # Tensors (a capturable lr, GradScaler's scale and found_inf) are copied on the device,
             # so nothing waits for them and a CUDA graph captures the copies.
-            device_tensor = lambda x, default: (x if isinstance(x, torch.Tensor)  # noqa: E731
-                                                else torch.full((), default if x is None else float(x),
-                                                                dtype=torch.float32, device=made.device))
-            torch.ops.nibble.step_device(made.handle, group["params"], device_tensor(lr, 0.0),
-                                         device_tensor(grad_scale, 1.0), device_tensor(found_inf, 0.0))
+            torch.ops.nibble.step_device(made.handle, group["params"], _on_device(lr, 0.0, made.device),
+                                         _on_device(grad_scale, 1.0, made.device),
+                                         _on_device(found_inf, 0.0, made.device))
         return loss
 
     def _on_cpu(self) -> bool:
@@ -358,6 +381,39 @@ class NibbleOptimizer(torch.optim.Optimizer):
             norm = made.step_with_square_sum(scale, float(self._lr(group)), total)
             made.ahead = False
         self.last_grad_norm = norm
+
+    def _step_with_device_norm(self, grad_scale: Any, found_inf: Any) -> None:
+        """The CUDA step of a sharded optimizer, or one that clips over several groups, queued
+        without a host round trip: every group's square sum into one device tensor, their total
+        (inf when a GradScaler found inf on this rank) all-reduced over the ranks (NCCL) when
+        sharded, and every group's step reading it. last_grad_norm is then a 0-d tensor on the
+        device (reading it waits for the step)."""
+        stepping = []
+        for index, group in enumerate(self.param_groups):
+            if group["params"]:
+                made = self._nibble(index)
+                self._set_grads(index, made)
+                stepping.append((made, group))
+        device = stepping[0][0].device
+        sums = torch.zeros(len(stepping), dtype=torch.float64, device=device)
+        for k, (made, _) in enumerate(stepping):
+            made.enqueue_grad_square_sum(sums[k])
+        total = sums.sum()
+        if found_inf is not None:
+            found = (_on_device(found_inf, 0.0, device) != 0).reshape(())
+            total = torch.where(found, torch.full_like(total, float("inf")), total)
+        if self._mesh is not None:
+            mesh = self._mesh
+            torch.distributed.all_reduce(total, group=mesh.get_group() if mesh.ndim == 1 else None)
+        scale = _on_device(grad_scale, 1.0, device)
+        for made, group in stepping:
+            # The local pieces: the operator declares what it updates, and a DTensor would send it
+            # through DTensor's sharding rules, which know nothing of it.
+            params = [_dtensor.local(p) for p in group["params"]]
+            torch.ops.nibble.step_device_sum(made.handle, params, _on_device(self._lr(group), 0.0, device), scale,
+                                             total)
+            made.ahead = False
+        self.last_grad_norm = total.sqrt() / scale.reshape(()).to(torch.float64)
 
     def counters(self) -> list[tuple[int, int]]:
         """(steps taken, steps skipped) per parameter group that has stepped."""

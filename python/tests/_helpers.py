@@ -47,6 +47,16 @@ SHARDED_PRECISIONS = ("fp32", "8bit", "4bit", "fp8")
 
 needs_gloo = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
+needs_nccl = pytest.mark.skipif(not (nibble.cuda_available() and torch.cuda.is_available() and dist.is_available()
+                                     and dist.is_nccl_available()),
+                                reason="needs a CUDA device, nibble's CUDA build and NCCL")
+
+_DEVICE = ["cpu"]  # where a rank's cases put models and data: "cpu" (gloo) or "cuda" (NCCL); see run_rank
+
+
+def device() -> torch.device:
+    """The device of this rank's cases (run_rank's `device`)."""
+    return torch.device(_DEVICE[0])
 
 
 # -- in the test process ----------------------------------------------------------------------------
@@ -100,16 +110,22 @@ def assert_case(results: dict, case: str) -> None:
 # -- in a rank's process ----------------------------------------------------------------------------
 
 def run_rank(rank: int, world: int, port: str, out_file: str,
-             cases: Callable[["torch.distributed.device_mesh.DeviceMesh"], dict[str, Callable[[], str]]]) -> None:
-    """Joins the gloo group of `world` ranks, runs every case of `cases(mesh)` (mesh: all ranks, one
-    dimension) with a barrier after each, and writes {case: {"ok", "note"}} to `out_file`: a case
-    returns its note or raises, and then its note is the traceback."""
+             cases: Callable[["torch.distributed.device_mesh.DeviceMesh"], dict[str, Callable[[], str]]],
+             device: str = "cpu") -> None:
+    """Joins the process group of `world` ranks (gloo on the CPU; NCCL, GPU `rank`, on "cuda"),
+    runs every case of `cases(mesh)` (mesh: all ranks, one dimension) with a barrier after each,
+    and writes {case: {"ok", "note"}} to `out_file`: a case returns its note or raises, and then its
+    note is the traceback."""
     from torch.distributed.device_mesh import init_device_mesh
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    mesh = init_device_mesh("cpu", (world,))
+    _DEVICE[0] = device
+    if device == "cuda":
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    mesh = init_device_mesh(device, (world,))
     results = {}
     for name, run in cases(mesh).items():
         try:
@@ -129,11 +145,11 @@ def mlp() -> torch.nn.Module:
     local shard)."""
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(32, 128), torch.nn.Tanh(), torch.nn.Linear(128, 13), torch.nn.Tanh(),
-                               torch.nn.Linear(13, 3))
+                               torch.nn.Linear(13, 3)).to(device())
 
 
 def batch(step: int) -> torch.Tensor:
-    return torch.randn(8, 32, generator=torch.Generator().manual_seed(100 + step))
+    return torch.randn(8, 32, generator=torch.Generator().manual_seed(100 + step)).to(device())
 
 
 def fully_sharded(ref: torch.nn.Module) -> torch.nn.Module:

@@ -1,8 +1,9 @@
 """One rank of nibble's sharded tests (test_sharded.py starts one process per rank): gloo on the
-CPU, every case compared with single-process nibble on the same model, data and seed. The
+CPU (or NCCL on one GPU: world size 1, CUDA_CASES), every case compared with single-process nibble
+on the same model, data, seed and device. The
 gradients are made identical first: each rank's shard receives the exact slice of the
 single-process gradient, so an optimizer bug cannot hide behind reduce-scatter rounding.
-Usage: python sharded_worker.py RANK WORLD PORT OUT_DIR"""
+Usage: python sharded_worker.py [cpu|cuda] RANK WORLD PORT OUT_DIR"""
 from __future__ import annotations
 
 import copy
@@ -16,8 +17,8 @@ from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
 import nibble
-from _helpers import (ALGORITHMS, REPLICATED, SHARDED_PRECISIONS, WHOLE_TENSOR, batch, exact_grads, expect_error, full,
-                      fully_sharded, library_state, mlp, rows_of, run_rank)
+from _helpers import (ALGORITHMS, REPLICATED, SHARDED_PRECISIONS, WHOLE_TENSOR, batch, device, exact_grads,
+                      expect_error, full, fully_sharded, library_state, mlp, rows_of, run_rank)
 
 STEPS = 10
 
@@ -92,7 +93,7 @@ def case_algorithm(name: str, precision: str):
     def run() -> str:
         cls, kwargs = ALGORITHMS[name]
         kwargs = dict(kwargs, precision=precision)
-        if name in WHOLE_TENSOR:
+        if name in WHOLE_TENSOR and dist.get_world_size() > 1:  # one rank splits nothing
             ref = mlp()
             sharded = copy.deepcopy(ref)
             fully_shard(sharded)
@@ -119,7 +120,7 @@ def replicated_pair(cls, kwargs, mesh, whole_rows: bool):
     whole by one rank (dimension 0 of size 1)."""
     torch.manual_seed(0)
     shapes = [(1, 64), (1, 16)] if whole_rows else [(24, 16), (24,)]
-    ref = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s)) for s in shapes])
+    ref = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(*s).to(device())) for s in shapes])
     placement = Shard(0) if whole_rows else Replicate()
     sharded = torch.nn.ParameterList([torch.nn.Parameter(distribute_tensor(p.detach().clone(), mesh, [placement]))
                                       for p in ref])
@@ -134,7 +135,7 @@ def case_whole_tensors(name: str, mesh, whole_rows: bool):
             gen = torch.Generator().manual_seed(step)
             with torch.no_grad():
                 for pr, ps in zip(ref, sharded):
-                    pr.grad = torch.randn(pr.shape, generator=gen)
+                    pr.grad = torch.randn(pr.shape, generator=gen).to(device())
                     if whole_rows:
                         start, rows = rows_of(ps)
                         local = pr.grad[start:start + rows].clone()
@@ -220,12 +221,13 @@ def case_nan_on_one_rank(mesh):
 
 
 def case_grad_scaler():
-    """torch.amp.GradScaler("cpu") on FSDP2 parameters: its inf check runs on DTensor gradients,
+    """torch.amp.GradScaler on FSDP2 parameters: its inf check runs on DTensor gradients,
     which reduce found_inf over the mesh (a max), so an inf in one rank's shard skips the step and
     backs the scale off on every rank. The single-process run gets the same scaled gradients and
     the inf at the same element, so every step, skipped or not, matches it."""
     ref, sharded, opt_ref, opt_sh = fsdp_pair(nibble.AdamW8bit, dict(lr=1e-2))
-    scaler_ref, scaler_sh = (torch.amp.GradScaler("cpu", init_scale=2.0 ** 12, growth_interval=3) for _ in range(2))
+    scaler_ref, scaler_sh = (torch.amp.GradScaler(device().type, init_scale=2.0 ** 12, growth_interval=3)
+                             for _ in range(2))
     inf_step, last = 4, dist.get_world_size() - 1
     weight = next(iter(sharded.parameters()))
     last_start = last * -(-weight.shape[0] // dist.get_world_size())  # the last rank's first row
@@ -392,13 +394,16 @@ def cases(mesh, world: int) -> dict:
     out["ddp"] = case_ddp
     out["zero"] = case_zero
     out["zero-resume"] = case_zero_resume
-    out["bad-input"] = lambda: case_bad_input(mesh)
+    if device().type == "cpu":  # it builds meshes of its own, on the CPU
+        out["bad-input"] = lambda: case_bad_input(mesh)
     return out
 
 
 def main() -> None:
-    rank, world, port, out_dir = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
-    run_rank(rank, world, port, os.path.join(out_dir, f"rank{rank}.json"), lambda mesh: cases(mesh, world))
+    args = sys.argv[1:]
+    where = args.pop(0) if args[0] in ("cpu", "cuda") else "cpu"
+    rank, world, port, out_dir = int(args[0]), int(args[1]), args[2], args[3]
+    run_rank(rank, world, port, os.path.join(out_dir, f"rank{rank}.json"), lambda mesh: cases(mesh, world), where)
 
 
 if __name__ == "__main__":

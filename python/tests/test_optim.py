@@ -610,6 +610,46 @@ def test_sophia_hessian_updates_and_steps():
         opt.update_hessian([[None]])
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_clipping_over_groups_equals_clip_grad_norm(device):
+    """max_grad_norm over two groups clips by the norm of all gradients, as
+    torch.nn.utils.clip_grad_norm_ before an unclipped optimizer does; an inf gradient in either
+    group skips both. On CUDA the norm never leaves the device (last_grad_norm is a 0-d tensor).
+    fp32 state: quantized state would turn the clip coefficients' last-bit differences into code
+    flips."""
+    a, b = model(device=device), model(device=device)
+
+    def groups(net):
+        params = list(net.parameters())
+        return [{"params": params[:2]}, {"params": params[2:], "lr": 5e-3}]
+    clipped = nibble.AdamW(groups(a), lr=1e-2, max_grad_norm=0.05)
+    plain = nibble.AdamW(groups(b), lr=1e-2)
+    gen = torch.Generator().manual_seed(3)
+    for step in range(4):
+        x = torch.randn(16, 32, generator=gen).to(device)
+        for net in (a, b):
+            net.zero_grad()
+            net(x).square().mean().backward()
+        own = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in a.parameters()])).item()
+        norm = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
+        assert norm.item() > 0.05, "the test means clipping to be active"
+        clipped.step()
+        plain.step()
+        assert abs(float(clipped.last_grad_norm) - own) <= 1e-12 * own
+    for p, q in zip(a.parameters(), b.parameters()):
+        # the norm summed in double against clip_grad_norm_'s float: the clip coefficients may
+        # differ in the last float bit, which AdamW's normalised update nearly cancels.
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    before = [p.detach().clone() for p in a.parameters()]
+    a.zero_grad()
+    a(torch.randn(16, 32, generator=gen).to(device)).square().mean().backward()
+    with torch.no_grad():
+        list(a.parameters())[3].grad[0] = float("inf")  # in the second group only
+    clipped.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert clipped.counters() == [(4, 1), (4, 1)]
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_cuda_graph_capture_equals_eager():
     a, b = model(device="cuda"), model(device="cuda")

@@ -316,6 +316,29 @@ int nibble_enqueue_step(nibble_optimizer* optimizer, void* stream) {
   });
 }
 
+int nibble_enqueue_grad_square_sum(nibble_optimizer* optimizer, const uint8_t* counted, int64_t count, double* out,
+                                   void* stream) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(out, "out");
+    if (counted != nullptr && count < 0) throw nibble::InvalidArgument(fmt::format("flag count {} is negative", count));
+    if (stream != nullptr) optimizer->optimizer.set_cuda_stream(stream);
+    optimizer->optimizer.enqueue_grad_square_sum(
+        counted != nullptr ? std::span<const std::uint8_t>(counted, static_cast<std::size_t>(count))
+                           : std::span<const std::uint8_t>(),
+        out);
+  });
+}
+
+int nibble_enqueue_step_with_square_sum(nibble_optimizer* optimizer, const double* square_sum, void* stream) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(square_sum, "square_sum");
+    if (stream != nullptr) optimizer->optimizer.set_cuda_stream(stream);
+    optimizer->optimizer.enqueue_step_with_square_sum(square_sum);
+  });
+}
+
 int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** grad_scale, void** found_inf,
                           void** steps) {
   return guarded([&] {

@@ -150,6 +150,9 @@ class Backend {
   virtual StepResult step(Optimizer::Impl& impl, const StepOptions& options) = 0;
   virtual double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted) = 0;
   virtual void enqueue_step(Optimizer::Impl& impl) = 0;
+  // CUDA: the device-side square sum and the step that takes one (Optimizer's of the same names).
+  virtual void enqueue_grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted, double* out) = 0;
+  virtual void enqueue_step_with_square_sum(Optimizer::Impl& impl, const double* square_sum) = 0;
   virtual DeviceScalars scalars(const Optimizer::Impl& impl) const = 0;
   virtual void synchronize(const Optimizer::Impl& impl) const = 0;
   virtual void set_stream(Optimizer::Impl& impl, void* stream) = 0;

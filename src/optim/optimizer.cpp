@@ -333,9 +333,24 @@ double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
   return im.backend->grad_square_sum(im, counted);
 }
 
+void Optimizer::enqueue_grad_square_sum(std::span<const std::uint8_t> counted, double* out) {
+  Impl& im = *impl_;
+  if (!counted.empty() && counted.size() != im.tensors.size())
+    throw InvalidArgument(fmt::format("enqueue_grad_square_sum needs {} flags (one per parameter), got {}",
+                                      im.tensors.size(), counted.size()));
+  if (out == nullptr) throw InvalidArgument("enqueue_grad_square_sum: the output address is null");
+  im.backend->enqueue_grad_square_sum(im, counted, out);
+}
+
 void Optimizer::enqueue_step() {
   require_train_mode(*impl_);
   impl_->backend->enqueue_step(*impl_);
+}
+
+void Optimizer::enqueue_step_with_square_sum(const double* square_sum) {
+  require_train_mode(*impl_);
+  if (square_sum == nullptr) throw InvalidArgument("enqueue_step_with_square_sum: the square sum's address is null");
+  impl_->backend->enqueue_step_with_square_sum(*impl_, square_sum);
 }
 
 DeviceScalars Optimizer::device_scalars() const { return impl_->backend->scalars(*impl_); }

@@ -763,5 +763,87 @@ TEST(CudaLarge, TensorAbove2To31Elements) {
   }
 }
 
+// Sharded training on CUDA without host round trips: the square sum queued into device memory
+// equals the CPU's (all tensors, and with counted flags); a step that reads its own sum equals a
+// plain step bit for bit (same sum, same order); one that reads 4x its sum, with clipping on,
+// clips as the CPU does given that sum; an inf sum (another rank's gradient was not finite) skips
+// it with nothing changed.
+TEST(CudaSharded, DeviceSquareSumAndTheStepThatReadsIt) {
+  NIBBLE_REQUIRE_GPU();
+  Twin twin(odd_shapes());
+  Twin plain_twin(odd_shapes());  // same seed: same parameters and gradients
+  OptimizerOptions oc = options_for(Algorithm::kAdamW, Precision::kFp32, Device::kCpu);
+  oc.max_grad_norm = 0.05f;
+  OptimizerOptions og = oc;
+  og.device = Device::kCuda;
+  Optimizer cpu({twin.host_group()}, oc);
+  Optimizer gpu({twin.device_group()}, og);
+  Optimizer plain({plain_twin.device_group()}, og);
+  DeviceArray<double> sum(1), given(1);
+
+  twin.new_grads();
+  plain_twin.new_grads();
+  gpu.enqueue_grad_square_sum({}, sum.data());
+  gpu.synchronize();
+  const double all = cpu.grad_square_sum();
+  EXPECT_NEAR(sum.download()[0], all, 1e-12 * all);
+  std::vector<std::uint8_t> counted(twin.shapes.size(), 1);
+  counted[7] = 0;  // the million-element tensor
+  gpu.enqueue_grad_square_sum(counted, sum.data());
+  gpu.synchronize();
+  const double part = cpu.grad_square_sum(counted);
+  EXPECT_NEAR(sum.download()[0], part, 1e-12 * all);
+  EXPECT_LT(part, 0.5 * all) << "the flag left out most of the sum";
+
+  // Step 1: its own sum, against a plain step.
+  gpu.enqueue_grad_square_sum({}, sum.data());
+  gpu.enqueue_step_with_square_sum(sum.data());
+  gpu.synchronize();
+  plain.step();
+  cpu.step();
+  for (std::size_t i = 0; i < twin.shapes.size(); ++i)
+    EXPECT_EQ(compare(twin.dev_p[i]->download(), plain_twin.dev_p[i]->download(), 0.0, 0.0).count, 0)
+        << "tensor " << i;
+
+  // Step 2: 4x its sum, as if three more ranks held as much; the CPU is given the same.
+  twin.new_grads();
+  plain_twin.new_grads();
+  const double cpu_sum = cpu.grad_square_sum();
+  StepOptions so;
+  so.grad_square_sum = 4.0 * cpu_sum;
+  const double cpu_norm = cpu.step(so).grad_norm;
+  given.upload({4.0 * cpu_sum});
+  gpu.enqueue_step_with_square_sum(given.data());
+  gpu.synchronize();
+  plain.step();
+  double gpu_norm = 0.0;
+  check(cudaMemcpy(&gpu_norm, gpu.device_scalars().grad_norm, sizeof gpu_norm, cudaMemcpyDeviceToHost), "norm");
+  EXPECT_NEAR(gpu_norm, cpu_norm, 1e-12 * cpu_norm);
+  EXPECT_NEAR(gpu_norm, 2.0 * std::sqrt(cpu_sum), 1e-9 * gpu_norm);
+  Mismatch moved;
+  for (std::size_t i = 0; i < twin.shapes.size(); ++i) {
+    EXPECT_EQ(compare(twin.dev_p[i]->download(), twin.host_p[i], 1e-7, 1e-5).count, 0) << "tensor " << i;
+    moved.count += compare(twin.dev_p[i]->download(), plain_twin.dev_p[i]->download(), 0.0, 0.0).count;
+  }
+  EXPECT_GT(moved.count, 0) << "the given sum clipped harder than the own one";
+
+  // Step 3: an inf sum skips the step.
+  twin.new_grads();
+  const std::vector<float> before = twin.dev_p[0]->download();
+  given.upload({INFINITY});
+  gpu.enqueue_step_with_square_sum(given.data());
+  gpu.synchronize();
+  EXPECT_EQ(gpu.skipped_steps(), 1);
+  EXPECT_EQ(gpu.step_count(), 2);
+  EXPECT_EQ(compare(twin.dev_p[0]->download(), before, 0.0, 0.0).count, 0);
+
+  // Bad input: host memory, a wrong flag count.
+  double host = 0.0;
+  EXPECT_THROW(gpu.enqueue_grad_square_sum({}, &host), InvalidArgument);
+  EXPECT_THROW(gpu.enqueue_step_with_square_sum(&host), InvalidArgument);
+  const std::vector<std::uint8_t> short_flags(2, 1);
+  EXPECT_THROW(gpu.enqueue_grad_square_sum(short_flags, sum.data()), InvalidArgument);
+}
+
 }  // namespace
 }  // namespace nibble

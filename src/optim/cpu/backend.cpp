@@ -47,6 +47,14 @@ class CpuBackend final : public Backend {
   void enqueue_step(Optimizer::Impl&) override {
     throw InvalidArgument("enqueue_step() is for CUDA optimizers; a CPU optimizer steps with step()");
   }
+  void enqueue_grad_square_sum(Optimizer::Impl&, std::span<const std::uint8_t>, double*) override {
+    throw InvalidArgument("enqueue_grad_square_sum() is for CUDA optimizers; a CPU optimizer returns the sum from "
+                          "grad_square_sum()");
+  }
+  void enqueue_step_with_square_sum(Optimizer::Impl&, const double*) override {
+    throw InvalidArgument("enqueue_step_with_square_sum() is for CUDA optimizers; a CPU optimizer takes the sum in "
+                          "StepOptions::grad_square_sum");
+  }
   DeviceScalars scalars(const Optimizer::Impl&) const override {
     throw InvalidArgument("device_scalars() is for CUDA optimizers; this one runs on the CPU");
   }

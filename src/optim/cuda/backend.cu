@@ -46,6 +46,9 @@ struct DeviceState {
   std::vector<NsBatch> ns_batches;
   cublasHandle_t cublas = nullptr;
   void* cublas_workspace = nullptr;
+  // enqueue_grad_square_sum's counted flags: on the device, and the host copy they were made from.
+  std::uint8_t* counted = nullptr;
+  std::vector<std::uint8_t> counted_host;
 
   ~DeviceState() {
     if (cublas != nullptr) cublasDestroy(cublas);
@@ -384,10 +387,32 @@ void set_grads(Optimizer::Impl& impl) {
 
 void set_stream(Optimizer::Impl& impl, void* stream) { state(impl).stream = static_cast<cudaStream_t>(stream); }
 
-void enqueue_step(Optimizer::Impl& impl) {
+void enqueue_grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted, double* out) {
+  DeviceState& ds = state(impl);
+  check_device_pointer(out, "the gradient square sum's output");
+  const std::uint8_t* flags = nullptr;
+  if (!counted.empty()) {
+    if (!std::equal(counted.begin(), counted.end(), ds.counted_host.begin(), ds.counted_host.end())) {
+      cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+      NIBBLE_CUDA_CHECK(cudaStreamIsCapturing(ds.stream, &capture));
+      if (capture == cudaStreamCaptureStatusActive)
+        throw InvalidArgument("enqueue_grad_square_sum: new counted flags inside a CUDA graph capture; pass the same "
+                              "flags once before capturing");
+      if (ds.counted == nullptr) ds.counted = static_cast<std::uint8_t*>(device_alloc(ds, counted.size(), "counted flags"));
+      ds.counted_host.assign(counted.begin(), counted.end());
+      NIBBLE_CUDA_CHECK(cudaMemcpyAsync(ds.counted, ds.counted_host.data(), counted.size(), cudaMemcpyHostToDevice,
+                                        ds.stream));
+    }
+    flags = ds.counted;
+  }
+  launch_grad_square_sum(ds.tb, flags, out, ds.stream);
+}
+
+// `external_total`: null, or the device double whose value is this step's gradient square sum.
+void enqueue_step(Optimizer::Impl& impl, const double* external_total = nullptr) {
   DeviceState& ds = state(impl);
   const Algorithm algorithm = ds.cfg.algorithm;
-  launch_begin_step(ds.tb, ds.cfg, ds.norm, ds.stream);
+  launch_begin_step(ds.tb, ds.cfg, ds.norm, external_total, ds.stream);
   if (algorithm == Algorithm::kAdamP) launch_adamp_prepare(ds.tb, ds.cfg, ds.stream);
   if (algorithm == Algorithm::kAdafactor) launch_adafactor_prepare(ds.tb, ds.cfg, ds.stream);
   if (ds.rank1_count > 0) {
@@ -530,6 +555,13 @@ class CudaBackend final : public Backend {
     throw InvalidArgument("grad_square_sum() runs on the CPU backend only (this optimizer is on CUDA)");
   }
   void enqueue_step(Optimizer::Impl& impl) override { cuda::enqueue_step(impl); }
+  void enqueue_grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted, double* out) override {
+    cuda::enqueue_grad_square_sum(impl, counted, out);
+  }
+  void enqueue_step_with_square_sum(Optimizer::Impl& impl, const double* square_sum) override {
+    check_device_pointer(square_sum, "the gradient square sum");
+    cuda::enqueue_step(impl, square_sum);
+  }
   DeviceScalars scalars(const Optimizer::Impl& impl) const override { return cuda::scalars(impl); }
   void synchronize(const Optimizer::Impl& impl) const override { cuda::synchronize(impl); }
   void set_stream(Optimizer::Impl& impl, void* stream) override { cuda::set_stream(impl, stream); }

@@ -234,8 +234,13 @@ __device__ __forceinline__ double block_sum(double v, double* shared) {
 // Launchers (each on the optimizer's stream).
 
 void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, int found_inf, cudaStream_t stream);
-// The norm pre-pass (when `norm`), then the step's begin: skip decision, counters, constants.
-void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, cudaStream_t stream);
+// The norm pre-pass (when `norm`), then the step's begin: skip decision, counters, constants. A
+// non-null `external_total` (device memory) replaces the pre-pass: the step's square sum is its value.
+void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, const double* external_total,
+                       cudaStream_t stream);
+// The norm pre-pass, then the square sum of the tensors whose `counted` flag (device, one per
+// tensor; null: all) is set into the device double *out.
+void launch_grad_square_sum(const Tables& tb, const std::uint8_t* counted, double* out, cudaStream_t stream);
 void launch_update(const Tables& tb, const StepConfig& config, cudaStream_t stream);
 void launch_adamp_prepare(const Tables& tb, const StepConfig& config, cudaStream_t stream);
 void launch_adamp_dot(const Tables& tb, cudaStream_t stream);

@@ -49,15 +49,31 @@ __global__ void __launch_bounds__(kReduceThreads) norm_partials_kernel(Tables tb
   if (threadIdx.x == 0) tb.partials[blockIdx.x] = sum;
 }
 
-// One block: the global norm, the skip decision, the counters and every tensor's constants.
-__global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, StepConfig cfg, int norm_computed) {
+// The chunk partials summed in begin_step_kernel's order (per-thread strides, then the block's
+// tree), those of tensors whose `counted` flag is 0 left out (null: all counted).
+__device__ __forceinline__ double partials_total(const Tables& tb, const std::uint8_t* counted, double* red) {
+  double total = 0.0;
+  for (long long c = threadIdx.x; c < tb.chunk_count; c += kBeginThreads)
+    if (counted == nullptr || counted[tb.chunks[c].tensor] != 0) total += tb.partials[c];
+  return block_sum<kBeginThreads>(total, red);
+}
+
+// One block: the counted gradients' square sum into *out (sharded training sums it over ranks).
+__global__ void __launch_bounds__(kBeginThreads) square_sum_kernel(Tables tb, const std::uint8_t* counted, double* out) {
+  __shared__ double red[kBeginThreads];
+  const double total = partials_total(tb, counted, red);
+  if (threadIdx.x == 0) *out = total;
+}
+
+// One block: the global norm, the skip decision, the counters and every tensor's constants. With
+// `external_total` the norm is that square sum (read now, on the device) instead of the partials.
+__global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, StepConfig cfg, int norm_computed,
+                                                                   const double* external_total) {
   __shared__ double red[kBeginThreads];
   DScalars& sc = *tb.scalars;
   double total = 0.0;
-  if (norm_computed) {
-    for (long long c = threadIdx.x; c < tb.chunk_count; c += kBeginThreads) total += tb.partials[c];
-    total = block_sum<kBeginThreads>(total, red);
-  }
+  if (external_total != nullptr) total = *external_total;
+  else if (norm_computed) total = partials_total(tb, nullptr, red);
   const math::StepDecision decision =
       math::decide_step(sc.found_inf != 0, norm_computed != 0, total, sc.grad_scale, cfg.max_grad_norm);
   const bool skip = decision.skip;
@@ -329,9 +345,20 @@ void launch_set_scalars(const Tables& tb, float grad_scale, float lr_scale, int 
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, cudaStream_t stream) {
-  if (norm && tb.chunk_count > 0) norm_partials_kernel<<<grid(tb.chunk_count), kReduceThreads, 0, stream>>>(tb);
-  begin_step_kernel<<<1, kBeginThreads, 0, stream>>>(tb, config, norm ? 1 : 0);
+void launch_begin_step(const Tables& tb, const StepConfig& config, bool norm, const double* external_total,
+                       cudaStream_t stream) {
+  if (external_total != nullptr) {
+    begin_step_kernel<<<1, kBeginThreads, 0, stream>>>(tb, config, 1, external_total);
+  } else {
+    if (norm && tb.chunk_count > 0) norm_partials_kernel<<<grid(tb.chunk_count), kReduceThreads, 0, stream>>>(tb);
+    begin_step_kernel<<<1, kBeginThreads, 0, stream>>>(tb, config, norm ? 1 : 0, nullptr);
+  }
+  NIBBLE_CUDA_CHECK(cudaGetLastError());
+}
+
+void launch_grad_square_sum(const Tables& tb, const std::uint8_t* counted, double* out, cudaStream_t stream) {
+  if (tb.chunk_count > 0) norm_partials_kernel<<<grid(tb.chunk_count), kReduceThreads, 0, stream>>>(tb);
+  square_sum_kernel<<<1, kBeginThreads, 0, stream>>>(tb, counted, out);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
