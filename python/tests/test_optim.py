@@ -650,6 +650,20 @@ def test_clipping_over_groups_equals_clip_grad_norm(device):
     assert clipped.counters() == [(4, 1), (4, 1)]
 
 
+def test_device_square_sum_calls_are_refused_on_the_cpu():
+    """The C calls behind the CUDA sharded step (a square sum queued into device memory, a step
+    that reads one) refuse a CPU optimizer, saying what it takes instead."""
+    net = model()
+    opt = nibble.AdamW(net.parameters())
+    train(net, opt, 1)
+    made = opt._groups[0]
+    with pytest.raises(ValueError, match=r"CUDA optimizers.*grad_square_sum\(\)"):
+        made.enqueue_grad_square_sum(torch.zeros((), dtype=torch.float64))
+    with pytest.raises(ValueError, match="CUDA optimizers"):
+        made.step_device_with_square_sum(torch.tensor(1.0), torch.tensor(1.0), torch.zeros((), dtype=torch.float64))
+    assert opt.counters() == [(1, 0)]
+
+
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")
 def test_cuda_graph_capture_equals_eager():
     a, b = model(device="cuda"), model(device="cuda")
