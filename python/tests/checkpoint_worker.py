@@ -1,8 +1,10 @@
 """One rank of nibble's sharded-checkpoint tests (test_sharded_checkpoint.py starts one process per
 rank): "save" on 2 gloo ranks writes distributed checkpoints (DCP) of FSDP2 training and checks
 get/set_optimizer_state_dict round trips and refused layouts; "load" on 1 or 4 ranks reads them back
-and continues, against the run that was not interrupted.
-Usage: python checkpoint_worker.py save|load RANK WORLD PORT OUT_DIR"""
+and continues, against the run that was not interrupted. With "cuda" after the phase, the ranks
+use NCCL and one GPU each (the "save" phase at world size 1 on one GPU: save, load at the same
+world size, get/set round trips, refused layouts).
+Usage: python checkpoint_worker.py save|load [cpu|cuda] RANK WORLD PORT OUT_DIR"""
 from __future__ import annotations
 
 import copy
@@ -310,7 +312,10 @@ def case_load(name: str, out: str) -> str:
 
 
 def main() -> None:
-    phase, rank, world, port, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
+    args = sys.argv[1:]
+    phase = args.pop(0)
+    where = args.pop(0) if args[0] in ("cpu", "cuda") else "cpu"
+    rank, world, port, out = int(args[0]), int(args[1]), args[2], args[3]
 
     def cases(mesh) -> dict:
         found = {}
@@ -321,11 +326,14 @@ def main() -> None:
                 found[f"load-{name}"] = lambda name=name: case_load(name, out)
         if phase == "save":
             found["bad-layouts"] = case_bad_layouts
+        if where == "cuda":  # the whole-tensor case builds its model on the CPU
+            return found
+        if phase == "save":
             found["save-adafactor-whole"] = lambda: case_save_adafactor_whole(mesh, out)
         else:
             found["load-adafactor-whole"] = lambda: case_load_adafactor_whole(mesh, out)
         return found
-    run_rank(rank, world, port, os.path.join(out, f"{phase}-rank{rank}.json"), cases)
+    run_rank(rank, world, port, os.path.join(out, f"{phase}-rank{rank}.json"), cases, where)
 
 
 if __name__ == "__main__":
