@@ -343,17 +343,26 @@ TEST(CudaMatchesCpu, KernelOptions) {
   }
 }
 
+// AdamW fp32 clipping at a global norm of 0.05 (Twin's gradients exceed it), on the CPU and on CUDA.
+struct ClippingOptions {
+  OptimizerOptions cpu, gpu;
+};
+ClippingOptions clipping_options() {
+  ClippingOptions o{options_for(Algorithm::kAdamW, Precision::kFp32, Device::kCpu), {}};
+  o.cpu.max_grad_norm = 0.05f;
+  o.gpu = o.cpu;
+  o.gpu.device = Device::kCuda;
+  return o;
+}
+
 // Global-norm clipping: the norm is summed in another order on the GPU, so the clip coefficient
 // (and everything after it) agrees to float rounding, not bit for bit.
 TEST(CudaMatchesCpu, GlobalNormClipping) {
   NIBBLE_REQUIRE_GPU();
   Twin twin(odd_shapes());
-  OptimizerOptions oc = options_for(Algorithm::kAdamW, Precision::kFp32, Device::kCpu);
-  oc.max_grad_norm = 0.05f;
-  OptimizerOptions og = oc;
-  og.device = Device::kCuda;
-  Optimizer cpu({twin.host_group()}, oc);
-  Optimizer gpu({twin.device_group()}, og);
+  const ClippingOptions o = clipping_options();
+  Optimizer cpu({twin.host_group()}, o.cpu);
+  Optimizer gpu({twin.device_group()}, o.gpu);
   for (int step = 0; step < 3; ++step) {
     twin.new_grads();
     const double na = cpu.step().grad_norm, nb = gpu.step().grad_norm;
@@ -772,13 +781,10 @@ TEST(CudaSharded, DeviceSquareSumAndTheStepThatReadsIt) {
   NIBBLE_REQUIRE_GPU();
   Twin twin(odd_shapes());
   Twin plain_twin(odd_shapes());  // same seed: same parameters and gradients
-  OptimizerOptions oc = options_for(Algorithm::kAdamW, Precision::kFp32, Device::kCpu);
-  oc.max_grad_norm = 0.05f;
-  OptimizerOptions og = oc;
-  og.device = Device::kCuda;
-  Optimizer cpu({twin.host_group()}, oc);
-  Optimizer gpu({twin.device_group()}, og);
-  Optimizer plain({plain_twin.device_group()}, og);
+  const ClippingOptions o = clipping_options();
+  Optimizer cpu({twin.host_group()}, o.cpu);
+  Optimizer gpu({twin.device_group()}, o.gpu);
+  Optimizer plain({plain_twin.device_group()}, o.gpu);
   DeviceArray<double> sum(1), given(1);
 
   twin.new_grads();
