@@ -105,6 +105,32 @@ OptimizerOptions options_for(Algorithm algorithm, Precision precision, Device de
   return o;
 }
 
+// A non-blocking stream, and one optimizer step captured on it as a CUDA graph; freed at scope exit.
+struct CapturedStep {
+  cudaStream_t stream = nullptr;
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  CapturedStep() { check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate"); }
+  CapturedStep(const CapturedStep&) = delete;
+  CapturedStep& operator=(const CapturedStep&) = delete;
+  ~CapturedStep() {
+    if (exec != nullptr) cudaGraphExecDestroy(exec);
+    if (graph != nullptr) cudaGraphDestroy(graph);
+    cudaStreamDestroy(stream);
+  }
+  // `opt` must queue on `stream` (OptimizerOptions::cuda_stream).
+  void capture(Optimizer& opt) {
+    check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
+    opt.enqueue_step();
+    check(cudaStreamEndCapture(stream, &graph), "end capture");
+    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  }
+  void replay() {
+    check(cudaGraphLaunch(exec, stream), "graph launch");
+    check(cudaStreamSynchronize(stream), "sync");
+  }
+};
+
 // Algorithms whose step has no cross-element reduction in float: the GPU must equal the CPU bit for
 // bit (same rules, same codecs, no fma on either side). AdamP and Adafactor sum in double in
 // another order, so their per-tensor scalars may differ in the last bits.
@@ -267,32 +293,22 @@ TEST(CudaMuon, BatchedEqualsOneByOne) {
 TEST(CudaMuon, GraphReplayEqualsEagerSteps) {
   NIBBLE_REQUIRE_GPU();
   Twin eager_twin(muon_shapes()), graph_twin(muon_shapes());
-  cudaStream_t stream = nullptr;
-  check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+  CapturedStep cap;
   OptimizerOptions oe = options_for(Algorithm::kMuon, Precision::kInt8, Device::kCuda);
   OptimizerOptions og = oe;
-  og.cuda_stream = stream;
+  og.cuda_stream = cap.stream;
   Optimizer eager({eager_twin.device_group()}, oe);
   Optimizer captured({graph_twin.device_group()}, og);
-  cudaGraph_t graph = nullptr;
-  cudaGraphExec_t exec = nullptr;
-  check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-  captured.enqueue_step();
-  check(cudaStreamEndCapture(stream, &graph), "end capture");
-  check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+  cap.capture(captured);
   for (int step = 0; step < 4; ++step) {
     eager_twin.new_grads();
     graph_twin.new_grads();
     eager.step();
-    check(cudaGraphLaunch(exec, stream), "graph launch");
-    check(cudaStreamSynchronize(stream), "sync");
+    cap.replay();
   }
   for (std::size_t i = 0; i < eager_twin.shapes.size(); ++i)
     EXPECT_EQ(compare(graph_twin.dev_p[i]->download(), eager_twin.dev_p[i]->download(), 0.0, 0.0).count, 0)
         << "tensor " << i;
-  cudaGraphExecDestroy(exec);
-  cudaGraphDestroy(graph);
-  cudaStreamDestroy(stream);
 }
 
 // Options that change the kernels' paths: AMSGrad (a third slot), Adafactor's first moment,
@@ -512,20 +528,15 @@ TEST(CudaGraph, ReplayEqualsEagerSteps) {
     SCOPED_TRACE(std::string(precision_name(precision)));
     Twin eager_twin(odd_shapes());
     Twin graph_twin(odd_shapes());  // same seed: same parameters and gradients
-    cudaStream_t stream = nullptr;
-    check(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), "cudaStreamCreate");
+    CapturedStep cap;
+    cudaStream_t stream = cap.stream;
     OptimizerOptions oe = options_for(Algorithm::kAdamW, precision, Device::kCuda);
     OptimizerOptions og = oe;
     og.cuda_stream = stream;
     Optimizer eager({eager_twin.device_group()}, oe);
     Optimizer captured({graph_twin.device_group()}, og);
     const DeviceScalars s = captured.device_scalars();
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    check(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), "begin capture");
-    captured.enqueue_step();
-    check(cudaStreamEndCapture(stream, &graph), "end capture");
-    check(cudaGraphInstantiate(&exec, graph, 0), "instantiate");
+    cap.capture(captured);
     for (int step = 0; step < 6; ++step) {
       eager_twin.new_grads();
       graph_twin.new_grads();
@@ -536,16 +547,12 @@ TEST(CudaGraph, ReplayEqualsEagerSteps) {
       check(cudaMemcpyAsync(s.lr_scale, &lr_scale, sizeof lr_scale, cudaMemcpyHostToDevice, stream), "lr");
       check(cudaMemcpyAsync(s.grad_scale, &grad_scale, sizeof grad_scale, cudaMemcpyHostToDevice, stream), "scale");
       check(cudaMemcpyAsync(s.found_inf, &no_inf, sizeof no_inf, cudaMemcpyHostToDevice, stream), "found_inf");
-      check(cudaGraphLaunch(exec, stream), "graph launch");
-      check(cudaStreamSynchronize(stream), "sync");
+      cap.replay();
     }
     for (std::size_t i = 0; i < eager_twin.shapes.size(); ++i)
       EXPECT_EQ(compare(graph_twin.dev_p[i]->download(), eager_twin.dev_p[i]->download(), 0.0, 0.0).count, 0)
           << "tensor " << i;
     EXPECT_EQ(captured.step_count(), 6);
-    cudaGraphExecDestroy(exec);
-    cudaGraphDestroy(graph);
-    cudaStreamDestroy(stream);
   }
 }
 
