@@ -114,8 +114,9 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
       const float absmax = block_absmax(x, n);
       const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
       s.absmax[begin / t.block] = absmax;
-      // A finite positive absmax bounds every x / absmax (block_absmax is NaN or inf otherwise).
-      encode8_block(cb, x, inv, s.codes + begin, n, absmax > 0.0f && absmax <= std::numeric_limits<float>::max());
+      // A finite inv bounds every x * inv by 1 plus rounding: absmax is then finite and positive
+      // (block_absmax is NaN or inf otherwise), and not below 2^-128, where 1 / absmax overflows.
+      encode8_block(cb, x, inv, s.codes + begin, n, absmax > 0.0f && inv <= std::numeric_limits<float>::max());
       return;
     }
     case math::StateStorage::kCodes4: {
