@@ -240,7 +240,7 @@ std::vector<float> quantize_roundtrip(const std::vector<float>& x, int block, co
     const std::size_t n = std::min<std::size_t>(block, x.size() - b);
     float absmax = 0.0f;
     for (std::size_t i = 0; i < n; ++i) absmax = std::max(absmax, std::fabs(x[b + i]));
-    const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+    const float inv = math::block_inverse(absmax);
     for (std::size_t i = 0; i < n; ++i) {
       const std::uint8_t code = math::codebook_encode(cb, x[b + i] * inv);
       out[b + i] = cb.values[code] * absmax;

@@ -20,6 +20,15 @@ enum class StateStorage : std::uint8_t {
   kCodes4,  // two codes per byte, element 2k in the low nibble
 };
 
+// NOTE: the multiplier that maps a block onto [-1, 1] for its encode: 1 / absmax, and 0 (every
+// code that of 0) for a block whose absmax is 0, not finite, or subnormal. State that decays for
+// hundreds of steps without a gradient (m of an embedding row never seen) reaches subnormals; below
+// 2^-128, 1 / absmax overflows and would saturate every code to the map's largest value, and
+// values below 2^-126 are invisible to any update anyway (sqrt(v) + eps, m / ...).
+NIBBLE_HD float block_inverse(float absmax) {
+  return absmax >= 1.17549435e-38f && absmax <= 3.40282347e+38f ? 1.0f / absmax : 0.0f;  // FLT_MIN, FLT_MAX
+}
+
 NIBBLE_HD void encode8_run(const Codebook& cb, const float* __restrict x, float inv, std::uint8_t* __restrict codes,
                            std::int64_t from, std::int64_t n) {
   for (std::int64_t i = from; i < n; ++i) codes[i] = codebook_encode(cb, x[i] * inv);

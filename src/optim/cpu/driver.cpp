@@ -112,11 +112,11 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
     case math::StateStorage::kCodes8: {
       const Codebook& cb = codebook(s.codebook);
       const float absmax = block_absmax(x, n);
-      const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+      const float inv = math::block_inverse(absmax);
       s.absmax[begin / t.block] = absmax;
-      // A finite inv bounds every x * inv by 1 plus rounding: absmax is then finite and positive
-      // (block_absmax is NaN or inf otherwise), and not below 2^-128, where 1 / absmax overflows.
-      encode8_block(cb, x, inv, s.codes + begin, n, absmax > 0.0f && inv <= std::numeric_limits<float>::max());
+      // A positive inv bounds every x * inv by 1 plus rounding (absmax is then finite and normal:
+      // block_absmax is NaN or inf when an element is).
+      encode8_block(cb, x, inv, s.codes + begin, n, inv > 0.0f);
       return;
     }
     case math::StateStorage::kCodes4: {
@@ -136,7 +136,7 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
         return;
       }
       const float absmax = block_absmax(x, n);
-      const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+      const float inv = math::block_inverse(absmax);
       s.absmax[begin / t.block] = absmax;
       encode4_block(cb, x, inv, c, n);
       return;

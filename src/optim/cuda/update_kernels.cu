@@ -216,7 +216,7 @@ __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, c
         for (int i = 0; i < kPerThread; ++i)
           if (i < n) bits = max(bits, math::float_bits(x[i]) & 0x7fffffffu);
         const float absmax = math::bits_float(group_max(bits, t.block / kPerThread, warp_buffer));
-        const float inv = absmax > 0.0f ? 1.0f / absmax : 0.0f;
+        const float inv = math::block_inverse(absmax);
         if (e0 % t.block == 0 && n > 0) s.absmax[e0 / t.block] = absmax;
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) c[i] = i < n ? math::codebook_encode(cb, x[i] * inv) : std::uint8_t{0};
