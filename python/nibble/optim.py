@@ -85,6 +85,7 @@ def _empty_grad(device: torch.device) -> int:
         _EMPTY_GRADS[device] = torch.zeros(1, device=device)
     return _EMPTY_GRADS[device].data_ptr()
 
+
 class NibbleOptimizer(torch.optim.Optimizer):
     """Base of nibble's optimizers. Subclasses name the algorithm and map a parameter group's
     hyperparameters (PyTorch's names) to nibble's."""
