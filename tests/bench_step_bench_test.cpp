@@ -44,7 +44,11 @@ TEST(StepBench, OneRowPerAlgorithmAndPrecisionWithItsFigures) {
     EXPECT_LE(r.min_ms, r.median_ms);
     EXPECT_GT(r.gbps, 0.0);
     EXPECT_FALSE(r.grad_pass);
+    // Each row carries the copy bandwidth measured around it, and its ratio is against that.
+    EXPECT_GT(r.memcpy_gbps, 0.0);
+    EXPECT_DOUBLE_EQ(r.ratio, r.gbps / r.memcpy_gbps);
   }
+  EXPECT_NE(run.header.find("measured around each row"), std::string::npos) << run.header;
   EXPECT_EQ(run.rows[0].algorithm, Algorithm::kAdamW);
   EXPECT_EQ(run.rows[1].precision, Precision::kInt8);
   EXPECT_DOUBLE_EQ(run.rows[0].bytes_per_param_moved, 28.0);  // AdamW fp32: 4 + 8 + 16
@@ -58,6 +62,17 @@ TEST(StepBench, OneRowPerAlgorithmAndPrecisionWithItsFigures) {
   EXPECT_EQ(csv.rfind("device,algorithm,precision,level,params,median_ms", 0), 0u);
   EXPECT_EQ(std::count(csv.begin(), csv.end(), '\n'), 5);
   EXPECT_NE(step_bench_table(run.rows).find("lion       8bit"), std::string::npos);
+}
+
+TEST(StepBench, NothingToTimeIsRefusedByCount) {
+  StepBenchOptions o = small_cpu_run();
+  o.precisions.clear();
+  try {
+    run_step_bench(o);
+    FAIL() << "an empty precision list ran";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("2 algorithms, 0 precisions"), std::string::npos) << e.what();
+  }
 }
 
 // A build without CUDA, or a CUDA build on a machine without a GPU (as in CI), refuses clearly.

@@ -30,9 +30,9 @@ double milliseconds(Clock::duration d) {
   return std::chrono::duration<double, std::milli>(d).count();
 }
 
-// Copy bandwidth of this machine counted as bytes read + written, the figure a memory-bound step
-// is judged against. Each thread copies one contiguous slice, as a multi-tensor step streams.
-double measure_memcpy_gbps(std::size_t bytes) {
+// Seconds of `count` copies of `bytes` (after one untimed copy that touches the pages). Each
+// thread copies one contiguous slice, as a multi-tensor step streams.
+std::vector<double> time_memcpy(std::size_t bytes, int count) {
   Buffer source(bytes);
   Buffer target(bytes);
   auto copy = [&] {
@@ -50,13 +50,30 @@ double measure_memcpy_gbps(std::size_t bytes) {
   };
   copy();
   std::vector<double> seconds;
-  for (int i = 0; i < 5; ++i) {
+  for (int i = 0; i < count; ++i) {
     const auto start = Clock::now();
     copy();
     seconds.push_back(std::chrono::duration<double>(Clock::now() - start).count());
   }
-  return 2.0 * static_cast<double>(bytes) / summarize(seconds).median / 1e9;
+  return seconds;
 }
+
+// Copy bandwidth counted as bytes read + written, the figure a memory-bound step is judged
+// against. Copies far larger than any cache: at least 256 MiB, the parameter bytes up to 1 GiB.
+struct CopyBandwidth {
+  static constexpr int kCopies = 5;
+  std::size_t bytes;
+  std::vector<double> seconds;
+
+  explicit CopyBandwidth(std::int64_t params)
+      : bytes(std::clamp(static_cast<std::size_t>(params) * sizeof(float), std::size_t{256} << 20,
+                         std::size_t{1} << 30)) {}
+  void measure() {
+    const std::vector<double> more = time_memcpy(bytes, kCopies);
+    seconds.insert(seconds.end(), more.begin(), more.end());
+  }
+  double gbps() const { return 2.0 * static_cast<double>(bytes) / summarize(seconds).median / 1e9; }
+};
 
 // Fills `values` with scale * N(0, 1), the same numbers for a seed whatever the thread count:
 // each fixed-size chunk draws from its own generator.
@@ -196,35 +213,45 @@ StepBenchRow new_row(const char* device, Algorithm algorithm, Precision precisio
   return row;
 }
 
+// The copy bandwidth of a row is measured around it, before its optimizer exists and after it is
+// gone: on a machine whose bandwidth drifts, each row is judged against the minutes it ran in, and
+// the copies never compete with its state for memory.
 StepBenchRow run_cpu_row(HostParams& buffers, Algorithm algorithm, Precision precision,
-                         const StepBenchOptions& options, double memcpy_gbps) {
-  StepBenchRow result = new_row("cpu", algorithm, precision, buffers.layout.params, memcpy_gbps);
+                         const StepBenchOptions& options) {
+  CopyBandwidth copy(buffers.layout.params);
+  copy.measure();
+  StepBenchRow result = new_row("cpu", algorithm, precision, buffers.layout.params, 0.0);
   result.threads = omp_get_max_threads();
 
-  std::vector<ParamGroup> groups(1);
-  groups[0].params = buffers.make_params();
-  const auto setup_start = Clock::now();
-  Optimizer optimizer(std::move(groups),
-                      optimizer_options(algorithm, precision, options));
-  optimizer.step();
-  result.setup_ms = milliseconds(Clock::now() - setup_start);
-
-  for (int i = 0; i < options.warmup; ++i) optimizer.step();
   std::vector<double> times;
-  times.reserve(static_cast<std::size_t>(options.steps));
-  for (int i = 0; i < options.steps; ++i) {
-    const auto start = Clock::now();
-    const StepResult step = optimizer.step();
-    times.push_back(milliseconds(Clock::now() - start));
-    // A skipped step does no work and would time as impossibly fast.
-    if (step.skipped) {
-      throw Error(fmt::format("{} {}: step {} was skipped (non-finite gradients)",
-                              algorithm_name(algorithm), precision_name(precision), step.step));
-    }
-  }
+  double moved = 0.0, floor = 0.0;
+  {
+    std::vector<ParamGroup> groups(1);
+    groups[0].params = buffers.make_params();
+    const auto setup_start = Clock::now();
+    Optimizer optimizer(std::move(groups), optimizer_options(algorithm, precision, options));
+    optimizer.step();
+    result.setup_ms = milliseconds(Clock::now() - setup_start);
 
-  fill_figures(result, times, bytes_moved_per_param(optimizer), update_bytes_per_param(optimizer));
-  result.state_bytes_per_param = optimizer.state_stats().bytes_per_param();
+    for (int i = 0; i < options.warmup; ++i) optimizer.step();
+    times.reserve(static_cast<std::size_t>(options.steps));
+    for (int i = 0; i < options.steps; ++i) {
+      const auto start = Clock::now();
+      const StepResult step = optimizer.step();
+      times.push_back(milliseconds(Clock::now() - start));
+      // A skipped step does no work and would time as impossibly fast.
+      if (step.skipped) {
+        throw Error(fmt::format("{} {}: step {} was skipped (non-finite gradients)",
+                                algorithm_name(algorithm), precision_name(precision), step.step));
+      }
+    }
+    moved = bytes_moved_per_param(optimizer);
+    floor = update_bytes_per_param(optimizer);
+    result.state_bytes_per_param = optimizer.state_stats().bytes_per_param();
+  }
+  copy.measure();
+  result.memcpy_gbps = copy.gbps();
+  fill_figures(result, times, moved, floor);
   result.grad_pass = grad_pass(options);
   return result;
 }
@@ -325,25 +352,23 @@ std::string pre_pass_note(const StepBenchOptions& options) {
 StepBenchRun run_cpu(const StepBenchOptions& options, const StepBenchProgress& progress) {
   if (options.threads > 0) omp_set_num_threads(options.threads);
   HostParams buffers(options.tensors, options.seed);
-  // Measured while the optimizer state is not yet allocated, so the copy never competes with it
-  // for memory; the buffers are freed before the first row.
-  constexpr std::size_t kMinCopyBytes = std::size_t{256} << 20;
-  const double memcpy_gbps = measure_memcpy_gbps(
-      std::max(kMinCopyBytes, static_cast<std::size_t>(buffers.layout.params) * sizeof(float)));
 
   StepBenchRun run;
   const std::size_t total = options.algorithms.size() * options.precisions.size();
   for (Algorithm algorithm : options.algorithms) {
     for (Precision precision : options.precisions) {
-      run.rows.push_back(run_cpu_row(buffers, algorithm, precision, options, memcpy_gbps));
+      run.rows.push_back(run_cpu_row(buffers, algorithm, precision, options));
       if (progress) progress(run.rows.back(), run.rows.size(), total);
     }
   }
+  const auto [low, high] = std::minmax_element(run.rows.begin(), run.rows.end(), [](const auto& a, const auto& b) {
+    return a.memcpy_gbps < b.memcpy_gbps;
+  });
   run.header = fmt::format(
       "step-bench on cpu, {} threads: {}, {} params; {} timed steps after set-up + {} "
-      "warm-up; memcpy {:.1f} GB/s (read + write); {}",
+      "warm-up; memcpy (read + write) measured around each row, {:.1f} to {:.1f} GB/s; {}",
       omp_get_max_threads(), options.set_label, group_digits(buffers.layout.params), options.steps,
-      options.warmup, memcpy_gbps, pre_pass_note(options));
+      options.warmup, low->memcpy_gbps, high->memcpy_gbps, pre_pass_note(options));
   return run;
 }
 
@@ -409,6 +434,10 @@ nlohmann::ordered_json row_json(const StepBenchRow& r) {
 }  // namespace
 
 StepBenchRun run_step_bench(const StepBenchOptions& options, const StepBenchProgress& progress) {
+  if (options.algorithms.empty() || options.precisions.empty()) {
+    throw Error(fmt::format("step-bench: nothing to time ({} algorithms, {} precisions)", options.algorithms.size(),
+                            options.precisions.size()));
+  }
   if (options.device == Device::kCpu) return run_cpu(options, progress);
 #ifdef NIBBLE_WITH_CUDA
   return run_cuda(options, progress);
