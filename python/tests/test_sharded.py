@@ -1,7 +1,8 @@
 """nibble on torch.distributed (gloo, CPU): FSDP2 for every algorithm and precision, replicated and
 whole-on-one-rank DTensors, mixed precisions, cross-rank clipping and skipping, DDP, ZeRO and bad
-input, each against single-process nibble. One launch of sharded_worker.py per world size runs
-every case; each case is reported as its own test. With a GPU, the same cases (but bad input) at
+input, each against single-process nibble, at world sizes 1 (nothing split: the whole-tensor
+algorithms train), 2 and 4. One launch of sharded_worker.py per world size runs every case; each
+case is reported as its own test. With a GPU, the same cases (but bad input) at
 world size 1 on NCCL against single-process nibble on CUDA."""
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ CASES += ["mixed-precisions", "clipping", "nan-on-one-rank", "grad-scaler", "ddp
 pytestmark = needs_gloo
 
 
-@pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"world{w}")
+@pytest.fixture(scope="module", params=[1, 2, 4], ids=lambda w: f"world{w}")
 def world_results(request, tmp_path_factory):
     return launch(request.param, tmp_path_factory.mktemp(f"world{request.param}"), WORKER)
 
