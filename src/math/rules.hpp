@@ -296,10 +296,14 @@ struct RuleDefaults {
   static constexpr bool kElementwise = true;
   static constexpr bool kHasVariant = false;
   static constexpr int kWrittenSlots = 3;
+  // How many leading state slots the rule (its variant when `variant`) reads. A slot the tensor
+  // does not keep reads as zeros; the CPU driver writes those zeros only for slots below this.
+  static constexpr int read_slots(bool /*variant*/) { return 3; }
   NIBBLE_HD static bool variant(const Hyper&) { return false; }
 };
 
 struct SgdRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 1; }  // its buffer, zeros without momentum
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kSgd; }
   NIBBLE_HD static const SgdStep& constants(const StepConstants& k) { return k.sgd; }
   // On the first step the buffer is the gradient itself: keep = 0, grad_coef = 1.
@@ -322,6 +326,7 @@ struct SgdRule : RuleDefaults {
 };
 
 struct AdamRule : RuleDefaults {
+  static constexpr int read_slots(bool amsgrad) { return amsgrad ? 3 : 2; }
   static constexpr bool kHasVariant = true;  // AMSGrad
   NIBBLE_HD static bool variant(const Hyper& h) { return h.amsgrad; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdam || a == Algorithm::kAdamW; }
@@ -339,6 +344,7 @@ struct AdamRule : RuleDefaults {
 };
 
 struct LionRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 1; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kLion; }
   NIBBLE_HD static const LionStep& constants(const StepConstants& k) { return k.lion; }
   NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
@@ -351,6 +357,7 @@ struct LionRule : RuleDefaults {
 };
 
 struct QhmRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 1; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kQhm; }
   NIBBLE_HD static const QhmStep& constants(const StepConstants& k) { return k.qhm; }
   NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
@@ -365,6 +372,7 @@ struct QhmRule : RuleDefaults {
 };
 
 struct SophiaRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 2; }
   static constexpr int kWrittenSlots = 1;  // it reads its Hessian EMA; only update_hessian writes it
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kSophiaG; }
   NIBBLE_HD static const SophiaStep& constants(const StepConstants& k) { return k.sophia; }
@@ -378,6 +386,7 @@ struct SophiaRule : RuleDefaults {
 };
 
 struct AdoptRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 2; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdopt; }
   NIBBLE_HD static const AdoptStep& constants(const StepConstants& k) { return k.adopt; }
   NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
@@ -412,6 +421,7 @@ struct AdemamixRule : RuleDefaults {
 };
 
 struct ScheduleFreeRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 2; }
   static constexpr int kWrittenSlots = 2;
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdamWScheduleFree; }
   NIBBLE_HD static const ScheduleFreeStep& constants(const StepConstants& k) { return k.schedulefree; }
@@ -453,6 +463,7 @@ struct AdafactorRule : RuleDefaults {
 };
 
 struct MuonRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 2; }  // momentum; the AdamW fallback's two moments
   static constexpr bool kElementwise = false;  // Newton-Schulz over each whole matrix
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kMuon; }
   // The orthogonalised tensors' momentum, and the AdamW fallback's constants for the others (whose
