@@ -149,26 +149,44 @@ struct BlockScratch {
   alignas(64) float param[kMaxBlock];
 };
 
-// Walks the blocks of t that overlap [lo, hi). `body(block_begin, n, p, g, s)` sees the whole
-// block: p and g point at the tensor's arrays (p at a private copy when !commit), s[k] at the
-// block's state as floats; a slot below `read_slots` that t does not keep holds zeros. With
-// commit, updated state is written back for slots in `store_mask`.
+// Walks the blocks of t that overlap [lo, hi), several at a time: `body(begin, n, p, g, s)` sees a
+// span of whole blocks, kSpanElements or one block if larger. p and g point at the tensor's arrays
+// (p at a private copy when !commit), s[k] at the span's state as floats; a slot below
+// `read_slots` that t does not keep holds zeros. Each block is still decoded and encoded on its own
+// (a quantized block has its own absmax). Spans of 1024 keep the scratch of three slots, p and g in
+// L1 and pay the body's call and loop set-up once per 4 blocks of 256: AdamW fp32 10% faster in
+// cache; spans of 4096 spilled to L2 and made 8-bit state 7% slower. With commit, updated state is
+// written back for slots in `store_mask`.
+constexpr std::int64_t kSpanElements = 1024;
+
 template <class Body>
 void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, std::int64_t hi,
                 bool commit, unsigned store_mask, BlockScratch& scratch, Body&& body, int read_slots = kMaxSlots) {
   const StepConstants& k = impl.constants[&t - impl.tensors.data()];
   const bool stochastic = impl.options.stochastic_rounding;
   const std::int64_t block = t.block;
-  for (std::int64_t b = (lo / block) * block; b < hi; b += block) {
-    const std::int64_t n = std::min(block, t.numel - b);
+  const std::int64_t span = std::max<std::int64_t>(block, kSpanElements / block * block);
+  const std::int64_t end = std::min(t.numel, (hi + block - 1) / block * block);
+  for (std::int64_t b = (lo / block) * block; b < end; b += span) {
+    const std::int64_t n = std::min(span, end - b);
     float* s[kMaxSlots];
     for (int j = 0; j < kMaxSlots; ++j) {
-      s[j] = j < t.slot_count ? load_block(t, t.slots[j], b, n, scratch.state[j], commit) : scratch.state[j];
-      // A rule may read a slot its algorithm does not keep (SGD without momentum reads its buffer
-      // times 0): zeros, not whatever the scratch held, which could be inf or NaN. Slots the rule
-      // never reads are left as they are (AdamW's AMSGrad maximum: a fill per block cost 8% of
-      // its in-cache step).
-      if (j >= t.slot_count && j < read_slots) std::fill_n(scratch.state[j], n, 0.0f);
+      s[j] = scratch.state[j];
+      if (j < t.slot_count) {
+        const Slot& slot = t.slots[j];
+        if (commit && slot.storage == math::StateStorage::kF32) {
+          s[j] = slot.f32 + b;  // fp32 state is stepped in place
+        } else {
+          for (std::int64_t o = 0; o < n; o += block)
+            load_block(t, slot, b + o, std::min(block, n - o), scratch.state[j] + o, false);
+        }
+      } else if (j < read_slots) {
+        // A rule may read a slot its algorithm does not keep (SGD without momentum reads its
+        // buffer times 0): zeros, not whatever the scratch held, which could be inf or NaN. Slots
+        // the rule never reads are left as they are (AdamW's AMSGrad maximum: a fill per block
+        // cost 8% of its in-cache step).
+        std::fill_n(scratch.state[j], n, 0.0f);
+      }
     }
     float* p = static_cast<float*>(t.param.data) + b;
     if (!commit) {
@@ -178,7 +196,9 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
     body(b, n, p, static_cast<const float*>(t.param.grad) + b, s);
     if (commit)
       for (int j = 0; j < t.slot_count; ++j)
-        if (store_mask & (1u << j)) store_block(t, t.slots[j], b, n, s[j], k.rounding_seed, j, stochastic);
+        if (store_mask & (1u << j))
+          for (std::int64_t o = 0; o < n; o += block)
+            store_block(t, t.slots[j], b + o, std::min(block, n - o), s[j] + o, k.rounding_seed, j, stochastic);
   }
 }
 
