@@ -3,6 +3,7 @@
 // length, every codebook, values on and next to every threshold.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -116,6 +117,58 @@ TEST_P(CodecSimd, DecodeEqualsValueTableTimesScale) {
 INSTANTIATE_TEST_SUITE_P(AllCodebooks, CodecSimd,
                          ::testing::Values(CodebookId::kDynamicSigned8, CodebookId::kDynamicUnsigned8,
                                            CodebookId::kDynamicSigned4, CodebookId::kLinearUnsigned4));
+
+// The span codec calls (one codebook dispatch for several blocks) against block-by-block calls:
+// the same codes, absmax and values, bit for bit, with a short last block, an all-zero block, a
+// block of subnormals (absmax below FLT_MIN: block_inverse 0) and a block holding a NaN.
+class Codec8Blocks : public ::testing::TestWithParam<CodebookId> {};
+
+std::uint32_t bits_of(float f) {
+  std::uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
+
+TEST_P(Codec8Blocks, ManyBlocksEqualOneByOne) {
+  const math::Codebook& cb = codebook(GetParam());
+  constexpr std::int64_t kBlock = 256, kN = 5 * kBlock - 23;
+  std::vector<float> x = probe_values(cb, 5);
+  x.resize(static_cast<std::size_t>(kN));
+  for (std::int64_t i = 0; i < kBlock; ++i) x[static_cast<std::size_t>(kBlock + i)] = 0.0f;
+  for (std::int64_t i = 0; i < kBlock; ++i)
+    x[static_cast<std::size_t>(2 * kBlock + i)] = (i % 2 ? 1e-39f : 3e-40f) * (cb.is_signed && i % 3 == 0 ? -1.0f : 1.0f);
+  x[static_cast<std::size_t>(3 * kBlock + 17)] = NAN;
+  const std::int64_t blocks = (kN + kBlock - 1) / kBlock;
+
+  std::vector<std::uint8_t> want_codes(static_cast<std::size_t>(kN)), codes(static_cast<std::size_t>(kN));
+  std::vector<float> want_absmax(static_cast<std::size_t>(blocks)), absmax(static_cast<std::size_t>(blocks));
+  for (std::int64_t k = 0; k < blocks; ++k) {
+    const std::int64_t len = std::min(kBlock, kN - k * kBlock);
+    const float a = cpu::block_absmax(x.data() + k * kBlock, len);
+    const float inv = math::block_inverse(a);
+    want_absmax[static_cast<std::size_t>(k)] = a;
+    cpu::encode8_block(cb, x.data() + k * kBlock, inv, want_codes.data() + k * kBlock, len, inv > 0.0f);
+  }
+  cpu::encode8_blocks(cb, x.data(), kBlock, codes.data(), absmax.data(), kN);
+  EXPECT_EQ(codes, want_codes);
+  for (std::int64_t k = 0; k < blocks; ++k)
+    EXPECT_EQ(bits_of(absmax[static_cast<std::size_t>(k)]), bits_of(want_absmax[static_cast<std::size_t>(k)])) << "block " << k;
+  EXPECT_TRUE(std::isnan(absmax[3]));
+  EXPECT_EQ(absmax[1], 0.0f);
+
+  std::vector<float> want_values(static_cast<std::size_t>(kN)), values(static_cast<std::size_t>(kN));
+  const std::vector<float> scales = {0.37f, 2.5f, 1e-3f, 7.0f, 0.125f};
+  for (std::int64_t k = 0; k < blocks; ++k)
+    cpu::decode8_block(cb, codes.data() + k * kBlock, scales[static_cast<std::size_t>(k)],
+                       want_values.data() + k * kBlock, std::min(kBlock, kN - k * kBlock));
+  cpu::decode8_blocks(cb, codes.data(), scales.data(), kBlock, values.data(), kN);
+  for (std::int64_t i = 0; i < kN; ++i)
+    ASSERT_EQ(bits_of(values[static_cast<std::size_t>(i)]), bits_of(want_values[static_cast<std::size_t>(i)])) << "i = " << i;
+}
+
+INSTANTIATE_TEST_SUITE_P(EightBitCodebooks, Codec8Blocks,
+                         ::testing::Values(CodebookId::kDynamicSigned8, CodebookId::kDynamicUnsigned8,
+                                           CodebookId::kFp8Signed, CodebookId::kFp8Unsigned));
 
 }  // namespace
 }  // namespace nibble

@@ -16,6 +16,18 @@
 
 namespace nibble::cpu {
 
+// NOTE: absmax as the maximum of the magnitude bits. For non-negative floats the integer order is
+// the float order, and an integer max reduction vectorises without -ffast-math. NaN when an
+// element is NaN, inf when one is inf.
+inline float block_absmax(const float* __restrict x, std::int64_t n) {
+  std::uint32_t m = 0;
+  for (std::int64_t i = 0; i < n; ++i) {
+    const std::uint32_t u = math::float_bits(x[i]) & 0x7fffffffu;
+    m = u > m ? u : m;
+  }
+  return math::bits_float(m);
+}
+
 #if defined(NIBBLE_CODEC_AVX2)
 
 // The codebook's constants in registers, built once per block. The shape of the map (signed,
@@ -212,38 +224,58 @@ void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
 // `bounded`: the caller knows every x * inv is finite with magnitude at most 1 plus rounding (inv
 // is 1 / the block's absmax, finite and positive), and the encoder may skip the lanes for NaN and
 // saturation. The codes are the same either way.
-inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
-                          std::uint8_t* __restrict codes, std::int64_t n, bool bounded = false) {
+template <class Simd>
+void encode8_simd(const Simd& simd, const math::Codebook& cb, const float* __restrict x, float inv,
+                  std::uint8_t* __restrict codes, std::int64_t n, bool bounded) {
   // The lambda copies the pointers and the count it loops on: a store through a byte pointer may
   // alias anything, so through captured references they would be reloaded at every iteration.
-  with_simd_codebook(cb, [&](const auto& simd) {
-    const auto encode = [&]<bool kBounded>() {
-      const float* __restrict in = x;
-      std::uint8_t* __restrict out = codes;
-      const std::int64_t count = n;
-      const __m256 vinv = _mm256_set1_ps(inv);
-      const auto code = [&](const float* at) {
-        const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), vinv);
-        return kBounded ? simd.encode_bounded(y) : simd.encode(y);
-      };
-      std::int64_t i = 0;
-      // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
-      // lanes, so one cross-lane permute puts the 32 bytes back in element order.
-      const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-      for (; i + 32 <= count; i += 32) {
-        const __m256i c0 = code(in + i), c1 = code(in + i + 8), c2 = code(in + i + 16), c3 = code(in + i + 24);
-        const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
-      }
-      for (; i + 8 <= count; i += 8) {
-        const __m256i c = code(in + i);
-        const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
-      }
-      math::encode8_run(cb, in, inv, out, i, count);
+  const auto encode = [&]<bool kBounded>() {
+    const float* __restrict in = x;
+    std::uint8_t* __restrict out = codes;
+    const std::int64_t count = n;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const auto code = [&](const float* at) {
+      const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), vinv);
+      return kBounded ? simd.encode_bounded(y) : simd.encode(y);
     };
-    if (bounded) encode.template operator()<true>();
-    else encode.template operator()<false>();
+    std::int64_t i = 0;
+    // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
+    // lanes, so one cross-lane permute puts the 32 bytes back in element order.
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (; i + 32 <= count; i += 32) {
+      const __m256i c0 = code(in + i), c1 = code(in + i + 8), c2 = code(in + i + 16), c3 = code(in + i + 24);
+      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+    for (; i + 8 <= count; i += 8) {
+      const __m256i c = code(in + i);
+      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
+    }
+    math::encode8_run(cb, in, inv, out, i, count);
+  };
+  if (bounded) encode.template operator()<true>();
+  else encode.template operator()<false>();
+}
+
+inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n, bool bounded = false) {
+  with_simd_codebook(cb, [&](const auto& simd) { encode8_simd(simd, cb, x, inv, codes, n, bounded); });
+}
+
+// Consecutive blocks of `block` elements (the last may be shorter), each with its own absmax
+// written to absmax[k]: encode8_block's codes, with one codebook dispatch for all of them.
+inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, std::int64_t block,
+                           std::uint8_t* __restrict codes, float* __restrict absmax, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
+      const std::int64_t len = n - o < block ? n - o : block;
+      const float a = block_absmax(x + o, len);
+      const float inv = math::block_inverse(a);
+      absmax[k] = a;
+      // A positive inv bounds every x * inv by 1 plus rounding (a is then finite and normal).
+      encode8_simd(simd, cb, x + o, inv, codes + o, len, inv > 0.0f);
+    }
   });
 }
 
@@ -270,6 +302,21 @@ inline void decode_fp8_signed_f16c(const std::uint8_t* __restrict in, float scal
 }
 #endif
 
+template <class Simd>
+void decode8_simd(const Simd& simd, const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                  float* __restrict out, std::int64_t n) {
+  const std::uint8_t* __restrict in = codes;
+  float* __restrict values = out;
+  const std::int64_t count = n;
+  const __m256 vscale = _mm256_set1_ps(scale);
+  std::int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
+    _mm256_storeu_ps(values + i, _mm256_mul_ps(simd.decode(c), vscale));
+  }
+  math::decode8_run(cb, in, scale, values, i, count);
+}
+
 inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
 #if defined(__F16C__)
@@ -280,17 +327,27 @@ inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restri
     return;
   }
 #endif
-  with_simd_codebook(cb, [&](const auto& simd) {
-    const std::uint8_t* __restrict in = codes;
-    float* __restrict values = out;
-    const std::int64_t count = n;
-    const __m256 vscale = _mm256_set1_ps(scale);
-    std::int64_t i = 0;
-    for (; i + 8 <= count; i += 8) {
-      const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
-      _mm256_storeu_ps(values + i, _mm256_mul_ps(simd.decode(c), vscale));
+  with_simd_codebook(cb, [&](const auto& simd) { decode8_simd(simd, cb, codes, scale, out, n); });
+}
+
+// Consecutive blocks of `block` elements (the last may be shorter), block k scaled by scales[k]:
+// decode8_block's values, with one codebook dispatch for all of them.
+inline void decode8_blocks(const math::Codebook& cb, const std::uint8_t* __restrict codes,
+                           const float* __restrict scales, std::int64_t block, float* __restrict out, std::int64_t n) {
+#if defined(__F16C__)
+  if (cb.id == math::CodebookId::kFp8Signed) {
+    for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
+      const std::int64_t len = n - o < block ? n - o : block;
+      std::int64_t i = 0;
+      decode_fp8_signed_f16c(codes + o, scales[k], out + o, i, len);
+      math::decode8_run(cb, codes + o, scales[k], out + o, i, len);
     }
-    math::decode8_run(cb, in, scale, values, i, count);
+    return;
+  }
+#endif
+  with_simd_codebook(cb, [&](const auto& simd) {
+    for (std::int64_t o = 0, k = 0; o < n; o += block, ++k)
+      decode8_simd(simd, cb, codes + o, scales[k], out + o, n - o < block ? n - o : block);
   });
 }
 
@@ -341,6 +398,20 @@ inline void decode8_block(const math::Codebook& cb, const std::uint8_t* __restri
                           float* __restrict out, std::int64_t n) {
   math::decode8_run(cb, codes, scale, out, 0, n);
 }
+inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, std::int64_t block,
+                           std::uint8_t* __restrict codes, float* __restrict absmax, std::int64_t n) {
+  for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
+    const std::int64_t len = n - o < block ? n - o : block;
+    absmax[k] = block_absmax(x + o, len);
+    math::encode8_run(cb, x + o, math::block_inverse(absmax[k]), codes + o, 0, len);
+  }
+}
+inline void decode8_blocks(const math::Codebook& cb, const std::uint8_t* __restrict codes,
+                           const float* __restrict scales, std::int64_t block, float* __restrict out, std::int64_t n) {
+  for (std::int64_t o = 0, k = 0; o < n; o += block, ++k)
+    math::decode8_run(cb, codes + o, scales[k], out + o, 0, n - o < block ? n - o : block);
+}
+
 inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
                           std::uint8_t* __restrict codes, std::int64_t n) {
   math::encode4_run(cb, x, inv, codes, 0, n);

@@ -27,17 +27,6 @@ namespace {
 
 using math::Codebook;
 
-// NOTE: absmax as the maximum of the magnitude bits. For non-negative floats the integer order is
-// the float order, and an integer max reduction vectorises without -ffast-math.
-float block_absmax(const float* __restrict x, std::int64_t n) {
-  std::uint32_t m = 0;
-  for (std::int64_t i = 0; i < n; ++i) {
-    const std::uint32_t u = math::float_bits(x[i]) & 0x7fffffffu;
-    m = u > m ? u : m;
-  }
-  return math::bits_float(m);
-}
-
 // NOTE: long double-precision sums use kSumLanes independent accumulators (AVX2 registers), so
 // the adds pipeline instead of waiting on each other; their order is fixed, so sums do not depend
 // on the thread count.
@@ -176,6 +165,8 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
         const Slot& slot = t.slots[j];
         if (commit && slot.storage == math::StateStorage::kF32) {
           s[j] = slot.f32 + b;  // fp32 state is stepped in place
+        } else if (slot.storage == math::StateStorage::kCodes8) {
+          decode8_blocks(codebook(slot.codebook), slot.codes + b, slot.absmax + b / block, block, scratch.state[j], n);
         } else {
           for (std::int64_t o = 0; o < n; o += block)
             load_block(t, slot, b + o, std::min(block, n - o), scratch.state[j] + o, false);
@@ -196,9 +187,15 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
     body(b, n, p, static_cast<const float*>(t.param.grad) + b, s);
     if (commit)
       for (int j = 0; j < t.slot_count; ++j)
-        if (store_mask & (1u << j))
+        if (store_mask & (1u << j)) {
+          const Slot& slot = t.slots[j];
+          if (slot.storage == math::StateStorage::kCodes8) {
+            encode8_blocks(codebook(slot.codebook), s[j], block, slot.codes + b, slot.absmax + b / block, n);
+            continue;
+          }
           for (std::int64_t o = 0; o < n; o += block)
-            store_block(t, t.slots[j], b + o, std::min(block, n - o), s[j] + o, k.rounding_seed, j, stochastic);
+            store_block(t, slot, b + o, std::min(block, n - o), s[j] + o, k.rounding_seed, j, stochastic);
+        }
   }
 }
 
