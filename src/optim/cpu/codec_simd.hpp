@@ -18,10 +18,33 @@ namespace nibble::cpu {
 
 // NOTE: absmax as the maximum of the magnitude bits. For non-negative floats the integer order is
 // the float order, and an integer max reduction vectorises without -ffast-math. NaN when an
-// element is NaN, inf when one is inf.
+// element is NaN, inf when one is inf. The AVX2 form keeps four independent maxima (one chain ran
+// at one vector a cycle) and reduces them once; a maximum does not depend on order, so it equals
+// the scalar loop.
 inline float block_absmax(const float* __restrict x, std::int64_t n) {
   std::uint32_t m = 0;
-  for (std::int64_t i = 0; i < n; ++i) {
+  std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX2)
+  if (n >= 32) {
+    const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
+    const auto bits = [&](std::int64_t at) {
+      return _mm256_and_si256(_mm256_castps_si256(_mm256_loadu_ps(x + at)), magnitude);
+    };
+    __m256i a0 = bits(0), a1 = bits(8), a2 = bits(16), a3 = bits(24);
+    for (i = 32; i + 32 <= n; i += 32) {
+      a0 = _mm256_max_epu32(a0, bits(i));
+      a1 = _mm256_max_epu32(a1, bits(i + 8));
+      a2 = _mm256_max_epu32(a2, bits(i + 16));
+      a3 = _mm256_max_epu32(a3, bits(i + 24));
+    }
+    const __m256i a = _mm256_max_epu32(_mm256_max_epu32(a0, a1), _mm256_max_epu32(a2, a3));
+    __m128i h = _mm_max_epu32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0x4e));
+    h = _mm_max_epu32(h, _mm_shuffle_epi32(h, 0xb1));
+    m = static_cast<std::uint32_t>(_mm_cvtsi128_si32(h));
+  }
+#endif
+  for (; i < n; ++i) {
     const std::uint32_t u = math::float_bits(x[i]) & 0x7fffffffu;
     m = u > m ? u : m;
   }
@@ -221,41 +244,43 @@ void with_simd_codebook(const math::Codebook& cb, Fn&& fn) {
   }
 }
 
-// `bounded`: the caller knows every x * inv is finite with magnitude at most 1 plus rounding (inv
-// is 1 / the block's absmax, finite and positive), and the encoder may skip the lanes for NaN and
-// saturation. The codes are the same either way.
+// The vector part of one block's encode: codes of x[0, i) for the largest multiple of 8, i
+// returned. kBounded: the caller knows every x * inv is finite with magnitude at most 1 plus
+// rounding (inv is 1 / the block's absmax, finite and positive), and the encoder may skip the
+// lanes for NaN and saturation; the codes are the same either way. Always inlined, so that a
+// span's blocks run in one function with the map's constants set up once.
+template <bool kBounded, class Simd>
+[[gnu::always_inline]] inline std::int64_t encode8_vector(const Simd& simd, const float* __restrict in, float inv,
+                                                          std::uint8_t* __restrict out, std::int64_t count) {
+  const __m256 vinv = _mm256_set1_ps(inv);
+  const auto code = [&](const float* at) {
+    const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), vinv);
+    return kBounded ? simd.encode_bounded(y) : simd.encode(y);
+  };
+  std::int64_t i = 0;
+  // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
+  // lanes, so one cross-lane permute puts the 32 bytes back in element order.
+  const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+  for (; i + 32 <= count; i += 32) {
+    const __m256i c0 = code(in + i), c1 = code(in + i + 8), c2 = code(in + i + 16), c3 = code(in + i + 24);
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
+  }
+  for (; i + 8 <= count; i += 8) {
+    const __m256i c = code(in + i);
+    const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
+  }
+  return i;
+}
+
+// One block's codes; `bounded` as encode8_vector's kBounded.
 template <class Simd>
 void encode8_simd(const Simd& simd, const math::Codebook& cb, const float* __restrict x, float inv,
                   std::uint8_t* __restrict codes, std::int64_t n, bool bounded) {
-  // The lambda copies the pointers and the count it loops on: a store through a byte pointer may
-  // alias anything, so through captured references they would be reloaded at every iteration.
-  const auto encode = [&]<bool kBounded>() {
-    const float* __restrict in = x;
-    std::uint8_t* __restrict out = codes;
-    const std::int64_t count = n;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    const auto code = [&](const float* at) {
-      const __m256 y = _mm256_mul_ps(_mm256_loadu_ps(at), vinv);
-      return kBounded ? simd.encode_bounded(y) : simd.encode(y);
-    };
-    std::int64_t i = 0;
-    // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
-    // lanes, so one cross-lane permute puts the 32 bytes back in element order.
-    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (; i + 32 <= count; i += 32) {
-      const __m256i c0 = code(in + i), c1 = code(in + i + 8), c2 = code(in + i + 16), c3 = code(in + i + 24);
-      const __m256i bytes = _mm256_packus_epi16(_mm256_packus_epi32(c0, c1), _mm256_packus_epi32(c2, c3));
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm256_permutevar8x32_epi32(bytes, order));
-    }
-    for (; i + 8 <= count; i += 8) {
-      const __m256i c = code(in + i);
-      const __m128i words = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-      _mm_storel_epi64(reinterpret_cast<__m128i*>(out + i), _mm_packus_epi16(words, words));
-    }
-    math::encode8_run(cb, in, inv, out, i, count);
-  };
-  if (bounded) encode.template operator()<true>();
-  else encode.template operator()<false>();
+  const std::int64_t i =
+      bounded ? encode8_vector<true>(simd, x, inv, codes, n) : encode8_vector<false>(simd, x, inv, codes, n);
+  math::encode8_run(cb, x, inv, codes, i, n);
 }
 
 inline void encode8_block(const math::Codebook& cb, const float* __restrict x, float inv,
@@ -274,7 +299,9 @@ inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, 
       const float inv = math::block_inverse(a);
       absmax[k] = a;
       // A positive inv bounds every x * inv by 1 plus rounding (a is then finite and normal).
-      encode8_simd(simd, cb, x + o, inv, codes + o, len, inv > 0.0f);
+      const std::int64_t i = inv > 0.0f ? encode8_vector<true>(simd, x + o, inv, codes + o, len)
+                                        : encode8_vector<false>(simd, x + o, inv, codes + o, len);
+      math::encode8_run(cb, x + o, inv, codes + o, i, len);
     }
   });
 }
