@@ -166,6 +166,59 @@ TEST_P(Codec8Blocks, ManyBlocksEqualOneByOne) {
     ASSERT_EQ(bits_of(values[static_cast<std::size_t>(i)]), bits_of(want_values[static_cast<std::size_t>(i)])) << "i = " << i;
 }
 
+// block_absmax against the plain maximum of the magnitudes: every length up to a few vectors past
+// a block, the extreme at each position, and NaN (propagated) and inf (the result) anywhere.
+TEST(BlockAbsmax, EqualsTheMaximumMagnitudeAtEveryLengthAndPosition) {
+  std::mt19937 rng(11);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(300);
+  for (float& v : x) v = normal(rng);
+  for (std::int64_t n : {0, 1, 7, 8, 9, 31, 32, 33, 63, 64, 65, 100, 255, 256, 257, 300}) {
+    float want = 0.0f;
+    for (std::int64_t i = 0; i < n; ++i) want = std::max(want, std::fabs(x[static_cast<std::size_t>(i)]));
+    EXPECT_EQ(cpu::block_absmax(x.data(), n), want) << "n = " << n;
+    for (std::int64_t at = 0; at < n; at += (n > 40 ? 7 : 1)) {
+      std::vector<float> y(x.begin(), x.begin() + n);
+      y[static_cast<std::size_t>(at)] = -1e30f;
+      EXPECT_EQ(cpu::block_absmax(y.data(), n), 1e30f) << "n = " << n << ", at " << at;
+      y[static_cast<std::size_t>(at)] = -INFINITY;
+      EXPECT_EQ(cpu::block_absmax(y.data(), n), INFINITY) << "n = " << n << ", at " << at;
+      y[static_cast<std::size_t>(at)] = NAN;
+      EXPECT_TRUE(std::isnan(cpu::block_absmax(y.data(), n))) << "n = " << n << ", at " << at;
+    }
+  }
+}
+
+// The bf16 codecs against math::bf16_round_nearest and bf16_to_float, bit for bit: every upper
+// half of a float (every sign, exponent and kept mantissa) with lower halves at and around the
+// rounding tie, so ties to even, carries into the exponent, overflow to inf, subnormals, and NaN
+// payloads in the low bits (which the rounding alone would turn into inf).
+TEST(Bf16Codec, EqualsTheScalarRoundingAndWidening) {
+  std::vector<float> x;
+  for (std::uint32_t high = 0; high < 0x10000u; ++high)
+    for (std::uint32_t low : {0x0000u, 0x0001u, 0x7fffu, 0x8000u, 0x8001u, 0xffffu}) {
+      const std::uint32_t u = high << 16 | low;
+      float f;
+      std::memcpy(&f, &u, 4);
+      x.push_back(f);
+    }
+  for (std::int64_t n : {static_cast<std::int64_t>(x.size()), std::int64_t{0}, std::int64_t{5}, std::int64_t{16},
+                         std::int64_t{29}}) {
+    std::vector<std::uint16_t> codes(static_cast<std::size_t>(n) + 1, 0xabcd);
+    cpu::encode_bf16(x.data(), codes.data(), n);
+    for (std::int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(codes[static_cast<std::size_t>(i)], math::bf16_round_nearest(x[static_cast<std::size_t>(i)]))
+          << "bits " << std::hex << bits_of(x[static_cast<std::size_t>(i)]);
+    EXPECT_EQ(codes[static_cast<std::size_t>(n)], 0xabcd) << "wrote past n = " << n;
+    std::vector<float> back(static_cast<std::size_t>(n) + 1, 42.0f);
+    cpu::decode_bf16(codes.data(), back.data(), n);
+    for (std::int64_t i = 0; i < n; ++i)
+      ASSERT_EQ(bits_of(back[static_cast<std::size_t>(i)]), bits_of(math::bf16_to_float(codes[static_cast<std::size_t>(i)])))
+          << "code " << std::hex << codes[static_cast<std::size_t>(i)];
+    EXPECT_EQ(back[static_cast<std::size_t>(n)], 42.0f) << "wrote past n = " << n;
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(EightBitCodebooks, Codec8Blocks,
                          ::testing::Values(CodebookId::kDynamicSigned8, CodebookId::kDynamicUnsigned8,
                                            CodebookId::kFp8Signed, CodebookId::kFp8Unsigned));

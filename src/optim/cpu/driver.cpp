@@ -55,8 +55,7 @@ float* load_block(const TensorState& t, const Slot& s, std::int64_t begin, std::
       std::memcpy(local, s.f32 + begin, static_cast<std::size_t>(n) * sizeof(float));
       return local;
     case math::StateStorage::kBf16: {
-      const std::uint16_t* __restrict h = s.bf16 + begin;
-      for (std::int64_t i = 0; i < n; ++i) local[i] = math::bf16_to_float(h[i]);
+      decode_bf16(s.bf16 + begin, local, n);
       return local;
     }
     case math::StateStorage::kCodes8: {
@@ -94,7 +93,7 @@ void store_block(const TensorState& t, const Slot& s, std::int64_t begin, std::i
         for (std::int64_t i = 0; i < n; ++i)
           h[i] = math::bf16_round_stochastic(x[i], math::hash_u32(seed, base + i * kMaxSlots));
       } else {
-        for (std::int64_t i = 0; i < n; ++i) h[i] = math::bf16_round_nearest(x[i]);
+        encode_bf16(x, h, n);
       }
       return;
     }
