@@ -212,9 +212,11 @@ TEST(Bf16Codec, EqualsTheScalarRoundingAndWidening) {
     EXPECT_EQ(codes[static_cast<std::size_t>(n)], 0xabcd) << "wrote past n = " << n;
     std::vector<float> back(static_cast<std::size_t>(n) + 1, 42.0f);
     cpu::decode_bf16(codes.data(), back.data(), n);
-    for (std::int64_t i = 0; i < n; ++i)
-      ASSERT_EQ(bits_of(back[static_cast<std::size_t>(i)]), bits_of(math::bf16_to_float(codes[static_cast<std::size_t>(i)])))
-          << "code " << std::hex << codes[static_cast<std::size_t>(i)];
+    for (std::int64_t i = 0; i < n; ++i) {
+      const std::uint16_t code = codes[static_cast<std::size_t>(i)];
+      ASSERT_EQ(bits_of(back[static_cast<std::size_t>(i)]), bits_of(math::bf16_to_float(code)))
+          << "code " << std::hex << code;
+    }
     EXPECT_EQ(back[static_cast<std::size_t>(n)], 42.0f) << "wrote past n = " << n;
   }
 }

@@ -625,13 +625,13 @@ struct BlockRule {
 // bf16 state of an element-wise rule, in tiles.
 //
 // NOTE: bf16 has no blocks, so the block walk's per-block load and store dispatch buys nothing:
-// each tile of kBf16Tile elements is widened into a local array per slot (AVX2), stepped by the rule's loop
-// and rounded back (AVX2), with no per-block load/store dispatch. Tiles of 512 keep the five
-// arrays a tile touches (three slots, p, g) in L1; in cache, one thread, AdamW bf16 took 0.79 ms
-// per 1M parameters against the block walk's 0.89-0.91 (tiles of 16, 64, 128, 256: 1.11, 0.92,
-// 0.87, 0.82; one loop widening, updating and rounding each element did not vectorise). The
-// float operations per element are the block walk's, so the bits are too. Stochastic rounding
-// keeps the block walk (its hash stream is per slot and element).
+// each tile of kBf16Tile elements is widened into a local array per slot (AVX2), stepped by the
+// rule's loop and rounded back (AVX2). Tiles of 512 keep the five arrays a tile touches (three
+// slots, p, g) in L1; in cache, one thread, AdamW bf16 took 0.79 ms per 1M parameters against the
+// block walk's 0.89-0.91 (tiles of 16, 64, 128, 256: 1.11, 0.92, 0.87, 0.82; one loop widening,
+// updating and rounding each element did not vectorise). The float operations per element are the
+// block walk's, so the bits are too. Stochastic rounding keeps the block walk (its hash stream is
+// per slot and element).
 constexpr std::int64_t kBf16Tile = 512;
 
 // Whether t steps in bf16 tiles: every slot bf16, rounded to nearest, and none that the rule reads
