@@ -221,6 +221,81 @@ TEST(Bf16Codec, EqualsTheScalarRoundingAndWidening) {
   }
 }
 
+// Blocks whose scaled magnitudes are all normal take the fp8 encoder's normal-only path; the codes
+// must be those of the scalar encoder. Block 0: absmax a power of two, every exponent from the
+// smallest normal up with every 4-bit mantissa (the odd ones are ties between two codes), the
+// smallest normal itself included. Block 1: log-uniform magnitudes, absmax 3.7. Blocks 2 and 3:
+// block 0 with one element in the subnormal range or zero, which must leave that path.
+TEST_P(Codec8Blocks, BlocksOfNormalMagnitudesEqualTheScalarEncoder) {
+  const math::Codebook& cb = codebook(GetParam());
+  constexpr std::int64_t kBlock = 256, kN = 4 * kBlock;
+  const int bias = cb.minifloat ? cb.exponent_bias : 15;
+  const float smallest_normal = std::ldexp(1.0f, 1 - bias);
+  std::vector<float> x(static_cast<std::size_t>(kN));
+  std::mt19937 rng(19);
+  std::uniform_real_distribution<float> exponent(static_cast<float>(1 - bias), 0.0f);
+  for (std::int64_t i = 0; i < kBlock; ++i) {
+    const int e = 1 - bias + static_cast<int>(i / 16) % bias;
+    const float y = i == 0 ? 1.0f : i == 1 ? smallest_normal : std::ldexp(1.0f + static_cast<float>(i % 16) / 16.0f, e);
+    x[static_cast<std::size_t>(i)] = std::min(y, 1.0f) * 4.0f;
+    x[static_cast<std::size_t>(kBlock + i)] = (i == 0 ? 1.0f : std::exp2(exponent(rng))) * 3.7f;
+  }
+  for (std::int64_t i = 0; i < kBlock; ++i) {
+    x[static_cast<std::size_t>(2 * kBlock + i)] = x[static_cast<std::size_t>(i)];
+    x[static_cast<std::size_t>(3 * kBlock + i)] = x[static_cast<std::size_t>(i)];
+  }
+  x[static_cast<std::size_t>(2 * kBlock + 77)] = 0.3f * smallest_normal * 4.0f;
+  x[static_cast<std::size_t>(3 * kBlock + 77)] = 0.0f;
+  if (cb.is_signed)
+    for (std::int64_t i = 0; i < kN; i += 3) x[static_cast<std::size_t>(i)] = -x[static_cast<std::size_t>(i)];
+
+  std::vector<std::uint8_t> codes(static_cast<std::size_t>(kN));
+  std::vector<float> absmax(4);
+  cpu::encode8_blocks(cb, x.data(), kBlock, codes.data(), absmax.data(), kN);
+  for (std::int64_t k = 0; k < 4; ++k) {
+    EXPECT_EQ(absmax[static_cast<std::size_t>(k)], k == 1 ? 3.7f : 4.0f) << "block " << k;
+    const float inv = math::block_inverse(absmax[static_cast<std::size_t>(k)]);
+    for (std::int64_t i = k * kBlock; i < (k + 1) * kBlock; ++i)
+      ASSERT_EQ(codes[static_cast<std::size_t>(i)], math::codebook_encode(cb, x[static_cast<std::size_t>(i)] * inv))
+          << "block " << k << ", x = " << x[static_cast<std::size_t>(i)];
+  }
+}
+
+// block_magnitude_range against the plain minimum and maximum of the magnitudes, every length from
+// 1 to past a few vectors, the extremes at each position (NaN's magnitude bits are above inf's:
+// it is the maximum, never the minimum).
+TEST(BlockMagnitudeRange, EqualsTheSmallestAndLargestMagnitudeAtEveryLengthAndPosition) {
+  std::mt19937 rng(13);
+  std::normal_distribution<float> normal(0.0f, 1.0f);
+  std::vector<float> x(300);
+  for (float& v : x) v = normal(rng) + 5.0f;
+  for (std::int64_t n : {1, 7, 8, 15, 16, 17, 31, 32, 33, 100, 255, 256, 257, 300}) {
+    float lo = INFINITY, hi = 0.0f;
+    for (std::int64_t i = 0; i < n; ++i) {
+      lo = std::min(lo, std::fabs(x[static_cast<std::size_t>(i)]));
+      hi = std::max(hi, std::fabs(x[static_cast<std::size_t>(i)]));
+    }
+    const cpu::MagnitudeRange r = cpu::block_magnitude_range(x.data(), n);
+    EXPECT_EQ(r.min, bits_of(lo)) << "n = " << n;
+    EXPECT_EQ(r.max, bits_of(hi)) << "n = " << n;
+    for (std::int64_t at = 0; at < n; at += (n > 40 ? 7 : 1)) {
+      std::vector<float> y(x.begin(), x.begin() + n);
+      y[static_cast<std::size_t>(at)] = -1e-30f;
+      EXPECT_EQ(cpu::block_magnitude_range(y.data(), n).min, bits_of(1e-30f)) << "n = " << n << ", at " << at;
+      y[static_cast<std::size_t>(at)] = -0.0f;
+      EXPECT_EQ(cpu::block_magnitude_range(y.data(), n).min, 0u) << "n = " << n << ", at " << at;
+      y[static_cast<std::size_t>(at)] = -1e30f;
+      EXPECT_EQ(cpu::block_magnitude_range(y.data(), n).max, bits_of(1e30f)) << "n = " << n << ", at " << at;
+      y[static_cast<std::size_t>(at)] = NAN;
+      const cpu::MagnitudeRange with_nan = cpu::block_magnitude_range(y.data(), n);
+      EXPECT_TRUE(std::isnan(math::bits_float(with_nan.max))) << "n = " << n << ", at " << at;
+      if (n > 1) {
+        EXPECT_FALSE(std::isnan(math::bits_float(with_nan.min))) << "n = " << n << ", at " << at;
+      }
+    }
+  }
+}
+
 INSTANTIATE_TEST_SUITE_P(EightBitCodebooks, Codec8Blocks,
                          ::testing::Values(CodebookId::kDynamicSigned8, CodebookId::kDynamicUnsigned8,
                                            CodebookId::kFp8Signed, CodebookId::kFp8Unsigned));
