@@ -387,6 +387,29 @@ inline void encode8_block(const math::Codebook& cb, const float* __restrict x, f
   with_simd_codebook(cb, [&](const auto& simd) { encode8_simd(simd, cb, x, inv, codes, n, bounded); });
 }
 
+// One block's codes given the magnitude range of its values (block_magnitude_range's; the tree
+// maps read only the maximum, which is the absmax returned). A positive inverse bounds every
+// x * inv by 1 plus rounding (the absmax is then finite and normal); rounding is monotonic, so the
+// smallest |x| times inv is the smallest |y|, and when that is normal the fp8 maps skip the
+// subnormal lanes.
+template <class Simd>
+[[gnu::always_inline]] inline float encode8_ranged(const Simd& simd, const math::Codebook& cb,
+                                                   const float* __restrict x, MagnitudeRange range,
+                                                   std::uint8_t* __restrict codes, std::int64_t n) {
+  const float absmax = math::bits_float(range.max);
+  const float inv = math::block_inverse(absmax);
+  std::int64_t i = -1;
+  if constexpr (Simd::kMinifloat) {
+    if (inv > 0.0f && math::bits_float(range.min) * inv >= simd.smallest_normal)
+      i = encode8_vector<Lanes::kNormal>(simd, x, inv, codes, n);
+  }
+  if (i < 0)
+    i = inv > 0.0f ? encode8_vector<Lanes::kBounded>(simd, x, inv, codes, n)
+                   : encode8_vector<Lanes::kAny>(simd, x, inv, codes, n);
+  math::encode8_run(cb, x, inv, codes, i, n);
+  return absmax;
+}
+
 // Consecutive blocks of `block` elements (the last may be shorter), each with its own absmax
 // written to absmax[k]: encode8_block's codes, with one codebook dispatch for all of them.
 inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, std::int64_t block,
@@ -395,29 +418,9 @@ inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, 
     using Simd = std::decay_t<decltype(simd)>;
     for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
       const std::int64_t len = n - o < block ? n - o : block;
-      float a, smallest = 0.0f;
-      if constexpr (Simd::kMinifloat) {
-        const MagnitudeRange range = block_magnitude_range(x + o, len);
-        a = math::bits_float(range.max);
-        smallest = math::bits_float(range.min);
-      } else {
-        a = block_absmax(x + o, len);
-      }
-      const float inv = math::block_inverse(a);
-      absmax[k] = a;
-      // A positive inv bounds every x * inv by 1 plus rounding (a is then finite and normal). rounding
-      // is monotonic, so the smallest |x| * inv is the smallest |y|.
-      std::int64_t i;
-      if constexpr (Simd::kMinifloat) {
-        if (inv > 0.0f && smallest * inv >= simd.smallest_normal) {
-          i = encode8_vector<Lanes::kNormal>(simd, x + o, inv, codes + o, len);
-          math::encode8_run(cb, x + o, inv, codes + o, i, len);
-          continue;
-        }
-      }
-      i = inv > 0.0f ? encode8_vector<Lanes::kBounded>(simd, x + o, inv, codes + o, len)
-                     : encode8_vector<Lanes::kAny>(simd, x + o, inv, codes + o, len);
-      math::encode8_run(cb, x + o, inv, codes + o, i, len);
+      const MagnitudeRange range = Simd::kMinifloat ? block_magnitude_range(x + o, len)
+                                                    : MagnitudeRange{0, math::float_bits(block_absmax(x + o, len))};
+      absmax[k] = encode8_ranged(simd, cb, x + o, range, codes + o, len);
     }
   });
 }
