@@ -124,8 +124,11 @@ NIBBLE_C_EXPORT int nibble_set_step_counts(nibble_optimizer* optimizer, const in
                                            int64_t steps, int64_t skipped);
 NIBBLE_C_EXPORT int nibble_set_running_sums(nibble_optimizer* optimizer, const double* lr_max, const double* weight_sum,
                                             int64_t count);
-/* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. */
-NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count);
+/* SophiaG: one fp32 Hessian-diagonal estimate per parameter (NULL skips one), on its device. cuda:
+ * `stream` (NULL: the optimizer's current one) is the stream that wrote the estimates; the update
+ * is queued on it and becomes the optimizer's stream, as with nibble_set_grads. */
+NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count,
+                                          void* stream);
 /* Schedule-free AdamW: parameters to y (train) or to the averaged x (eval); no-ops in that mode
  * already and for other algorithms. nibble_training sets *train to 1 in train mode, else 0. */
 NIBBLE_C_EXPORT int nibble_train(nibble_optimizer* optimizer);

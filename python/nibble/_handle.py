@@ -236,4 +236,5 @@ class GroupHandle:
     def update_hessian(self, estimates: list[Optional[torch.Tensor]]) -> None:
         """Folds one fp32 estimate per parameter (None skips it) into SophiaG's Hessian EMA."""
         array = (ctypes.c_void_p * max(len(estimates), 1))(*[None if e is None else e.data_ptr() for e in estimates])
-        _lib.check(_lib.lib.nibble_update_hessian(self.handle, array, len(estimates)))
+        # On CUDA the update goes to torch's current stream, the one that computed the estimates.
+        _lib.check(_lib.lib.nibble_update_hessian(self.handle, array, len(estimates), self.stream()))

@@ -90,7 +90,7 @@ def _load() -> ctypes.CDLL:
         "nibble_state_bytes": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_save": ([vp, ctypes.c_char_p], ctypes.c_int),
         "nibble_load": ([vp, ctypes.c_char_p], ctypes.c_int),
-        "nibble_update_hessian": ([vp, ctypes.POINTER(vp), i64], ctypes.c_int),
+        "nibble_update_hessian": ([vp, ctypes.POINTER(vp), i64, vp], ctypes.c_int),
         "nibble_state_values": ([vp, i64, ctypes.c_char_p, vp, i64], ctypes.c_int),
         "nibble_set_state_values": ([vp, i64, ctypes.c_char_p, vp, i64], ctypes.c_int),
         "nibble_set_step_counts": ([vp, ctypes.POINTER(i64), i64, i64, i64], ctypes.c_int),

@@ -333,17 +333,23 @@ def test_muon_bad_arguments_raise_value_error_naming_them(make, match):
         make(model().parameters())
 
 
-def test_set_grads_refuses_a_stream_for_a_cpu_optimizer():
-    # On CUDA the step hands torch's current stream to nibble_set_grads, so the gradient table is
-    # uploaded on the stream the step is queued on; a CPU optimizer has no stream to take.
+@pytest.mark.parametrize("call", ["nibble_set_grads", "nibble_update_hessian"])
+def test_calls_taking_a_stream_refuse_one_for_a_cpu_optimizer(call):
+    # On CUDA the step hands torch's current stream to nibble_set_grads (the gradient table is
+    # uploaded on the stream the step is queued on) and SophiaG's update_hessian to
+    # nibble_update_hessian (the stream that computed the estimates); a CPU optimizer has none.
     net = model()
     params = list(net.parameters())
-    opt = nibble.AdamW(params)
+    opt = nibble.SophiaG(params)
     train(net, opt, 1)
     made = opt._groups[0]
-    grads = (ctypes.c_void_p * len(params))(*[p.grad.data_ptr() for p in params])
-    with pytest.raises(ValueError, match="a stream was given to an optimizer on the CPU"):
-        _lib.check(_lib.lib.nibble_set_grads(made.handle, grads, len(params), ctypes.c_void_p(0x1000)))
+    pointers = (ctypes.c_void_p * len(params))(*[p.grad.data_ptr() for p in params])
+    fn = getattr(_lib.lib, call)
+    with pytest.raises(ValueError, match=f"{call}: a stream was given to an optimizer on the CPU"):
+        _lib.check(fn(made.handle, pointers, len(params), ctypes.c_void_p(0x1000)))
+    before = [p.detach().clone() for p in params]
+    _lib.check(fn(made.handle, pointers, len(params), None))
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before))
 
 
 @pytest.mark.parametrize("cls", ALL, ids=lambda c: c.__name__)

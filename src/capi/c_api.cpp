@@ -58,6 +58,14 @@ void require(const void* p, const char* what) {
   if (p == nullptr) throw nibble::InvalidArgument(fmt::format("{} is NULL", what));
 }
 
+// A call's CUDA stream: NULL keeps the optimizer's; one given to a CPU optimizer is refused.
+void use_stream(nibble::Optimizer& opt, void* stream, const char* call) {
+  if (stream == nullptr) return;
+  if (opt.device() != nibble::Device::kCuda)
+    throw nibble::InvalidArgument(fmt::format("{}: a stream was given to an optimizer on the CPU", call));
+  opt.set_cuda_stream(stream);
+}
+
 nibble::DType element_type(std::int32_t code, const char* what, const std::string& name) {
   switch (code) {
     case NIBBLE_F32: return nibble::DType::F32;
@@ -251,11 +259,7 @@ int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t co
     require(optimizer, "optimizer");
     if (count > 0) require(grads, "grads");
     nibble::Optimizer& opt = optimizer->optimizer;
-    if (stream != nullptr) {
-      if (opt.device() != nibble::Device::kCuda)
-        throw nibble::InvalidArgument("nibble_set_grads: a stream was given to an optimizer on the CPU");
-      opt.set_cuda_stream(stream);
-    }
+    use_stream(opt, stream, "nibble_set_grads");
     opt.set_grads({grads, static_cast<std::size_t>(count)});
   });
 }
@@ -435,10 +439,11 @@ int nibble_set_running_sums(nibble_optimizer* optimizer, const double* lr_max, c
     optimizer->optimizer.set_running_sums({lr_max, n}, {weight_sum, n});
   });
 }
-int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count) {
+int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count, void* stream) {
   return guarded([&] {
     require(optimizer, "optimizer");
     if (count > 0) require(estimates, "estimates");
+    use_stream(optimizer->optimizer, stream, "nibble_update_hessian");
     optimizer->optimizer.update_hessian({estimates, static_cast<std::size_t>(count)});
   });
 }
