@@ -354,7 +354,8 @@ TEST(Fp8CodecSimd, DecodeEqualsValueTableTimesScale) {
     for (auto& c : codes) c = static_cast<std::uint8_t>(rng());
     for (int c = 0; c < 256; ++c) codes[static_cast<std::size_t>(c) + 3] = static_cast<std::uint8_t>(c);
     // Scales whose products are subnormal, huge, zero, inf and NaN as well.
-    for (float scale : {0.37f, 1.0f, 3e-30f, 0x1p-110f, 0x1.8p-111f, 0x1.234p-120f, 3e38f, 0.0f, INFINITY, NAN}) {
+    for (float scale : {0.37f, 1.0f, 3e-30f, 0x1p-110f, 0x1.8p-111f, 0x1.234p-120f, 0x1.fffffep15f, 0x1p16f,
+                        0x1.fffffep31f, 0x1p32f, 3e38f, 0.0f, INFINITY, NAN}) {
       std::vector<float> out(static_cast<std::size_t>(n));
       cpu::decode8_block(cb, codes.data(), scale, out.data(), n);
       for (std::int64_t i = 0; i < n; ++i) {
