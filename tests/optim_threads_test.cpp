@@ -45,7 +45,10 @@ void fill_grads(const std::vector<float>& p, std::vector<float>& g, std::int64_t
 std::vector<std::vector<float>> run(Algorithm algorithm, Precision precision, Orthogonal mode, int threads,
                                     float adamp_delta = 0.1f) {
   omp_set_num_threads(threads);
-  const std::vector<Shape> shapes = {{300, 1024}, {64, 65}, {3, 40, 700}};
+  // Adafactor's column sums: {300, 1024} and {64, 65} split their rows into 16 groups (300 unevenly),
+  // {3, 40, 700} each batch into 5, {5, 9} into one group per row, and {20, 6, 33} sums each of its
+  // 20 batches in place.
+  const std::vector<Shape> shapes = {{300, 1024}, {64, 65}, {3, 40, 700}, {5, 9}, {20, 6, 33}};
   Rng rng(17);
   std::vector<std::vector<float>> p, g;
   ParamGroup group;

@@ -91,6 +91,7 @@ struct Optimizer::Impl {
   std::vector<StepConstants> constants;  // one per tensor
   std::vector<double> chunk_partials;    // one per chunk: deterministic global reductions
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
+  std::vector<double> column_partials;   // CPU Adafactor: column sums of fixed row groups
   // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace.
   std::vector<float> ns_scratch;
   std::int64_t scratch_bytes = 0;  // beside the state: muon_scratch_bytes (state_layout.hpp)
