@@ -32,6 +32,30 @@ void parallel_rows(std::int64_t rows, Fn&& fn) {
 
 int blas_int(std::int64_t n) { return static_cast<int>(n); }
 
+// NOTE: the symmetric products. A = X X^T and A A (A symmetric) are symmetric, so each block of
+// rows [r0, r1) computes only the columns from r0 on (one sgemm of (r1 - r0) x (s - r0)), and the
+// part below the diagonal is then copied from above it: half the flops of a full product, and the
+// result exactly symmetric. The blocks are dealt out one by one (the first ones are the widest) and
+// are fixed by the size, so the values still do not depend on the thread count. For a 768 x 3072
+// update the iteration's flops fall from 4 s^2 l + 2 s^3 to 3 s^2 l + s^3 (28%).
+template <class Fn>
+void parallel_upper_blocks(std::int64_t s, Fn&& fn) {
+  const std::int64_t blocks = (s + kRowBlock - 1) / kRowBlock;
+#pragma omp parallel for schedule(static, 1)
+  for (std::int64_t blk = 0; blk < blocks; ++blk) fn(blk * kRowBlock, std::min(s, (blk + 1) * kRowBlock));
+}
+
+// m[i][j] = m[j][i] below the diagonal of the s x s matrix m, in tiles.
+void mirror_upper(float* m, std::int64_t s) {
+  constexpr std::int64_t kTile = 32;
+  const std::int64_t tiles = (s + kTile - 1) / kTile;
+#pragma omp parallel for schedule(static, 1)
+  for (std::int64_t ti = 0; ti < tiles; ++ti)
+    for (std::int64_t tj = 0; tj <= ti; ++tj)
+      for (std::int64_t i = ti * kTile; i < std::min(s, (ti + 1) * kTile); ++i)
+        for (std::int64_t j = tj * kTile; j < std::min(i, (tj + 1) * kTile); ++j) m[i * s + j] = m[j * s + i];
+}
+
 }  // namespace
 
 std::int64_t newton_schulz_workspace(std::int64_t rows, std::int64_t cols) {
@@ -61,17 +85,20 @@ void newton_schulz(const float* in, std::int64_t rows, std::int64_t cols, const 
   });
 
   for (int step = 0; step < k.steps; ++step) {
-    // A = X X^T
-    parallel_rows(s, [&](std::int64_t r0, std::int64_t r1) {
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(r1 - r0), blas_int(s), blas_int(l), 1.0f,
-                  x + r0 * l, blas_int(l), x, blas_int(l), 0.0f, a + r0 * s, blas_int(s));
+    // A = X X^T, its upper part
+    parallel_upper_blocks(s, [&](std::int64_t r0, std::int64_t r1) {
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(r1 - r0), blas_int(s - r0), blas_int(l), 1.0f,
+                  x + r0 * l, blas_int(l), x + r0 * l, blas_int(l), 0.0f, a + r0 * s + r0, blas_int(s));
     });
-    // B = b A + c A A
-    parallel_rows(s, [&](std::int64_t r0, std::int64_t r1) {
-      std::memcpy(b + r0 * s, a + r0 * s, static_cast<std::size_t>((r1 - r0) * s) * sizeof(float));
-      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasNoTrans, blas_int(r1 - r0), blas_int(s), blas_int(s), k.c,
-                  a + r0 * s, blas_int(s), a, blas_int(s), k.b, b + r0 * s, blas_int(s));
+    mirror_upper(a, s);
+    // B = b A + c A A^T (A A = A A^T), its upper part
+    parallel_upper_blocks(s, [&](std::int64_t r0, std::int64_t r1) {
+      for (std::int64_t r = r0; r < r1; ++r)
+        std::memcpy(b + r * s + r0, a + r * s + r0, static_cast<std::size_t>(s - r0) * sizeof(float));
+      cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, blas_int(r1 - r0), blas_int(s - r0), blas_int(s), k.c,
+                  a + r0 * s, blas_int(s), a + r0 * s, blas_int(s), k.b, b + r0 * s + r0, blas_int(s));
     });
+    mirror_upper(b, s);
     // X <- a X + B X
     parallel_rows(s, [&](std::int64_t r0, std::int64_t r1) {
       std::memcpy(y + r0 * l, x + r0 * l, static_cast<std::size_t>((r1 - r0) * l) * sizeof(float));
