@@ -454,6 +454,9 @@ struct AdamPRule : RuleDefaults {
 struct AdafactorRule : RuleDefaults {
   static constexpr bool kElementwise = false;  // row/column statistics and the update's RMS first
   static constexpr bool kHasVariant = true;    // the first moment
+  // Unfactored tensors keep v and then m (with the first moment); factored ones m alone. The
+  // update reads m only with the first moment.
+  static constexpr int read_slots(bool first_moment) { return first_moment ? 2 : 1; }
   NIBBLE_HD static bool variant(const Hyper& h) { return h.first_moment; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kAdafactor; }
   NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {

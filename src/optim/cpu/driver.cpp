@@ -589,7 +589,7 @@ std::int64_t adafactor_parts(const TensorState& t) {
 }
 
 // The doubles impl.column_partials needs for t's column partials (0 when it sums in place); it
-// grows to the largest on the first step.
+// grows to the largest on the first step, and also holds the chunk sums of unfactored tensors.
 std::int64_t adafactor_partial_doubles(const TensorState& t) {
   if (!t.factored) return 0;
   const std::int64_t parts = adafactor_parts(t);
@@ -675,19 +675,47 @@ void adafactor_update_squares(TensorState& t, const math::AdafactorStep& k, cons
   }
 }
 
-// Unfactored (rank < 2, small tensors): sums of p^2 and of the update's squares, one thread, in
-// element order.
+// Unfactored (rank < 2): the sums of p^2 and of the update's squares, per chunk of the tensor
+// (fixed by its size) in kSumLanes lanes, into partials[2 c] and partials[2 c + 1] for its c-th
+// chunk; the caller adds them in chunk order, so the sums do not depend on the thread count.
+// Inside the tensor's parallel region: the chunks are shared among its threads. One thread in
+// element order, with one accumulator, took 4.8 ms for a 1M-element vector (AdamW: 0.45).
 void adafactor_unfactored_sums(const Optimizer::Impl& impl, TensorState& t, const math::AdafactorStep& k,
-                               double& sum_pp, double& sum_uu) {
-  BlockScratch scratch;
+                               std::size_t chunk_begin, std::size_t chunk_end, double* partials,
+                               BlockScratch& scratch) {
   const float* p = static_cast<const float*>(t.param.data);
-  for (std::int64_t e = 0; e < t.numel; ++e) sum_pp += static_cast<double>(p[e]) * p[e];
-  for_blocks(impl, t, 0, t.numel, false, 0, scratch, [&](std::int64_t, std::int64_t n, float*, const float* gb, float** s) {
-    for (std::int64_t e = 0; e < n; ++e) {
-      const float u = math::adafactor_unfactored(gb[e], s[0][e], k);
-      sum_uu += static_cast<double>(u) * u;
-    }
-  });
+#pragma omp for schedule(static)
+  for (std::size_t c = chunk_begin; c < chunk_end; ++c) {
+    const Chunk& ch = impl.chunks[c];
+    double pp[kSumLanes] = {}, uu[kSumLanes] = {};
+    std::int64_t e = ch.begin;
+    for (; e + kSumLanes <= ch.end; e += kSumLanes)
+      for (int l = 0; l < kSumLanes; ++l) pp[l] += static_cast<double>(p[e + l]) * p[e + l];
+    for (int l = 0; e < ch.end; ++e, ++l) pp[l] += static_cast<double>(p[e]) * p[e];
+    // Each span's lanes are summed in locals (through the captured array, or with k read through
+    // its reference, the compiler must assume the state's stores alias them and does not
+    // vectorise), then added into the chunk's lanes.
+    const math::AdafactorStep kk = k;
+    for_blocks(impl, t, ch.begin, ch.end, false, 0, scratch,
+               [&](std::int64_t, std::int64_t n, float*, const float* __restrict gb, float** sv) {
+                 float* __restrict v = sv[0];
+                 double a[kSumLanes] = {};
+                 std::int64_t i = 0;
+                 for (; i + kSumLanes <= n; i += kSumLanes)
+                   for (int l = 0; l < kSumLanes; ++l) {
+                     const float u = math::adafactor_unfactored(gb[i + l], v[i + l], kk);
+                     a[l] += static_cast<double>(u) * u;
+                   }
+                 for (int l = 0; i < n; ++i, ++l) {
+                   const float u = math::adafactor_unfactored(gb[i], v[i], kk);
+                   a[l] += static_cast<double>(u) * u;
+                 }
+                 for (int l = 0; l < kSumLanes; ++l) uu[l] += a[l];
+               },
+               1);
+    partials[2 * (c - chunk_begin)] = sum_lanes(pp);
+    partials[2 * (c - chunk_begin) + 1] = sum_lanes(uu);
+  }
 }
 
 template <bool kVariant>
@@ -704,11 +732,13 @@ void adafactor_step(Optimizer::Impl& impl, const BlockRule<math::AdafactorRule, 
     const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
     const std::int64_t parts = t.factored ? adafactor_parts(t) : 1;
     const math::AdafactorScratch at{rows, cols, batches};
-    const auto partials = static_cast<std::size_t>(adafactor_partial_doubles(t));
+    const auto partials = t.factored ? static_cast<std::size_t>(adafactor_partial_doubles(t))
+                                     : 2 * (first_chunk - chunk_begin);
     if (impl.column_partials.size() < partials) impl.column_partials.resize(partials);
     double sum_pp = 0.0, sum_uu = 0.0;
 #pragma omp parallel if (t.numel >= kChunkElements)
     {
+      BlockScratch scratch;
       if (t.factored) {
         double* row_sum = t.scratch.data() + at.row_sum();
         double* row_pp = t.scratch.data() + at.row_pp();
@@ -745,13 +775,16 @@ void adafactor_step(Optimizer::Impl& impl, const BlockRule<math::AdafactorRule, 
           }
         }
       } else {
+        adafactor_unfactored_sums(impl, t, k.adafactor, chunk_begin, first_chunk, impl.column_partials.data(), scratch);
 #pragma omp single
-        adafactor_unfactored_sums(impl, t, k.adafactor, sum_pp, sum_uu);
+        for (std::size_t c = 0; c < 2 * (first_chunk - chunk_begin); c += 2) {
+          sum_pp += impl.column_partials[c];
+          sum_uu += impl.column_partials[c + 1];
+        }
       }
 #pragma omp single
       k.adafactor.scale = math::adafactor_scale(h, t.lr, lr_scale, t.step, sum_pp, sum_uu,
                                                 static_cast<double>(t.numel), k.adafactor.decay, t.weight_decay);
-      BlockScratch scratch;
 #pragma omp for schedule(static)
       for (std::size_t c = chunk_begin; c < first_chunk; ++c)
         for_blocks(impl, t, impl.chunks[c].begin, impl.chunks[c].end, true, store_mask, scratch,
