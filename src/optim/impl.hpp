@@ -92,6 +92,7 @@ struct Optimizer::Impl {
   std::vector<double> chunk_partials;    // one per chunk: deterministic global reductions
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
   std::vector<double> column_partials;   // CPU Adafactor: column sums of fixed row groups
+  std::vector<float> column_factors;     // CPU Adafactor: the stepped tensor's column factors
   // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace.
   std::vector<float> ns_scratch;
   std::int64_t scratch_bytes = 0;  // beside the state: muon_scratch_bytes (state_layout.hpp)

@@ -468,20 +468,20 @@ struct BlockRule {
         const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
         const math::AdafactorScratch at{rows, cols, batches};
         const double* r_factor = t.scratch.data() + at.r_factor();
-        const double* c_factor = t.scratch.data() + at.c_factor();
+        // The column factors as floats (adafactor_step's copy, made for this tensor this step).
+        const float* c_factor = impl.column_factors.data();
         float* __restrict m = s0;
         // Row by row: one division per row segment, and a contiguous inner loop over columns.
         for (std::int64_t i = 0; i < n;) {
           const std::int64_t e = b + i, r = e / cols, c0 = e % cols;
           const std::int64_t len = std::min(n - i, cols - c0);
           const float rf = static_cast<float>(r_factor[r]);
-          const double* __restrict cf = c_factor + (r / t.batch_rows) * cols + c0;
+          const float* __restrict cf = c_factor + (r / t.batch_rows) * cols + c0;
           float* __restrict pr = p + i;
           const float* __restrict gr = g + i;
           float* __restrict mr = m + i;
           for (std::int64_t j = 0; j < len; ++j)
-            math::adafactor_apply<kVariant>(pr[j], math::adafactor_factored(gr[j], rf, static_cast<float>(cf[j]), ka),
-                                            mr[j], ka);
+            math::adafactor_apply<kVariant>(pr[j], math::adafactor_factored(gr[j], rf, cf[j], ka), mr[j], ka);
           i += len;
         }
       } else {
@@ -626,8 +626,11 @@ void adafactor_row_group(const TensorState& t, const math::AdafactorStep& k, std
 }
 
 // The EMAs of the row and column means, the factors r = 1/sqrt(row / mean(row)) and
-// c = 1/sqrt(col), from the sums of this step (one thread).
-void adafactor_factors(TensorState& t, const math::AdafactorStep& k, const math::AdafactorScratch& at) {
+// c = 1/sqrt(col), from the sums of this step (one thread). The column factors also go to
+// column_factors as floats (they are floats held in doubles), which the later passes read: the
+// double-to-float conversion per element was a sixth of the RMS pass's instructions.
+void adafactor_factors(TensorState& t, const math::AdafactorStep& k, const math::AdafactorScratch& at,
+                       float* __restrict column_factors) {
   const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
   const double* row_sum = t.scratch.data() + at.row_sum();
   const double* col_sum = t.scratch.data() + at.col_sum();
@@ -645,30 +648,32 @@ void adafactor_factors(TensorState& t, const math::AdafactorStep& k, const math:
     for (std::int64_t r = b * t.batch_rows; r < (b + 1) * t.batch_rows; ++r)
       r_factor[r] = 1.0f / sqrtf(t.af_row[r] / row_mean);
   }
-  for (std::int64_t bc = 0; bc < batches * cols; ++bc) c_factor[bc] = 1.0f / sqrtf(t.af_col[bc]);
+  for (std::int64_t bc = 0; bc < batches * cols; ++bc) {
+    column_factors[bc] = 1.0f / sqrtf(t.af_col[bc]);
+    c_factor[bc] = column_factors[bc];
+  }
 }
 
 // Rows [r0, r1): the sums of squares of the factored update u = g * r * c.
 void adafactor_update_squares(TensorState& t, const math::AdafactorStep& k, const math::AdafactorScratch& at,
-                              std::int64_t r0, std::int64_t r1) {
+                              const float* c_factor, std::int64_t r0, std::int64_t r1) {
   const std::int64_t cols = t.cols;
   const float* g = static_cast<const float*>(t.param.grad);
   const double* r_factor = t.scratch.data() + at.r_factor();
-  const double* c_factor = t.scratch.data() + at.c_factor();
   double* row_uu = t.scratch.data() + at.row_uu();
   for (std::int64_t r = r0; r < r1; ++r) {
     const float rf = static_cast<float>(r_factor[r]);
-    const double* __restrict cf = c_factor + (r / t.batch_rows) * cols;
+    const float* __restrict cf = c_factor + (r / t.batch_rows) * cols;
     const float* __restrict gr = g + r * cols;
     double a[kSumLanes] = {};
     std::int64_t c = 0;
     for (; c + kSumLanes <= cols; c += kSumLanes)
       for (int l = 0; l < kSumLanes; ++l) {
-        const float u = math::adafactor_factored(gr[c + l], rf, static_cast<float>(cf[c + l]), k);
+        const float u = math::adafactor_factored(gr[c + l], rf, cf[c + l], k);
         a[l] += static_cast<double>(u) * u;
       }
     for (int l = 0; c < cols; ++c, ++l) {
-      const float u = math::adafactor_factored(gr[c], rf, static_cast<float>(cf[c]), k);
+      const float u = math::adafactor_factored(gr[c], rf, cf[c], k);
       a[l] += static_cast<double>(u) * u;
     }
     row_uu[r] = sum_lanes(a);
@@ -735,6 +740,8 @@ void adafactor_step(Optimizer::Impl& impl, const BlockRule<math::AdafactorRule, 
     const auto partials = t.factored ? static_cast<std::size_t>(adafactor_partial_doubles(t))
                                      : 2 * (first_chunk - chunk_begin);
     if (impl.column_partials.size() < partials) impl.column_partials.resize(partials);
+    if (t.factored && impl.column_factors.size() < static_cast<std::size_t>(batches * cols))
+      impl.column_factors.resize(static_cast<std::size_t>(batches * cols));
     double sum_pp = 0.0, sum_uu = 0.0;
 #pragma omp parallel if (t.numel >= kChunkElements)
     {
@@ -763,9 +770,11 @@ void adafactor_step(Optimizer::Impl& impl, const BlockRule<math::AdafactorRule, 
                   sum += impl.column_partials[static_cast<std::size_t>((b * parts + part) * cols + c)];
                 col_sum[b * cols + c] = sum;
               }
-          adafactor_factors(t, k.adafactor, at);
+          adafactor_factors(t, k.adafactor, at, impl.column_factors.data());
         }
-        for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) { adafactor_update_squares(t, k.adafactor, at, r0, r1); });
+        for_my_rows(rows, [&](std::int64_t r0, std::int64_t r1) {
+          adafactor_update_squares(t, k.adafactor, at, impl.column_factors.data(), r0, r1);
+        });
 #pragma omp barrier
 #pragma omp single
         {
