@@ -35,6 +35,10 @@ std::vector<float> probe_values(const math::Codebook& cb, unsigned seed) {
     if (k % 3 == 0) v = std::pow(std::fabs(v), 9.0f) * (v < 0 ? -1.0f : 1.0f);
     x.push_back(v);
   }
+  // Every magnitude scale evenly: a sweep of bit patterns from 0 to 1.25 (the random values above
+  // are mostly large), signs alternating.
+  const std::uint32_t top_bits = math::float_bits(1.25f);
+  for (std::uint32_t bits = seed; bits < top_bits; bits += 4099) x.push_back(math::bits_float(bits | ((bits & 1u) << 31)));
   for (float v : {0.0f, -0.0f, 1e-40f, -1e-40f, INFINITY, -INFINITY, 1.0f, -1.0f, 3.0f}) x.push_back(v);
   if (!cb.is_signed)
     for (float& v : x) v = std::fabs(v);

@@ -149,7 +149,7 @@ struct SimdCodebook {
   static constexpr int kSize = kId == math::CodebookId::kDynamicSigned8 || kId == math::CodebookId::kDynamicUnsigned8 ? 256 : 16;
   static constexpr int kZeroIndex = kSigned ? kSize / 2 - 1 : 0;
 
-  __m256 lo, width, inv_width, zero_threshold, one_threshold;
+  __m256 lo, width, inv_width, first_center, zero_threshold, one_threshold;
   __m256 boundary[8];
   __m256 values_lo, values_hi;  // 4-bit maps: values[0..7], values[8..15]
 
@@ -162,9 +162,21 @@ struct SimdCodebook {
         values_lo(_mm256_loadu_ps(cb.values)),
         values_hi(_mm256_loadu_ps(cb.values + 8)) {
     for (int q = 0; q < 8; ++q) boundary[q] = _mm256_set1_ps(cb.boundary[q]);
+    float center[8];
+    for (int q = 0; q < 8; ++q) center[q] = cb.lo[q] + 0.5f * cb.width[q];
+    first_center = _mm256_loadu_ps(center);
   }
 
-  // Codes of eight values y as int32 lanes; mirrors math::codebook_encode step by step.
+  // Codes of eight values y as int32 lanes: math::codebook_encode's codes.
+  //
+  // NOTE: one correction instead of the scalar encoder's two. Its bin j of a within decade p is
+  // the one whose float edges lo + w j < a <= lo + w (j + 1) hold, found from the estimate
+  // (a - lo) / w and a check of each edge. Here the estimate is taken from the first bin's center,
+  // (a - lo - w/2) / w: it is within 1e-4 bins of P - 1/2, where P = (a - lo) / w is within 1e-4
+  // bins of the edges' own position (all roundings are relative 2^-24 of at most 2^8 bins). So
+  // its floor is j - 1 or j, never j + 1 or j - 2, and the upper edge's check alone gives j: 6
+  // fewer operations per 8 values, the same codes (tests check them against the scalar encoder
+  // and the brute-force nearest code on and next to every threshold).
   __m256i encode(__m256 y) const {
     // Signed maps code |y| with a sign; unsigned maps clamp y < 0 and NaN to 0 (max_ps returns
     // its second operand for NaN and for -0 vs +0), as the scalar encoder.
@@ -180,7 +192,8 @@ struct SimdCodebook {
     const __m256i one = _mm256_set1_epi32(1);
     const __m256i pow_p = _mm256_sllv_epi32(one, p);
     const __m256i top = _mm256_sub_epi32(pow_p, one);
-    __m256 estimate = _mm256_mul_ps(_mm256_sub_ps(a, lo_b), inv_width_b);
+    const __m256 center_b = _mm256_permutevar8x32_ps(first_center, p);
+    __m256 estimate = _mm256_mul_ps(_mm256_sub_ps(a, center_b), inv_width_b);
     estimate = _mm256_max_ps(estimate, _mm256_setzero_ps());  // NaN -> 0, as the scalar code
     estimate = _mm256_min_ps(estimate, _mm256_cvtepi32_ps(top));
     __m256i j = _mm256_cvttps_epi32(estimate);
@@ -188,10 +201,6 @@ struct SimdCodebook {
     const __m256i up = _mm256_and_si256(_mm256_cmpgt_epi32(top, j),
                                         _mm256_castps_si256(_mm256_cmp_ps(a, edge_up, _CMP_GT_OQ)));
     j = _mm256_sub_epi32(j, up);
-    const __m256 edge_down = _mm256_add_ps(lo_b, _mm256_mul_ps(width_b, _mm256_cvtepi32_ps(j)));
-    const __m256i down = _mm256_and_si256(_mm256_cmpgt_epi32(j, _mm256_setzero_si256()),
-                                          _mm256_castps_si256(_mm256_cmp_ps(a, edge_down, _CMP_LE_OQ)));
-    j = _mm256_add_epi32(j, down);
     const __m256i rank = _mm256_add_epi32(_mm256_sub_epi32(pow_p, _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0))), j);
     __m256i code = rank;
     if constexpr (kSigned)
