@@ -115,12 +115,13 @@ NIBBLE_HD std::uint8_t codebook_encode(const Codebook& cb, float y) {
   for (int q = cb.p_min + 1; q <= cb.p_max; ++q) p -= a <= cb.boundary[q] ? 1 : 0;
   const int top = (1 << p) - 1;
   const float top_f = static_cast<float>(top);
-  float estimate = (a - cb.lo[p]) * cb.inv_width[p];
+  // The bin j with edge(j) < a <= edge(j + 1). Estimated from the first bin's center, the floor
+  // is j or j - 1 (the roundings move it by less than 1e-4 bins), so only the upper edge decides.
+  float estimate = (a - codebook_bin_value(cb, p, 0)) * cb.inv_width[p];
   estimate = estimate > 0.0f ? estimate : 0.0f;  // NaN becomes 0 here
   estimate = estimate < top_f ? estimate : top_f;
   int j = static_cast<int>(estimate);
   j += (j < top && a > codebook_bin_edge(cb, p, j + 1)) ? 1 : 0;
-  j -= (j > 0 && a <= codebook_bin_edge(cb, p, j)) ? 1 : 0;
   const int rank = (1 << p) - (1 << cb.p_min) + j + (cb.has_zero ? 1 : 0);  // among magnitudes, 0 first
   int code = cb.is_signed ? (negative ? cb.zero_index - rank : cb.zero_index + rank) : rank;
   if (cb.has_zero && a <= cb.zero_threshold) code = cb.zero_index;
