@@ -150,6 +150,7 @@ struct SimdCodebook {
   static constexpr int kZeroIndex = kSigned ? kSize / 2 - 1 : 0;
 
   __m256 lo, width, inv_width, first_center, zero_threshold, one_threshold;
+  __m256i top_bin, first_rank;  // per decade p: its last bin 2^p - 1, the rank of its first bin
   __m256 boundary[8];
   __m256 values_lo, values_hi;  // 4-bit maps: values[0..7], values[8..15]
 
@@ -165,6 +166,9 @@ struct SimdCodebook {
     float center[8];
     for (int q = 0; q < 8; ++q) center[q] = math::codebook_bin_value(cb, q, 0);
     first_center = _mm256_loadu_ps(center);
+    top_bin = _mm256_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127);
+    first_rank = _mm256_sub_epi32(_mm256_add_epi32(top_bin, _mm256_set1_epi32(1)),
+                                  _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0)));
   }
 
   // Codes of eight values y as int32 lanes; mirrors math::codebook_encode step by step.
@@ -190,18 +194,18 @@ struct SimdCodebook {
     const __m256 width_b = _mm256_permutevar8x32_ps(width, p);
     const __m256 inv_width_b = _mm256_permutevar8x32_ps(inv_width, p);
     const __m256i one = _mm256_set1_epi32(1);
-    const __m256i pow_p = _mm256_sllv_epi32(one, p);
-    const __m256i top = _mm256_sub_epi32(pow_p, one);
+    const __m256i top = _mm256_permutevar8x32_epi32(top_bin, p);
     const __m256 center_b = _mm256_permutevar8x32_ps(first_center, p);
     __m256 estimate = _mm256_mul_ps(_mm256_sub_ps(a, center_b), inv_width_b);
     estimate = _mm256_max_ps(estimate, _mm256_setzero_ps());  // NaN -> 0, as the scalar code
-    estimate = _mm256_min_ps(estimate, _mm256_cvtepi32_ps(top));
-    __m256i j = _mm256_cvttps_epi32(estimate);
+    // At most top, clamped as an integer: an estimate past 2^31 (a = inf) converts to 0x80000000,
+    // which the unsigned minimum also takes to top.
+    __m256i j = _mm256_min_epu32(_mm256_cvttps_epi32(estimate), top);
     const __m256 edge_up = _mm256_add_ps(lo_b, _mm256_mul_ps(width_b, _mm256_cvtepi32_ps(_mm256_add_epi32(j, one))));
     const __m256i up = _mm256_and_si256(_mm256_cmpgt_epi32(top, j),
                                         _mm256_castps_si256(_mm256_cmp_ps(a, edge_up, _CMP_GT_OQ)));
     j = _mm256_sub_epi32(j, up);
-    const __m256i rank = _mm256_add_epi32(_mm256_sub_epi32(pow_p, _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0))), j);
+    const __m256i rank = _mm256_add_epi32(_mm256_permutevar8x32_epi32(first_rank, p), j);
     __m256i code = rank;
     if constexpr (kSigned)
       code = _mm256_add_epi32(_mm256_set1_epi32(kZeroIndex), _mm256_sub_epi32(_mm256_xor_si256(rank, negative), negative));
