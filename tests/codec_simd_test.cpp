@@ -229,10 +229,12 @@ TEST(Bf16Codec, EqualsTheScalarRoundingAndWidening) {
 // must be those of the scalar encoder. Block 0: absmax a power of two, every exponent from the
 // smallest normal up with every 4-bit mantissa (the odd ones are ties between two codes), the
 // smallest normal itself included. Block 1: log-uniform magnitudes, absmax 3.7. Blocks 2 and 3:
-// block 0 with one element in the subnormal range or zero, which must leave that path.
+// block 0 with one element in the subnormal range or zero, which must leave that path. Block 4:
+// block 0's first 45 values, so that the path's 8-value loop and scalar tail run. Every third value
+// is negative (unsigned maps: every fifth, which must code as 0 on that path too).
 TEST_P(Codec8Blocks, BlocksOfNormalMagnitudesEqualTheScalarEncoder) {
   const math::Codebook& cb = codebook(GetParam());
-  constexpr std::int64_t kBlock = 256, kN = 4 * kBlock;
+  constexpr std::int64_t kBlock = 256, kN = 4 * kBlock + 45;
   const int bias = cb.minifloat ? cb.exponent_bias : 15;
   const float smallest_normal = std::ldexp(1.0f, 1 - bias);
   std::vector<float> x(static_cast<std::size_t>(kN));
@@ -248,18 +250,19 @@ TEST_P(Codec8Blocks, BlocksOfNormalMagnitudesEqualTheScalarEncoder) {
     x[static_cast<std::size_t>(2 * kBlock + i)] = x[static_cast<std::size_t>(i)];
     x[static_cast<std::size_t>(3 * kBlock + i)] = x[static_cast<std::size_t>(i)];
   }
+  std::copy_n(x.begin(), kN - 4 * kBlock, x.begin() + 4 * kBlock);
   x[static_cast<std::size_t>(2 * kBlock + 77)] = 0.3f * smallest_normal * 4.0f;
   x[static_cast<std::size_t>(3 * kBlock + 77)] = 0.0f;
-  if (cb.is_signed)
-    for (std::int64_t i = 0; i < kN; i += 3) x[static_cast<std::size_t>(i)] = -x[static_cast<std::size_t>(i)];
+  for (std::int64_t i = 0; i < kN; i += cb.is_signed ? 3 : 5)
+    x[static_cast<std::size_t>(i)] = -x[static_cast<std::size_t>(i)];
 
   std::vector<std::uint8_t> codes(static_cast<std::size_t>(kN));
-  std::vector<float> absmax(4);
+  std::vector<float> absmax(5);
   cpu::encode8_blocks(cb, x.data(), kBlock, codes.data(), absmax.data(), kN);
-  for (std::int64_t k = 0; k < 4; ++k) {
+  for (std::int64_t k = 0; k < 5; ++k) {
     EXPECT_EQ(absmax[static_cast<std::size_t>(k)], k == 1 ? 3.7f : 4.0f) << "block " << k;
     const float inv = math::block_inverse(absmax[static_cast<std::size_t>(k)]);
-    for (std::int64_t i = k * kBlock; i < (k + 1) * kBlock; ++i)
+    for (std::int64_t i = k * kBlock; i < std::min(kN, (k + 1) * kBlock); ++i)
       ASSERT_EQ(codes[static_cast<std::size_t>(i)], math::codebook_encode(cb, x[static_cast<std::size_t>(i)] * inv))
           << "block " << k << ", x = " << x[static_cast<std::size_t>(i)];
   }
