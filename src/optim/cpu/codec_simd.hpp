@@ -186,7 +186,6 @@ struct SimdCodebook {
     // its second operand for NaN and for -0 vs +0), as the scalar encoder.
     const __m256 a = kSigned ? _mm256_and_ps(y, _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff)))
                              : _mm256_max_ps(y, _mm256_setzero_ps());
-    const __m256i negative = kSigned ? _mm256_srai_epi32(_mm256_castps_si256(y), 31) : _mm256_setzero_si256();
     __m256i p = _mm256_set1_epi32(kPMax);
     for (int q = kPMin + 1; q <= kPMax; ++q)
       p = _mm256_add_epi32(p, _mm256_castps_si256(_mm256_cmp_ps(a, boundary[q], _CMP_LE_OQ)));
@@ -207,13 +206,16 @@ struct SimdCodebook {
     j = _mm256_sub_epi32(j, up);
     const __m256i rank = _mm256_add_epi32(_mm256_permutevar8x32_epi32(first_rank, p), j);
     __m256i code = rank;
+    // Signed maps: the rank negated where y's sign bit is set (y's bits as an int32 are negative
+    // exactly then; +0, whose rank sign_epi32 zeroes, codes as 0 below anyway).
     if constexpr (kSigned)
-      code = _mm256_add_epi32(_mm256_set1_epi32(kZeroIndex), _mm256_sub_epi32(_mm256_xor_si256(rank, negative), negative));
+      code = _mm256_add_epi32(_mm256_set1_epi32(kZeroIndex), _mm256_sign_epi32(rank, _mm256_castps_si256(y)));
     if constexpr (kZeroAndOne) {
       code = _mm256_blendv_epi8(code, _mm256_set1_epi32(kZeroIndex),
                                 _mm256_castps_si256(_mm256_cmp_ps(a, zero_threshold, _CMP_LE_OQ)));
+      // +1 above the threshold: y itself, so negative values (and NaN) never take it.
       code = _mm256_blendv_epi8(code, _mm256_set1_epi32(kSize - 1),
-                                _mm256_andnot_si256(negative, _mm256_castps_si256(_mm256_cmp_ps(a, one_threshold, _CMP_GT_OQ))));
+                                _mm256_castps_si256(_mm256_cmp_ps(y, one_threshold, _CMP_GT_OQ)));
     }
     return code;
   }
