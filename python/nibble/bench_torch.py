@@ -128,18 +128,20 @@ def _build_bnb(params: list[nn.Parameter], device: torch.device) -> tuple[torch.
 
 def _torchao_unavailable(device: torch.device) -> str | None:
     try:
-        from torchao.optim import AdamW4bit, AdamW8bit  # noqa: F401
+        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: F401
     except Exception as error:  # torchao imports compiled extensions that may fail to load
         return f"torchao.optim does not import ({type(error).__name__}: {error})"
     return None
 
 
-def _torchao_builder(bits: int) -> Builder:
+def _torchao_builder(state: str) -> Builder:
+    """torchao's AdamW with "8bit", "4bit" or "fp8" state (AdamW8bit, AdamW4bit, AdamWFp8)."""
+
     def build(params: list[nn.Parameter], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
         import torchao
-        from torchao.optim import AdamW4bit, AdamW8bit
+        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
 
-        cls = AdamW8bit if bits == 8 else AdamW4bit
+        cls = {"8bit": AdamW8bit, "4bit": AdamW4bit, "fp8": AdamWFp8}[state]
         return cls(params, **ADAMW_ARGS), f"torchao {torchao.__version__} {cls.__name__}"
 
     return build
@@ -164,10 +166,11 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
             _always_available,
             _build_torch,
         ),
-        *(_nibble_spec(precision) for precision in ("fp32", "bf16", "8bit", "4bit")),
+        *(_nibble_spec(precision) for precision in ("fp32", "bf16", "8bit", "4bit", "fp8")),
         OptimizerSpec("bnb-8bit", "bitsandbytes.optim.AdamW8bit", _bnb_unavailable, _build_bnb),
-        OptimizerSpec("torchao-8bit", "torchao.optim.AdamW8bit", _torchao_unavailable, _torchao_builder(8)),
-        OptimizerSpec("torchao-4bit", "torchao.optim.AdamW4bit", _torchao_unavailable, _torchao_builder(4)),
+        OptimizerSpec("torchao-8bit", "torchao.optim.AdamW8bit", _torchao_unavailable, _torchao_builder("8bit")),
+        OptimizerSpec("torchao-4bit", "torchao.optim.AdamW4bit", _torchao_unavailable, _torchao_builder("4bit")),
+        OptimizerSpec("torchao-fp8", "torchao.optim.AdamWFp8", _torchao_unavailable, _torchao_builder("fp8")),
     )
 }
 DEFAULT_OPTIMIZERS = (
@@ -175,9 +178,11 @@ DEFAULT_OPTIMIZERS = (
     "nibble-fp32",
     "nibble-8bit",
     "nibble-4bit",
+    "nibble-fp8",
     "bnb-8bit",
     "torchao-8bit",
     "torchao-4bit",
+    "torchao-fp8",
 )
 
 
@@ -576,9 +581,9 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "optimizers:\n" + optimizer_help + "\n\n"
-            "The default list is torch-fused, nibble-fp32, nibble-8bit, nibble-4bit, bnb-8bit, torchao-8bit,\n"
-            "torchao-4bit; any that cannot run here (a package that does not import, a nibble library\n"
-            "without CUDA) is skipped, and the output says which and why.\n\n"
+            "The default list is " + ", ".join(DEFAULT_OPTIMIZERS) + ";\n"
+            "any that cannot run here (a package that does not import, a nibble library without CUDA) is\n"
+            "skipped, and the output says which and why.\n\n"
             "measures:\n"
             "  tokens/s    batch x context x timed steps / wall time of the timed loop (CUDA: synchronized\n"
             "              before and after)\n"

@@ -31,7 +31,7 @@ needs_nibble = pytest.mark.skipif(not _nibble_classes_import(), reason="nibble's
     "optimizers",
     [
         pytest.param(["torch-fused"], id="torch"),
-        pytest.param(["torch-fused", "nibble-fp32", "nibble-8bit"], id="torch+nibble", marks=needs_nibble),
+        pytest.param(["torch-fused", "nibble-fp32", "nibble-8bit", "nibble-fp8"], id="torch+nibble", marks=needs_nibble),
     ],
 )
 def test_one_row_per_optimizer_and_batch(
@@ -63,10 +63,12 @@ def test_one_row_per_optimizer_and_batch(
         # The baseline has no Δ% against itself; every other row has one.
         assert (r["delta_pct"] is None) == (r["optimizer"] == "torch-fused")
     if "nibble-8bit" in optimizers:
-        # Same two fp32 moments as torch's AdamW (to a 4-byte step count per tensor); 8-bit is smaller.
+        # Same two fp32 moments as torch's AdamW (to a 4-byte step count per tensor); 8-bit and fp8
+        # (a code per byte too) are smaller, by as much as the tensors kept in fp32 allow.
         state = {r["optimizer"]: r["state_mib"] for r in rows if r["batch"] == 2}
         assert state["nibble-fp32"] == pytest.approx(state["torch-fused"], rel=0.01)
         assert state["nibble-8bit"] < 0.5 * state["nibble-fp32"]
+        assert state["nibble-fp8"] == pytest.approx(state["nibble-8bit"], rel=0.01)
 
     with csv_path.open(newline="") as f:
         csv_rows = list(csv.DictReader(f))
