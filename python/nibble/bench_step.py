@@ -5,16 +5,13 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import gc
-import json
 import statistics
 import sys
 import time
 import traceback
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, fields
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -195,29 +192,6 @@ def format_table(rows: Sequence[Row]) -> str:
     return "\n".join(lines)
 
 
-def write_json(path: Path, info: dict[str, Any], skipped: dict[str, str], rows: Sequence[Row]) -> None:
-    report = {
-        "run": info,
-        "skipped": [{"optimizer": name, "reason": reason} for name, reason in skipped.items()],
-        "rows": [asdict(r) for r in rows],
-    }
-    bench_torch._write_atomically(path, lambda f: json.dump(report, f, indent=2))
-
-
-def write_csv(path: Path, info: dict[str, Any], rows: Sequence[Row]) -> None:
-    # Each CSV row carries the run's settings so that files from several runs can be concatenated.
-    run_fields = ["device", "torch", "config", "params", "steps", "warmup"]
-    names = run_fields + [f.name for f in fields(Row)]
-
-    def write(f: Any) -> None:
-        writer = csv.DictWriter(f, fieldnames=names)
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({**{k: info[k] for k in run_fields}, **asdict(r)})
-
-    bench_torch._write_atomically(path, write)
-
-
 def build_parser() -> argparse.ArgumentParser:
     optimizer_help = "\n".join(f"  {spec.name:<13} {spec.summary}" for spec in OPTIMIZERS.values())
     parser = argparse.ArgumentParser(
@@ -285,22 +259,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     or when every optimizer asked for was skipped."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
-    device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    device = bench_torch.resolve_device(parser, args.device)
     # The baseline runs first, so that every other row can be compared with its final parameters.
     ordered = sorted(args.optimizers, key=lambda name: name != BASELINE)
     s = Settings(args.config, PRESETS[args.config], device, tuple(ordered), args.steps, args.warmup, args.seed)
 
-    skipped: dict[str, str] = {}
-    runnable: list[OptimizerSpec] = []
-    for name in s.optimizers:
-        reason = OPTIMIZERS[name].unavailable(device)
-        if reason is None:
-            runnable.append(OPTIMIZERS[name])
-        else:
-            skipped[name] = reason
+    runnable, skipped = bench_torch.available(s.optimizers, device)
     problem = Problem(s)
     info = run_info(s, sum(p.numel() for p in problem.start))
     print(f"nibble bench_step | device {info['device']} | torch {info['torch']} | config {info['config']} "
@@ -329,9 +293,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_table(rows), flush=True)
     if args.json:
-        write_json(args.json, info, skipped, rows)
+        bench_torch.write_json(args.json, info, skipped, rows)
     if args.csv:
-        write_csv(args.csv, info, rows)
+        bench_torch.write_csv(args.csv, info, rows, Row, ("device", "torch", "config", "params", "steps", "warmup"))
     return 1 if any(r.status == "error" for r in rows) else 0
 
 

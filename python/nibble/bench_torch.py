@@ -491,7 +491,7 @@ def _write_atomically(path: Path, write: Callable[[Any], None]) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def write_json(path: Path, info: dict[str, Any], skipped: dict[str, str], rows: Sequence[Row]) -> None:
+def write_json(path: Path, info: dict[str, Any], skipped: dict[str, str], rows: Sequence[Any]) -> None:
     report = {
         "run": info,
         "skipped": [{"optimizer": name, "reason": reason} for name, reason in skipped.items()],
@@ -500,10 +500,14 @@ def write_json(path: Path, info: dict[str, Any], skipped: dict[str, str], rows: 
     _write_atomically(path, lambda f: json.dump(report, f, indent=2))
 
 
-def write_csv(path: Path, info: dict[str, Any], rows: Sequence[Row]) -> None:
-    # Each CSV row carries the run's settings so that files from several runs can be concatenated.
-    run_fields = ["device", "torch", "dtype", "config", "context", "steps", "warmup"]
-    names = run_fields + [f.name for f in fields(Row)]
+CSV_RUN_FIELDS = ("device", "torch", "dtype", "config", "context", "steps", "warmup")
+
+
+def write_csv(path: Path, info: dict[str, Any], rows: Sequence[Any], row_type: type = Row,
+              run_fields: Sequence[str] = CSV_RUN_FIELDS) -> None:
+    """Every row (a dataclass of row_type) as CSV. Each CSV row carries the run's settings named by
+    run_fields, so that files from several runs can be concatenated."""
+    names = list(run_fields) + [f.name for f in fields(row_type)]
 
     def write(f: Any) -> None:
         writer = csv.DictWriter(f, fieldnames=names)
@@ -653,20 +657,40 @@ def _progress(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def resolve_device(parser: argparse.ArgumentParser, choice: str) -> torch.device:
+    """--device's device: auto is cuda when torch sees a GPU, else cpu; cuda without one is a usage
+    error."""
+    if choice == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def available(names: Sequence[str], device: torch.device) -> tuple[list[OptimizerSpec], dict[str, str]]:
+    """The optimizers named that can run on the device, in order, and why each other one cannot."""
+    runnable: list[OptimizerSpec] = []
+    skipped: dict[str, str] = {}
+    for name in names:
+        reason = OPTIMIZERS[name].unavailable(device)
+        if reason is None:
+            runnable.append(OPTIMIZERS[name])
+        else:
+            skipped[name] = reason
+    return runnable, skipped
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the benchmark; returns 0, or 1 when a run failed with an error other than out-of-memory
     or when every optimizer asked for was skipped."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: torch sees no CUDA device (torch.cuda.is_available() is False)")
-    device_type = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device("cuda", torch.cuda.current_device()) if device_type == "cuda" else torch.device("cpu")
+    device = resolve_device(parser, args.device)
     settings = Settings(
         config_name=args.config,
         config=PRESETS[args.config],
         device=device,
-        dtype=args.dtype or ("bf16" if device_type == "cuda" else "fp32"),
+        dtype=args.dtype or ("bf16" if device.type == "cuda" else "fp32"),
         batches=args.batches or DEFAULT_BATCHES[args.config],
         optimizers=args.optimizers,
         steps=args.steps,
@@ -674,16 +698,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         seed=args.seed,
     )
 
-    skipped: dict[str, str] = {}
-    runnable: list[OptimizerSpec] = []
-    for name in settings.optimizers:
-        spec = OPTIMIZERS[name]
-        reason = spec.unavailable(device)
-        if reason is None:
-            runnable.append(spec)
-        else:
-            skipped[name] = reason
-
+    runnable, skipped = available(settings.optimizers, device)
     info = run_info(settings)
     print(
         f"nibble bench_torch | device {info['device']} | torch {info['torch']} | dtype {info['dtype']} | "

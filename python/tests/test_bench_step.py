@@ -14,17 +14,7 @@ import torch
 
 from nibble import bench_step, bench_torch
 from nibble.bench_step import main
-
-
-def _nibble_classes_import() -> bool:
-    try:
-        from nibble import AdamW  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-needs_nibble = pytest.mark.skipif(not _nibble_classes_import(), reason="nibble's PyTorch classes do not import")
+from test_bench_torch import needs_nibble
 
 ARGV = ["--config", "tiny", "--device", "cpu", "--steps", "3", "--warmup", "2"]
 
