@@ -125,7 +125,7 @@ SuiteOutput profile(const SuiteOptions& o, const ProgressCallback& progress, con
 }
 
 void set_defaults(SuiteOptions& o, bool cpu) {
-  o.optimizers = default_optimizers("adamw:fp32,adamw:8bit,adamw:4bit,lion:8bit,adafactor:fp32,sgd:fp32");
+  o.optimizers = default_optimizers("adamw:fp32,adamw:8bit,adamw:4bit,adamw:fp8,lion:8bit,adafactor:fp32,sgd:fp32");
   o.batch = cpu ? 8 : 16;
   o.seq = cpu ? 64 : 0;
   o.warmup_steps = cpu ? 2 : 10;
