@@ -1,7 +1,7 @@
 // libFuzzer entry point for the safetensors reader: any input must either parse into a
 // self-consistent file or throw nibble::FormatError. Not part of the CMake build; by hand:
 //   clang++ -std=c++20 -g -O1 -fsanitize=fuzzer,address,undefined -Iinclude \
-//     tests/fuzz/safetensors_fuzz.cpp src/core/{dtype,tensor,rng,safetensors}.cpp -o
+//     tests/fuzz/safetensors_fuzz.cpp src/core/{dtype,tensor,rng,safetensors,io}.cpp -lfmt -o
 //     safetensors_fuzz
 //   ./safetensors_fuzz -max_len=4096 -max_total_time=600 corpus_dir/
 #include <cstdint>
