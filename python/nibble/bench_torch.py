@@ -126,12 +126,24 @@ def _build_bnb(params: list[nn.Parameter], device: torch.device) -> tuple[torch.
     return bitsandbytes.optim.AdamW8bit(params, **ADAMW_ARGS), f"bitsandbytes {bitsandbytes.__version__} AdamW8bit"
 
 
-def _torchao_unavailable(device: torch.device) -> str | None:
-    try:
-        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8  # noqa: F401
-    except Exception as error:  # torchao imports compiled extensions that may fail to load
-        return f"torchao.optim does not import ({type(error).__name__}: {error})"
-    return None
+_TORCHAO_CLASSES = {"8bit": "AdamW8bit", "4bit": "AdamW4bit", "fp8": "AdamWFp8"}
+
+
+def _torchao_unavailable(state: str) -> Callable[[torch.device], str | None]:
+    """Why torchao's AdamW with this state cannot run here (None: it can); each row checks its own
+    class, so a torchao without AdamWFp8 still runs the 8-bit and 4-bit rows."""
+
+    def unavailable(device: torch.device) -> str | None:
+        name = _TORCHAO_CLASSES[state]
+        try:
+            import torchao.optim
+        except Exception as error:  # torchao imports compiled extensions that may fail to load
+            return f"torchao.optim does not import ({type(error).__name__}: {error})"
+        if not hasattr(torchao.optim, name):
+            return f"this torchao ({getattr(torchao, '__version__', 'unknown version')}) has no torchao.optim.{name}"
+        return None
+
+    return unavailable
 
 
 def _torchao_builder(state: str) -> Builder:
@@ -139,9 +151,9 @@ def _torchao_builder(state: str) -> Builder:
 
     def build(params: list[nn.Parameter], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
         import torchao
-        from torchao.optim import AdamW4bit, AdamW8bit, AdamWFp8
+        import torchao.optim
 
-        cls = {"8bit": AdamW8bit, "4bit": AdamW4bit, "fp8": AdamWFp8}[state]
+        cls = getattr(torchao.optim, _TORCHAO_CLASSES[state])
         return cls(params, **ADAMW_ARGS), f"torchao {torchao.__version__} {cls.__name__}"
 
     return build
@@ -168,9 +180,8 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
         ),
         *(_nibble_spec(precision) for precision in ("fp32", "bf16", "8bit", "4bit", "fp8")),
         OptimizerSpec("bnb-8bit", "bitsandbytes.optim.AdamW8bit", _bnb_unavailable, _build_bnb),
-        OptimizerSpec("torchao-8bit", "torchao.optim.AdamW8bit", _torchao_unavailable, _torchao_builder("8bit")),
-        OptimizerSpec("torchao-4bit", "torchao.optim.AdamW4bit", _torchao_unavailable, _torchao_builder("4bit")),
-        OptimizerSpec("torchao-fp8", "torchao.optim.AdamWFp8", _torchao_unavailable, _torchao_builder("fp8")),
+        *(OptimizerSpec(f"torchao-{state}", f"torchao.optim.{name}", _torchao_unavailable(state),
+                        _torchao_builder(state)) for state, name in _TORCHAO_CLASSES.items()),
     )
 }
 DEFAULT_OPTIMIZERS = (

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +129,21 @@ def test_bad_values_are_refused_by_name(capsys: pytest.CaptureFixture[str], argv
     assert named in err
     if argv[0] == "--optimizers":
         assert "known: torch-fused" in err and "nibble-8bit" in err
+
+
+def test_each_torchao_row_checks_its_own_class(monkeypatch: pytest.MonkeyPatch) -> None:
+    # A torchao without AdamWFp8 (older releases) skips only the fp8 row, saying why.
+    import types
+
+    fake = types.ModuleType("torchao")
+    fake.__version__ = "0.0-test"
+    fake_optim = types.ModuleType("torchao.optim")
+    fake_optim.AdamW8bit = fake_optim.AdamW4bit = object
+    fake.optim = fake_optim
+    monkeypatch.setitem(sys.modules, "torchao", fake)
+    monkeypatch.setitem(sys.modules, "torchao.optim", fake_optim)
+    cpu = torch.device("cpu")
+    assert bench_torch.OPTIMIZERS["torchao-8bit"].unavailable(cpu) is None
+    assert bench_torch.OPTIMIZERS["torchao-4bit"].unavailable(cpu) is None
+    reason = bench_torch.OPTIMIZERS["torchao-fp8"].unavailable(cpu)
+    assert reason is not None and "AdamWFp8" in reason and "0.0-test" in reason
