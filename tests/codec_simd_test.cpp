@@ -207,7 +207,7 @@ TEST(Bf16Codec, EqualsTheScalarRoundingAndWidening) {
       x.push_back(f);
     }
   for (std::int64_t n : {static_cast<std::int64_t>(x.size()), std::int64_t{0}, std::int64_t{5}, std::int64_t{16},
-                         std::int64_t{29}}) {
+                         std::int64_t{29}, std::int64_t{61}}) {
     std::vector<std::uint16_t> codes(static_cast<std::size_t>(n) + 1, 0xabcd);
     cpu::encode_bf16(x.data(), codes.data(), n);
     for (std::int64_t i = 0; i < n; ++i)

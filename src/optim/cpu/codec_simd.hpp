@@ -13,11 +13,33 @@
 #include "math/state_codec.hpp"
 
 #if defined(__AVX2__)
+// GCC 12 reports the AVX-512 intrinsics' undefined pass-through operands as maybe used
+// uninitialized wherever they are inlined (a false positive, GCC bug 105593); the diagnostic
+// state at the intrinsics' own lines decides, so it is off for this include only.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #include <immintrin.h>
+#pragma GCC diagnostic pop
 #define NIBBLE_CODEC_AVX2 1
+#endif
+// AVX-512 (F, BW, DQ, VL: every x86 CPU with AVX-512 since Skylake-SP): the fp8 codecs and the block
+// ranges take 16 lanes per instruction; the tree maps and the tails keep the AVX2 forms.
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
+#define NIBBLE_CODEC_AVX512 1
 #endif
 
 namespace nibble::cpu {
+// NOTE: the codecs are inline functions compiled to the instruction set of each translation unit.
+// One inline namespace per instruction set gives each form its own symbols, so a test built
+// without AVX-512 beside a library built with it (codec_simd_avx2_test) runs its own AVX2 code,
+// not whichever copy the linker kept.
+#if defined(NIBBLE_CODEC_AVX512)
+inline namespace codec_avx512 {
+#elif defined(NIBBLE_CODEC_AVX2)
+inline namespace codec_avx2 {
+#else
+inline namespace codec_scalar {
+#endif
 
 // NOTE: absmax as the maximum of the magnitude bits. For non-negative floats the integer order is
 // the float order, and an integer max reduction vectorises without -ffast-math. NaN when an
@@ -27,7 +49,22 @@ namespace nibble::cpu {
 inline float block_absmax(const float* __restrict x, std::int64_t n) {
   std::uint32_t m = 0;
   std::int64_t i = 0;
-#if defined(NIBBLE_CODEC_AVX2)
+#if defined(NIBBLE_CODEC_AVX512)
+  if (n >= 64) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const auto bits = [&](std::int64_t at) {
+      return _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + at)), magnitude);
+    };
+    __m512i a0 = bits(0), a1 = bits(16), a2 = bits(32), a3 = bits(48);
+    for (i = 64; i + 64 <= n; i += 64) {
+      a0 = _mm512_max_epu32(a0, bits(i));
+      a1 = _mm512_max_epu32(a1, bits(i + 16));
+      a2 = _mm512_max_epu32(a2, bits(i + 32));
+      a3 = _mm512_max_epu32(a3, bits(i + 48));
+    }
+    m = _mm512_reduce_max_epu32(_mm512_max_epu32(_mm512_max_epu32(a0, a1), _mm512_max_epu32(a2, a3)));
+  }
+#elif defined(NIBBLE_CODEC_AVX2)
   if (n >= 32) {
     const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
     const auto bits = [&](std::int64_t at) {
@@ -62,7 +99,26 @@ struct MagnitudeRange {
 inline MagnitudeRange block_magnitude_range(const float* __restrict x, std::int64_t n) {
   std::uint32_t lo = 0xffffffffu, hi = 0;
   std::int64_t i = 0;
-#if defined(NIBBLE_CODEC_AVX2)
+#if defined(NIBBLE_CODEC_AVX512)
+  if (n >= 32) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+    const auto bits = [&](std::int64_t at) {
+      return _mm512_and_si512(_mm512_castps_si512(_mm512_loadu_ps(x + at)), magnitude);
+    };
+    __m512i b0 = bits(0), b1 = bits(16);
+    __m512i min0 = b0, min1 = b1, max0 = b0, max1 = b1;
+    for (i = 32; i + 32 <= n; i += 32) {
+      b0 = bits(i);
+      b1 = bits(i + 16);
+      min0 = _mm512_min_epu32(min0, b0);
+      min1 = _mm512_min_epu32(min1, b1);
+      max0 = _mm512_max_epu32(max0, b0);
+      max1 = _mm512_max_epu32(max1, b1);
+    }
+    lo = _mm512_reduce_min_epu32(_mm512_min_epu32(min0, min1));
+    hi = _mm512_reduce_max_epu32(_mm512_max_epu32(max0, max1));
+  }
+#elif defined(NIBBLE_CODEC_AVX2)
   if (n >= 16) {
     const __m256i magnitude = _mm256_set1_epi32(0x7fffffff);
     const auto bits = [&](std::int64_t at) {
@@ -101,6 +157,27 @@ inline MagnitudeRange block_magnitude_range(const float* __restrict x, std::int6
 // instructions, and the store cost 0.8x the AdamW rule it follows).
 inline void encode_bf16(const float* __restrict x, std::uint16_t* __restrict h, std::int64_t n) {
   std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+  {
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), infinity = _mm512_set1_epi32(0x7f800000);
+    const __m512i half_ulp = _mm512_set1_epi32(0x7fff), one = _mm512_set1_epi32(1), quiet = _mm512_set1_epi32(0x40);
+    const auto round = [&](const float* at) {
+      const __m512i u = _mm512_castps_si512(_mm512_loadu_ps(at));
+      const __m512i high = _mm512_srli_epi32(u, 16);
+      const __m512i rounded =
+          _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, half_ulp), _mm512_and_si512(high, one)), 16);
+      const __mmask16 nan = _mm512_cmpgt_epi32_mask(_mm512_and_si512(u, magnitude), infinity);
+      return _mm512_mask_blend_epi32(nan, rounded, _mm512_or_si512(high, quiet));
+    };
+    // The pack works within 128-bit lanes (lane k: four halves of each vector); the permute of
+    // 64-bit groups puts the 32 halves back in order.
+    const __m512i order = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    for (; i + 32 <= n; i += 32) {
+      const __m512i packed = _mm512_packus_epi32(round(x + i), round(x + i + 16));
+      _mm512_storeu_si512(h + i, _mm512_permutexvar_epi64(order, packed));
+    }
+  }
+#endif
 #if defined(NIBBLE_CODEC_AVX2)
   const __m256i magnitude = _mm256_set1_epi32(0x7fffffff), infinity = _mm256_set1_epi32(0x7f800000);
   const __m256i half_ulp = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1), quiet = _mm256_set1_epi32(0x40);
@@ -123,6 +200,12 @@ inline void encode_bf16(const float* __restrict x, std::uint16_t* __restrict h, 
 
 inline void decode_bf16(const std::uint16_t* __restrict h, float* __restrict x, std::int64_t n) {
   std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+  for (; i + 16 <= n; i += 16) {
+    const __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(h + i)));
+    _mm512_storeu_ps(x + i, _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16)));
+  }
+#endif
 #if defined(NIBBLE_CODEC_AVX2)
   for (; i + 8 <= n; i += 8) {
     const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + i)));
@@ -169,6 +252,18 @@ struct SimdCodebook {
     top_bin = _mm256_setr_epi32(0, 1, 3, 7, 15, 31, 63, 127);
     first_rank = _mm256_sub_epi32(_mm256_add_epi32(top_bin, _mm256_set1_epi32(1)),
                                   _mm256_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0)));
+#if defined(NIBBLE_CODEC_AVX512)
+    lo16 = _mm512_broadcast_f32x8(lo);
+    width16 = _mm512_broadcast_f32x8(width);
+    inv_width16 = _mm512_broadcast_f32x8(inv_width);
+    first_center16 = _mm512_broadcast_f32x8(first_center);
+    top_bin16 = _mm512_broadcast_i32x8(top_bin);
+    first_rank16 = _mm512_broadcast_i32x8(first_rank);
+    values16 = _mm512_loadu_ps(cb.values);  // 4-bit maps: all 16 values in one register
+    for (int q = 0; q < 8; ++q) boundary16[q] = _mm512_set1_ps(cb.boundary[q]);
+    zero_threshold16 = _mm512_set1_ps(cb.zero_threshold);
+    one_threshold16 = _mm512_set1_ps(cb.one_threshold);
+#endif
   }
 
   // Codes of eight values y as int32 lanes; mirrors math::codebook_encode step by step.
@@ -253,6 +348,75 @@ struct SimdCodebook {
     }
     return _mm256_xor_ps(value, _mm256_castsi256_ps(_mm256_slli_epi32(negative, 31)));
   }
+
+#if defined(NIBBLE_CODEC_AVX512)
+  // Sixteen lanes (AVX-512): encode and decode with the same float operations in the same order,
+  // so the same codes and values; the per-decade tables take the low half of a 512-bit register
+  // (p <= 7), comparisons give masks, and the sign goes in by a masked subtraction.
+  __m512 lo16, width16, inv_width16, first_center16, values16, zero_threshold16, one_threshold16;
+  __m512 boundary16[8];
+  __m512i top_bin16, first_rank16;
+
+  __m512i encode(__m512 y) const {
+    const __m512 a = kSigned ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7fffffff)))
+                             : _mm512_max_ps(y, _mm512_setzero_ps());
+    const __m512i one = _mm512_set1_epi32(1);
+    __m512i p = _mm512_set1_epi32(kPMax);
+    for (int q = kPMin + 1; q <= kPMax; ++q)
+      p = _mm512_mask_sub_epi32(p, _mm512_cmp_ps_mask(a, boundary16[q], _CMP_LE_OQ), p, one);
+    const __m512 lo_b = _mm512_permutexvar_ps(p, lo16);
+    const __m512 width_b = _mm512_permutexvar_ps(p, width16);
+    const __m512 inv_width_b = _mm512_permutexvar_ps(p, inv_width16);
+    const __m512i top = _mm512_permutexvar_epi32(p, top_bin16);
+    const __m512 center_b = _mm512_permutexvar_ps(p, first_center16);
+    __m512 estimate = _mm512_mul_ps(_mm512_sub_ps(a, center_b), inv_width_b);
+    estimate = _mm512_max_ps(estimate, _mm512_setzero_ps());  // NaN -> 0
+    __m512i j = _mm512_min_epu32(_mm512_cvttps_epi32(estimate), top);
+    const __m512 edge_up = _mm512_add_ps(lo_b, _mm512_mul_ps(width_b, _mm512_cvtepi32_ps(_mm512_add_epi32(j, one))));
+    const __mmask16 up = _mm512_mask_cmp_ps_mask(_mm512_cmpgt_epi32_mask(top, j), a, edge_up, _CMP_GT_OQ);
+    j = _mm512_mask_sub_epi32(j, up, j, one);
+    const __m512i rank = _mm512_add_epi32(_mm512_permutexvar_epi32(p, first_rank16), j);
+    __m512i code = rank;
+    if constexpr (kSigned) {
+      // The rank negated where y's sign bit is set: encode's sign_epi32, except that +0's rank is
+      // kept, and +0 codes as 0 below anyway.
+      const __m512i zero_index = _mm512_set1_epi32(kZeroIndex);
+      code = _mm512_mask_sub_epi32(_mm512_add_epi32(zero_index, rank), _mm512_movepi32_mask(_mm512_castps_si512(y)),
+                                   zero_index, rank);
+    }
+    if constexpr (kZeroAndOne) {
+      code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(a, zero_threshold16, _CMP_LE_OQ),
+                                   _mm512_set1_epi32(kZeroIndex));
+      code = _mm512_mask_mov_epi32(code, _mm512_cmp_ps_mask(y, one_threshold16, _CMP_GT_OQ),
+                                   _mm512_set1_epi32(kSize - 1));
+    }
+    return code;
+  }
+  __m512i encode_bounded(__m512 y) const { return encode(y); }
+
+  __m512 decode(__m512i code) const {
+    if constexpr (kSize == 16) return _mm512_permutexvar_ps(code, values16);
+    __m512i rank = code;
+    __mmask16 negative = 0;
+    if constexpr (kSigned) {
+      const __m512i d = _mm512_sub_epi32(code, _mm512_set1_epi32(kZeroIndex));
+      negative = _mm512_movepi32_mask(d);
+      rank = _mm512_abs_epi32(d);
+    }
+    const __m512i m = _mm512_add_epi32(rank, _mm512_set1_epi32((1 << kPMin) - (kZeroAndOne ? 1 : 0)));
+    const __m512i p = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(m)), 23),
+                                       _mm512_set1_epi32(127));
+    const __m512i j = _mm512_sub_epi32(m, _mm512_sllv_epi32(_mm512_set1_epi32(1), p));
+    const __m512 lo_p = _mm512_permutexvar_ps(p, lo16);
+    const __m512 width_p = _mm512_permutexvar_ps(p, width16);
+    __m512 value = _mm512_add_ps(lo_p, _mm512_mul_ps(width_p, _mm512_add_ps(_mm512_cvtepi32_ps(j), _mm512_set1_ps(0.5f))));
+    if constexpr (kZeroAndOne) {
+      value = _mm512_mask_mov_ps(value, _mm512_cmpeq_epi32_mask(rank, _mm512_setzero_si512()), _mm512_setzero_ps());
+      value = _mm512_mask_mov_ps(value, _mm512_cmpeq_epi32_mask(code, _mm512_set1_epi32(kSize - 1)), _mm512_set1_ps(1.0f));
+    }
+    return _mm512_mask_xor_ps(value, negative, value, _mm512_set1_ps(-0.0f));
+  }
+#endif
 };
 
 // The fp8 maps (minifloats): math::minifloat_encode with the same integer and float operations,
@@ -276,6 +440,11 @@ struct SimdMinifloat {
         subnormal_step(_mm256_castsi256_ps(_mm256_set1_epi32((125 - cb.exponent_bias) << 23))),
         smallest_normal(math::bits_float(static_cast<std::uint32_t>(128 - cb.exponent_bias) << 23)) {
     round_rebias = _mm256_set1_epi32(static_cast<int>(0x7ffffu - (static_cast<std::uint32_t>(127 - cb.exponent_bias) << 23)));
+#if defined(NIBBLE_CODEC_AVX512)
+    round_rebias16 = _mm512_broadcast_i32x8(round_rebias);
+    min_normal16 = _mm512_broadcast_i32x8(min_normal);
+    magic16 = _mm512_castsi512_ps(_mm512_broadcast_i32x8(_mm256_castps_si256(magic)));
+#endif
   }
 
   // Codes of y that is finite with |y| at most 1 plus rounding (y = x / absmax of x's block, absmax
@@ -324,6 +493,39 @@ struct SimdMinifloat {
     if constexpr (kSigned) return _mm_maddubs_epi16(_mm_packus_epi32(lo, hi), _mm_set1_epi16(0x1001));
     return _mm_packs_epi32(lo, hi);
   }
+
+#if defined(NIBBLE_CODEC_AVX512)
+  // Sixteen lanes (AVX-512): encode_normal_word, normal_halves and encode_bounded with the same
+  // operations, so the same codes.
+  __m512i round_rebias16, min_normal16;
+  __m512 magic16;
+  __m512i encode_normal_word(__m512 y) const {
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 20), _mm512_set1_epi32(1));
+    const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(u, round_rebias16), odd);
+    return kSigned ? _mm512_srli_epi32(sum, 20) : _mm512_srai_epi32(sum, 20);
+  }
+  __m512i normal_halves(__m512i w0, __m512i w1) const {
+    if constexpr (kSigned) return _mm512_maddubs_epi16(_mm512_packus_epi32(w0, w1), _mm512_set1_epi16(0x1001));
+    return _mm512_packs_epi32(w0, w1);
+  }
+  // Codes in 32-bit lanes, for the packs that follow: the sign goes in by one three-input logic
+  // operation (code | (u >> 24) & 0x80). The unsigned map needs no mask for negative y (and -0):
+  // such y (a negative as int32) take the subnormal lane, where magic - |y| is below magic, so its
+  // bits minus magic's are negative (or 0 for -0 and |y| below half magic's ulp; never below
+  // -2^31 for |y| <= 1 plus rounding), and the unsigned saturating pack makes them 0.
+  __m512i encode_bounded(__m512 y) const {
+    const __m512i u = _mm512_castps_si512(y);
+    const __m512i a = kSigned ? _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)) : u;
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+    __m512i m = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, round_rebias16), odd), 20);
+    const __m512i subnormal = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(_mm512_castsi512_ps(a), magic16)),
+                                               _mm512_castps_si512(magic16));
+    m = _mm512_mask_blend_epi32(_mm512_cmpgt_epi32_mask(min_normal16, a), m, subnormal);
+    if constexpr (kSigned) return _mm512_ternarylogic_epi32(m, _mm512_srli_epi32(u, 24), _mm512_set1_epi32(0x80), 0xf8);
+    return m;
+  }
+#endif
 
   __m256i encode(__m256 y) const {
     const __m256i u = _mm256_castps_si256(y);
@@ -391,6 +593,32 @@ template <Lanes kLanes, class Simd>
   // 32 codes per store: two 32 -> 16 and one 16 -> 8 bit saturating packs work within 128-bit
   // lanes, so one cross-lane permute puts the 32 bytes back in element order.
   const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+#if defined(NIBBLE_CODEC_AVX512)
+  // 64 codes per store with AVX-512 (the tree maps, and the fp8 maps' bounded and normal-only
+  // lanes): the packs work within 128-bit lanes, so lane k holds codes 16j + 4k .. 16j + 4k + 3 of
+  // each vector j, and one permute of 32-bit groups puts them back in element order. The AVX2
+  // loops below take what is left (fewer than 64).
+  if constexpr (!Simd::kMinifloat || kLanes != Lanes::kAny) {
+    const __m512 vinv16 = _mm512_set1_ps(inv);
+    const __m512i order16 = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const auto y = [&](const float* at) { return _mm512_mul_ps(_mm512_loadu_ps(at), vinv16); };
+    for (; i + 64 <= count; i += 64) {
+      __m512i h0, h1;
+      if constexpr (kLanes == Lanes::kNormal) {
+        h0 = simd.normal_halves(simd.encode_normal_word(y(in + i)), simd.encode_normal_word(y(in + i + 16)));
+        h1 = simd.normal_halves(simd.encode_normal_word(y(in + i + 32)), simd.encode_normal_word(y(in + i + 48)));
+      } else {
+        const auto code = [&](const float* at) {
+          if constexpr (kLanes == Lanes::kBounded) return simd.encode_bounded(y(at));
+          else return simd.encode(y(at));  // the tree maps only
+        };
+        h0 = _mm512_packus_epi32(code(in + i), code(in + i + 16));
+        h1 = _mm512_packus_epi32(code(in + i + 32), code(in + i + 48));
+      }
+      _mm512_storeu_si512(out + i, _mm512_permutexvar_epi32(order16, _mm512_packus_epi16(h0, h1)));
+    }
+  }
+#endif
   if constexpr (kLanes == Lanes::kNormal) {
     static_assert(Simd::kMinifloat, "only the fp8 maps have a normal-only encode");
     const auto word = [&](const float* at) {
@@ -486,6 +714,15 @@ void decode8_simd(const Simd& simd, const math::Codebook& cb, const std::uint8_t
   const std::int64_t count = n;
   const __m256 vscale = _mm256_set1_ps(scale);
   std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+  if constexpr (!Simd::kMinifloat) {  // the fp8 maps have no 16-lane decode of single codes
+    const __m512 vscale16 = _mm512_set1_ps(scale);
+    for (; i + 16 <= count; i += 16) {
+      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
+      _mm512_storeu_ps(values + i, _mm512_mul_ps(simd.decode(c), vscale16));
+    }
+  }
+#endif
   for (; i + 8 <= count; i += 8) {
     const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
     _mm256_storeu_ps(values + i, _mm256_mul_ps(simd.decode(c), vscale));
@@ -521,6 +758,32 @@ void decode8_shifted(const Simd& simd, const math::Codebook& cb, const std::uint
     }
   };
   std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+  // 64 codes per round with AVX-512; a round with a NaN code leaves the rest to the loops below.
+  {
+    const __m512 vfactor16 = _mm512_set1_ps(factor);
+    const __m512i sign_and_magnitude16 = _mm512_set1_epi32(static_cast<int>(0x87f00000u));
+    const auto value16 = [&](std::int64_t at) {
+      const __m128i sixteen = _mm_loadu_si128(reinterpret_cast<const __m128i*>(in + at));
+      if constexpr (Simd::kSigned) {
+        const __m512i bits = _mm512_and_si512(_mm512_slli_epi32(_mm512_cvtepi8_epi32(sixteen), 20), sign_and_magnitude16);
+        return _mm512_mul_ps(_mm512_castsi512_ps(bits), vfactor16);
+      } else {
+        return _mm512_mul_ps(_mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu8_epi32(sixteen), 20)), vfactor16);
+      }
+    };
+    for (; i + 64 <= n; i += 64) {
+      if constexpr (Simd::kSigned) {
+        const __m512i magnitudes = _mm512_and_si512(_mm512_loadu_si512(in + i), _mm512_set1_epi8(0x7f));
+        if (_mm512_cmpeq_epi8_mask(magnitudes, _mm512_set1_epi8(0x7f)) != 0) break;
+      }
+      _mm512_storeu_ps(out + i, value16(i));
+      _mm512_storeu_ps(out + i + 16, value16(i + 16));
+      _mm512_storeu_ps(out + i + 32, value16(i + 32));
+      _mm512_storeu_ps(out + i + 48, value16(i + 48));
+    }
+  }
+#endif
   for (; i + 32 <= n; i += 32) {
     if constexpr (Simd::kSigned) {
       const __m256i magnitudes = _mm256_and_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(in + i)),
@@ -576,6 +839,19 @@ inline void encode4_block(const math::Codebook& cb, const float* __restrict x, f
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+    if constexpr (!std::decay_t<decltype(simd)>::kMinifloat) {
+      // Sixteen codes to eight bytes: each 64-bit group holds codes 2k and 2k + 1 as its two
+      // halves; the group or'ed with itself shifted down by 28 has byte 0 = code 2k | code 2k+1 << 4,
+      // and a truncating 64 -> 8 bit conversion keeps that byte.
+      const __m512 vinv16 = _mm512_set1_ps(inv);
+      for (; i + 16 <= n; i += 16) {
+        const __m512i c = simd.encode(_mm512_mul_ps(_mm512_loadu_ps(x + i), vinv16));
+        const __m128i bytes = _mm512_cvtepi64_epi8(_mm512_or_si512(c, _mm512_srli_epi64(c, 28)));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(codes + i / 2), bytes);
+      }
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
       const __m256i c = _mm256_sllv_epi32(simd.encode(_mm256_mul_ps(_mm256_loadu_ps(x + i), vinv)), shifts);
       const __m256i pairs = _mm256_hadd_epi32(c, c);  // [0+1, 2+3, ., . | 4+5, 6+7, ., .]
@@ -595,6 +871,18 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
     const __m128i spread = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     std::int64_t i = 0;
+#if defined(NIBBLE_CODEC_AVX512)
+    if constexpr (!std::decay_t<decltype(simd)>::kMinifloat) {
+      // Eight bytes to sixteen codes: byte k zero-extended to 64 bits, or'ed with itself shifted
+      // up by 28, holds code 2k in its low half and code 2k + 1 (byte k >> 4) in its high half.
+      const __m512 vscale16 = _mm512_set1_ps(scale);
+      for (; i + 16 <= n; i += 16) {
+        const __m512i b = _mm512_cvtepu8_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(codes + i / 2)));
+        const __m512i c = _mm512_and_si512(_mm512_or_si512(b, _mm512_slli_epi64(b, 28)), _mm512_set1_epi32(0xf));
+        _mm512_storeu_ps(out + i, _mm512_mul_ps(simd.decode(c), vscale16));
+      }
+    }
+#endif
     for (; i + 8 <= n; i += 8) {
       int bytes;
       std::memcpy(&bytes, codes + i / 2, 4);
@@ -641,4 +929,5 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
 
 #endif
 
+}  // inline namespace
 }  // namespace nibble::cpu
