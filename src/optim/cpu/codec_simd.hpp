@@ -13,11 +13,12 @@
 #include "math/state_codec.hpp"
 
 #if defined(__AVX2__)
-// GCC 12 reports the AVX-512 intrinsics' undefined pass-through operands as maybe used
+// GCC 12 reports the AVX-512 intrinsics' undefined pass-through operands as (maybe) used
 // uninitialized wherever they are inlined (a false positive, GCC bug 105593); the diagnostic
 // state at the intrinsics' own lines decides, so it is off for this include only.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #include <immintrin.h>
 #pragma GCC diagnostic pop
 #define NIBBLE_CODEC_AVX2 1
@@ -374,7 +375,7 @@ struct SimdCodebook {
     __m512i j = _mm512_min_epu32(_mm512_cvttps_epi32(estimate), top);
     const __m512 edge_up = _mm512_add_ps(lo_b, _mm512_mul_ps(width_b, _mm512_cvtepi32_ps(_mm512_add_epi32(j, one))));
     const __mmask16 up = _mm512_mask_cmp_ps_mask(_mm512_cmpgt_epi32_mask(top, j), a, edge_up, _CMP_GT_OQ);
-    j = _mm512_mask_sub_epi32(j, up, j, one);
+    j = _mm512_mask_add_epi32(j, up, j, one);
     const __m512i rank = _mm512_add_epi32(_mm512_permutexvar_epi32(p, first_rank16), j);
     __m512i code = rank;
     if constexpr (kSigned) {
