@@ -23,18 +23,28 @@
 #pragma GCC diagnostic pop
 #define NIBBLE_CODEC_AVX2 1
 #endif
-// AVX-512 (F, BW, DQ, VL: every x86 CPU with AVX-512 since Skylake-SP): the fp8 codecs and the block
-// ranges take 16 lanes per instruction; the tree maps and the tails keep the AVX2 forms.
+// AVX-512 (F, BW, DQ, VL: every x86 CPU with AVX-512 since Skylake-SP): the codecs and the block
+// ranges take 16 lanes per instruction; the tails keep the AVX2 forms. With VBMI as well (Ice Lake,
+// Zen 4 and later) the 8-bit tree maps decode by byte table lookups.
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512DQ__) && defined(__AVX512VL__)
 #define NIBBLE_CODEC_AVX512 1
+#if defined(__AVX512VBMI__)
+#define NIBBLE_CODEC_VBMI 1
 #endif
+#endif
+
+namespace nibble {
+const math::Codebook& codebook(math::CodebookId id);  // the library's maps (src/optim/optimizer.cpp)
+}
 
 namespace nibble::cpu {
 // NOTE: the codecs are inline functions compiled to the instruction set of each translation unit.
 // One inline namespace per instruction set gives each form its own symbols, so a test built
 // without AVX-512 beside a library built with it (codec_simd_avx2_test) runs its own AVX2 code,
 // not whichever copy the linker kept.
-#if defined(NIBBLE_CODEC_AVX512)
+#if defined(NIBBLE_CODEC_VBMI)
+inline namespace codec_avx512_vbmi {
+#elif defined(NIBBLE_CODEC_AVX512)
 inline namespace codec_avx512 {
 #elif defined(NIBBLE_CODEC_AVX2)
 inline namespace codec_avx2 {
@@ -218,11 +228,35 @@ inline void decode_bf16(const std::uint16_t* __restrict h, float* __restrict x, 
 
 #if defined(NIBBLE_CODEC_AVX2)
 
+#if defined(NIBBLE_CODEC_VBMI)
+// NOTE: an 8-bit map's 256 values as four byte planes (plane k: byte k of every value), so that
+// 64 codes look up 64 bytes of one plane with two two-register byte permutes (codes 0..127 and
+// 128..255) and a blend on the code's top bit, and four such planes interleaved by unpacks are 64
+// floats: about 31 operations per 64 codes against 96 for the tree's decode by arithmetic. The
+// planes are built once per map from the library's own Codebook (nibble::codebook): SimdCodebook<kId>
+// is the form of that map, as its shape constants above already say.
+struct BytePlanes {
+  alignas(64) std::uint8_t bytes[4][256];
+};
+template <math::CodebookId kId>
+const BytePlanes& byte_planes() {
+  static const BytePlanes planes = [] {
+    const math::Codebook& cb = nibble::codebook(kId);
+    BytePlanes p{};
+    for (int i = 0; i < 256; ++i)
+      for (int k = 0; k < 4; ++k) p.bytes[k][i] = static_cast<std::uint8_t>(math::float_bits(cb.values[i]) >> (8 * k));
+    return p;
+  }();
+  return planes;
+}
+#endif
+
 // The codebook's constants in registers, built once per block. The shape of the map (signed,
 // zero, one, positions) is a template parameter so the decade search unrolls; the constants are
 // taken from the Codebook, the single source of the numbers.
-template <math::CodebookId kId>
+template <math::CodebookId kId_>
 struct SimdCodebook {
+  static constexpr math::CodebookId kId = kId_;
   static constexpr bool kMinifloat = false;
   static constexpr bool kSigned = kId == math::CodebookId::kDynamicSigned8 || kId == math::CodebookId::kDynamicSigned4;
   static constexpr bool kZeroAndOne = kId != math::CodebookId::kLinearUnsigned4;
@@ -707,6 +741,38 @@ inline void encode8_blocks(const math::Codebook& cb, const float* __restrict x, 
   });
 }
 
+#if defined(NIBBLE_CODEC_VBMI)
+// Values of codes[0, i) for the largest multiple of 64 by the byte planes, times scale (one
+// rounding, as the scalar decode: the planes give the value table's floats exactly); i returned.
+inline std::int64_t decode8_planes(const BytePlanes& planes, const std::uint8_t* __restrict in, float scale,
+                                   float* __restrict out, std::int64_t count) {
+  // The unpacks work within 128-bit lanes: output vector m, lane k, element r is the code at input
+  // byte 16k + 4m + r, so the codes are first permuted to put code 16m + 4k + r there.
+  alignas(64) static constexpr std::uint8_t kOrder[64] = {
+      0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39, 52, 53, 54, 55,
+      8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kOrder);
+  const __m512 vscale = _mm512_set1_ps(scale);
+  const auto table = [&](int k, int quarter) { return _mm512_load_si512(planes.bytes[k] + 64 * quarter); };
+  std::int64_t i = 0;
+  for (; i + 64 <= count; i += 64) {
+    const __m512i c = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(in + i));
+    const __mmask64 high = _mm512_movepi8_mask(c);
+    __m512i plane[4];
+    for (int k = 0; k < 4; ++k)
+      plane[k] = _mm512_mask_blend_epi8(high, _mm512_permutex2var_epi8(table(k, 0), c, table(k, 1)),
+                                        _mm512_permutex2var_epi8(table(k, 2), c, table(k, 3)));
+    const __m512i lo01 = _mm512_unpacklo_epi8(plane[0], plane[1]), hi01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+    const __m512i lo23 = _mm512_unpacklo_epi8(plane[2], plane[3]), hi23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+    _mm512_storeu_ps(out + i, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(lo01, lo23)), vscale));
+    _mm512_storeu_ps(out + i + 16, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(lo01, lo23)), vscale));
+    _mm512_storeu_ps(out + i + 32, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpacklo_epi16(hi01, hi23)), vscale));
+    _mm512_storeu_ps(out + i + 48, _mm512_mul_ps(_mm512_castsi512_ps(_mm512_unpackhi_epi16(hi01, hi23)), vscale));
+  }
+  return i;
+}
+#endif
+
 template <class Simd>
 void decode8_simd(const Simd& simd, const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                   float* __restrict out, std::int64_t n) {
@@ -717,6 +783,9 @@ void decode8_simd(const Simd& simd, const math::Codebook& cb, const std::uint8_t
   std::int64_t i = 0;
 #if defined(NIBBLE_CODEC_AVX512)
   if constexpr (!Simd::kMinifloat) {  // the fp8 maps have no 16-lane decode of single codes
+#if defined(NIBBLE_CODEC_VBMI)
+    if constexpr (Simd::kSize == 256) i = decode8_planes(byte_planes<Simd::kId>(), in, scale, values, count);
+#endif
     const __m512 vscale16 = _mm512_set1_ps(scale);
     for (; i + 16 <= count; i += 16) {
       const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i)));
