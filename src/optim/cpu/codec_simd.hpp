@@ -251,6 +251,49 @@ const BytePlanes& byte_planes() {
 }
 #endif
 
+#if defined(NIBBLE_CODEC_AVX512)
+// NOTE: a tree map's decade p of a magnitude a from a's binary exponent e: the decade boundaries
+// are at least 10x apart, so an octave [2^e, 2^(e+1)) holds at most one of them, and
+// p = first[e] - (a <= inside[e]), with first[e] the decade just below 2^(e+1) and inside[e] the
+// boundary within the octave (-1 where none): kPMax minus the boundaries at or above a, as the
+// compares give it. Exponents 96..127 index 32-entry tables by their low 5 bits (two-register
+// permutes); larger ones (a >= 2, inf, NaN) are clamped to 127, whose decade is the top one, as
+// the compares say; smaller ones (a below 2^-31) take any entry, and such a codes as 0 by the zero
+// threshold whatever its decade. 6 operations per 16 values instead of the compares' 12. Built
+// once per map from the library's own Codebook; `exact` is false if an octave held two boundaries,
+// and the compares are used.
+struct DecadeTables {
+  alignas(64) std::int32_t first[32];
+  alignas(64) float inside[32];
+  bool exact;
+};
+template <math::CodebookId kId, int kPMin, int kPMax>
+const DecadeTables& decade_tables() {
+  static const DecadeTables tables = [] {
+    const math::Codebook& cb = nibble::codebook(kId);
+    DecadeTables t{};
+    t.exact = true;
+    for (int k = 0; k < 32; ++k) {
+      const float low = math::bits_float(static_cast<std::uint32_t>(96 + k) << 23);
+      const float top = 2.0f * low;
+      int above = 0, inside = 0;
+      t.inside[k] = -1.0f;
+      for (int q = kPMin + 1; q <= kPMax; ++q) {
+        if (cb.boundary[q] >= top) ++above;
+        else if (cb.boundary[q] >= low) {
+          t.inside[k] = cb.boundary[q];
+          ++inside;
+        }
+      }
+      t.first[k] = kPMax - above;
+      if (inside > 1) t.exact = false;
+    }
+    return t;
+  }();
+  return tables;
+}
+#endif
+
 // The codebook's constants in registers, built once per block. The shape of the map (signed,
 // zero, one, positions) is a template parameter so the decade search unrolls; the constants are
 // taken from the Codebook, the single source of the numbers.
@@ -298,6 +341,14 @@ struct SimdCodebook {
     for (int q = 0; q < 8; ++q) boundary16[q] = _mm512_set1_ps(cb.boundary[q]);
     zero_threshold16 = _mm512_set1_ps(cb.zero_threshold);
     one_threshold16 = _mm512_set1_ps(cb.one_threshold);
+    if constexpr (kDecadeLookup) {
+      const DecadeTables& decades = decade_tables<kId, kPMin, kPMax>();
+      first_lo = _mm512_load_si512(decades.first);
+      first_hi = _mm512_load_si512(decades.first + 16);
+      inside_lo = _mm512_load_ps(decades.inside);
+      inside_hi = _mm512_load_ps(decades.inside + 16);
+      decades_exact = decades.exact;
+    }
 #endif
   }
 
@@ -390,15 +441,28 @@ struct SimdCodebook {
   // (p <= 7), comparisons give masks, and the sign goes in by a masked subtraction.
   __m512 lo16, width16, inv_width16, first_center16, values16, zero_threshold16, one_threshold16;
   __m512 boundary16[8];
+  // The decade by exponent (decade_tables) where it saves operations: the 8-bit maps' six
+  // compares; the 4-bit maps' two (or none) stay cheaper.
+  static constexpr bool kDecadeLookup = kPMax - kPMin > 3;
+  __m512i first_lo, first_hi;  // decade_tables': exponents 96..111 and 112..127
+  __m512 inside_lo, inside_hi;
+  bool decades_exact = false;
   __m512i top_bin16, first_rank16;
 
   __m512i encode(__m512 y) const {
     const __m512 a = kSigned ? _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(y), _mm512_set1_epi32(0x7fffffff)))
                              : _mm512_max_ps(y, _mm512_setzero_ps());
     const __m512i one = _mm512_set1_epi32(1);
-    __m512i p = _mm512_set1_epi32(kPMax);
-    for (int q = kPMin + 1; q <= kPMax; ++q)
-      p = _mm512_mask_sub_epi32(p, _mm512_cmp_ps_mask(a, boundary16[q], _CMP_LE_OQ), p, one);
+    __m512i p;
+    if (kDecadeLookup && decades_exact) {
+      const __m512i e = _mm512_min_epi32(_mm512_srli_epi32(_mm512_castps_si512(a), 23), _mm512_set1_epi32(127));
+      p = _mm512_permutex2var_epi32(first_lo, e, first_hi);
+      p = _mm512_mask_sub_epi32(p, _mm512_cmp_ps_mask(a, _mm512_permutex2var_ps(inside_lo, e, inside_hi), _CMP_LE_OQ), p, one);
+    } else {
+      p = _mm512_set1_epi32(kPMax);
+      for (int q = kPMin + 1; q <= kPMax; ++q)
+        p = _mm512_mask_sub_epi32(p, _mm512_cmp_ps_mask(a, boundary16[q], _CMP_LE_OQ), p, one);
+    }
     const __m512 lo_b = _mm512_permutexvar_ps(p, lo16);
     const __m512 width_b = _mm512_permutexvar_ps(p, width16);
     const __m512 inv_width_b = _mm512_permutexvar_ps(p, inv_width16);
