@@ -170,6 +170,49 @@ TEST_P(Codec8Blocks, ManyBlocksEqualOneByOne) {
     ASSERT_EQ(bits_of(values[static_cast<std::size_t>(i)]), bits_of(want_values[static_cast<std::size_t>(i)])) << "i = " << i;
 }
 
+// The 4-bit span calls against block-by-block calls, as above: blocks of 128 (codes packed two per
+// byte, each block starting at an even element), a short odd last block, an all-zero block, a
+// block of subnormals and a block holding a NaN.
+TEST(Codec4Blocks, ManyBlocksEqualOneByOne) {
+  for (CodebookId id : {CodebookId::kDynamicSigned4, CodebookId::kLinearUnsigned4}) {
+    const math::Codebook& cb = codebook(id);
+    SCOPED_TRACE(static_cast<int>(id));
+    constexpr std::int64_t kBlock = 128, kN = 5 * kBlock - 23;
+    std::vector<float> x = probe_values(cb, 11);
+    x.resize(static_cast<std::size_t>(kN));
+    for (std::int64_t i = 0; i < kBlock; ++i) x[static_cast<std::size_t>(kBlock + i)] = 0.0f;
+    for (std::int64_t i = 0; i < kBlock; ++i)
+      x[static_cast<std::size_t>(2 * kBlock + i)] = (i % 2 ? 1e-39f : 3e-40f) * (cb.is_signed && i % 3 == 0 ? -1.0f : 1.0f);
+    x[static_cast<std::size_t>(3 * kBlock + 17)] = NAN;
+    const std::int64_t blocks = (kN + kBlock - 1) / kBlock;
+    const std::size_t bytes = static_cast<std::size_t>((kN + 1) / 2);
+
+    std::vector<std::uint8_t> want_codes(bytes), codes(bytes);
+    std::vector<float> want_absmax(static_cast<std::size_t>(blocks)), absmax(static_cast<std::size_t>(blocks));
+    for (std::int64_t k = 0; k < blocks; ++k) {
+      const std::int64_t len = std::min(kBlock, kN - k * kBlock);
+      const float a = cpu::block_absmax(x.data() + k * kBlock, len);
+      want_absmax[static_cast<std::size_t>(k)] = a;
+      cpu::encode4_block(cb, x.data() + k * kBlock, math::block_inverse(a), want_codes.data() + k * kBlock / 2, len);
+    }
+    cpu::encode4_blocks(cb, x.data(), kBlock, codes.data(), absmax.data(), kN);
+    EXPECT_EQ(codes, want_codes);
+    for (std::int64_t k = 0; k < blocks; ++k)
+      EXPECT_EQ(bits_of(absmax[static_cast<std::size_t>(k)]), bits_of(want_absmax[static_cast<std::size_t>(k)])) << "block " << k;
+    EXPECT_TRUE(std::isnan(absmax[3]));
+    EXPECT_EQ(absmax[1], 0.0f);
+
+    std::vector<float> want_values(static_cast<std::size_t>(kN)), values(static_cast<std::size_t>(kN));
+    const std::vector<float> scales = {0.37f, 2.5f, 1e-3f, 7.0f, 0.125f};
+    for (std::int64_t k = 0; k < blocks; ++k)
+      cpu::decode4_block(cb, codes.data() + k * kBlock / 2, scales[static_cast<std::size_t>(k)],
+                         want_values.data() + k * kBlock, std::min(kBlock, kN - k * kBlock));
+    cpu::decode4_blocks(cb, codes.data(), scales.data(), kBlock, values.data(), kN);
+    for (std::int64_t i = 0; i < kN; ++i)
+      ASSERT_EQ(bits_of(values[static_cast<std::size_t>(i)]), bits_of(want_values[static_cast<std::size_t>(i)])) << "i = " << i;
+  }
+}
+
 // block_absmax against the plain maximum of the magnitudes: every length up to a few vectors past
 // a block, the extreme at each position, and NaN (propagated) and inf (the result) anywhere.
 TEST(BlockAbsmax, EqualsTheMaximumMagnitudeAtEveryLengthAndPosition) {

@@ -967,14 +967,15 @@ inline void decode8_blocks(const math::Codebook& cb, const std::uint8_t* __restr
 }
 
 // Two codes per byte, element 2k in the low nibble; codes start at an even element.
-inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
-                          std::uint8_t* __restrict codes, std::int64_t n) {
-  with_simd_codebook(cb, [&](const auto& simd) {
+template <class Simd>
+[[gnu::always_inline]] inline void encode4_simd(const Simd& simd, const math::Codebook& cb, const float* __restrict x,
+                                                float inv, std::uint8_t* __restrict codes, std::int64_t n) {
+  {
     const __m256 vinv = _mm256_set1_ps(inv);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     std::int64_t i = 0;
 #if defined(NIBBLE_CODEC_AVX512)
-    if constexpr (!std::decay_t<decltype(simd)>::kMinifloat) {
+    if constexpr (!Simd::kMinifloat) {
       // Sixteen codes to eight bytes: each 64-bit group holds codes 2k and 2k + 1 as its two
       // halves; the group or'ed with itself shifted down by 28 has byte 0 = code 2k | code 2k+1 << 4,
       // and a truncating 64 -> 8 bit conversion keeps that byte.
@@ -995,18 +996,39 @@ inline void encode4_block(const math::Codebook& cb, const float* __restrict x, f
       std::memcpy(codes + i / 2, &bytes, 4);
     }
     math::encode4_run(cb, x, inv, codes, i, n);
+  }
+}
+
+inline void encode4_block(const math::Codebook& cb, const float* __restrict x, float inv,
+                          std::uint8_t* __restrict codes, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) { encode4_simd(simd, cb, x, inv, codes, n); });
+}
+
+// Consecutive blocks of `block` elements (even; the last may be shorter), each with its own
+// absmax written to absmax[k]: encode4_block's codes, with one codebook dispatch for all of them
+// (one per block: AdamW 4-bit in cache, one thread, 1.05 against 0.85 ms per million).
+inline void encode4_blocks(const math::Codebook& cb, const float* __restrict x, std::int64_t block,
+                           std::uint8_t* __restrict codes, float* __restrict absmax, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
+      const std::int64_t len = n - o < block ? n - o : block;
+      absmax[k] = block_absmax(x + o, len);
+      encode4_simd(simd, cb, x + o, math::block_inverse(absmax[k]), codes + o / 2, len);
+    }
   });
 }
 
-inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
-                          float* __restrict out, std::int64_t n) {
-  with_simd_codebook(cb, [&](const auto& simd) {
+template <class Simd>
+[[gnu::always_inline]] inline void decode4_simd(const Simd& simd, const math::Codebook& cb,
+                                                const std::uint8_t* __restrict codes, float scale,
+                                                float* __restrict out, std::int64_t n) {
+  {
     const __m256 vscale = _mm256_set1_ps(scale);
     const __m128i spread = _mm_setr_epi8(0, 0, 1, 1, 2, 2, 3, 3, -1, -1, -1, -1, -1, -1, -1, -1);
     const __m256i shifts = _mm256_setr_epi32(0, 4, 0, 4, 0, 4, 0, 4);
     std::int64_t i = 0;
 #if defined(NIBBLE_CODEC_AVX512)
-    if constexpr (!std::decay_t<decltype(simd)>::kMinifloat) {
+    if constexpr (!Simd::kMinifloat) {
       // Eight bytes to sixteen codes: byte k zero-extended to 64 bits, or'ed with itself shifted
       // up by 28, holds code 2k in its low half and code 2k + 1 (byte k >> 4) in its high half.
       const __m512 vscale16 = _mm512_set1_ps(scale);
@@ -1025,6 +1047,21 @@ inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restri
       _mm256_storeu_ps(out + i, _mm256_mul_ps(simd.decode(c), vscale));
     }
     math::decode4_run(cb, codes, scale, out, i, n);
+  }
+}
+
+inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
+                          float* __restrict out, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) { decode4_simd(simd, cb, codes, scale, out, n); });
+}
+
+// Consecutive blocks of `block` elements (even; the last may be shorter), block k scaled by
+// scales[k]: decode4_block's values, with one codebook dispatch for all of them.
+inline void decode4_blocks(const math::Codebook& cb, const std::uint8_t* __restrict codes,
+                           const float* __restrict scales, std::int64_t block, float* __restrict out, std::int64_t n) {
+  with_simd_codebook(cb, [&](const auto& simd) {
+    for (std::int64_t o = 0, k = 0; o < n; o += block, ++k)
+      decode4_simd(simd, cb, codes + o / 2, scales[k], out + o, n - o < block ? n - o : block);
   });
 }
 
@@ -1059,6 +1096,19 @@ inline void encode4_block(const math::Codebook& cb, const float* __restrict x, f
 inline void decode4_block(const math::Codebook& cb, const std::uint8_t* __restrict codes, float scale,
                           float* __restrict out, std::int64_t n) {
   math::decode4_run(cb, codes, scale, out, 0, n);
+}
+inline void encode4_blocks(const math::Codebook& cb, const float* __restrict x, std::int64_t block,
+                           std::uint8_t* __restrict codes, float* __restrict absmax, std::int64_t n) {
+  for (std::int64_t o = 0, k = 0; o < n; o += block, ++k) {
+    const std::int64_t len = n - o < block ? n - o : block;
+    absmax[k] = block_absmax(x + o, len);
+    math::encode4_run(cb, x + o, math::block_inverse(absmax[k]), codes + o / 2, 0, len);
+  }
+}
+inline void decode4_blocks(const math::Codebook& cb, const std::uint8_t* __restrict codes,
+                           const float* __restrict scales, std::int64_t block, float* __restrict out, std::int64_t n) {
+  for (std::int64_t o = 0, k = 0; o < n; o += block, ++k)
+    math::decode4_run(cb, codes + o / 2, scales[k], out + o, 0, n - o < block ? n - o : block);
 }
 
 #endif

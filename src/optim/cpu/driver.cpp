@@ -166,6 +166,8 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
           s[j] = slot.f32 + b;  // fp32 state is stepped in place
         } else if (slot.storage == math::StateStorage::kCodes8) {
           decode8_blocks(codebook(slot.codebook), slot.codes + b, slot.absmax + b / block, block, scratch.state[j], n);
+        } else if (slot.storage == math::StateStorage::kCodes4 && !slot.rank1) {
+          decode4_blocks(codebook(slot.codebook), slot.codes + b / 2, slot.absmax + b / block, block, scratch.state[j], n);
         } else {
           for (std::int64_t o = 0; o < n; o += block)
             load_block(t, slot, b + o, std::min(block, n - o), scratch.state[j] + o, false);
@@ -190,6 +192,10 @@ void for_blocks(const Optimizer::Impl& impl, TensorState& t, std::int64_t lo, st
           const Slot& slot = t.slots[j];
           if (slot.storage == math::StateStorage::kCodes8) {
             encode8_blocks(codebook(slot.codebook), s[j], block, slot.codes + b, slot.absmax + b / block, n);
+            continue;
+          }
+          if (slot.storage == math::StateStorage::kCodes4 && !slot.rank1) {
+            encode4_blocks(codebook(slot.codebook), s[j], block, slot.codes + b / 2, slot.absmax + b / block, n);
             continue;
           }
           for (std::int64_t o = 0; o < n; o += block)
