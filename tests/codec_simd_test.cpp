@@ -1,4 +1,4 @@
-// The CPU block codecs (AVX2 where the build has it, scalar otherwise) against the scalar
+// The CPU block codecs (AVX-512 or AVX2 where the build has them, scalar otherwise) against the scalar
 // reference of src/math/codebook.hpp: identical codes and identical decoded values, every block
 // length, every codebook, values on and next to every threshold.
 #include <gtest/gtest.h>

@@ -1,7 +1,7 @@
 // Tests of the fp8 state codecs (src/math/codebook.hpp, minifloat_encode): the value tables against
 // the formats written out from their definitions (OCP e4m3fn; unsigned e5m3), the bit-operation
 // encoder against a brute-force nearest-value search with ties to even, every code's round trip,
-// NaN and infinity, the relative error the formats promise, the AVX2 block codecs against the
+// NaN and infinity, the relative error the formats promise, the AVX2/AVX-512 block codecs against the
 // scalar ones, and the measurement that chose unsigned e5m3 over e4m3 for second moments.
 #include <gtest/gtest.h>
 
@@ -240,7 +240,7 @@ TEST(Fp8Encode, RoundTripErrorWithinHalfAnUlp) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// The CPU block codecs (AVX2 where the build has it) against the scalar encoder and the table.
+// The CPU block codecs (AVX-512 or AVX2 where the build has them) against the scalar encoder and the table.
 
 TEST(Fp8CodecSimd, EncodeEqualsScalarAtEveryLength) {
   for (CodebookId id : kFp8Books) {

@@ -1,6 +1,6 @@
 // The block-wise state codecs as plain loops over a run of elements [from, n) of one block: codes
 // of 8-bit state one per byte, of 4-bit state two per byte (element 2k in the low nibble, runs
-// start at an even element). Host+device; the CPU's AVX2 codecs (src/optim/cpu/codec_simd.hpp) are
+// start at an even element). Host+device; the CPU's AVX2/AVX-512 codecs (src/optim/cpu/codec_simd.hpp) are
 // specialisations that end in these for their tails, so both give the same codes and values.
 #pragma once
 

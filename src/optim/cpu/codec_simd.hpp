@@ -1,6 +1,7 @@
-// AVX2 versions of the block codecs of src/math/state_codec.hpp: eight values per instruction with
-// the same float formulas in the same order, so codes and decoded values are bit-identical to the
-// scalar runs they end in (tests compare them). No gathers: the per-decade constants come from registers.
+// AVX2 and AVX-512 versions of the block codecs of src/math/state_codec.hpp: eight (AVX2) or sixteen
+// (AVX-512) values per instruction with the same float formulas in the same order, so codes and
+// decoded values are bit-identical to the scalar runs they end in (tests compare them). No gathers:
+// the per-decade constants come from registers, the 8-bit value tables from byte permutes.
 #pragma once
 
 #include <cstdint>
