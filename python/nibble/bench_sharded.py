@@ -8,7 +8,6 @@ import csv
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -45,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--csv", default="bench_sharded.csv", help="CSV output path (default bench_sharded.csv)")
     parser.add_argument("--timeout", type=float, default=600.0,
                         help="seconds one world size may take before its ranks are killed (default 600)")
-    parser.add_argument("--worker", nargs=4, metavar=("RANK", "WORLD", "PORT", "OUT"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=4, metavar=("RANK", "WORLD", "STORE", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         args.worlds = [int(w) for w in args.worlds.split(",")]
@@ -130,12 +129,11 @@ def _run(name: str, args: argparse.Namespace, device: torch.device) -> dict:
 def _worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
 
-    rank, world, port, out = int(args.worker[0]), int(args.worker[1]), args.worker[2], args.worker[3]
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    rank, world, store, out = int(args.worker[0]), int(args.worker[1]), args.worker[2], args.worker[3]
     device = torch.device("cuda", 0) if args.device == "cuda" else torch.device("cpu")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=args.timeout))
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=args.timeout))
     rows = []
     if device.type == "cuda":
         torch.cuda.set_device(device)
@@ -154,19 +152,15 @@ def _worker(args: argparse.Namespace) -> None:
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(world: int, argv: list[str], timeout: float, folder: Path) -> list[dict]:
     """Starts `world` ranks of this module; kills them all if they outlive `timeout`."""
-    port = str(_free_port())
+    # The ranks meet through a file store in a fresh folder: no port to pick, so no other process can
+    # take it between the pick and the bind.
+    store = str(Path(tempfile.mkdtemp(prefix=f"rendezvous-world{world}-", dir=folder)) / "store")
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // world)))
     outs = [folder / f"world{world}-rank{r}.json" for r in range(world)]
     procs = [subprocess.Popen([sys.executable, "-m", "nibble.bench_sharded", *argv,
-                               "--worker", str(r), str(world), port, str(outs[r])], env=env,
+                               "--worker", str(r), str(world), store, str(outs[r])], env=env,
                               stdout=None if r == 0 else subprocess.DEVNULL)
              for r in range(world)]
     deadline = time.monotonic() + timeout

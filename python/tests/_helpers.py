@@ -9,9 +9,9 @@ import copy
 import datetime
 import json
 import os
-import socket
 import subprocess
 import sys
+import tempfile
 import traceback
 from pathlib import Path
 from typing import Callable
@@ -61,20 +61,16 @@ def device() -> torch.device:
 
 # -- in the test process ----------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(world: int, out: Path, worker: str, phase: list[str] = (), prefix: str = "") -> dict:
     """Runs every case of `worker` (a script in this folder; `phase` its leading arguments) on
     `world` ranks, each writing OUT/<prefix>rank<r>.json; returns {case: [result per rank]}. Every
     rank is killed if the launch outlives its timeout."""
-    port = str(free_port())
+    # The ranks meet through a file store in a fresh folder: no port to pick, so no other process can
+    # take it between the pick and the bind.
+    store = str(Path(tempfile.mkdtemp(prefix="rendezvous-", dir=out)) / "store")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     script = str(HERE / worker)
-    procs = [subprocess.Popen([sys.executable, script, *phase, str(rank), str(world), port, str(out)], env=env,
+    procs = [subprocess.Popen([sys.executable, script, *phase, str(rank), str(world), store, str(out)], env=env,
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in range(world)]
     logs = []
@@ -109,7 +105,7 @@ def assert_case(results: dict, case: str) -> None:
 
 # -- in a rank's process ----------------------------------------------------------------------------
 
-def run_rank(rank: int, world: int, port: str, out_file: str,
+def run_rank(rank: int, world: int, store: str, out_file: str,
              cases: Callable[["torch.distributed.device_mesh.DeviceMesh"], dict[str, Callable[[], str]]],
              device: str = "cpu") -> None:
     """Joins the process group of `world` ranks (gloo on the CPU; NCCL, GPU `rank`, on "cuda"),
@@ -118,13 +114,12 @@ def run_rank(rank: int, world: int, port: str, out_file: str,
     note is the traceback."""
     from torch.distributed.device_mesh import init_device_mesh
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
     torch.set_num_threads(1)
     _DEVICE[0] = device
     if device == "cuda":
         torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    dist.init_process_group("nccl" if device == "cuda" else "gloo", init_method=f"file://{store}", rank=rank,
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     mesh = init_device_mesh(device, (world,))
     results = {}
     for name, run in cases(mesh).items():

@@ -315,7 +315,7 @@ def main() -> None:
     args = sys.argv[1:]
     phase = args.pop(0)
     where = args.pop(0) if args[0] in ("cpu", "cuda") else "cpu"
-    rank, world, port, out = int(args[0]), int(args[1]), args[2], args[3]
+    rank, world, store, out = int(args[0]), int(args[1]), args[2], args[3]
 
     def cases(mesh) -> dict:
         found = {}
@@ -333,7 +333,7 @@ def main() -> None:
         else:
             found["load-adafactor-whole"] = lambda: case_load_adafactor_whole(mesh, out)
         return found
-    run_rank(rank, world, port, os.path.join(out, f"{phase}-rank{rank}.json"), cases, where)
+    run_rank(rank, world, store, os.path.join(out, f"{phase}-rank{rank}.json"), cases, where)
 
 
 if __name__ == "__main__":

@@ -406,8 +406,8 @@ def cases(mesh, world: int) -> dict:
 def main() -> None:
     args = sys.argv[1:]
     where = args.pop(0) if args[0] in ("cpu", "cuda") else "cpu"
-    rank, world, port, out_dir = int(args[0]), int(args[1]), args[2], args[3]
-    run_rank(rank, world, port, os.path.join(out_dir, f"rank{rank}.json"), lambda mesh: cases(mesh, world), where)
+    rank, world, store, out_dir = int(args[0]), int(args[1]), args[2], args[3]
+    run_rank(rank, world, store, os.path.join(out_dir, f"rank{rank}.json"), lambda mesh: cases(mesh, world), where)
 
 
 if __name__ == "__main__":
