@@ -953,11 +953,9 @@ TEST(NonFiniteGradients, SkippedStepChangesNothingAndTheNextStepIsUnaffected) {
   }
 }
 
-// DISABLED: fails today. cpu::grad_norm() sums (g / grad_scale)^2 in double, where 1e30 / 1e-20 is
-// finite, so the step is not skipped; the step then forms g / grad_scale in float (inf) and the
-// parameters become NaN. AMP's scaler unscales in fp32 and skips such a step. The fix belongs in
-// the step path (src/optim/optimizer.cpp step() or cpu::grad_norm), which this test file's author
-// was not to touch; enable this test with it.
+// Finite gradients whose g / grad_scale overflows float: the norm is summed in double, where it is
+// finite, so the step policy skips any norm beyond float range (math::decide_step), as AMP's
+// scaler skips a step whose unscaled fp32 gradients hold inf.
 TEST(NonFiniteGradients, OverflowAfterUnscalingIsSkippedToo) {
   // Finite gradients whose grad / grad_scale overflows, as with a loss scale that is too small.
   RunSetup setup;
@@ -975,6 +973,27 @@ TEST(NonFiniteGradients, OverflowAfterUnscalingIsSkippedToo) {
     for (float x : p) ASSERT_TRUE(std::isfinite(x)) << "the step made the parameters non-finite";
   EXPECT_TRUE(identical(*a, *before, false));
   EXPECT_EQ(a->opt->skipped_steps(), 1);
+}
+
+// found_inf (an AMP scaler's verdict) skips a step with finite gradients, computes no norm and
+// changes nothing; the CUDA backend's device flag does the same (tests/gpu/optim_cuda_test.cpp).
+TEST(NonFiniteGradients, FoundInfSkipsWithoutANorm) {
+  RunSetup setup;
+  setup.shapes = {{4097}, {3, 5}};
+  setup.precision = Precision::kInt8;
+  const Arrays init = initial_params(setup.shapes, 5);
+  auto a = make_run(setup, init), before = make_run(setup, init);
+  advance(*a, 0);
+  advance(*before, 0);
+  fill_grads(*a, 1);
+  StepOptions o;
+  o.found_inf = true;
+  const StepResult res = a->opt->step(o);
+  EXPECT_TRUE(res.skipped);
+  EXPECT_TRUE(std::isnan(res.grad_norm)) << res.grad_norm;
+  EXPECT_EQ(res.step, 1);
+  EXPECT_EQ(a->opt->skipped_steps(), 1);
+  EXPECT_TRUE(identical(*a, *before, false)) << "the skipped step changed something";
 }
 
 TEST(NonFiniteGradients, CheckFiniteOffLetsTheStepThrough) {

@@ -152,6 +152,9 @@ class Optimizer {
   Device device() const;
   // SophiaG: fold one Hessian-diagonal estimate per parameter (same order and shapes as the
   // parameters; null skips a tensor) into the Hessian EMA. fp32, on the optimizer's device.
+  // CUDA: the estimates are checked for inf/NaN before this returns, but folded in on the
+  // optimizer's stream afterwards: keep them alive and unchanged until that stream reaches it
+  // (synchronize(), or later work on the same stream, as PyTorch's caching allocator orders it).
   void update_hessian(std::span<const float* const> estimates);
   // The sum of squared gradients (as given) of the tensors that have one, in double, summed in the
   // same order as the step's own norm. `counted`: one flag per parameter (0 leaves it out, e.g. a
@@ -169,7 +172,10 @@ class Optimizer {
   // Points a parameter at a new gradient array (same dtype), or null for none.
   void set_grad(std::size_t param_index, void* grad);
   // All gradients at once, one per parameter; on CUDA one asynchronous table update on the
-  // optimizer's stream when any changed, none when nothing did.
+  // optimizer's stream when any changed, none when nothing did. Inside a CUDA graph capture the
+  // update copies from one pinned buffer the optimizer keeps for captures, which the graph reads at
+  // every replay: only the table most recently set in a capture replays as captured, so change
+  // gradient pointers in one captured graph at most, once per graph before its steps.
   void set_grads(std::span<void* const> grads);
   // CUDA: the stream later steps are queued on (e.g. the framework's current stream).
   void set_cuda_stream(void* stream);

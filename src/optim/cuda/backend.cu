@@ -71,7 +71,7 @@ void* device_alloc(DeviceState& ds, std::size_t bytes, const char* what) {
   if (const cudaError_t error = cudaMalloc(&p, bytes); error != cudaSuccess) {
     cudaGetLastError();
     std::size_t free = 0, total = 0;
-    cudaMemGetInfo(&free, &total);
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();  // no stale error for later checks
     if (error == cudaErrorMemoryAllocation)
       throw OutOfMemory("out of GPU memory: the optimizer's " + std::string(what) + " needs " + std::to_string(bytes) +
                             " bytes, " + std::to_string(free) + " are free",
@@ -193,7 +193,7 @@ std::byte* allocate_arena(Optimizer::Impl& impl, DeviceState& ds, std::int64_t b
     if (const cudaError_t error = cudaMalloc(&p, static_cast<std::size_t>(bytes)); error != cudaSuccess) {
       cudaGetLastError();
       std::size_t free = 0, total = 0;
-      cudaMemGetInfo(&free, &total);
+      if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();  // no stale error for later checks
       if (error == cudaErrorMemoryAllocation)
         throw OutOfMemory("out of GPU memory: the optimizer state needs " + std::to_string(bytes) + " bytes, " +
                               std::to_string(free) + " are free",
@@ -236,6 +236,11 @@ void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
     offset += t.numel;
   }
   for (const auto& [shape, members] : shapes) {
+    // The matrices of a batch are the y dimension of its kernels' grids.
+    if (members.size() > 65535)
+      throw InvalidArgument("Muon on CUDA: " + std::to_string(members.size()) + " matrices of shape (" +
+                            std::to_string(shape.first) + ", " + std::to_string(shape.second) +
+                            ") exceed the 65535 one batch can step; give some of them a different optimizer");
     NsBatch b;
     b.rows = shape.first;
     b.cols = shape.second;
@@ -255,7 +260,7 @@ void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
   check_cublas(cublasCreate(&ds.cublas), "cublasCreate");
   const auto workspace = static_cast<std::size_t>(kCublasWorkspaceBytes);
   ds.cublas_workspace = device_alloc(ds, workspace, "cuBLAS workspace");
-  check_cublas(cublasSetWorkspace(ds.cublas, ds.cublas_workspace, workspace), "cublasSetWorkspace");
+  bind_cublas(ds.cublas, ds.stream, ds.cublas_workspace, workspace);
   // The batches' tensor lists are uploaded from `shapes`, which ends here.
   NIBBLE_CUDA_CHECK(cudaStreamSynchronize(ds.stream));
 }

@@ -12,6 +12,11 @@ void check_cublas(cublasStatus_t status, const char* what) {
                       cublasGetStatusString(status) + ")");
 }
 
+void bind_cublas(cublasHandle_t handle, cudaStream_t stream, void* workspace, std::size_t bytes) {
+  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  check_cublas(cublasSetWorkspace(handle, workspace, bytes), "cublasSetWorkspace");
+}
+
 namespace {
 
 // Row-major C (m x n) = alpha op(A) op(B) + beta C over the batch, as cuBLAS's column-major
@@ -30,7 +35,12 @@ void gemm_row_major(cublasHandle_t handle, bool transpose_b, int m, int n, int k
 
 __nv_bfloat16* newton_schulz_batched(cublasHandle_t handle, const NsBatch& batch, const Hyper& h,
                                      cudaStream_t stream) {
-  check_cublas(cublasSetStream(handle, stream), "cublasSetStream");
+  // The handle was bound to the stream and to its workspace once, at creation (bind_cublas):
+  // cublasSetStream also resets the workspace to cuBLAS's own pool, which a captured step would
+  // allocate from, so it is not called here.
+  cudaStream_t bound = nullptr;
+  check_cublas(cublasGetStream(handle, &bound), "cublasGetStream");
+  if (bound != stream) throw DeviceError("newton_schulz_batched: the cuBLAS handle is bound to another stream");
   const int s = static_cast<int>(batch.s), l = static_cast<int>(batch.l), count = batch.count;
   const long long sl = batch.s * batch.l, ss = batch.s * batch.s;
   __nv_bfloat16* x = batch.x;

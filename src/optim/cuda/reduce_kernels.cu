@@ -71,11 +71,13 @@ __global__ void __launch_bounds__(kBeginThreads) begin_step_kernel(Tables tb, St
                                                                    const double* external_total) {
   __shared__ double red[kBeginThreads];
   DScalars& sc = *tb.scalars;
+  // As the CPU step: a found inf skips the step without a norm (NaN in the result). The flag is one
+  // device word, so every thread takes the same branch around partials_total's barriers.
+  const bool found_inf = sc.found_inf != 0;
+  const bool computed = norm_computed != 0 && !found_inf;
   double total = 0.0;
-  if (external_total != nullptr) total = *external_total;
-  else if (norm_computed) total = partials_total(tb, nullptr, red);
-  const math::StepDecision decision =
-      math::decide_step(sc.found_inf != 0, norm_computed != 0, total, sc.grad_scale, cfg.max_grad_norm);
+  if (computed) total = external_total != nullptr ? *external_total : partials_total(tb, nullptr, red);
+  const math::StepDecision decision = math::decide_step(found_inf, computed, total, sc.grad_scale, cfg.max_grad_norm);
   const bool skip = decision.skip;
   const double norm = decision.grad_norm;
   const float grad_mul = decision.grad_mul;

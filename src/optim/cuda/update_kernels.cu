@@ -328,7 +328,13 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
     const std::int64_t left = ch.end - e0;
     const int n = left <= 0 ? 0 : (left >= kPerThread ? kPerThread : static_cast<int>(left));
     float p[kPerThread], g[kPerThread], s[kMaxSlots][kPerThread];
-    load8_param(t, e0, n, p);
+    // Muon's orthogonalised matrices do not read p here (muon_apply_kernel steps it).
+    if (t.muon_update == nullptr) {
+      load8_param(t, e0, n, p);
+    } else {
+#pragma unroll
+      for (int i = 0; i < kPerThread; ++i) p[i] = 0.0f;
+    }
     load8_grad(t, e0, n, g);
 #pragma unroll
     for (int j = 0; j < kMaxSlots; ++j) {
@@ -342,7 +348,7 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
 #pragma unroll
     for (int i = 0; i < kPerThread; ++i)
       if (i < n) apply_rule<R, kVariant>(p[i], g[i], s[0][i], s[1][i], s[2][i], k, t, e0 + i);
-    if (n > 0) store8_param(t, cfg, k, e0, n, p);
+    if (n > 0 && t.muon_update == nullptr) store8_param(t, cfg, k, e0, n, p);
     // Unrolled with a uniform condition, so that s stays in registers.
 #pragma unroll
     for (int j = 0; j < kMaxSlots; ++j)
@@ -392,16 +398,37 @@ __global__ void __launch_bounds__(kThreads) rank1_max_kernel(Tables tb) {
   bool any = false;
   for (int j = 0; j < t.slot_count; ++j) any = any || t.slots[j].rank1;
   if (!any) return;
-  for (std::int64_t e = ch.begin + threadIdx.x; e < ch.end; e += kThreads) {
-    float p = load_param(t, e), s[kMaxSlots] = {0.0f, 0.0f, 0.0f};
-    for (int j = 0; j < t.slot_count; ++j) s[j] = load_state(t, t.slots[j], sh.codebooks[j], e);
-    apply_rule<R, kVariant>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
+  // Every thread of the block takes the same number of rounds, so that whole warps reach the
+  // shuffles below; a lane past the chunk's end adds 0, which changes no maximum.
+  const unsigned lane = threadIdx.x % 32;
+  for (std::int64_t base = ch.begin; base < ch.end; base += kThreads) {
+    const std::int64_t e = base + threadIdx.x;
+    const bool valid = e < ch.end;
+    float s[kMaxSlots] = {0.0f, 0.0f, 0.0f};
+    if (valid) {
+      float p = load_param(t, e);
+      for (int j = 0; j < t.slot_count; ++j) s[j] = load_state(t, t.slots[j], sh.codebooks[j], e);
+      apply_rule<R, kVariant>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
+    }
+    const std::int64_t row = valid ? e / t.cols : -1;
+    const std::int64_t col = valid ? e - row * t.cols : 0;
     for (int j = 0; j < t.slot_count; ++j) {
       const DSlot& slot = t.slots[j];
       if (!slot.rank1) continue;
-      const unsigned bits = math::float_bits(s[j]) & 0x7fffffffu;
-      atomicMax(reinterpret_cast<unsigned*>(slot.next_row_max) + e / t.cols, bits);
-      atomicMax(reinterpret_cast<unsigned*>(slot.next_col_max) + e % t.cols, bits);
+      unsigned bits = valid ? math::float_bits(s[j]) & 0x7fffffffu : 0u;
+      if (valid) atomicMax(reinterpret_cast<unsigned*>(slot.next_col_max) + col, bits);
+      // The row maximum: a warp's consecutive elements share one or two rows, and one atomic per
+      // run of a row replaces one per element (all 32 on one address, served one after another).
+      // A segmented reduction towards each run's first lane: lanes of a row are contiguous, so
+      // after offsets 1..16 that lane holds its run's maximum (max is exact in any order).
+      for (unsigned offset = 1; offset < 32; offset *= 2) {
+        const unsigned other = __shfl_down_sync(0xffffffffu, bits, offset);
+        const std::int64_t other_row = __shfl_down_sync(0xffffffffu, row, offset);
+        if (lane + offset < 32 && other_row == row) bits = max(bits, other);
+      }
+      const std::int64_t previous_row = __shfl_up_sync(0xffffffffu, row, 1);
+      if (valid && (lane == 0 || previous_row != row))
+        atomicMax(reinterpret_cast<unsigned*>(slot.next_row_max) + row, bits);
     }
   }
 }
@@ -517,7 +544,9 @@ __global__ void hessian_check_kernel(Tables tb, const float* const* estimates) {
 }
 
 // Schedule-free AdamW's train() and eval(): p = lerp(p, z, weight), z being slot 0 (always fp32),
-// into the master copy and the parameter, rounded to its dtype as a step stores it.
+// into the master copy and the parameter, rounded to its dtype to nearest: the mode switch is no
+// step, so a bf16 parameter takes no stochastic rounding even when steps use it (with a master
+// copy, which keeps the exact value, the next step rounds from there).
 __global__ void __launch_bounds__(kThreads) interpolate_params_kernel(Tables tb, float weight) {
   const DChunk ch = tb.chunks[blockIdx.x];
   if (tb.tensor_steps[ch.tensor] == 0) return;
