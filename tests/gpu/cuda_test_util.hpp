@@ -1,6 +1,7 @@
-// What the GPU tests share: the skip on a machine without a CUDA device, CUDA error checks, bf16
-// bits on the host, and device memory freed at scope exit: raw bytes, a typed array, and fp32/bf16
-// elements read and written as floats. Compiled only in the CUDA build (tests/gpu/*.cpp).
+// What the GPU tests share: the skip on a machine without a CUDA device, per-process scratch
+// folders, CUDA error checks, bf16 bits on the host, and device memory freed at scope exit: raw
+// bytes, a typed array, and fp32/bf16 elements read and written as floats. Compiled only in the
+// CUDA build (tests/gpu/*.cpp).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -9,9 +10,12 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <stdexcept>
 #include <string>
 #include <vector>
+
+#include <unistd.h>
 
 #include "nibble/device.hpp"
 
@@ -22,6 +26,12 @@
   } while (0)
 
 namespace nibble::test {
+
+// A scratch folder under the system's temporary one, named for `name` and this process, so that
+// two runs of a test binary (two build trees under ctest -j) do not share it.
+inline std::filesystem::path scratch_dir(const std::string& name) {
+  return std::filesystem::temp_directory_path() / (name + "_" + std::to_string(::getpid()));
+}
 
 // Throws naming `what` and CUDA's message when a CUDA call failed.
 inline void check(cudaError_t e, const char* what) {

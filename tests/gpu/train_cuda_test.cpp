@@ -76,7 +76,7 @@ TEST(TrainCuda, Bf16ComputeLearns) {
 // steps 11-20 follow a run that stayed on the CPU (fp32 on both engines; other summation orders).
 TEST(TrainCuda, CheckpointsMoveBetweenGpuAndCpu) {
   NIBBLE_REQUIRE_GPU();
-  const auto dir = std::filesystem::temp_directory_path() / "nibble_train_cuda_checkpoint";
+  const auto dir = nibble::test::scratch_dir("nibble_train_cuda_checkpoint");
   auto split_run = [&](Device first, Device second) {
     std::filesystem::remove_all(dir);
     TrainOptions a = tiny_run(first, 10);

@@ -77,9 +77,9 @@ constexpr i64 ceil_div(i64 a, i64 b) { return (a + b - 1) / b; }
 // Device helpers.
 
 // NOTE: the CPU ops are compiled with -ffp-contract=off and nibble keeps one rounding behaviour
-// on both sides, but this file's nvcc flags allow contracting a * b + c into an fma. So a product
-// that feeds an add is written mul(a, b) (__fmul_rn, which nvcc never fuses): the kernels round
-// like the CPU code and differ from it only in the order of long sums and in expf/tanhf.
+// on both sides. nvcc gets -fmad=false (CMakeLists.txt), and a product that feeds an add is also
+// written mul(a, b) (__fmul_rn, which nvcc never fuses), so the kernels round like the CPU code
+// whatever the flags, and differ from it only in the order of long sums and in expf/tanhf.
 __device__ __forceinline__ float mul(float a, float b) { return __fmul_rn(a, b); }
 
 __device__ __forceinline__ unsigned bf16_bits(float v) {

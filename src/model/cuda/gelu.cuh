@@ -1,6 +1,9 @@
 // GELU, tanh approximation, for the model's kernels (the elementwise op and the GELU that follows a
-// matmul), with the CPU engine's constants and order of operations: every product and sum is
-// explicitly rounded, so no multiply-add is contracted.
+// matmul), with the CPU engine's constants; every product and sum is explicitly rounded, so no
+// multiply-add is contracted. The CPU computes the same function as x sigmoid(2u) (one exp, no
+// cancellation); this form, 0.5 x (1 + tanh u), differs from it by rounding, and below x = -5 it
+// loses (to 0, or to a few float steps of 1 + tanh u) the tiny negative values, under 1e-6 in
+// magnitude, that the CPU keeps.
 #pragma once
 
 namespace nibble::model::cuda {

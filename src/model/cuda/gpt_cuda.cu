@@ -104,8 +104,8 @@ struct Layout {
     const std::size_t scratch_needed = std::max({model::cuda::embedding_backward_scratch_bytes(B, Tn, V),
                                                  model::cuda::layernorm_backward_scratch_bytes(BT, C),
                                                  model::cuda::attention_backward_scratch_bytes(B, Tn, C, NH),
+                                                 // the widest bias gradient (the lm head has none)
                                                  model::cuda::Matmul::backward_scratch_bytes(BT, 4 * C),
-                                                 model::cuda::Matmul::backward_scratch_bytes(BT, V),
                                                  std::size_t{256}});
     scratch = k.take<std::byte>(static_cast<std::int64_t>(scratch_needed));
     scratch_bytes = k.bytes - before_acts - act_bytes;
@@ -204,7 +204,7 @@ CudaGpt::CudaGpt(const GptConfig& config, std::int64_t batch, std::int64_t seq, 
   if (const cudaError_t e = cudaMalloc(&im.base, static_cast<std::size_t>(bytes)); e != cudaSuccess) {
     cudaGetLastError();
     std::size_t free = 0, total = 0;
-    cudaMemGetInfo(&free, &total);
+    if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();  // no stale error for later checks
     if (e == cudaErrorMemoryAllocation)
       throw OutOfMemory("out of GPU memory: the model needs " + std::to_string(im.memory.total()) + " bytes (params " +
                             std::to_string(im.memory.params) + ", grads " + std::to_string(im.memory.grads) +

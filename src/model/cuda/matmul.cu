@@ -366,8 +366,17 @@ bool run_gemm(MatmulState& state, cublasLtHandle_t handle, void* workspace, std:
   if (!choice.found) return false;
 
   const float alpha = 1.0f;
-  NIBBLE_LT_CALL(cublasLtMatmul(handle, desc.get(), &alpha, g.a, a_layout.get(), g.b, b_layout.get(), &g.beta, g.d,
-                                d_layout.get(), g.d, d_layout.get(), &choice.algo, workspace, workspace_bytes, stream));
+  const cublasStatus_t status = cublasLtMatmul(handle, desc.get(), &alpha, g.a, a_layout.get(), g.b, b_layout.get(),
+                                               &g.beta, g.d, d_layout.get(), g.d, d_layout.get(), &choice.algo,
+                                               workspace, workspace_bytes, stream);
+  if (status == CUBLAS_STATUS_NOT_SUPPORTED) {
+    // The heuristic's algorithm refused these operands after all (an epilogue's alignment, say):
+    // remembered as none, so that this and later calls take the caller's fallback, or its error.
+    const std::lock_guard<std::mutex> lock(state.mutex);
+    state.algos[key].found = false;
+    return false;
+  }
+  if (status != CUBLAS_STATUS_SUCCESS) throw_cublaslt("cublasLtMatmul", status, __FILE__, __LINE__);
   return true;
 }
 
@@ -409,7 +418,7 @@ Matmul::Matmul(bool allow_tf32) : allow_tf32_(allow_tf32) {
       cudaGetLastError();
       workspace_ = nullptr;
       std::size_t free = 0, total = 0;
-      cudaMemGetInfo(&free, &total);
+      if (cudaMemGetInfo(&free, &total) != cudaSuccess) cudaGetLastError();  // no stale error for later checks
       if (error == cudaErrorMemoryAllocation)
         throw OutOfMemory("out of GPU memory: the cuBLASLt workspace needs " + std::to_string(kWorkspaceBytes) +
                               " bytes, " + std::to_string(free) + " are free",

@@ -118,7 +118,13 @@ float CudaTrainStep::run(const std::int32_t* tokens, const std::int32_t* targets
         throw;
       }
       check_cuda(cudaStreamEndCapture(im.stream, &im.graph), "cudaStreamEndCapture");
-      check_cuda(cudaGraphInstantiate(&im.exec, im.graph, 0), "cudaGraphInstantiate");
+      if (const cudaError_t e = cudaGraphInstantiate(&im.exec, im.graph, 0); e != cudaSuccess) {
+        // Not kept half-made: the next step captures afresh.
+        cudaGraphDestroy(im.graph);
+        im.graph = nullptr;
+        im.exec = nullptr;
+        check_cuda(e, "cudaGraphInstantiate");
+      }
     }
     check_cuda(cudaGraphLaunch(im.exec, im.stream), "cudaGraphLaunch");
   }
