@@ -329,13 +329,15 @@ TEST(MuonTensors, FallbackTakesItsOwnLrAndWeightDecay) {
 
 // Scratch beside the state, as planned and as allocated: on the CPU the largest matrix's update,
 // X, Y (its elements each) and A, B (its short side squared each) in fp32; on CUDA every matrix's
-// fp32 update, per matrix its index, norm and bf16 X, Y, A, B, and one cuBLAS workspace. Vectors
-// (the AdamW fallback) need none, and other algorithms none.
+// fp32 update, per matrix its index, norm, one norm partial per 64Ki elements (at least 1) and
+// bf16 X, Y, A, B, and one cuBLAS workspace. Vectors (the AdamW fallback) need none, and other
+// algorithms none.
 TEST(MuonTensors, ScratchAsPlannedAndAllocated) {
-  Tensors t = make_tensors({{"a", {37, 53}}, {"b", {64, 17}}, {"bias", {64}}});
-  const std::int64_t cpu = 4 * (3 * 37 * 53 + 2 * 37 * 37);
-  const std::int64_t cuda = 4 * (37 * 53 + 64 * 17) + (12 + 2 * (2 * 37 * 53 + 2 * 37 * 37)) +
-                            (12 + 2 * (2 * 64 * 17 + 2 * 17 * 17)) + (32 << 20);
+  Tensors t = make_tensors({{"a", {37, 53}}, {"b", {64, 17}}, {"c", {300, 500}}, {"bias", {64}}});
+  const std::int64_t cpu = 4 * (3 * 300 * 500 + 2 * 300 * 300);
+  const std::int64_t cuda = 4 * (37 * 53 + 64 * 17 + 300 * 500) + (12 + 8 + 2 * (2 * 37 * 53 + 2 * 37 * 37)) +
+                            (12 + 8 + 2 * (2 * 64 * 17 + 2 * 17 * 17)) +
+                            (12 + 8 * 3 + 2 * (2 * 300 * 500 + 2 * 300 * 300)) + (32 << 20);
   OptimizerOptions o = muon_options();
   EXPECT_EQ(planned_scratch_bytes(std::span<const ParamGroup>(&t.group, 1), o), cpu);
   EXPECT_EQ(Optimizer({t.group}, o).state_stats().scratch_bytes, cpu);

@@ -162,8 +162,9 @@ std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device dev
     const std::int64_t rows = t.param.shape[0], cols = t.numel / rows, s = std::min(rows, cols);
     cpu = std::max(cpu, 4 * (t.numel + cpu::newton_schulz_workspace(rows, cols)));
     updates += 4 * t.numel;
-    // Per matrix of its batch: its index, its norm, X and Y (s x l) and A and B (s x s) in bf16.
-    batches += 4 + 8 + 2 * (2 * t.numel + 2 * s * s);
+    // Per matrix of its batch: its index, its norm and the norm's partials, X and Y (s x l) and A
+    // and B (s x s) in bf16.
+    batches += 4 + 8 + 8 * muon_norm_blocks(t.numel) + 2 * (2 * t.numel + 2 * s * s);
     if (std::find(shapes.begin(), shapes.end(), std::make_pair(rows, cols)) == shapes.end())
       shapes.emplace_back(rows, cols);
   }

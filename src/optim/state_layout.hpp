@@ -59,10 +59,17 @@ bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name
 
 // Muon's scratch beside the state for these laid-out tensors: on the CPU the largest orthogonalised
 // matrix's update and Newton-Schulz workspace (fp32); on CUDA an fp32 update per matrix and, per
-// batch of one shape, its tensor list, norms, bf16 X, Y, A and B, and the cuBLAS workspace (what
+// batch of one shape, its tensor list, norms and their partials, bf16 X, Y, A and B, and the cuBLAS
+// workspace (what
 // the backends allocate). 0 when no tensor is orthogonalised.
 std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device device);
 inline constexpr std::int64_t kCublasWorkspaceBytes = 32 << 20;  // cuBLAS's recommendation for Hopper
+// CUDA: the blocks that sum one matrix's squared update for its norm (one per 64Ki elements, 1 to
+// 64), each into a partial of its own; fixed by the size, so the sum's order is too.
+inline std::int64_t muon_norm_blocks(std::int64_t numel) {
+  const std::int64_t blocks = (numel + 65535) / 65536;
+  return blocks < 1 ? 1 : (blocks > 64 ? 64 : blocks);
+}
 
 // Fills t's view (rows, cols, batch_rows), precision, block, factoring, Muon's choice and slots from its
 // parameter (t.param, t.numel set) and the global shape. Allocates nothing.

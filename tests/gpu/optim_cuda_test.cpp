@@ -214,8 +214,11 @@ INSTANTIATE_TEST_SUITE_P(AllAlgorithmsAndPrecisions, CudaMatchesCpu, ::testing::
                          });
 
 // Muon: its shapes (wide, tall, a 3-D one seen as (3, 561), two matrices of one shape batched
-// together) beside vectors for its AdamW fallback.
-std::vector<Shape> muon_shapes() { return {{7}, {4097}, {33, 65}, {65, 33}, {3, 17, 33}, {130, 300}, {64, 48}, {64, 48}}; }
+// together, a tall one whose norm takes two partial sums (over 64Ki elements), edges that are not
+// multiples of the 32-wide transpose tiles) beside vectors for its AdamW fallback.
+std::vector<Shape> muon_shapes() {
+  return {{7}, {4097}, {33, 65}, {65, 33}, {3, 17, 33}, {130, 300}, {64, 48}, {64, 48}, {300, 257}};
+}
 
 double max_abs_diff(const std::vector<float>& a, const std::vector<float>& b) {
   double m = 0.0;

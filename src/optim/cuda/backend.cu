@@ -250,6 +250,8 @@ void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
     b.count = static_cast<int>(members.size());
     const auto n = static_cast<std::size_t>(b.count);
     b.tensors = upload_vector(ds, members, "Muon batch");
+    b.norm_blocks = static_cast<int>(muon_norm_blocks(b.rows * b.cols));
+    b.partials = zeroed<double>(ds, n * static_cast<std::size_t>(b.norm_blocks), "Muon norm partials");
     b.norms = zeroed<double>(ds, n, "Muon norms");
     b.x = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.l), "Newton-Schulz X");
     b.y = zeroed<__nv_bfloat16>(ds, n * static_cast<std::size_t>(b.s * b.l), "Newton-Schulz X");
@@ -429,9 +431,8 @@ void enqueue_step(Optimizer::Impl& impl, const double* external_total = nullptr)
   // Muon: the update pass left each matrix's momentum update; orthogonalise and apply them.
   for (const NsBatch& batch : ds.ns_batches) {
     launch_muon_load(ds.tb, batch, ds.cfg.hyper.eps, ds.stream);
-    NsBatch done = batch;
-    done.x = newton_schulz_batched(ds.cublas, batch, ds.cfg.hyper, ds.stream);
-    launch_muon_apply(ds.tb, ds.cfg, done, ds.stream);
+    __nv_bfloat16* result = newton_schulz_batched(ds.cublas, batch, ds.cfg.hyper, ds.stream);
+    launch_muon_apply(ds.tb, ds.cfg, batch, result, ds.stream);
   }
 }
 

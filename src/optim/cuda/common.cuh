@@ -25,6 +25,8 @@
 namespace nibble::cuda {
 
 inline constexpr int kThreads = 512;             // threads of an update block
+inline constexpr int kTileSide = 32;             // Muon's transposes: 32 x 32 tiles,
+inline constexpr int kTileRows = 8;              // moved by 32 x 8 threads
 inline constexpr int kPerThread = 8;             // elements per thread per pass (two 128-bit fp32 loads)
 inline constexpr int kPass = kThreads * kPerThread;
 inline constexpr std::int64_t kChunk = 4 * kPass;  // elements per update block; a multiple of every quant block
@@ -78,6 +80,8 @@ struct NsBatch {
   int tall = 0;
   int count = 0;
   int* tensors = nullptr;      // [count] tensor indices
+  int norm_blocks = 1;         // muon_norm_blocks(rows * cols)
+  double* partials = nullptr;  // [count][norm_blocks] the norm's partial sums of squares
   double* norms = nullptr;     // [count] Frobenius norms of the updates
   __nv_bfloat16* x = nullptr;  // [count][s][l]
   __nv_bfloat16* y = nullptr;  // [count][s][l]
@@ -170,6 +174,22 @@ __device__ __forceinline__ float load_grad(const DTensor& t, std::int64_t e) {
   return to_float(static_cast<const std::uint16_t*>(t.grad)[e], t.grad_type);
 }
 
+// Quotient and remainder of a non-negative index by a positive divisor: by 32-bit unsigned
+// division where both fit (a few instructions; the 64-bit one is a long emulated sequence, paid per
+// element in the loops that call this), else by 64-bit; the same values either way.
+struct QuotRem {
+  std::int64_t q, r;
+};
+__device__ __forceinline__ QuotRem quot_rem(std::int64_t e, std::int64_t d) {
+  if (((static_cast<std::uint64_t>(e) | static_cast<std::uint64_t>(d)) >> 32) == 0) {
+    const std::uint32_t q = static_cast<std::uint32_t>(e) / static_cast<std::uint32_t>(d);
+    return {static_cast<std::int64_t>(q), e - static_cast<std::int64_t>(q) * d};
+  }
+  const std::int64_t q = e / d;
+  return {q, e - q * d};
+}
+__device__ __forceinline__ std::int64_t quot(std::int64_t e, std::int64_t d) { return quot_rem(e, d).q; }
+
 __device__ __forceinline__ std::uint8_t nibble_at(const std::uint8_t* codes, std::int64_t e) {
   return static_cast<std::uint8_t>((codes[e >> 1] >> ((e & 1) * 4)) & 0xfu);
 }
@@ -180,11 +200,14 @@ __device__ __forceinline__ float load_state(const DTensor& t, const DSlot& s, co
   switch (s.storage) {
     case math::StateStorage::kF32: return static_cast<const float*>(s.data)[e];
     case math::StateStorage::kBf16: return math::bf16_to_float(static_cast<const std::uint16_t*>(s.data)[e]);
-    case math::StateStorage::kCodes8: return cb.values[static_cast<const std::uint8_t*>(s.data)[e]] * s.absmax[e / t.block];
+    case math::StateStorage::kCodes8: return cb.values[static_cast<const std::uint8_t*>(s.data)[e]] * s.absmax[quot(e, t.block)];
     case math::StateStorage::kCodes4: {
       const float v = cb.values[nibble_at(static_cast<const std::uint8_t*>(s.data), e)];
-      if (s.rank1) return v * math::min_f(s.row_max[e / t.cols], s.col_max[e % t.cols]);
-      return v * s.absmax[e / t.block];
+      if (s.rank1) {
+        const QuotRem rc = quot_rem(e, t.cols);
+        return v * math::min_f(s.row_max[rc.q], s.col_max[rc.r]);
+      }
+      return v * s.absmax[quot(e, t.block)];
     }
   }
   return 0.0f;
@@ -258,6 +281,10 @@ void launch_interpolate_params(const Tables& tb, float weight, cudaStream_t stre
 // (reduce_kernels.cu); after Newton-Schulz, the step p = p (1 - lr wd) - lr factor X
 // (update_kernels.cu). Both do nothing when the step is skipped or a tensor has no gradient.
 void launch_muon_load(const Tables& tb, const NsBatch& batch, float eps, cudaStream_t stream);
-void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, cudaStream_t stream);
+// `result`: where Newton-Schulz left the orthogonalised X (batch.x or batch.y); a tall batch's is
+// transposed back into the other buffer first, so that the apply pass reads it in the parameter's
+// layout.
+void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, __nv_bfloat16* result,
+                       cudaStream_t stream);
 
 }  // namespace nibble::cuda

@@ -395,44 +395,98 @@ void launch_rank1_commit(const Tables& tb, const int2* slots, int count, cudaStr
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-// Muon: per matrix of a batch (blockIdx.x), the Frobenius norm of its update in double, summed in
-// a fixed order.
+// Muon: the squared Frobenius norm of each matrix's update in double, in batch.norm_blocks fixed
+// segments per matrix (blockIdx.y the matrix, blockIdx.x the segment), each summed by one block
+// into its partial; the load kernels add a matrix's partials in segment order. Fixed segments and a
+// fixed tree, so the norm does not depend on the launch.
 __global__ void __launch_bounds__(kReduceThreads) muon_norm_kernel(Tables tb, NsBatch batch) {
   __shared__ double red[kReduceThreads];
   if (tb.scalars->skip) return;
-  const DTensor& t = tb.tensors[batch.tensors[blockIdx.x]];
+  const DTensor& t = tb.tensors[batch.tensors[blockIdx.y]];
   if (t.grad == nullptr) return;
+  const std::int64_t per = (t.numel + batch.norm_blocks - 1) / batch.norm_blocks;
+  const std::int64_t begin = static_cast<std::int64_t>(blockIdx.x) * per;
+  const std::int64_t end = begin + per < t.numel ? begin + per : t.numel;
   double acc = 0.0;
-  for (std::int64_t e = threadIdx.x; e < t.numel; e += kReduceThreads) {
+  for (std::int64_t e = begin + threadIdx.x; e < end; e += kReduceThreads) {
     const double u = t.muon_update[e];
     acc += u * u;
   }
   const double sum = block_sum<kReduceThreads>(acc, red);
-  if (threadIdx.x == 0) batch.norms[blockIdx.x] = sqrt(sum);
+  if (threadIdx.x == 0) batch.partials[static_cast<std::int64_t>(blockIdx.y) * batch.norm_blocks + blockIdx.x] = sum;
 }
 
-// X of every matrix of a batch: its wide orientation divided by max(norm, eps), rounded to bf16.
+// max(norm, eps) of matrix j from its partials (in segment order), as a float; every thread of the
+// block gets it.
+__device__ __forceinline__ float muon_norm_of(const NsBatch& batch, int j, float eps, float* shared) {
+  if (threadIdx.x == 0 && threadIdx.y == 0) {
+    double sum = 0.0;
+    for (int b = 0; b < batch.norm_blocks; ++b) sum += batch.partials[static_cast<std::int64_t>(j) * batch.norm_blocks + b];
+    const double norm = sqrt(sum);
+    if (blockIdx.x == 0) batch.norms[j] = norm;
+    *shared = fmaxf(static_cast<float>(norm), eps);
+  }
+  __syncthreads();
+  return *shared;
+}
+
+// X of every matrix of a batch that is wide (or square): X is the update itself (s = rows,
+// l = cols, the same layout) divided by max(norm, eps), rounded to bf16. blockIdx.y: the matrix.
 __global__ void __launch_bounds__(kReduceThreads) muon_load_kernel(Tables tb, NsBatch batch, float eps) {
+  __shared__ float norm_shared;
   if (tb.scalars->skip) return;
-  const std::int64_t per = batch.s * batch.l, total = per * batch.count;
-  for (std::int64_t i = static_cast<std::int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; i < total;
-       i += static_cast<std::int64_t>(gridDim.x) * kReduceThreads) {
-    const std::int64_t j = i / per, r = (i % per) / batch.l, c = i % batch.l;
-    const DTensor& t = tb.tensors[batch.tensors[j]];
-    if (t.grad == nullptr) continue;
-    const float norm = fmaxf(static_cast<float>(batch.norms[j]), eps);
-    const float u = t.muon_update[batch.tall ? c * batch.cols + r : r * batch.cols + c];
-    batch.x[i] = __float2bfloat16_rn(u / norm);
+  const int j = blockIdx.y;
+  const DTensor& t = tb.tensors[batch.tensors[j]];
+  if (t.grad == nullptr) return;
+  const float norm = muon_norm_of(batch, j, eps, &norm_shared);
+  __nv_bfloat16* x = batch.x + static_cast<std::int64_t>(j) * batch.s * batch.l;
+  for (std::int64_t e = static_cast<std::int64_t>(blockIdx.x) * kReduceThreads + threadIdx.x; e < t.numel;
+       e += static_cast<std::int64_t>(gridDim.x) * kReduceThreads)
+    x[e] = __float2bfloat16_rn(t.muon_update[e] / norm);
+}
+
+// The same for a tall batch (rows > cols): X (s = cols, l = rows) is the update transposed. Each
+// block moves one 32 x 32 tile through shared memory, so that both the update's rows and X's rows
+// are read and written along their length (a warp reading the update down a column touched 32
+// rows per load). blockIdx.x: the tile, blockIdx.y: the matrix; 32 x 8 threads.
+__global__ void __launch_bounds__(kTileSide * kTileRows) muon_load_tall_kernel(Tables tb, NsBatch batch, float eps) {
+  __shared__ float tile[kTileSide][kTileSide + 1];  // +1: the column reads fall in distinct banks
+  __shared__ float norm_shared;
+  if (tb.scalars->skip) return;
+  const int j = blockIdx.y;
+  const DTensor& t = tb.tensors[batch.tensors[j]];
+  if (t.grad == nullptr) return;
+  const float norm = muon_norm_of(batch, j, eps, &norm_shared);
+  const std::int64_t rows = batch.rows, cols = batch.cols;  // the update's; X is cols x rows
+  const std::int64_t col_tiles = (cols + kTileSide - 1) / kTileSide;
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) / col_tiles * kTileSide;
+  const std::int64_t col0 = static_cast<std::int64_t>(blockIdx.x) % col_tiles * kTileSide;
+  for (int k = threadIdx.y; k < kTileSide; k += kTileRows) {
+    const std::int64_t r = row0 + k, c = col0 + threadIdx.x;
+    if (r < rows && c < cols) tile[k][threadIdx.x] = t.muon_update[r * cols + c];
+  }
+  __syncthreads();
+  __nv_bfloat16* x = batch.x + static_cast<std::int64_t>(j) * batch.s * batch.l;
+  for (int k = threadIdx.y; k < kTileSide; k += kTileRows) {
+    const std::int64_t xr = col0 + k, xc = row0 + threadIdx.x;  // X's row is the update's column
+    if (xr < cols && xc < rows) x[xr * rows + xc] = __float2bfloat16_rn(tile[threadIdx.x][k] / norm);
   }
 }
 
 void launch_muon_load(const Tables& tb, const NsBatch& batch, float eps, cudaStream_t stream) {
   if (batch.count == 0) return;
-  muon_norm_kernel<<<static_cast<unsigned>(batch.count), kReduceThreads, 0, stream>>>(tb, batch);
+  const auto count = static_cast<unsigned>(batch.count);
+  muon_norm_kernel<<<dim3(static_cast<unsigned>(batch.norm_blocks), count), kReduceThreads, 0, stream>>>(tb, batch);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
-  const std::int64_t total = batch.s * batch.l * batch.count;
-  const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((total + kReduceThreads - 1) / kReduceThreads, 4096));
-  muon_load_kernel<<<blocks, kReduceThreads, 0, stream>>>(tb, batch, eps);
+  const std::int64_t numel = batch.rows * batch.cols;
+  if (batch.tall) {
+    const std::int64_t tiles = ((batch.rows + kTileSide - 1) / kTileSide) * ((batch.cols + kTileSide - 1) / kTileSide);
+    muon_load_tall_kernel<<<dim3(static_cast<unsigned>(tiles), count), dim3(kTileSide, kTileRows), 0, stream>>>(
+        tb, batch, eps);
+  } else {
+    const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((numel + kReduceThreads - 1) / kReduceThreads, 1024));
+    muon_load_kernel<<<dim3(blocks, count), kReduceThreads, 0, stream>>>(tb, batch, eps);
+  }
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 

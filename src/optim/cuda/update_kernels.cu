@@ -207,7 +207,8 @@ __device__ __forceinline__ void store8_state(const DTensor& t, const DSlot& s, c
 #pragma unroll
         for (int i = 0; i < kPerThread; ++i) {
           const std::int64_t e = e0 + i;
-          const float scale = i < n ? math::min_f(s.next_row_max[e / t.cols], s.next_col_max[e % t.cols]) : 0.0f;
+          const QuotRem rc = quot_rem(i < n ? e : 0, t.cols);
+          const float scale = i < n ? math::min_f(s.next_row_max[rc.q], s.next_col_max[rc.r]) : 0.0f;
           c[i] = i < n ? math::codebook_encode(cb, scale > 0.0f ? x[i] / scale : 0.0f) : std::uint8_t{0};
         }
       } else {
@@ -263,7 +264,7 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
       math::adamp_apply(p, perturb, 0.0f, 0.0f, k.adamp_decay, k.adamp.step_size);
     } else {
       const std::int64_t rows0 = t.view_rows;
-      const std::int64_t r = k.adamp_view == 1 ? e / (t.numel / rows0) : 0;
+      const std::int64_t r = k.adamp_view == 1 ? quot(e, quot(t.numel, rows0)) : 0;
       const math::AdamPScratch at{rows0};
       const double* inv_norm = t.scratch + at.inv_norm();
       const double* dot = t.scratch + at.dot();
@@ -272,13 +273,14 @@ __device__ __forceinline__ void apply_rule(float& p, float g, float& s0, float& 
     }
   } else if constexpr (std::is_same_v<R, math::AdafactorRule>) {
     if (t.factored) {
-      const std::int64_t rows = t.rows, cols = t.cols, batches = rows / t.batch_rows;
+      const std::int64_t rows = t.rows, cols = t.cols, batches = quot(rows, t.batch_rows);
       const math::AdafactorScratch at{rows, cols, batches};
       const double* r_factor = t.scratch + at.r_factor();
       const double* c_factor = t.scratch + at.c_factor();
-      const std::int64_t r = e / cols, c = e % cols;
+      const QuotRem rc = quot_rem(e, cols);
+      const std::int64_t r = rc.q, c = rc.r;
       const float u = math::adafactor_factored(g, static_cast<float>(r_factor[r]),
-                                               static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]), k.adafactor);
+                                               static_cast<float>(c_factor[quot(r, t.batch_rows) * cols + c]), k.adafactor);
       math::adafactor_apply<kVariant>(p, u, s0, k.adafactor);
     } else {
       const float u = math::adafactor_unfactored(g, s0, k.adafactor);
@@ -357,17 +359,43 @@ __global__ void __launch_bounds__(kThreads) update_kernel(Tables tb, StepConfig 
   }
 }
 
-// Muon: the orthogonalised update X of each matrix of a batch steps its parameter, p = p decay -
-// lr factor O, O read from X (transposed back for a tall matrix). blockIdx.y: the matrix.
-__global__ void __launch_bounds__(kThreads) muon_apply_kernel(Tables tb, StepConfig cfg, NsBatch batch) {
+// Muon, tall batches: X (s x l, s = cols) of every matrix transposed back into `out` (l x s, the
+// parameter's layout), tile by tile through shared memory (see muon_load_tall_kernel).
+// blockIdx.x: the tile of X, blockIdx.y: the matrix; 32 x 8 threads.
+__global__ void __launch_bounds__(kTileSide * kTileRows) muon_untranspose_kernel(Tables tb, NsBatch batch,
+                                                                                const __nv_bfloat16* x,
+                                                                                __nv_bfloat16* out) {
+  __shared__ __nv_bfloat16 tile[kTileSide][kTileSide + 1];
+  if (tb.scalars->skip) return;
+  const std::int64_t s = batch.s, l = batch.l, per = s * l;
+  const std::int64_t col_tiles = (l + kTileSide - 1) / kTileSide;
+  const std::int64_t row0 = static_cast<std::int64_t>(blockIdx.x) / col_tiles * kTileSide;
+  const std::int64_t col0 = static_cast<std::int64_t>(blockIdx.x) % col_tiles * kTileSide;
+  const __nv_bfloat16* in = x + static_cast<std::int64_t>(blockIdx.y) * per;
+  __nv_bfloat16* o = out + static_cast<std::int64_t>(blockIdx.y) * per;
+  for (int k = threadIdx.y; k < kTileSide; k += kTileRows) {
+    const std::int64_t r = row0 + k, c = col0 + threadIdx.x;
+    if (r < s && c < l) tile[k][threadIdx.x] = in[r * l + c];
+  }
+  __syncthreads();
+  for (int k = threadIdx.y; k < kTileSide; k += kTileRows) {
+    const std::int64_t r = col0 + k, c = row0 + threadIdx.x;  // out's row is X's column
+    if (r < l && c < s) o[r * s + c] = tile[threadIdx.x][k];
+  }
+}
+
+// Muon: the orthogonalised update O of each matrix of a batch steps its parameter,
+// p = p decay - lr factor O, O in the parameter's layout (`o`: count matrices of rows x cols).
+// blockIdx.y: the matrix.
+__global__ void __launch_bounds__(kThreads) muon_apply_kernel(Tables tb, StepConfig cfg, NsBatch batch,
+                                                              const __nv_bfloat16* o_all) {
   if (tb.scalars->skip) return;
   const int index = batch.tensors[blockIdx.y];
   const DTensor& t = tb.tensors[index];
   if (t.grad == nullptr) return;
   const StepConstants& k = tb.constants[index];
   const float decay = k.muon.decay, step = k.muon.lr * t.muon_factor;
-  const __nv_bfloat16* o = batch.x + static_cast<std::int64_t>(blockIdx.y) * batch.s * batch.l;
-  const std::int64_t cols = t.muon_cols, l = batch.l;
+  const __nv_bfloat16* o = o_all + static_cast<std::int64_t>(blockIdx.y) * batch.s * batch.l;
   for (std::int64_t base = static_cast<std::int64_t>(blockIdx.x) * kPass; base < t.numel;
        base += static_cast<std::int64_t>(gridDim.x) * kPass) {
     const std::int64_t e0 = base + static_cast<std::int64_t>(threadIdx.x) * kPerThread;
@@ -377,11 +405,8 @@ __global__ void __launch_bounds__(kThreads) muon_apply_kernel(Tables tb, StepCon
     float p[kPerThread];
     load8_param(t, e0, n, p);
 #pragma unroll
-    for (int i = 0; i < kPerThread; ++i) {
-      if (i >= n) continue;
-      const std::int64_t e = e0 + i, r = e / cols, c = e % cols;
-      math::muon_apply(p[i], __bfloat162float(o[batch.tall ? c * l + r : r * l + c]), decay, step);
-    }
+    for (int i = 0; i < kPerThread; ++i)
+      if (i < n) math::muon_apply(p[i], __bfloat162float(o[e0 + i]), decay, step);
     store8_param(t, cfg, k, e0, n, p);
   }
 }
@@ -410,8 +435,9 @@ __global__ void __launch_bounds__(kThreads) rank1_max_kernel(Tables tb) {
       for (int j = 0; j < t.slot_count; ++j) s[j] = load_state(t, t.slots[j], sh.codebooks[j], e);
       apply_rule<R, kVariant>(p, load_grad(t, e), s[0], s[1], s[2], sh.constants, t, e);
     }
-    const std::int64_t row = valid ? e / t.cols : -1;
-    const std::int64_t col = valid ? e - row * t.cols : 0;
+    const QuotRem rc = quot_rem(valid ? e : 0, t.cols);
+    const std::int64_t row = valid ? rc.q : -1;
+    const std::int64_t col = rc.r;
     for (int j = 0; j < t.slot_count; ++j) {
       const DSlot& slot = t.slots[j];
       if (!slot.rank1) continue;
@@ -489,9 +515,10 @@ __global__ void __launch_bounds__(256) adafactor_uu_kernel(Tables tb) {
     sum = segment_sum(
         seg,
         [&](std::int64_t e) {
-          const std::int64_t r = e / cols, c = e % cols;
+          const QuotRem rc = quot_rem(e, cols);
+          const std::int64_t r = rc.q, c = rc.r;
           const float u = math::adafactor_factored(load_grad(t, e), static_cast<float>(r_factor[r]),
-                                                   static_cast<float>(c_factor[(r / t.batch_rows) * cols + c]),
+                                                   static_cast<float>(c_factor[quot(r, t.batch_rows) * cols + c]),
                                                    k.adafactor);
           return static_cast<double>(u) * u;
         },
@@ -587,11 +614,22 @@ void launch_rank1_max(const Tables& tb, const StepConfig& config, cudaStream_t s
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
-void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, cudaStream_t stream) {
+void launch_muon_apply(const Tables& tb, const StepConfig& config, const NsBatch& batch, __nv_bfloat16* result,
+                       cudaStream_t stream) {
   if (batch.count == 0) return;
+  const auto count = static_cast<unsigned>(batch.count);
+  const __nv_bfloat16* o = result;
+  if (batch.tall) {
+    __nv_bfloat16* other = result == batch.x ? batch.y : batch.x;  // free once Newton-Schulz is done
+    const std::int64_t tiles = ((batch.s + kTileSide - 1) / kTileSide) * ((batch.l + kTileSide - 1) / kTileSide);
+    muon_untranspose_kernel<<<dim3(static_cast<unsigned>(tiles), count), dim3(kTileSide, kTileRows), 0, stream>>>(
+        tb, batch, result, other);
+    NIBBLE_CUDA_CHECK(cudaGetLastError());
+    o = other;
+  }
   const std::int64_t numel = batch.rows * batch.cols;
   const auto blocks = static_cast<unsigned>(std::min<std::int64_t>((numel + kPass - 1) / kPass, 1024));
-  muon_apply_kernel<<<dim3(blocks, static_cast<unsigned>(batch.count)), kThreads, 0, stream>>>(tb, config, batch);
+  muon_apply_kernel<<<dim3(blocks, count), kThreads, 0, stream>>>(tb, config, batch, o);
   NIBBLE_CUDA_CHECK(cudaGetLastError());
 }
 
