@@ -70,6 +70,8 @@ class GroupHandle:
         self.grads: list[Optional[int]] = []
         self.views: Optional[dict[str, torch.Tensor]] = None
         self.key: tuple = ()
+        self.identity: tuple = ()  # the parameters' objects and data addresses it was made over
+        self.group_id = 0  # id() of the torch parameter group it steps
         self.ahead = False  # created before the first step (sharded): its settings may still change
         self.counted = None if counted is None else (ctypes.c_uint8 * max(len(counted), 1))(*counted)
         self.counted_len = 0 if counted is None else len(counted)

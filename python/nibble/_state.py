@@ -213,33 +213,51 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
         if isinstance(meta, dict) and meta.get("format") == SHARDED_FORMAT:
             raise ValueError(f"parameter group {index}: the state_dict is the state of a sharded optimizer "
                              "(DTensor parameters); load it into one over the same sharded parameters")
-    files = []
-    try:
-        for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-            if not group["params"]:
-                continue
-            tensors: dict[str, torch.Tensor] = dict(saved.get("nibble_codebooks", {}))
-            steps = []
-            for i, key in enumerate(saved["params"]):
-                entry = state_dict["state"].get(key, {})
-                steps.append(int(entry["step"].item()) if "step" in entry else 0)
-                for name, t in entry.items():
-                    if name != "step":
-                        tensors[f"state.{i}.{name}"] = t
-            tensors["steps"] = torch.tensor(steps, dtype=torch.int64)
-            files.append((index, _safetensors.write_temporary(tensors, saved.get("nibble", {}))))
-        # Everything is written; now the groups take the saved hyperparameters and their state.
-        for index, saved in enumerate(groups):
-            for key, value in saved.items():
-                if key not in ("params", "nibble", "nibble_codebooks"):
-                    opt.param_groups[index][key] = value
-            opt._check_group(opt.param_groups[index])
-            opt._groups.pop(index, None)
-        for index, path in files:
-            opt._nibble(index).load(path)
-    finally:
-        for _, path in files:
+    # Each group's settings as the state_dict gives them, checked, and a nibble optimizer made anew
+    # from them and loaded (the library checks the state against it); only when every group has
+    # passed do the groups take them, so a refused state_dict changes nothing.
+    updated = []
+    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        merged = dict(group)
+        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble", "nibble_codebooks")})
+        try:
+            opt._check_group(merged)
+        except ValueError as e:
+            raise ValueError(f"parameter group {index} of the state_dict: {e}") from None
+        updated.append(merged)
+    fresh: dict[int, GroupHandle] = {}
+    for index, (saved, group) in enumerate(zip(groups, updated)):
+        if not group["params"]:
+            continue
+        tensors: dict[str, torch.Tensor] = dict(saved.get("nibble_codebooks", {}))
+        steps = []
+        for i, key in enumerate(saved["params"]):
+            entry = state_dict.get("state", {}).get(key, {})
+            step = entry.get("step", 0)
+            steps.append(int(step.item() if isinstance(step, torch.Tensor) else step))
+            for name, t in entry.items():
+                if name == "step":
+                    continue
+                if not isinstance(t, torch.Tensor):
+                    raise ValueError(f"parameter {key!r} (group {index}, position {i}): state {name!r} is "
+                                     f"{type(t).__name__}, not a tensor")
+                tensors[f"state.{i}.{name}"] = t  # dtypes and shapes are the library's to check
+        tensors["steps"] = torch.tensor(steps, dtype=torch.int64)
+        path = _safetensors.write_temporary(tensors, saved.get("nibble", {}))
+        try:
+            made = opt._create(index, group)
+            made.load(path)
+        except ValueError as e:
+            raise ValueError(f"parameter group {index} of the state_dict: {str(e).replace(path, 'its state')}") from None
+        finally:
             os.unlink(path)
+        fresh[index] = made
+    for index, merged in enumerate(updated):
+        opt.param_groups[index].update({k: v for k, v in merged.items() if k != "params"})
+        opt._groups.pop(index, None)
+    for index, made in fresh.items():
+        made.key = opt._fixed_key(opt.param_groups[index])
+        opt._register(index, made)
 
 
 def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> None:

@@ -4,11 +4,12 @@ library in one call per parameter group (no per-parameter Python loop, no synchr
 from __future__ import annotations
 
 import collections
+import os
 from typing import Any, Callable, Iterable, Optional
 
 import torch
 
-from . import _dtensor, _handle, _lib, _state
+from . import _dtensor, _handle, _lib, _safetensors, _state
 from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
 # The public classes, exported by the package as they are listed here.
@@ -118,6 +119,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
             self._settings["check_finite"] = False
         self._groups: dict[int, _handle.GroupHandle] = {}
         self._mesh: Any = None  # the device mesh of DTensor parameters: set, the optimizer is sharded
+        # Per group (by the group's id), the parameter objects _check_layout last saw: a group's
+        # "params" may be edited, and groups removed from param_groups.
+        self._layout_ids: dict[int, tuple[int, ...]] = {}
         self._constructed = False
         self.last_grad_norm = float("nan")
         super().__init__(params, defaults)  # validates every group in add_param_group
@@ -148,6 +152,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
         """DTensor parameters: one device mesh for the whole optimizer, and no plain tensors in
         their group."""
         params = group["params"]
+        self._layout_ids[id(group)] = tuple(map(id, params))
         sharded = [i for i, p in enumerate(params) if _dtensor.is_dtensor(p)]
         if not sharded:
             return
@@ -212,13 +217,17 @@ class NibbleOptimizer(torch.optim.Optimizer):
         if group.get("lr") is not None:
             options["hyper"]["lr"] = _number("lr", self._lr(group))
         _handle.check_options(options, self._torch_names)
-        for p in group["params"]:
+        for i, p in enumerate(group["params"]):
             if p.dtype not in _handle.DTYPES:
-                raise ValueError(f"parameters must be float32, bfloat16 or float16, got {p.dtype}")
+                raise ValueError(f"parameter {i}: parameters must be float32, bfloat16 or float16, got {p.dtype}")
             if not p.is_contiguous():
-                raise ValueError("parameters must be contiguous; got one with strides " + str(p.stride()))
+                raise ValueError(f"parameter {i}: parameters must be contiguous; got one of shape {tuple(p.shape)} "
+                                 f"with strides {p.stride()} (channels_last? .contiguous() the module's weights)")
             if p.device.type not in ("cpu", "cuda"):
-                raise ValueError(f"parameters must be on cpu or cuda, got {p.device}")
+                raise ValueError(f"parameter {i}: parameters must be on cpu or cuda, got {p.device}")
+            if p.device.type == "cpu" and p.dtype != torch.float32:
+                raise ValueError(f"parameter {i}: the CPU backend steps float32 parameters, got {p.dtype} "
+                                 "(bfloat16 and float16 parameters are stepped on CUDA)")
 
     # -- the nibble optimizer of a group --------------------------------------------------------
 
@@ -234,27 +243,64 @@ class NibbleOptimizer(torch.optim.Optimizer):
         freeze = lambda v: tuple(v) if isinstance(v, list) else v  # noqa: E731
         return tuple((k, freeze(v)) for k, v in group.items() if k not in self._runtime_keys)
 
+    def _identity(self, params: list) -> tuple:
+        """What a group's nibble optimizer holds of its parameters: their objects and the addresses
+        of their (local) data, which the library writes."""
+        if self._mesh is not None:
+            return tuple(map(id, params)), tuple(_dtensor.local(p).data_ptr() for p in params)
+        return tuple(map(id, params)), tuple(map(torch.Tensor.data_ptr, params))
+
     def _nibble(self, index: int) -> _handle.GroupHandle:
         group = self.param_groups[index]
         existing = self._groups.get(index)
         key = self._fixed_key(group)
-        if existing is not None and existing.key == key:
+        identity = self._identity(group["params"])
+        if existing is not None and existing.key == key and existing.identity == identity:
             return existing
-        if existing is not None and existing.ahead:
-            existing = None
-        if existing is not None:
-            options = self._options(group, existing.device)
-            if existing.options != options:
-                raise ValueError(f"parameter group {index}: only lr may change after the first step; "
-                                 f"{self._changed(existing.options, options)} changed")
-            existing.key = key
-            return existing
+        if existing is not None and (existing.ahead or existing.counters() == (0, 0)):
+            existing = None  # nothing learned yet: made anew from the group as it is now
+        if existing is None:
+            made = self._create(index, group)
+            self._register(index, made)
+            return made
+        options = self._options(group, existing.device)
+        if existing.options != options:
+            raise ValueError(f"parameter group {index}: only lr may change after the first step; "
+                             f"{self._changed(existing.options, options)} changed")
+        if existing.identity[0] != identity[0]:
+            held, now = existing.identity[0], identity[0]
+            what = (f"it held {len(held)} parameters and holds {len(now)}" if len(held) != len(now) else
+                    f"parameter {next(i for i, (a, b) in enumerate(zip(held, now)) if a != b)} is another tensor")
+            raise ValueError(f"parameter group {index}: its parameters changed after its first step ({what}); nibble "
+                             "keeps a group's state by position, where torch.optim would start a new parameter "
+                             "afresh: give new parameters a group of their own (add_param_group) or a new optimizer, "
+                             "or change a parameter's data in place (p.data = ...), which keeps its state")
+        if existing.identity != identity:
+            return self._move(index, existing, group)
+        existing.key = key
+        return existing
+
+    def _move(self, index: int, existing: _handle.GroupHandle, group: dict) -> _handle.GroupHandle:
+        """A group whose parameters' data moved after its first step (p.data = ..., model.to(),
+        load_state_dict(assign=True)): a nibble optimizer over the data as it is now, with the
+        state of the old one (the library refuses it, naming why, if it no longer fits them: a new
+        shape, say). Until it is in place the old one stays, so a refusal changes nothing."""
+        tensors, metadata = existing.save()
         made = self._create(index, group)
+        path = _safetensors.write_temporary(tensors, metadata)
+        try:
+            made.load(path)
+        except ValueError as e:
+            raise ValueError(f"parameter group {index}: its parameters' data changed after its first step, and its "
+                             f"state does not fit them: {str(e).replace(path, 'the state')}") from None
+        finally:
+            os.unlink(path)
         self._register(index, made)
         return made
 
     def _register(self, index: int, made: _handle.GroupHandle) -> None:
         made.register()
+        made.group_id = id(self.param_groups[index])
         self._groups[index] = made
         self.state.holds_state = True
 
@@ -286,6 +332,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
                                    counted=counted if self._mesh is not None else None,
                                    torch_names=self._torch_names)
         made.key = key
+        made.identity = self._identity(params)
         return made
 
     @staticmethod
@@ -329,6 +376,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
                 loss = closure()
         if len(self.state):
             self._load_assigned()
+        self._refresh_layout()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         if self._global_norm():
@@ -337,11 +385,15 @@ class NibbleOptimizer(torch.optim.Optimizer):
             else:
                 self._step_with_device_norm(grad_scale, found_inf)
             return loss
+        # Every group is checked (settings, parameters, gradients) before any steps, so a refused
+        # step changes nothing.
+        stepping = []
         for index, group in enumerate(self.param_groups):
-            if not group["params"]:
-                continue
-            made = self._nibble(index)
-            self._set_grads(index, made)
+            if group["params"]:
+                made = self._nibble(index)
+                self._set_grads(index, made)
+                stepping.append((made, group))
+        for made, group in stepping:
             lr = self._lr(group)
             if made.device.type == "cpu":
                 scale = 1.0 if grad_scale is None else float(grad_scale)
@@ -357,6 +409,24 @@ class NibbleOptimizer(torch.optim.Optimizer):
                                          _on_device(grad_scale, 1.0, made.device),
                                          _on_device(found_inf, 0.0, made.device))
         return loss
+
+    def _refresh_layout(self) -> None:
+        """Follows edits of param_groups since the last call: each nibble optimizer stays with its
+        group (by the group's identity: a group removed from the list takes its state with it),
+        and the groups whose "params" lists hold other objects than before (e.g. swapped for
+        FSDP2's DTensors after the optimizer was made) have their layout (plain or DTensor, one
+        mesh) checked again."""
+        by_group = {made.group_id: made for made in self._groups.values()}
+        self._groups = {index: by_group[id(group)] for index, group in enumerate(self.param_groups)
+                        if id(group) in by_group}
+        live = {id(group) for group in self.param_groups}
+        for key in [key for key in self._layout_ids if key not in live]:
+            del self._layout_ids[key]
+        for index, group in enumerate(self.param_groups):
+            if self._layout_ids.get(id(group)) != tuple(map(id, group["params"])):
+                self._check_group(group)
+                self._check_layout(index, group)
+                self._check_devices()
 
     def _on_cpu(self) -> bool:
         return all(p.device.type == "cpu" for group in self.param_groups for p in group["params"])
@@ -438,10 +508,19 @@ class NibbleOptimizer(torch.optim.Optimizer):
         """PyTorch's layout: {"state": {param index: {"step", "exp_avg", ...}}, "param_groups": [...]}.
         Quantized state appears as uint8 "<name>.codes" plus float32 "<name>.absmax" (or
         "row_max"/"col_max"); every tensor is on the CPU, so the dict loads on any device.
-        A sharded optimizer's state is DTensors shaped like the parameters (see _state._sharded_group)."""
+        A sharded optimizer's state is DTensors shaped like the parameters (see _state._sharded_group).
+        Hooks registered with register_state_dict_pre_hook / _post_hook run as torch.optim's do."""
+        for pre_hook in self._optimizer_state_dict_pre_hooks.values():
+            pre_hook(self)
         if len(self.state):
             self._load_assigned()
-        return self._state_dict()
+        self._refresh_layout()
+        result = self._state_dict()
+        for post_hook in self._optimizer_state_dict_post_hooks.values():
+            hooked = post_hook(self, result)
+            if hooked is not None:
+                result = hooked
+        return result
 
     def _state_dict(self) -> dict:
         return _state.state_dict(self)
@@ -450,9 +529,39 @@ class NibbleOptimizer(torch.optim.Optimizer):
         _state.load_assigned(self)
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Replaces every group's settings and state with the state_dict's, after checking all of it
+        (a refused one leaves the optimizer as it was). Hooks registered with
+        register_load_state_dict_pre_hook / _post_hook run as torch.optim's do."""
+        state_dict = dict(state_dict)
+        for pre_hook in self._optimizer_load_state_dict_pre_hooks.values():
+            hooked = pre_hook(self, state_dict)
+            if hooked is not None:
+                state_dict = hooked
+        self._refresh_layout()
         _state.load_state_dict(self, state_dict)
         # The whole state is replaced: entries assigned to optimizer.state before are superseded.
         self.state.clear()
+        for post_hook in self._optimizer_load_state_dict_post_hooks.values():
+            post_hook(self)
+
+    def __getstate__(self) -> dict:
+        """For copy.deepcopy and pickle: torch's fields and the settings, with nibble's state as a
+        state_dict (the library's optimizers themselves are not copied; __setstate__ makes new ones)."""
+        return {"defaults": self.defaults, "param_groups": self.param_groups, "_settings": self._settings,
+                "_nibble_state": self.state_dict() if self._groups else None}
+
+    def __setstate__(self, saved: dict) -> None:
+        nibble_state = saved.pop("_nibble_state", None)
+        super().__setstate__({"defaults": saved["defaults"], "state": _StateView(dict),
+                              "param_groups": saved["param_groups"]})
+        self._settings = saved["_settings"]
+        self._groups, self._mesh, self._layout_ids = {}, None, {}
+        self._constructed = True
+        self.last_grad_norm = float("nan")
+        for index, group in enumerate(self.param_groups):
+            self._check_layout(index, group)
+        if nibble_state is not None:
+            self.load_state_dict(nibble_state)
 
 
 # -- the algorithms, with PyTorch's and the papers' argument names --------------------------------
@@ -794,8 +903,9 @@ class Muon(NibbleOptimizer):
     as Keller Jordan's MuonWithAuxAdam: a group's use_muon None (the default) orthogonalises its
     parameters of rank >= 2 (higher ranks seen as (shape[0], rest), as conv weights) and steps the
     others (biases, norms) with AdamW at adamw_lr, adamw_betas, adamw_eps and adamw_weight_decay;
-    lr's changes (schedulers) scale adamw_lr alike: it is taken relative to the group's base lr
-    (its "initial_lr" when a scheduler set one, else its lr at the first step). use_muon True
+    lr's changes (schedulers) scale adamw_lr alike: it is taken relative to the group's base lr,
+    kept in the group as "muon_base_lr" (saved with the state_dict) from its "initial_lr" when a
+    scheduler had set one, else its lr when the group was added. use_muon True
     orthogonalises every parameter (each must have rank >= 2); use_muon False steps every one with
     AdamW, the group's lr and weight_decay then being AdamW's (MuonWithAuxAdam's groups). Give
     embeddings and output heads, which are matrices, a group with use_muon False."""
@@ -844,7 +954,7 @@ class Muon(NibbleOptimizer):
             return hyper
         # The library scales both lrs by lr_scale (the group's lr), so the fallback's is given
         # relative to the group's base lr.
-        base = _number("lr", g.get("initial_lr", g["lr"]))
+        base = _number("lr", g.get("muon_base_lr", g.get("initial_lr", g["lr"])))
         adamw_lr = _number("adamw_lr", g["adamw_lr"])
         if base <= 0.0 and use_muon is None and any(p.dim() < 2 for p in g["params"]):
             raise ValueError(f"Muon: a group with AdamW fallback parameters needs a base lr > 0 (adamw_lr is scaled "
@@ -856,6 +966,13 @@ class Muon(NibbleOptimizer):
 
     def _options(self, group: dict, device: torch.device) -> dict:
         return dict(super()._options(group, device), use_muon=group["use_muon"])
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        # The base of adamw_lr's scaling, fixed now: a later scheduler's initial_lr, or an lr changed
+        # by hand before a save, would otherwise move the fallback's lr on a resume.
+        group = self.param_groups[-1]
+        group.setdefault("muon_base_lr", group.get("initial_lr", group["lr"]))
 
 
 def _with_precision(base: type, precision: str, name: str) -> type:

@@ -300,6 +300,25 @@ def test_muon_groups_choose_muon_or_adamw():
         train(net, nibble.Muon(net.parameters(), use_muon=True), 1)
 
 
+def test_muon_fallback_lr_resumes_after_an_lr_changed_by_hand():
+    # adamw_lr scales with lr relative to the group's base lr, which the state_dict keeps: a resume
+    # after a manual decay steps the AdamW fallback tensors as the uninterrupted run does.
+    a, b = model(), model()
+    opt_a = nibble.Muon(a.parameters(), lr=2e-2, adamw_lr=1e-2)
+    train(a, opt_a, 2)
+    opt_a.param_groups[0]["lr"] = 1e-2
+    train(a, opt_a, 1)
+    state = copy.deepcopy(opt_a.state_dict())
+    assert state["param_groups"][0]["muon_base_lr"] == 2e-2
+    b.load_state_dict(a.state_dict())
+    opt_b = nibble.Muon(b.parameters(), lr=1e-2, adamw_lr=1e-2)
+    opt_b.load_state_dict(state)
+    train(a, opt_a, 2, seed=3)
+    train(b, opt_b, 2, seed=3)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
 def test_muon_state_dict_round_trip_continues_in_lockstep():
     a, b = model(), model()
     opt_a = nibble.Muon8bit(a.parameters(), lr=2e-2, adamw_lr=1e-2, min_quant_size=0)
@@ -597,11 +616,186 @@ def test_changing_a_fixed_hyperparameter_after_stepping_is_refused():
 
 def test_sixteen_bit_parameters_need_cuda():
     net = model().to(torch.bfloat16)
+    with pytest.raises(ValueError, match="parameter 0: the CPU backend steps float32 parameters, got torch.bfloat16"):
+        nibble.AdamW(net.parameters())
+
+
+# -- what users do to parameters, groups and state between steps, as torch.optim allows -------------
+
+def twins(precision: str = "fp32"):
+    """A model and nibble AdamW beside the same model and torch.optim.AdamW (nibble fp32 follows
+    torch within RTOL/ATOL)."""
+    a, b = model(), model()
+    return a, nibble.AdamW(a.parameters(), lr=1e-2, precision=precision), b, torch.optim.AdamW(b.parameters(), lr=1e-2)
+
+
+def assert_close_models(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
+def test_replaced_parameter_storage_is_stepped_with_its_state():
+    # p.data = ... (as model.to(), load_state_dict(assign=True) or weight swaps do it): the step
+    # writes the new storage, the state carries over, and the old storage is left alone.
+    a, opt_a, b, opt_b = twins()
+    train(a, opt_a, 3)
+    train(b, opt_b, 3)
+    old = a[0].weight.data
+    kept = old.clone()
+    for net in (a, b):
+        net[0].weight.data = net[0].weight.data.clone() + 0.5
+    train(a, opt_a, 3, seed=2)
+    train(b, opt_b, 3, seed=2)
+    assert_close_models(a, b)
+    assert torch.equal(old, kept)
+    assert opt_a.counters() == [(6, 0)]
+
+
+def test_an_edited_params_list_is_refused_after_the_first_step_and_followed_before():
+    # Before any step the group is read as it is then (FSDP2 wrappers swap in DTensors that way).
+    a, opt_a, b, opt_b = twins()
+    for net, opt in ((a, opt_a), (b, opt_b)):
+        fresh = torch.nn.Parameter(net[2].bias.detach().clone())
+        opt.param_groups[0]["params"][3] = fresh
+        net[2].bias = fresh
+    train(a, opt_a, 2)
+    train(b, opt_b, 2)
+    assert_close_models(a, b)
+    # After it, nibble's state is per position: another tensor in a position, or one more, is
+    # refused, naming why, and nothing changes.
+    before = [p.clone() for p in a.parameters()]
+    extra = torch.nn.Parameter(torch.ones(3))
+    extra.grad = torch.ones(3)
+    opt_a.param_groups[0]["params"].append(extra)
+    with pytest.raises(ValueError, match="parameter group 0: its parameters changed after its first step "
+                                         r"\(it held 4 parameters and holds 5\)"):
+        opt_a.step()
+    opt_a.param_groups[0]["params"].pop()
+    opt_a.param_groups[0]["params"][1] = extra
+    with pytest.raises(ValueError, match=r"\(parameter 1 is another tensor\)"):
+        opt_a.step()
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), before))
+    assert torch.equal(extra, torch.ones(3))
+    assert opt_a.counters() == [(2, 0)]
+
+
+def test_a_removed_group_takes_its_state_with_it():
+    net = model()
+    params = list(net.parameters())
+    opt = nibble.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.2}], lr=0.1)
+    ref_net = model()
+    ref_params = list(ref_net.parameters())
+    ref = torch.optim.AdamW([{"params": ref_params[:2]}, {"params": ref_params[2:], "lr": 0.2}], lr=0.1)
+    train(net, opt, 2)
+    train(ref_net, ref, 2)
+    del opt.param_groups[0]
+    del ref.param_groups[0]
+    train(net, opt, 2, seed=3)
+    train(ref_net, ref, 2, seed=3)
+    assert_close_models(net, ref_net)
+    assert opt.counters() == [(4, 0)]
+
+
+def test_a_refused_step_steps_no_group():
+    net = model()
+    params = list(net.parameters())
+    opt = nibble.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.2}], lr=0.1)
+    train(net, opt, 1)
+    before = [p.clone() for p in params]
+    opt.param_groups[1]["weight_decay"] = 0.0
+    with pytest.raises(ValueError, match="parameter group 1: only lr may change after the first step; "
+                                         "weight_decay changed"):
+        train(net, opt, 1)
+    assert all(torch.equal(p, q) for p, q in zip(params, before))
+    assert opt.counters() == [(1, 0), (1, 0)]
+
+
+def test_a_refused_state_dict_leaves_groups_and_state_as_they_were():
+    net = model()
+    params = list(net.parameters())
+    opt = nibble.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.2}], lr=0.1)
+    train(net, opt, 2)
+    before = opt.state_dict()
+    swapped = copy.deepcopy(before)
+    swapped["param_groups"] = swapped["param_groups"][::-1]  # groups in the other order
+    bad_betas = copy.deepcopy(before)
+    bad_betas["param_groups"][1]["betas"] = (0.9, 1.5)
+    other = model()
+    other_params = list(other.parameters())
+    torch_opt = torch.optim.AdamW([{"params": other_params[:2]}, {"params": other_params[2:], "lr": 0.2}], lr=0.1)
+    train(other, torch_opt, 1)
+    for wrong, match in ((swapped, "parameter group 0 of the state_dict"),
+                         (bad_betas, r"parameter group 1 of the state_dict: adamw: betas\[1\] \(beta2\)"),
+                         (torch_opt.state_dict(), "parameter group 0 of the state_dict")):
+        with pytest.raises(ValueError, match=match):
+            opt.load_state_dict(wrong)
+        after = opt.state_dict()
+        assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
+        assert opt.param_groups[1]["betas"] == (0.9, 0.999)
+        assert "foreach" not in opt.param_groups[0]
+        assert opt.counters() == [(2, 0), (2, 0)]
+        for key, entry in before["state"].items():
+            for name, value in entry.items():
+                assert torch.equal(value, after["state"][key][name]), (key, name)
+    train(net, opt, 1)  # and it still steps
+
+
+def test_a_plain_number_step_loads():
+    # "step" as a plain number, as older torch.optim checkpoints hold it.
+    a, b = model(), model()
+    opt_a = nibble.AdamW(a.parameters(), lr=1e-2)
+    train(a, opt_a, 3)
+    state = opt_a.state_dict()
+    for entry in state["state"].values():
+        entry["step"] = int(entry["step"].item())
+    b.load_state_dict(a.state_dict())
+    opt_b = nibble.AdamW(b.parameters(), lr=1e-2)
+    opt_b.load_state_dict(state)
+    train(a, opt_a, 2, seed=6)
+    train(b, opt_b, 2, seed=6)
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_state_dict_hooks_run_as_torch_optims_do():
+    net = model()
     opt = nibble.AdamW(net.parameters())
-    for p in net.parameters():
-        p.grad = torch.zeros_like(p)
-    with pytest.raises(ValueError, match="CPU backend steps F32"):
-        opt.step()
+    train(net, opt, 1)
+    calls = []
+    opt.register_state_dict_pre_hook(lambda o: calls.append("sd_pre"))
+    opt.register_state_dict_post_hook(lambda o, sd: dict(sd, extra="post") if calls.append("sd_post") is None else sd)
+    opt.register_load_state_dict_pre_hook(lambda o, sd: calls.append("load_pre"))
+    opt.register_load_state_dict_post_hook(lambda o: calls.append("load_post"))
+    state = opt.state_dict()
+    assert state["extra"] == "post"
+    opt.load_state_dict(state)
+    assert calls == ["sd_pre", "sd_post", "load_pre", "load_post"]
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_in_lockstep_with_the_original(how):
+    import pickle
+    net = model()
+    opt = nibble.AdamW8bit(net.parameters(), lr=1e-2, min_quant_size=0)
+    train(net, opt, 3)
+    net_copy, opt_copy = copy.deepcopy((net, opt)) if how == "deepcopy" else pickle.loads(pickle.dumps((net, opt)))
+    assert opt_copy.counters() == [(3, 0)]
+    train(net, opt, 3, seed=7)
+    train(net_copy, opt_copy, 3, seed=7)
+    for p, q in zip(net.parameters(), net_copy.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_settings_may_change_until_the_first_step():
+    # state_dict() (an initial checkpoint) before training makes nibble's state; the group's
+    # settings may still change until a step has been taken.
+    a, opt_a, b, opt_b = twins()
+    opt_a.state_dict()
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["weight_decay"] = 0.0
+    train(a, opt_a, 2)
+    train(b, opt_b, 2)
+    assert_close_models(a, b)
 
 
 def test_sophia_hessian_updates_and_steps():
