@@ -3,6 +3,8 @@
 // and the plain-text helpers (tables, grouped digits, byte sizes read and written).
 #include <fmt/format.h>
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -474,16 +476,26 @@ TEST(BenchReport, FailedWriteLeavesTheExistingFileUnchanged) {
   const TempDir temp;
   const fs::path path = temp.path() / "r.json";
   write_file(path, "old report");
-  // A directory where the temporary would go: it cannot be created, and is not ours to remove.
-  const fs::path blocker = temp.path() / ("r.json.tmp-" + std::to_string(::getpid()));
-  fs::create_directory(blocker);
-  const std::string message =
-      thrown_message<IoError>([&] { write_report(every_type_report(), temp.path(), "r"); });
+  // A file-size limit makes the write fail part-way, as a full disk would (root included).
+  // SIGXFSZ is ignored so that the write returns EFBIG instead of killing the process.
+  rlimit saved_limit{};
+  ASSERT_EQ(::getrlimit(RLIMIT_FSIZE, &saved_limit), 0);
+  rlimit small_limit = saved_limit;
+  small_limit.rlim_cur = 16;
+  const auto saved_handler = ::signal(SIGXFSZ, SIG_IGN);
+  ASSERT_EQ(::setrlimit(RLIMIT_FSIZE, &small_limit), 0);
+  std::string message;
+  try {
+    write_report(every_type_report(), temp.path(), "r");
+  } catch (const IoError& e) {
+    message = e.what();
+  }
+  ::setrlimit(RLIMIT_FSIZE, &saved_limit);
+  ::signal(SIGXFSZ, saved_handler);
+  ASSERT_FALSE(message.empty()) << "the write did not fail";
   EXPECT_NE(message.find(path.string()), std::string::npos) << message;
   EXPECT_EQ(read_text(path), "old report");
-  EXPECT_TRUE(fs::is_directory(blocker));
-  EXPECT_EQ(names_in(temp.path()),
-            (std::vector<std::string>{"r.json", blocker.filename().string()}));
+  EXPECT_EQ(names_in(temp.path()), std::vector<std::string>{"r.json"});  // no temporary left behind
 }
 
 TEST(BenchReport, FailedRenameRemovesTheTemporary) {

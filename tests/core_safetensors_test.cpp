@@ -7,6 +7,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
@@ -19,6 +20,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <typeinfo>
 #include <vector>
 
@@ -360,16 +362,43 @@ TEST_F(SafetensorsFiles, UnwritableDirectoryLeavesOldFileUntouched) {
   EXPECT_EQ(directory_entries(), std::set<std::string>{"checkpoint.safetensors"});
 }
 
-TEST_F(SafetensorsFiles, OccupiedTemporaryNameIsNotRemoved) {
+TEST_F(SafetensorsFiles, WhatStandsBesideTheFileIsLeftAlone) {
+  // Names like a temporary's, a file and a directory: a save takes a fresh name of its own.
   const fs::path path = directory_ / "checkpoint.safetensors";
+  write_file(directory_ / "checkpoint.safetensors.tmp-aaaaaa", Bytes{1, 2, 3});
+  fs::create_directory(directory_ / "checkpoint.safetensors.tmp-bbbbbb");
   save_safetensors(path, views_of(sample_tensors()));
-  const Bytes old_bytes = read_bytes(path);
-  const std::string temp_name = "checkpoint.safetensors.tmp-" + std::to_string(::getpid());
-  fs::create_directory(directory_ / temp_name);
+  EXPECT_EQ(load_safetensors(path).tensors.size(), sample_tensors().size());
+  EXPECT_EQ(read_bytes(directory_ / "checkpoint.safetensors.tmp-aaaaaa"), (Bytes{1, 2, 3}));
+  EXPECT_TRUE(fs::is_directory(directory_ / "checkpoint.safetensors.tmp-bbbbbb"));
+  EXPECT_EQ(directory_entries(), (std::set<std::string>{"checkpoint.safetensors", "checkpoint.safetensors.tmp-aaaaaa",
+                                                        "checkpoint.safetensors.tmp-bbbbbb"}));
+}
 
-  EXPECT_THROW(save_safetensors(path, {}), IoError);
-  EXPECT_EQ(read_bytes(path), old_bytes);
-  EXPECT_TRUE(fs::is_directory(directory_ / temp_name)) << "removed something it did not create";
+TEST_F(SafetensorsFiles, ConcurrentSavesToOnePathEachPublishAWholeFile) {
+  // Two threads of one process saving one path (a temporary named by the process alone was shared
+  // by both: one's rename found it gone, or published the other's half-written bytes).
+  const fs::path path = directory_ / "checkpoint.safetensors";
+  const std::vector<SampleTensor> a = {make_sample("a", DType::F32, {4096}, 1)};
+  const std::vector<SampleTensor> b = {make_sample("b", DType::F32, {8192}, 2)};
+  std::atomic<int> failures{0};
+  auto writer = [&](const std::vector<SampleTensor>& samples) {
+    for (int i = 0; i < 40; ++i) {
+      try {
+        save_safetensors(path, views_of(samples));
+      } catch (const IoError&) {
+        ++failures;
+      }
+    }
+  };
+  std::thread first(writer, std::cref(a)), second(writer, std::cref(b));
+  first.join();
+  second.join();
+  EXPECT_EQ(failures.load(), 0);
+  const SafetensorsFile file = load_safetensors(path);  // whole: one writer's, not a mix
+  ASSERT_EQ(file.tensors.size(), 1u);
+  EXPECT_TRUE(file.find("a") != nullptr || file.find("b") != nullptr);
+  EXPECT_EQ(directory_entries(), std::set<std::string>{"checkpoint.safetensors"});
 }
 
 TEST_F(SafetensorsFiles, LoadMissingFileThrowsIoError) {

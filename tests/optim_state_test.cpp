@@ -103,6 +103,7 @@ struct RunSetup {
   bool rank1 = false;
   bool stochastic = false;
   bool check_finite = true;
+  float max_grad_norm = 0.0f;
   std::uint64_t seed = 1234;
 };
 
@@ -165,6 +166,7 @@ std::unique_ptr<Run> make_run(const RunSetup& s, const Arrays& init) {
   o.stochastic_rounding = s.stochastic;
   o.seed = s.seed;
   o.check_finite = s.check_finite;
+  o.max_grad_norm = s.max_grad_norm;
   r->opt = std::make_unique<Optimizer>(std::vector<ParamGroup>{std::move(group)}, o);
   return r;
 }
@@ -975,6 +977,41 @@ TEST(NonFiniteGradients, OverflowAfterUnscalingIsSkippedToo) {
   EXPECT_EQ(a->opt->skipped_steps(), 1);
 }
 
+// A finite gradient whose square overflows float (|g| > sqrt(FLT_MAX) = 1.84e19) would put inf in a
+// second moment (8-bit: NaN in its whole block) and make every later save unloadable: the step is
+// skipped like a non-finite one. Just below the limit it is taken, and the state stays finite; with
+// clipping the applied gradient is small, and the step is taken too.
+TEST(NonFiniteGradients, GradientsWhoseSquaresOverflowAreSkipped) {
+  for (Precision precision : {Precision::kFp32, Precision::kBf16, Precision::kInt8, Precision::kFp8}) {
+    SCOPED_TRACE(std::string(precision_name(precision)));
+    RunSetup setup;
+    setup.shapes = {{4097}};
+    setup.precision = precision;
+    const Arrays init = initial_params(setup.shapes, 6);
+    auto a = make_run(setup, init), before = make_run(setup, init);
+    advance(*a, 0);
+    advance(*before, 0);
+    fill_grads(*a, 1);
+    a->g[0][7] = 1e20f;
+    const StepResult res = a->opt->step();
+    EXPECT_TRUE(res.skipped);
+    EXPECT_TRUE(std::isfinite(res.grad_norm) && res.grad_norm >= 1e20) << res.grad_norm;
+    EXPECT_TRUE(identical(*a, *before, false)) << "the skipped step changed something";
+    a->g[0][7] = 1e19f;
+    EXPECT_FALSE(a->opt->step().skipped);
+    for (const std::string& name : a->opt->state_names(0))
+      for (float v : a->opt->state_values(0, name)) ASSERT_TRUE(std::isfinite(v)) << name;
+    setup.max_grad_norm = 1.0f;
+    auto c = make_run(setup, init);
+    advance(*c, 0);
+    fill_grads(*c, 1);
+    c->g[0][7] = 1e20f;
+    EXPECT_FALSE(c->opt->step().skipped);
+    for (const std::string& name : c->opt->state_names(0))
+      for (float v : c->opt->state_values(0, name)) ASSERT_TRUE(std::isfinite(v)) << name;
+  }
+}
+
 // found_inf (an AMP scaler's verdict) skips a step with finite gradients, computes no norm and
 // changes nothing; the CUDA backend's device flag does the same (tests/gpu/optim_cuda_test.cpp).
 TEST(NonFiniteGradients, FoundInfSkipsWithoutANorm) {
@@ -1236,6 +1273,11 @@ TEST(Validation, BadParameterListsAreRefusedByName) {
     auto g = t.groups();
     g[0].params[1].data = t.w.data();
     refuse("same data twice", g, {"'b'", "'w'", "twice"});
+  }
+  {
+    auto g = t.groups();
+    g[0].params[1].data = t.w.data() + 30;  // 6 elements from w's 31st: two of them are w's
+    refuse("overlapping data", g, {"'w'", "'b'", "overlap"});
   }
   {
     auto g = t.groups();

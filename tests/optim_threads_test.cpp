@@ -147,5 +147,35 @@ TEST(StepScratch, SgdWithoutMomentumIgnoresStaleScratch) {
   for (float x : p) ASSERT_FLOAT_EQ(x, 1.0f - 3 * 0.05f);
 }
 
+// Rank-1 4-bit second moments keep one row of column maxima per thread, sized when the optimizer
+// is made: a caller that raises OpenMP's thread count afterwards (a framework, another thread's
+// setting) must not step past it. Made with 1 thread, stepped with 8: the same parameters as a run
+// made and stepped with 1.
+TEST(StepScratch, Rank1ScratchHoldsWhenTheThreadCountGrows) {
+  const int saved = omp_get_max_threads();
+  auto run_rank1 = [](int stepping_threads) {
+    omp_set_num_threads(1);
+    Rng rng(5);
+    std::vector<float> p(64 * 4096), g(p.size());
+    for (float& v : p) v = 0.1f * rng.normal();
+    ParamGroup group;
+    group.params.push_back({"w", {64, 4096}, p.data(), g.data()});
+    OptimizerOptions options;
+    options.algorithm = Algorithm::kAdamW;
+    options.precision = Precision::kInt4;
+    options.rank1_second_moment = true;
+    Optimizer opt({group}, options);
+    omp_set_num_threads(stepping_threads);
+    for (int step = 0; step < 3; ++step) {
+      for (float& v : g) v = rng.normal();
+      opt.step();
+    }
+    return p;
+  };
+  const std::vector<float> one = run_rank1(1), eight = run_rank1(8);
+  omp_set_num_threads(saved);
+  EXPECT_EQ(std::memcmp(one.data(), eight.data(), one.size() * sizeof(float)), 0);
+}
+
 }  // namespace
 }  // namespace nibble

@@ -117,7 +117,7 @@ struct DeviceScalars {
 };
 
 struct StepResult {
-  bool skipped = false;    // gradients were not finite; nothing changed
+  bool skipped = false;    // gradients were not finite (or beyond sqrt(FLT_MAX) in norm); nothing changed
   double grad_norm = 0.0;  // global L2 norm of grad / grad_scale before clipping (NaN if not computed)
   std::int64_t step = 0;   // optimizer steps taken so far
 };

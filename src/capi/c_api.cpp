@@ -6,9 +6,12 @@
 
 #include <algorithm>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <nlohmann/json.hpp>
 #include <string>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "nibble/algorithms.hpp"
@@ -24,6 +27,16 @@ namespace {
 
 thread_local std::string last_error;
 
+// The message of the last failed call; a message that cannot be stored (no memory) leaves it empty
+// rather than let an exception out of an extern "C" function.
+void set_error(const char* message) noexcept {
+  try {
+    last_error = message;
+  } catch (...) {
+    last_error.clear();
+  }
+}
+
 template <class Fn>
 int guarded(Fn&& fn) {
   try {
@@ -31,25 +44,31 @@ int guarded(Fn&& fn) {
     last_error.clear();
     return NIBBLE_OK;
   } catch (const nibble::InvalidArgument& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_INVALID_ARGUMENT;
   } catch (const nibble::StateMismatch& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_STATE_MISMATCH;
   } catch (const nibble::FormatError& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_FORMAT_ERROR;
   } catch (const nibble::IoError& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_IO_ERROR;
   } catch (const nibble::OutOfMemory& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_OUT_OF_MEMORY;
   } catch (const nibble::DeviceError& e) {
-    last_error = e.what();
+    set_error(e.what());
     return NIBBLE_DEVICE_ERROR;
+  } catch (const std::bad_alloc&) {
+    set_error("out of host memory (an allocation failed)");
+    return NIBBLE_OUT_OF_MEMORY;
   } catch (const std::exception& e) {
-    last_error = e.what();
+    set_error(e.what());
+    return NIBBLE_ERROR;
+  } catch (...) {
+    set_error("unknown error");
     return NIBBLE_ERROR;
   }
 }
@@ -161,10 +180,31 @@ nibble::OptimizerOptions read_options(const char* text) {
   }
   nibble::Hyper hyper = nibble::default_hyper(o.algorithm);
   auto get = [&](const std::string& key, auto& field) {
-    try {
-      field = j[key].get<std::remove_reference_t<decltype(field)>>();
-    } catch (const nlohmann::json::exception&) {
-      throw nibble::InvalidArgument(fmt::format("option {} has the wrong type: {}", key, j[key].dump()));
+    using T = std::remove_reference_t<decltype(field)>;
+    const nlohmann::json& v = j[key];
+    if constexpr (std::is_same_v<T, bool>) {
+      if (!v.is_boolean()) throw nibble::InvalidArgument(fmt::format("option {} must be true or false, got {}", key, v.dump()));
+      field = v.get<bool>();
+    } else if constexpr (std::is_integral_v<T>) {
+      // A whole number that fits, compared as JSON holds it (int64 or uint64) before it narrows:
+      // 16.9 or 2^32 + 256 would otherwise arrive as 16 or 256.
+      if (!v.is_number_integer())
+        throw nibble::InvalidArgument(fmt::format("option {} must be a whole number, got {}", key, v.dump()));
+      const bool fits = v.is_number_unsigned() ? std::in_range<T>(v.get<std::uint64_t>())
+                                               : std::in_range<T>(v.get<std::int64_t>());
+      if (!fits)
+        throw nibble::InvalidArgument(fmt::format("option {} is out of range [{}, {}]: {}", key,
+                                                  std::numeric_limits<T>::min(), std::numeric_limits<T>::max(), v.dump()));
+      field = v.is_number_unsigned() ? static_cast<T>(v.get<std::uint64_t>()) : static_cast<T>(v.get<std::int64_t>());
+    } else if constexpr (std::is_floating_point_v<T>) {
+      if (!v.is_number()) throw nibble::InvalidArgument(fmt::format("option {} must be a number, got {}", key, v.dump()));
+      field = v.get<T>();
+    } else {
+      try {
+        field = v.get<T>();
+      } catch (const nlohmann::json::exception&) {
+        throw nibble::InvalidArgument(fmt::format("option {} has the wrong type: {}", key, v.dump()));
+      }
     }
   };
   for (const auto& [key, value] : j.items()) {
@@ -258,6 +298,7 @@ int nibble_set_grads(nibble_optimizer* optimizer, void* const* grads, int64_t co
   return guarded([&] {
     require(optimizer, "optimizer");
     if (count > 0) require(grads, "grads");
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("gradient count {} is negative", count));
     nibble::Optimizer& opt = optimizer->optimizer;
     use_stream(opt, stream, "nibble_set_grads");
     opt.set_grads({grads, static_cast<std::size_t>(count)});
@@ -270,7 +311,7 @@ int nibble_step(nibble_optimizer* optimizer, float grad_scale, float lr_scale, i
     require(optimizer, "optimizer");
     nibble::Optimizer& opt = optimizer->optimizer;
     const bool cuda = opt.device() == nibble::Device::kCuda;
-    if (cuda && stream != nullptr) opt.set_cuda_stream(stream);
+    use_stream(opt, stream, "nibble_step");
     nibble::StepOptions so;
     so.grad_scale = grad_scale;
     so.lr_scale = lr_scale;
@@ -443,6 +484,7 @@ int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estim
   return guarded([&] {
     require(optimizer, "optimizer");
     if (count > 0) require(estimates, "estimates");
+    if (count < 0) throw nibble::InvalidArgument(fmt::format("estimate count {} is negative", count));
     use_stream(optimizer->optimizer, stream, "nibble_update_hessian");
     optimizer->optimizer.update_hessian({estimates, static_cast<std::size_t>(count)});
   });

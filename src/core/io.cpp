@@ -2,6 +2,7 @@
 #include "nibble/io.hpp"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cerrno>
@@ -13,23 +14,51 @@
 #include "nibble/error.hpp"
 
 namespace nibble {
+namespace {
+
+// The process's umask, read without setting it (umask() sets it, for every thread at once): from
+// /proc/self/status (Linux 4.7 and later), else the usual 022.
+mode_t process_umask() {
+  if (std::FILE* status = std::fopen("/proc/self/status", "r")) {
+    char line[256];
+    unsigned mask = 0;
+    while (std::fgets(line, sizeof line, status) != nullptr)
+      if (std::sscanf(line, "Umask: %o", &mask) == 1) {
+        std::fclose(status);
+        return static_cast<mode_t>(mask);
+      }
+    std::fclose(status);
+  }
+  return 022;
+}
+
+}  // namespace
 
 void write_file_atomic(const std::filesystem::path& path, std::span<const std::byte> bytes) {
   // The temporary lives beside the target so that the rename stays on one file system and is
-  // atomic; the pid keeps two processes writing one path from sharing a temporary.
-  std::filesystem::path temp_path = path;
-  temp_path += ".tmp-" + std::to_string(::getpid());
+  // atomic. mkstemp makes a name no one else holds (another process, or another thread of this
+  // one, writing the same path) and creates it exclusively, so it follows no link already there.
+  std::string temp_name = path.string() + ".tmp-XXXXXX";
+  const int fd = ::mkstemp(temp_name.data());
+  if (fd < 0)
+    throw IoError("cannot write '" + path.string() + "': cannot create a temporary beside it: " + std::strerror(errno));
+  const std::filesystem::path temp_path = temp_name;
   auto fail = [&](const std::string& action, int error) {
     std::error_code ignored;
     std::filesystem::remove(temp_path, ignored);
     throw IoError("cannot write '" + path.string() + "': " + action + ": " + std::strerror(error));
   };
-
-  std::FILE* file = std::fopen(temp_path.c_str(), "wb");
+  // mkstemp's mode is 0600; the file gets the mode a new file would (0666 less the umask).
+  if (::fchmod(fd, 0666 & ~process_umask()) != 0) {
+    const int error = errno;
+    ::close(fd);
+    fail("chmod failed", error);
+  }
+  std::FILE* file = ::fdopen(fd, "wb");
   if (file == nullptr) {
-    // Nothing of ours to remove: whatever stands at temp_path is not the temporary.
-    throw IoError("cannot write '" + path.string() + "': cannot create '" + temp_path.string() +
-                  "': " + std::strerror(errno));
+    const int error = errno;
+    ::close(fd);
+    fail("fdopen failed", error);
   }
   if (!bytes.empty() && std::fwrite(bytes.data(), 1, bytes.size(), file) != bytes.size()) {
     const int error = errno;

@@ -106,7 +106,7 @@ constexpr std::string_view kAdamPFlags[] = {"nesterov", "bias_correction"};
 constexpr std::string_view kQhmFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdoptFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdemamixFlags[] = {"bias_correction"};
-constexpr std::string_view kMuonFlags[] = {"nesterov"};
+constexpr std::string_view kMuonFlags[] = {"nesterov", "bias_correction"};  // bias_correction: the AdamW fallback's
 
 void check_range(std::string_view algo, std::string_view what, float v, HyperRange range);
 

@@ -12,6 +12,7 @@
 
 #include "nibble/device.hpp"
 #include "nibble/error.hpp"
+#include "math/bf16.hpp"
 #include "math/scratch_layout.hpp"
 #include "math/step_policy.hpp"
 #include "optim/impl.hpp"
@@ -140,6 +141,28 @@ PlainState plain_state(TensorState& t, std::string_view name) {
   return out;
 }
 
+// Parameters whose arrays share memory (overlapping views of one storage) would be stepped twice
+// at once, by different threads: refused, naming both. Sorted by address, each must end before the
+// next begins.
+void check_no_overlap(const std::vector<TensorState>& tensors) {
+  struct Range {
+    std::uintptr_t begin, end;
+    const std::string* name;
+  };
+  std::vector<Range> ranges;
+  for (const TensorState& t : tensors)
+    if (t.numel > 0) {
+      const auto begin = reinterpret_cast<std::uintptr_t>(t.param.data);
+      ranges.push_back({begin, begin + static_cast<std::uintptr_t>(t.numel) * dtype_size(t.param.dtype), &t.param.name});
+    }
+  std::sort(ranges.begin(), ranges.end(), [](const Range& a, const Range& b) { return a.begin < b.begin; });
+  for (std::size_t i = 1; i < ranges.size(); ++i)
+    if (ranges[i].begin < ranges[i - 1].end)
+      throw InvalidArgument(fmt::format("parameters '{}' and '{}' overlap in memory (views of one storage?); each "
+                                        "parameter needs elements of its own",
+                                        *ranges[i - 1].name, *ranges[i].name));
+}
+
 }  // namespace
 
 OptimizerOptions resolve_options(OptimizerOptions options) {
@@ -258,6 +281,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     }
   }
   if (im.tensors.empty()) throw InvalidArgument("optimizer: the parameter list is empty");
+  check_no_overlap(im.tensors);
   im.scratch_bytes = muon_scratch_bytes(im.tensors, options.device);
   if (!on_cuda) im.ns_scratch.resize(static_cast<std::size_t>(im.scratch_bytes / 4));
 
@@ -301,8 +325,13 @@ Optimizer& Optimizer::operator=(Optimizer&&) noexcept = default;
 
 StepResult Optimizer::step(const StepOptions& options) {
   Impl& im = *impl_;
-  if (!std::isfinite(options.grad_scale) || options.grad_scale <= 0.0f)
-    throw InvalidArgument(fmt::format("grad_scale must be finite and > 0, got {}", options.grad_scale));
+  if (!std::isfinite(options.grad_scale) || options.grad_scale <= 0.0f || !std::isfinite(1.0f / options.grad_scale))
+    throw InvalidArgument(fmt::format("grad_scale must be finite and > 0 with a finite inverse, got {}",
+                                      options.grad_scale));
+  // inf or NaN is a verdict (a rank found inf: the step is skipped); a negative sum is no sum.
+  if (options.grad_square_sum && *options.grad_square_sum < 0.0)
+    throw InvalidArgument(fmt::format("grad_square_sum must be >= 0 (or inf/NaN to skip), got {}",
+                                      *options.grad_square_sum));
   if (!std::isfinite(options.lr_scale) || options.lr_scale < 0.0f)
     throw InvalidArgument(fmt::format("lr_scale must be finite and >= 0, got {}", options.lr_scale));
   require_train_mode(im);
@@ -487,6 +516,11 @@ void Optimizer::set_state_values(std::size_t param_index, std::string_view name,
     if (non_negative && values[i] < 0.0f)
       throw InvalidArgument(fmt::format("parameter '{}': state '{}' holds {} at element {}; it must be >= 0",
                                         t.param.name, name, values[i], i));
+    // bf16 state rounds the largest floats up to inf, which no later step or load accepts.
+    if (slot != nullptr && slot->storage == math::StateStorage::kBf16 &&
+        (math::bf16_round_nearest(values[i]) & 0x7f80u) == 0x7f80u)
+      throw InvalidArgument(fmt::format("parameter '{}': state '{}' holds {} at element {}, beyond the range of its "
+                                        "bf16 storage", t.param.name, name, values[i], i));
   }
   if (slot != nullptr) cpu::write_slot(t, *slot, values.data());
   else std::copy(values.begin(), values.end(), plain);

@@ -5,6 +5,8 @@
 #include <charconv>
 #include <cmath>
 #include <cstring>
+#include <functional>
+#include <numeric>
 
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
@@ -122,19 +124,30 @@ std::vector<math::CodebookId> codebooks_used(const Optimizer::Impl& im) {
   return out;
 }
 
-bool all_finite(const Entry& e, const Tensor& t) {
+// A stored tensor's values: a file's tensor, or the live state an Entry points at.
+struct Values {
+  DType dtype;
+  const void* data;
+  std::int64_t n;
+  template <class T>
+  const T* as() const { return static_cast<const T*>(data); }
+};
+
+Values values_of(const Tensor& t) { return {t.dtype(), t.data(), t.numel()}; }
+
+bool all_finite(const Entry& e, const Values& t) {
   if (!e.check_finite) return true;
-  const std::int64_t n = t.numel();
-  if (t.dtype() == DType::F64) {
-    const double* v = t.data_as<double>();
+  const std::int64_t n = t.n;
+  if (t.dtype == DType::F64) {
+    const double* v = t.as<double>();
     for (std::int64_t i = 0; i < n; ++i)
       if (!std::isfinite(v[i])) return false;
-  } else if (t.dtype() == DType::F32) {
-    const float* v = t.data_as<float>();
+  } else if (t.dtype == DType::F32) {
+    const float* v = t.as<float>();
     for (std::int64_t i = 0; i < n; ++i)
       if (!std::isfinite(v[i])) return false;
-  } else if (t.dtype() == DType::BF16) {
-    const std::uint16_t* v = t.data_as<std::uint16_t>();
+  } else if (t.dtype == DType::BF16) {
+    const std::uint16_t* v = t.as<std::uint16_t>();
     for (std::int64_t i = 0; i < n; ++i)
       if ((v[i] & 0x7f80u) == 0x7f80u) return false;
   }
@@ -142,19 +155,19 @@ bool all_finite(const Entry& e, const Tensor& t) {
 }
 
 // Index of the first negative element (-0 is not negative) of a non-negative tensor, or -1.
-std::int64_t first_negative(const Entry& e, const Tensor& t) {
+std::int64_t first_negative(const Entry& e, const Values& t) {
   if (!e.non_negative) return -1;
-  const std::int64_t n = t.numel();
-  if (t.dtype() == DType::F64) {
-    const double* v = t.data_as<double>();
+  const std::int64_t n = t.n;
+  if (t.dtype == DType::F64) {
+    const double* v = t.as<double>();
     for (std::int64_t i = 0; i < n; ++i)
       if (v[i] < 0.0) return i;
-  } else if (t.dtype() == DType::F32) {
-    const float* v = t.data_as<float>();
+  } else if (t.dtype == DType::F32) {
+    const float* v = t.as<float>();
     for (std::int64_t i = 0; i < n; ++i)
       if (v[i] < 0.0f) return i;
-  } else if (t.dtype() == DType::BF16) {
-    const std::uint16_t* v = t.data_as<std::uint16_t>();
+  } else if (t.dtype == DType::BF16) {
+    const std::uint16_t* v = t.as<std::uint16_t>();
     for (std::int64_t i = 0; i < n; ++i)
       if ((v[i] & 0x8000u) && (v[i] & 0x7fffu)) return i;
   }
@@ -163,12 +176,22 @@ std::int64_t first_negative(const Entry& e, const Tensor& t) {
 
 // Index of the first code that decodes to NaN (e4m3's 0x7f and 0xff, which the encoder never
 // writes), or -1.
-std::int64_t first_nan_code(const Entry& e, const Tensor& t) {
+std::int64_t first_nan_code(const Entry& e, const Values& t) {
   if (e.nan_codes == nullptr) return -1;
-  const std::uint8_t* c = t.data_as<std::uint8_t>();
-  for (std::int64_t i = 0; i < t.numel(); ++i)
+  const std::uint8_t* c = t.as<std::uint8_t>();
+  for (std::int64_t i = 0; i < t.n; ++i)
     if (std::isnan(e.nan_codes->values[c[i]])) return i;
   return -1;
+}
+
+// What load() refuses in a tensor, as a message ("" when it would load). `what` names the tensor.
+std::string refusal(const Entry& e, const Values& t, const std::string& what) {
+  if (!all_finite(e, t)) return fmt::format("{} holds inf or NaN", what);
+  if (const std::int64_t k = first_negative(e, t); k >= 0)
+    return fmt::format("{} holds a negative value at element {}; it must be >= 0", what, k);
+  if (const std::int64_t k = first_nan_code(e, t); k >= 0)
+    return fmt::format("{} holds code {:#04x} at element {}, which decodes to NaN", what, t.as<std::uint8_t>()[k], k);
+  return {};
 }
 
 }  // namespace
@@ -178,6 +201,15 @@ void Optimizer::save(const std::filesystem::path& path) const {
   HostState host = host_state(im);
   std::vector<std::int64_t> steps;
   std::vector<Entry> list = entries(im, *host.tensors, steps);
+  // A state load() would refuse (inf or NaN from a step taken with check_finite off, say) is not
+  // written: the file at `path`, perhaps the last good checkpoint, is left as it is.
+  for (const Entry& e : list) {
+    const std::int64_t n = std::accumulate(e.shape.begin(), e.shape.end(), std::int64_t{1}, std::multiplies<>());
+    const std::string why = refusal(e, {e.dtype, e.data, n}, fmt::format("state tensor '{}'", e.name));
+    if (!why.empty())
+      throw StateMismatch(fmt::format("{}: not saved: {}, which load() refuses; the file is left as it was",
+                                      path.string(), why));
+  }
   std::vector<TensorView> views;
   views.reserve(list.size() + math::kCodebookCount);
   for (const Entry& e : list) views.push_back({e.name, e.dtype, e.shape, e.data});
@@ -270,13 +302,8 @@ void Optimizer::load(const std::filesystem::path& path) {
     if (t.dtype() != e.dtype || t.shape() != e.shape)
       throw StateMismatch(fmt::format("{}: tensor '{}' is {} {}, expected {} {}", where, e.name, dtype_name(t.dtype()),
                                       shape_string(t.shape()), dtype_name(e.dtype), shape_string(e.shape)));
-    if (!all_finite(e, t)) throw FormatError(fmt::format("{}: tensor '{}' holds inf or NaN", where, e.name));
-    if (const std::int64_t k = first_negative(e, t); k >= 0)
-      throw FormatError(fmt::format("{}: tensor '{}' holds a negative value at element {}; it must be >= 0", where,
-                                    e.name, k));
-    if (const std::int64_t k = first_nan_code(e, t); k >= 0)
-      throw FormatError(fmt::format("{}: tensor '{}' holds code {:#04x} at element {}, which decodes to NaN", where,
-                                    e.name, t.data_as<std::uint8_t>()[k], k));
+    const std::string why = refusal(e, values_of(t), fmt::format("tensor '{}'", e.name));
+    if (!why.empty()) throw FormatError(fmt::format("{}: {}", where, why));
   }
   const std::int64_t* saved_steps = file.at("steps").data_as<std::int64_t>();
   for (std::size_t i = 0; i < im.tensors.size(); ++i)

@@ -381,7 +381,9 @@ void rank1_prepare(Optimizer::Impl& impl, Rule&& rule) {
       const std::int64_t cols = t.cols;
       std::fill(s.next_row_max, s.next_row_max + t.rows, 0.0f);
       std::fill(s.next_col_max, s.next_col_max + cols, 0.0f);
-#pragma omp parallel
+      // At most the threads thread_scratch has a row for (the count when the optimizer was made; a
+      // caller may raise OpenMP's since). The maxima are exact in any order: any count gives them.
+#pragma omp parallel num_threads(impl.threads)
       {
         BlockScratch scratch;
         float* col = impl.thread_scratch.data() + static_cast<std::size_t>(omp_get_thread_num()) * impl.max_cols;
