@@ -265,8 +265,14 @@ class NibbleOptimizer(torch.optim.Optimizer):
             return made
         options = self._options(group, existing.device)
         if existing.options != options:
-            raise ValueError(f"parameter group {index}: only lr may change after the first step; "
-                             f"{self._changed(existing.options, options)} changed")
+            changed = self._changed(existing.options, options)
+            hint = ""
+            if {"beta1", "momentum"} & set(changed):
+                hint = ("; a scheduler that cycles momentum (OneCycleLR, CyclicLR) needs cycle_momentum=False "
+                        "with nibble's optimizers")
+            names = ", ".join(self._torch_names.get(name, name) for name in changed)
+            raise ValueError(f"parameter group {index}: only lr may change after the first step; {names} "
+                             f"changed{hint}")
         if existing.identity[0] != identity[0]:
             held, now = existing.identity[0], identity[0]
             what = (f"it held {len(held)} parameters and holds {len(now)}" if len(held) != len(now) else
@@ -336,10 +342,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
         return made
 
     @staticmethod
-    def _changed(old: dict, new: dict) -> str:
+    def _changed(old: dict, new: dict) -> list[str]:
         keys = [k for k in new if k != "hyper" and old.get(k) != new.get(k)]
-        keys += [k for k in new["hyper"] if old["hyper"].get(k) != new["hyper"].get(k)]
-        return ", ".join(keys)
+        return keys + [k for k in new["hyper"] if old["hyper"].get(k) != new["hyper"].get(k)]
 
     def _set_grads(self, index: int, made: _handle.GroupHandle) -> None:
         grads = []

@@ -605,6 +605,71 @@ def test_options_are_checked_without_parameters():
         check({"algorithm": "sgd", "hyper": {"betas": 0.9}})
 
 
+@pytest.mark.parametrize("options,match", [
+    ({"precision": "8bit", "block_size": 16.9}, "option block_size must be a whole number, got 16.9"),
+    ({"precision": "8bit", "block_size": 2 ** 32 + 256}, "option block_size is out of range .*: 4294967552"),
+    ({"seed": -1}, r"option seed is out of range \[0, 18446744073709551615\]: -1"),
+    ({"min_quant_size": 4096.5}, "option min_quant_size must be a whole number, got 4096.5"),
+    ({"check_finite": 1}, "option check_finite must be true or false, got 1"),
+    ({"max_grad_norm": "1"}, 'option max_grad_norm must be a number, got "1"'),
+])
+def test_option_numbers_are_taken_only_as_given(options, match):
+    # JSON numbers are not narrowed, truncated or wrapped into another value than the one given.
+    with pytest.raises(ValueError, match=match):
+        _lib.check(_lib.lib.nibble_check_options(json.dumps(dict(options, algorithm="adamw")).encode()))
+
+
+def test_step_scalars_and_counts_the_library_cannot_use_are_refused():
+    net = model()
+    params = list(net.parameters())
+    opt = nibble.AdamW(params)
+    train(net, opt, 1)
+    handle = opt._groups[0].handle
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(ValueError, match="grad_scale must be finite and > 0 with a finite inverse, got 1e-45"):
+        _lib.check(_lib.lib.nibble_step(handle, ctypes.c_float(1e-45), 1.0, 0, None, None, None, None))
+    with pytest.raises(ValueError, match="nibble_step: a stream was given to an optimizer on the CPU"):
+        _lib.check(_lib.lib.nibble_step(handle, 1.0, 1.0, 0, ctypes.c_void_p(0x1000), None, None, None))
+    with pytest.raises(ValueError, match="grad_square_sum must be >= 0 .*, got -1"):
+        _lib.check(_lib.lib.nibble_step_with_square_sum(handle, 1.0, 1.0, 0, ctypes.c_double(-1.0), None, None, None))
+    with pytest.raises(ValueError, match="gradient count -1 is negative"):
+        _lib.check(_lib.lib.nibble_set_grads(handle, None, -1, None))
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before))
+    assert opt.counters() == [(1, 0)]
+
+
+def test_a_state_load_would_refuse_is_not_saved_over_a_good_file(tmp_path):
+    # check_finite off lets a NaN gradient into the state; saving it would replace the last good
+    # checkpoint with one no load accepts.
+    net = model()
+    opt = nibble.AdamW(net.parameters(), check_finite=False)
+    train(net, opt, 1)
+    path = tmp_path / "opt.safetensors"
+    _lib.check(_lib.lib.nibble_save(opt._groups[0].handle, str(path).encode()))
+    good = path.read_bytes()
+    next(net.parameters()).grad.fill_(float("nan"))
+    opt.step()
+    with pytest.raises(ValueError, match="not saved: state tensor 'state.0.exp_avg' holds inf or NaN, which load"):
+        _lib.check(_lib.lib.nibble_save(opt._groups[0].handle, str(path).encode()))
+    assert path.read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.safetensors"]
+
+
+def test_a_scheduler_cycling_momentum_is_refused_with_the_fix():
+    net = model()
+    opt = nibble.AdamW(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
+    train(net, opt, 1, scheduler=sched)
+    with pytest.raises(ValueError, match=r"betas\[0\] changed; a scheduler that cycles momentum \(OneCycleLR, "
+                                         r"CyclicLR\) needs cycle_momentum=False"):
+        train(net, opt, 1, scheduler=sched)
+    net = model()
+    opt = nibble.AdamW(net.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+    train(net, opt, 10, scheduler=sched)
+    assert opt.counters() == [(10, 0)]
+
+
 def test_changing_a_fixed_hyperparameter_after_stepping_is_refused():
     net = model()
     opt = nibble.AdamW(net.parameters())
