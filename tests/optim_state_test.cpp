@@ -729,6 +729,10 @@ std::vector<Edit> edits(const RunSetup& s) {
   meta("skipped negative", "skipped", "-2", Edit::kFormat, {"skipped", "-2"});
   meta("skipped with trailing junk", "skipped", "1x", Edit::kFormat, {"skipped", "1x"});
   meta("skipped missing", "skipped", std::nullopt, Edit::kFormat, {"skipped"});
+  meta("hyper not JSON", "hyper", "not json at all {", Edit::kFormat, {"hyper", "not valid JSON"});
+  meta("hyper not an object", "hyper", "[0.9]", Edit::kFormat, {"hyper", "array"});
+  meta("hyper holds text", "hyper", "{\"beta1\": \"0.9\"}", Edit::kFormat, {"hyper", "beta1"});
+  meta("hyper missing", "hyper", std::nullopt, Edit::kFormat, {"hyper"});
   meta("layout not JSON", "layout", "[{", Edit::kFormat, {"layout"});
   meta("layout empty list", "layout", "[]", Edit::kMismatch, {"0 parameters"});
   meta("layout not a list", "layout", "{}", Edit::kMismatch, {"parameters"});

@@ -105,6 +105,9 @@ NIBBLE_C_EXPORT int nibble_enqueue_step_with_square_sum(nibble_optimizer* optimi
 /* cuda: device addresses of float lr_scale, float grad_scale, int32 found_inf, int64 steps. */
 NIBBLE_C_EXPORT int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** grad_scale,
                                           void** found_inf, void** steps);
+/* cuda: device address of the double the last queued step writes its gradient norm to (NaN when
+ * it computed none). */
+NIBBLE_C_EXPORT int nibble_device_grad_norm(nibble_optimizer* optimizer, void** grad_norm);
 NIBBLE_C_EXPORT int nibble_counters(nibble_optimizer* optimizer, int64_t* steps, int64_t* skipped);
 NIBBLE_C_EXPORT int nibble_state_bytes(nibble_optimizer* optimizer, int64_t* params, int64_t* bytes);
 NIBBLE_C_EXPORT int nibble_save(nibble_optimizer* optimizer, const char* path);

@@ -119,14 +119,16 @@ class GroupHandle:
         return ctypes.c_void_p(torch.cuda.current_stream(self.device).cuda_stream)
 
     def scalars(self) -> dict[str, torch.Tensor]:
-        """The library's device scalars (lr_scale, grad_scale, found_inf) as torch tensors."""
+        """The library's device scalars (lr_scale, grad_scale, found_inf, and the last step's
+        grad_norm, a float64) as torch tensors viewing them."""
         if self.views is None:
-            lr, scale, inf, steps = (ctypes.c_void_p() for _ in range(4))
+            lr, scale, inf, steps, norm = (ctypes.c_void_p() for _ in range(5))
             _lib.check(_lib.lib.nibble_device_scalars(self.handle, ctypes.byref(lr), ctypes.byref(scale),
                                                        ctypes.byref(inf), ctypes.byref(steps)))
+            _lib.check(_lib.lib.nibble_device_grad_norm(self.handle, ctypes.byref(norm)))
             view = lambda ptr, t: torch.as_tensor(_DeviceScalar(ptr.value, t), device=self.device)  # noqa: E731
             self.views = {"lr_scale": view(lr, "<f4"), "grad_scale": view(scale, "<f4"),
-                          "found_inf": view(inf, "<i4")}
+                          "found_inf": view(inf, "<i4"), "grad_norm": view(norm, "<f8")}
         return self.views
 
     def set_grads(self, grads: list[Optional[int]]) -> None:

@@ -86,6 +86,7 @@ def _load() -> ctypes.CDLL:
         "nibble_enqueue_step_with_square_sum": ([vp, vp, vp], ctypes.c_int),
         "nibble_device_scalars": ([vp, ctypes.POINTER(vp), ctypes.POINTER(vp), ctypes.POINTER(vp),
                                    ctypes.POINTER(vp)], ctypes.c_int),
+        "nibble_device_grad_norm": ([vp, ctypes.POINTER(vp)], ctypes.c_int),
         "nibble_counters": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_state_bytes": ([vp, ctypes.POINTER(i64), ctypes.POINTER(i64)], ctypes.c_int),
         "nibble_save": ([vp, ctypes.c_char_p], ctypes.c_int),

@@ -149,6 +149,9 @@ def _worker(args: argparse.Namespace) -> None:
             print(f"  world {world}, {name}: {what[0]}", flush=True)
     with open(out, "w") as f:
         json.dump(rows, f)
+    # Every rank reaches here before any tears its group down: a rank that exited while another
+    # still had gloo work in flight was seen to abort that one ("terminate called").
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -413,6 +413,10 @@ class NibbleOptimizer(torch.optim.Optimizer):
             torch.ops.nibble.step_device(made.handle, group["params"], _on_device(lr, 0.0, made.device),
                                          _on_device(grad_scale, 1.0, made.device),
                                          _on_device(found_inf, 0.0, made.device))
+        if self._settings.get("max_grad_norm") and stepping and stepping[0][0].device.type == "cuda":
+            # One CUDA group that clips computed its norm in its own step: a copy of it, on the
+            # device (reading it waits for the step), as the multi-group path gives.
+            self.last_grad_norm = stepping[0][0].scalars()["grad_norm"].reshape(()).clone()
         return loss
 
     def _refresh_layout(self) -> None:

@@ -915,6 +915,21 @@ def test_clipping_over_groups_equals_clip_grad_norm(device):
     assert clipped.counters() == [(4, 1), (4, 1)]
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_one_group_that_clips_reports_its_norm(device):
+    """One group with max_grad_norm: last_grad_norm is the norm before clipping, each step (on CUDA
+    a 0-d tensor copied from the step's own norm on the device)."""
+    net = model(device=device)
+    opt = nibble.AdamW(net.parameters(), lr=1e-2, max_grad_norm=0.05)
+    gen = torch.Generator().manual_seed(4)
+    for _ in range(3):
+        net.zero_grad()
+        net(torch.randn(16, 32, generator=gen).to(device)).square().mean().backward()
+        own = torch.linalg.vector_norm(torch.cat([p.grad.double().flatten() for p in net.parameters()])).item()
+        opt.step()
+        assert abs(float(opt.last_grad_norm) - own) <= 1e-12 * own
+
+
 def test_device_square_sum_calls_are_refused_on_the_cpu():
     """The C calls behind the CUDA sharded step (a square sum queued into device memory, a step
     that reads one) refuse a CPU optimizer, saying what it takes instead."""

@@ -396,6 +396,14 @@ int nibble_device_scalars(nibble_optimizer* optimizer, void** lr_scale, void** g
   });
 }
 
+int nibble_device_grad_norm(nibble_optimizer* optimizer, void** grad_norm) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(grad_norm, "grad_norm");
+    *grad_norm = optimizer->optimizer.device_scalars().grad_norm;
+  });
+}
+
 int nibble_counters(nibble_optimizer* optimizer, int64_t* steps, int64_t* skipped) {
   return guarded([&] {
     require(optimizer, "optimizer");

@@ -255,6 +255,22 @@ void Optimizer::load(const std::filesystem::path& path) {
   } catch (const nlohmann::json::exception& e) {
     throw FormatError(fmt::format("{}: layout metadata is not valid JSON: {}", where, e.what()));
   }
+  // The hyperparameters the state was saved with are a record, not a requirement (an optimizer
+  // with others may load it), but the record must be well formed: a JSON object of numbers and
+  // flags.
+  {
+    nlohmann::json hyper;
+    try {
+      hyper = nlohmann::json::parse(meta("hyper"));
+    } catch (const nlohmann::json::exception& e) {
+      throw FormatError(fmt::format("{}: hyper metadata is not valid JSON: {}", where, e.what()));
+    }
+    if (!hyper.is_object())
+      throw FormatError(fmt::format("{}: hyper metadata is {}, not a JSON object", where, hyper.type_name()));
+    for (const auto& [key, value] : hyper.items())
+      if (!value.is_number() && !value.is_boolean())
+        throw FormatError(fmt::format("{}: hyper metadata's {} is {}, not a number or flag", where, key, value.dump()));
+  }
   const nlohmann::json live = layout(im);
   if (!saved.is_array() || saved.size() != live.size())
     throw StateMismatch(fmt::format("{}: state holds {} parameters, this optimizer has {}", where,
