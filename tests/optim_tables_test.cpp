@@ -71,7 +71,9 @@ TEST(AlgorithmTable, ValidationFollowsEachRange) {
                         {HyperRange::kDecayRate, 0.0f, -1.0f},   {HyperRange::kOpenUnit, 0.0f, 0.5f},
                         {HyperRange::kStepCount, 0.0f, 1.0f},    {HyperRange::kStepCount, 100.0f, 99.0f},
                         {HyperRange::kStepCount, 2.5f, 2.0f},    {HyperRange::kChoice, 3.0f, 2.0f},
-                        {HyperRange::kChoice, 0.5f, 0.0f},       {HyperRange::kChoice, -1.0f, 1.0f}};
+                        {HyperRange::kChoice, 0.5f, 0.0f},       {HyperRange::kChoice, -1.0f, 1.0f},
+                        {HyperRange::kPower, 200.0f, 16.0f},     {HyperRange::kPower, -0.5f, 0.0f},
+                        {HyperRange::kSignedPower, 200.0f, 16.0f}, {HyperRange::kSignedPower, -16.5f, -16.0f}};
   for (const AlgorithmSpec& spec : algorithm_specs())
     for (const HyperUse& use : spec.numbers)
       for (const Case& c : cases) {

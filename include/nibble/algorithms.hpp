@@ -48,6 +48,8 @@ enum class HyperRange : std::uint8_t {
   kDecayRate,    // [-1, 0)
   kOpenUnit,     // (0, 1)
   kStepCount,    // an integer in [1, 99] (Muon's Newton-Schulz steps)
+  kPower,        // [0, 16]   (schedule-free AdamW's weighting powers p and r: its weights
+  kSignedPower,  // [-16, 16]  k^r lr_max^p stay within double's range)
   kChoice,       // the index of one of the field's choices
 };
 struct HyperUse {

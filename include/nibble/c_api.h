@@ -62,7 +62,8 @@ NIBBLE_C_EXPORT int nibble_check_options(const char* options_json);
  * "alias", "title", "defaults": {every hyperparameter}, "numbers": [{"name", "range"}] (validated,
  * besides lr and weight_decay), "flags": [...] (read, besides maximize), "state": [slot names at
  * the defaults]}], "precisions": ["fp32", ...], "hyper": [{"name", "type": "number"|"flag",
- * "choices": [names] (a number that holds the index of one)}]}. */
+ * "choices": [names] (a number that holds the index of one)}]}. NULL, with nibble_last_error()
+ * saying why, when they cannot be made (out of memory). */
 NIBBLE_C_EXPORT const char* nibble_tables_json(void);
 NIBBLE_C_EXPORT int nibble_create(const char* options_json, const nibble_param* params, int64_t count,
                                   nibble_optimizer** out);

@@ -120,7 +120,10 @@ def check(code: int) -> None:
 
 def tables() -> dict:
     """The library's algorithm, precision and hyperparameter tables (nibble_tables_json)."""
-    return json.loads(lib.nibble_tables_json().decode())
+    text = lib.nibble_tables_json()
+    if text is None:
+        raise MemoryError(lib.nibble_last_error().decode())
+    return json.loads(text.decode())
 
 
 def cuda_available() -> bool:

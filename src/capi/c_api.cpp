@@ -124,6 +124,8 @@ const char* range_name(nibble::HyperRange range) {
     case nibble::HyperRange::kDecayRate: return "[-1, 0)";
     case nibble::HyperRange::kOpenUnit: return "(0, 1)";
     case nibble::HyperRange::kStepCount: return "integer in [1, 99]";
+    case nibble::HyperRange::kPower: return "[0, 16]";
+    case nibble::HyperRange::kSignedPower: return "[-16, 16]";
     case nibble::HyperRange::kChoice: return "choice";
   }
   return "";
@@ -249,7 +251,13 @@ extern "C" {
 
 const char* nibble_last_error(void) { return last_error.c_str(); }
 
-int nibble_cuda_available(void) { return nibble::cuda_built() && nibble::cuda_device_count() > 0 ? 1 : 0; }
+int nibble_cuda_available(void) {
+  try {
+    return nibble::cuda_built() && nibble::cuda_device_count() > 0 ? 1 : 0;
+  } catch (...) {
+    return 0;
+  }
+}
 
 int nibble_check_options(const char* options_json) {
   return guarded([&] {
@@ -259,8 +267,13 @@ int nibble_check_options(const char* options_json) {
 }
 
 const char* nibble_tables_json(void) {
-  static const std::string text = tables_json().dump();
-  return text.c_str();
+  try {
+    static const std::string text = tables_json().dump();
+    return text.c_str();
+  } catch (...) {  // nothing leaves an extern "C" function; a later call tries again
+    set_error("nibble_tables_json: the tables could not be made (out of host memory?)");
+    return nullptr;
+  }
 }
 
 int nibble_create(const char* options_json, const nibble_param* params, int64_t count, nibble_optimizer** out) {

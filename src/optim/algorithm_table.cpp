@@ -91,7 +91,7 @@ constexpr HyperUse kAdemamixNumbers[] = {{"beta1", R::kBeta},  {"beta2", R::kBet
 // beta1 0 has no x: eval() sets x = y + (1 - 1/beta1) (z - y).
 constexpr HyperUse kScheduleFreeNumbers[] = {{"beta1", R::kOpenUnit},         {"beta2", R::kBeta},
                                              {"eps", R::kPositive},       {"warmup_steps", R::kNonNegative},
-                                             {"r", R::kFinite},           {"weight_lr_power", R::kNonNegative}};
+                                             {"r", R::kSignedPower},      {"weight_lr_power", R::kPower}};
 constexpr HyperUse kMuonNumbers[] = {
     {"momentum", R::kUnit},        {"eps", R::kPositive},           {"ns_steps", R::kStepCount},
     {"ns_a", R::kFinite},          {"ns_b", R::kFinite},            {"ns_c", R::kFinite},
@@ -388,6 +388,12 @@ void check_range(std::string_view algo, std::string_view what, float v, HyperRan
       break;
     case HyperRange::kStepCount:
       if (v < 1.0f || v > 99.0f || v != std::floor(v)) fail("an integer in [1, 99]");
+      break;
+    case HyperRange::kPower:
+      if (v < 0.0f || v > 16.0f) fail("in [0, 16]");
+      break;
+    case HyperRange::kSignedPower:
+      if (v < -16.0f || v > 16.0f) fail("in [-16, 16]");
       break;
     case HyperRange::kChoice: {
       const HyperField* field = find_hyper_field(what);
