@@ -1280,6 +1280,14 @@ TEST(Validation, BadParameterListsAreRefusedByName) {
   }
   {
     auto g = t.groups();
+    g[0].params[1].shape = {std::int64_t{1} << 25, std::int64_t{1} << 24};  // 2^49 elements (never touched)
+    refuse("too many elements", g, {"'b'", "562949953421312", "2^48"});
+    const std::string m = thrown_message<InvalidArgument>(
+        [&] { (void)planned_state_bytes(g, OptimizerOptions{}); }, "planned_state_bytes of 2^49 elements");
+    expect_mentions(m, {"'b'", "2^48"}, "planned_state_bytes");
+  }
+  {
+    auto g = t.groups();
     g[0].params[1].data = t.w.data() + 30;  // 6 elements from w's 31st: two of them are w's
     refuse("overlapping data", g, {"'w'", "'b'", "overlap"});
   }

@@ -193,7 +193,8 @@ std::int64_t planned_state_bytes(std::span<const ParamGroup> groups, const Optim
       t.param = param;
       t.numel = shape_numel(param.shape);
       plan_tensor_state(t, spec, *options.hyper, group.precision, options, global_shape_of(param, t.numel));
-      bytes += tensor_state_bytes(t);
+      if (__builtin_add_overflow(bytes, tensor_state_bytes(t), &bytes))
+        throw InvalidArgument("planned_state_bytes: the parameters' state is larger than 64-bit sizes hold");
     }
   }
   return bytes;
@@ -293,7 +294,10 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
     if (pass == 1) base = im.backend->allocate_arena(im, im.arena_bytes);
     auto take = [&](std::int64_t bytes, bool state) -> std::byte* {
       std::byte* p = base ? base + cursor : nullptr;
-      cursor += align64(bytes);
+      // Each tensor is below kMaxTensorElements, but their sum is checked too: a wrapped size would
+      // carve state past the end of a small arena.
+      if (__builtin_add_overflow(cursor, align64(bytes), &cursor))
+        throw InvalidArgument("optimizer: the parameters' state is larger than 64-bit sizes hold");
       if (state) counted += bytes;
       return p;
     };

@@ -201,7 +201,13 @@ void layout_tensor(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& 
 void plan_tensor_state(TensorState& t, const AlgorithmSpec& algorithm, const Hyper& hyper,
                        std::optional<Precision> group_precision, const OptimizerOptions& options,
                        std::span<const std::int64_t> global_shape) {
-  const Precision precision = tensor_precision(group_precision.value_or(options.precision), shape_numel(global_shape),
+  // Sizes of the state (elements times up to 16 bytes, three slots and a master copy) are int64
+  // byte counts: a tensor is kept far below where they would wrap.
+  const std::int64_t global_numel = shape_numel(global_shape);
+  if (t.numel > kMaxTensorElements || global_numel > kMaxTensorElements)
+    throw InvalidArgument(fmt::format("parameter '{}' has {} elements; nibble steps tensors of at most 2^48", t.param.name,
+                                      std::max(t.numel, global_numel)));
+  const Precision precision = tensor_precision(group_precision.value_or(options.precision), global_numel,
                                                t.param.name, options);
   layout_tensor(t, algorithm, hyper, precision, options, global_shape);
   t.has_master = options.master_weights && t.param.dtype != DType::F32 && t.numel > 0;

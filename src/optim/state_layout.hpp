@@ -64,6 +64,9 @@ bool muon_orthogonalises(const AlgorithmSpec& algorithm, const std::string& name
 // the backends allocate). 0 when no tensor is orthogonalised.
 std::int64_t muon_scratch_bytes(std::span<const TensorState> tensors, Device device);
 inline constexpr std::int64_t kCublasWorkspaceBytes = 32 << 20;  // cuBLAS's recommendation for Hopper
+// The most elements of one parameter (2^48, a petabyte of fp32): its state's byte counts stay far
+// from int64's end. plan_tensor_state refuses more.
+inline constexpr std::int64_t kMaxTensorElements = std::int64_t{1} << 48;
 // CUDA: the blocks that sum one matrix's squared update for its norm (one per 64Ki elements, 1 to
 // 64), each into a partial of its own; fixed by the size, so the sum's order is too.
 inline std::int64_t muon_norm_blocks(std::int64_t numel) {
