@@ -159,10 +159,41 @@ TEST(SafetensorsRoundTrip, Metadata) {
   EXPECT_EQ(file.tensors.size(), samples.size());
 }
 
-TEST(SafetensorsRoundTrip, EmptyMetadataIsNotWritten) {
-  const Bytes image = encode_safetensors(views_of(sample_tensors()), {});
+// The writer records the data section's CRC-32C in the metadata; the reader checks it and
+// returns the caller's metadata alone. Any flipped data bit is refused, naming the checksum; a
+// file of another writer, without the record, reads as before.
+TEST(SafetensorsChecksum, RecordedCheckedAndNotReturned) {
+  EXPECT_EQ(crc32c(0, "123456789", 9), 0xe3069283u);  // the CRC-32C check value
+  EXPECT_EQ(crc32c(crc32c(0, "1234", 4), "56789", 5), 0xe3069283u);
+  const Bytes image = encode_safetensors(views_of(sample_tensors()), {{"k", "v"}});
   const std::string header(image.begin() + 8, image.begin() + 8 + header_length_of(image));
-  EXPECT_EQ(header.find("__metadata__"), std::string::npos);
+  EXPECT_NE(header.find("\"nibble.crc32c\""), std::string::npos) << header;
+  const SafetensorsFile file = parse_safetensors(image);
+  EXPECT_EQ(file.metadata, (std::map<std::string, std::string>{{"k", "v"}}));
+  const std::size_t data_begin = 8 + header_length_of(image);
+  ASSERT_LT(data_begin, image.size());
+  for (std::size_t at = data_begin; at < image.size(); at += 7)
+    for (int bit = 0; bit < 8; bit += 3) {
+      Bytes flipped = image;
+      flipped[at] = static_cast<std::uint8_t>(flipped[at] ^ (1u << bit));
+      const std::string message = test::thrown_message<FormatError>([&] { (void)parse_safetensors(flipped); }, "flip");
+      EXPECT_NE(message.find("checksum"), std::string::npos) << message;
+    }
+  EXPECT_THROW(encode_safetensors(views_of(sample_tensors()), {{"nibble.crc32c", "00000000"}}), InvalidArgument);
+}
+
+TEST(SafetensorsChecksum, FilesWithoutTheRecordRead) {
+  // A hand-written file (as other writers make them): no metadata, one U8 tensor.
+  const std::string header = "{\"x\":{\"dtype\":\"U8\",\"shape\":[3],\"data_offsets\":[0,3]}}";
+  std::string padded = header + std::string((8 - header.size() % 8) % 8, ' ');
+  Bytes image(8);
+  for (int i = 0; i < 8; ++i) image[i] = static_cast<std::uint8_t>((padded.size() >> (8 * i)) & 0xffu);
+  image.insert(image.end(), padded.begin(), padded.end());
+  image.insert(image.end(), {1, 2, 3});
+  const SafetensorsFile file = parse_safetensors(image);
+  EXPECT_TRUE(file.metadata.empty());
+  ASSERT_EQ(file.tensors.size(), 1u);
+  EXPECT_EQ(file.tensors[0].tensor.data_as<std::uint8_t>()[2], 3);
 }
 
 TEST(SafetensorsRoundTrip, HeaderIsPaddedWithSpacesAndParses) {

@@ -31,10 +31,14 @@ struct SafetensorsFile {
 };
 
 // The complete file image: header length, JSON header padded with spaces to a multiple of 8, data.
+// CRC-32C (Castagnoli) of `bytes`, continuing from `crc` (0 to start).
+std::uint32_t crc32c(std::uint32_t crc, const void* data, std::size_t bytes);
+
 std::vector<std::uint8_t> encode_safetensors(std::span<const TensorView> tensors,
                                              const std::map<std::string, std::string>& metadata);
 // Writes atomically: a reader never sees a half-written file, and a failed write leaves the old
-// file untouched.
+// file untouched. The metadata gains "nibble.crc32c", the data section's CRC-32C, which
+// load_safetensors checks (and removes from what it returns); the key is the writer's own.
 void save_safetensors(const std::filesystem::path& path, std::span<const TensorView> tensors,
                       const std::map<std::string, std::string>& metadata = {});
 

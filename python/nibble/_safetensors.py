@@ -24,6 +24,10 @@ def read(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     header = json.loads(raw[8:8 + size])
     data = bytearray(raw[8 + size:])
     metadata = header.pop("__metadata__", {})
+    # The library's writer records the data section's CRC-32C, which its reader checks; this reads
+    # files the library has just written, and drops the record, which does not describe the
+    # tensors a state_dict may later hold in their place.
+    metadata.pop("nibble.crc32c", None)
     tensors = {}
     for name, info in header.items():
         begin, end = info["data_offsets"]
@@ -52,7 +56,7 @@ def write_temporary(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) 
         blobs.append(blob)
         offset += len(blob)
     if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items() if k != "nibble.crc32c"}
     text = json.dumps(header).encode()
     text += b" " * ((8 - len(text) % 8) % 8)
     fd, path = tempfile.mkstemp(suffix=".safetensors", prefix="nibble-state-")
