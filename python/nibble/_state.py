@@ -213,18 +213,10 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
         if isinstance(meta, dict) and meta.get("format") == SHARDED_FORMAT:
             raise ValueError(f"parameter group {index}: the state_dict is the state of a sharded optimizer "
                              "(DTensor parameters); load it into one over the same sharded parameters")
-    # Each group's settings as the state_dict gives them, checked, and a nibble optimizer made anew
-    # from them and loaded (the library checks the state against it); only when every group has
-    # passed do the groups take them, so a refused state_dict changes nothing.
-    updated = []
-    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-        merged = dict(group)
-        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble", "nibble_codebooks")})
-        try:
-            opt._check_group(merged)
-        except ValueError as e:
-            raise ValueError(f"parameter group {index} of the state_dict: {e}") from None
-        updated.append(merged)
+    # A nibble optimizer made anew from each group's saved settings and loaded (the library checks
+    # the state against it); only when every group has passed do the groups take them, so a
+    # refused state_dict changes nothing.
+    updated = _saved_settings(opt, groups)
     fresh: dict[int, GroupHandle] = {}
     for index, (saved, group) in enumerate(zip(groups, updated)):
         if not group["params"]:
@@ -252,6 +244,26 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
         finally:
             os.unlink(path)
         fresh[index] = made
+    _swap_in(opt, updated, fresh)
+
+
+def _saved_settings(opt: "NibbleOptimizer", groups: list) -> list[dict]:
+    """Each group's settings as the state_dict gives them (its parameters as they are), checked."""
+    updated = []
+    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
+        merged = dict(group)
+        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble", "nibble_codebooks")})
+        try:
+            opt._check_group(merged)
+        except ValueError as e:
+            raise ValueError(f"parameter group {index} of the state_dict: {e}") from None
+        updated.append(merged)
+    return updated
+
+
+def _swap_in(opt: "NibbleOptimizer", updated: list[dict], fresh: dict[int, GroupHandle]) -> None:
+    """Everything checked and loaded: the groups take the saved settings, and each its new nibble
+    optimizer (a group without parameters keeps none)."""
     for index, merged in enumerate(updated):
         opt.param_groups[index].update({k: v for k, v in merged.items() if k != "params"})
         opt._groups.pop(index, None)
@@ -263,12 +275,7 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
 def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> None:
     """Checks the whole sharded state against the optimizer, builds each group's nibble optimizer
     anew from it, and only then swaps them in: a refused state changes nothing."""
-    updated = []
-    for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
-        merged = dict(group)
-        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble")})
-        opt._check_group(merged)
-        updated.append(merged)
+    updated = _saved_settings(opt, groups)
     fresh: dict[int, GroupHandle] = {}
     for index, (saved, group) in enumerate(zip(groups, updated)):
         if not group["params"]:
@@ -327,13 +334,7 @@ def _load_sharded(opt: "NibbleOptimizer", state_dict: dict, groups: list) -> Non
         if running:
             made.set_running_sums(running["lr_max"], running["weight_sum"])
         fresh[index] = made
-    # Everything checked and loaded: the groups take the saved hyperparameters and the state.
-    for index, merged in enumerate(updated):
-        opt.param_groups[index].update({k: v for k, v in merged.items() if k != "params"})
-        opt._groups.pop(index, None)
-    for index, made in fresh.items():
-        made.key = opt._fixed_key(opt.param_groups[index])
-        opt._register(index, made)
+    _swap_in(opt, updated, fresh)
 
 
 def load_assigned(opt: "NibbleOptimizer") -> None:
