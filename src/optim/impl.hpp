@@ -117,6 +117,9 @@ namespace cpu {
 double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted);
 // One optimizer step over every tensor that has a gradient (the step counters already advanced).
 void step(Optimizer::Impl& impl, float grad_mul, float lr_scale);
+// Sizes the step's host scratch once, when the optimizer is made (Adafactor's column partials and
+// factors), so that no step allocates: a failed allocation midway would leave some tensors stepped.
+void reserve_scratch(Optimizer::Impl& impl);
 void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates);
 void interpolate_params(Optimizer::Impl& impl, float weight);
 // Dequantized values of one slot.

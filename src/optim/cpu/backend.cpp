@@ -17,7 +17,7 @@ class CpuBackend final : public Backend {
     impl.arena = Buffer(static_cast<std::size_t>(bytes));
     return impl.arena.data();
   }
-  void create(Optimizer::Impl&) override {}
+  void create(Optimizer::Impl& impl) override { cpu::reserve_scratch(impl); }
 
   StepResult step(Optimizer::Impl& im, const StepOptions& options) override {
     const bool norm_computed = !options.found_inf && (options.grad_square_sum || im.options.check_finite ||

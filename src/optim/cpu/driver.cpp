@@ -748,9 +748,10 @@ void adafactor_step(Optimizer::Impl& impl, const BlockRule<math::AdafactorRule, 
     const math::AdafactorScratch at{rows, cols, batches};
     const auto partials = t.factored ? static_cast<std::size_t>(adafactor_partial_doubles(t))
                                      : 2 * (first_chunk - chunk_begin);
-    if (impl.column_partials.size() < partials) impl.column_partials.resize(partials);
-    if (t.factored && impl.column_factors.size() < static_cast<std::size_t>(batches * cols))
-      impl.column_factors.resize(static_cast<std::size_t>(batches * cols));
+    // Sized when the optimizer was made (reserve_scratch): a step allocates nothing.
+    if (impl.column_partials.size() < partials ||
+        (t.factored && impl.column_factors.size() < static_cast<std::size_t>(batches * cols)))
+      throw Error(fmt::format("parameter '{}': Adafactor's scratch was not reserved for it", t.param.name));
     double sum_pp = 0.0, sum_uu = 0.0;
 #pragma omp parallel if (t.numel >= kChunkElements)
     {
@@ -848,6 +849,25 @@ void muon_matrices(Optimizer::Impl& impl, BlockRule<math::MuonRule, false>& rule
 }
 
 }  // namespace
+
+void reserve_scratch(Optimizer::Impl& impl) {
+  if (impl.options.algorithm != Algorithm::kAdafactor) return;
+  std::size_t partials = 0, factors = 0, first_chunk = 0;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    const std::size_t chunk_begin = first_chunk;
+    while (first_chunk < impl.chunks.size() && impl.chunks[first_chunk].tensor == static_cast<int>(i)) ++first_chunk;
+    if (t.numel == 0) continue;
+    if (t.factored) {
+      partials = std::max(partials, static_cast<std::size_t>(adafactor_partial_doubles(t)));
+      factors = std::max(factors, static_cast<std::size_t>(t.rows / t.batch_rows * t.cols));
+    } else {
+      partials = std::max(partials, 2 * (first_chunk - chunk_begin));
+    }
+  }
+  impl.column_partials.assign(partials, 0.0);
+  impl.column_factors.assign(factors, 0.0f);
+}
 
 double grad_square_sum(Optimizer::Impl& impl, std::span<const std::uint8_t> counted) {
   parallel_chunks(impl, [&](std::int64_t c, const Chunk& ch, TensorState& t, BlockScratch&) {
