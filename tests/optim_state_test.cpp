@@ -2,7 +2,8 @@
 // uninterrupted run bit for bit (every algorithm x precision, rank-1 4-bit, stochastic bf16);
 // mismatched, truncated, corrupted and edited checkpoints fail with nibble's errors and change
 // nothing; non-finite gradients skip a step without a trace; bad hyperparameters, options and
-// parameter lists are refused with a message that names the bad value.
+// parameter lists are refused with a message that names the bad value; hyperparameters changed
+// between steps continue as an optimizer made with them.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -28,6 +29,7 @@
 
 #include <nlohmann/json.hpp>
 
+#include "nibble/algorithms.hpp"
 #include "nibble/error.hpp"
 #include "nibble/optim.hpp"
 #include "nibble/rng.hpp"
@@ -1375,6 +1377,192 @@ TEST(Validation, BadCallsAfterConstructionAreRefusedAndChangeNothing) {
   thrown_message<InvalidArgument>([&] { c->opt->state_names(1); }, "state_names");
   m = thrown_message<InvalidArgument>([&] { c->opt->state_values(0, "exp_avg_sqq"); }, "state_values");
   expect_mentions(m, {"exp_avg_sqq"}, "state_values");
+}
+
+
+// ---------------------------------------------------------------------------------------------
+// 6. Hyperparameters changed between steps (set_hyper).
+
+// Every number the algorithm reads moved to another valid value, and every flag it reads toggled
+// where the result is valid, except amsgrad and first_moment (they decide the state kept).
+Hyper moved_hyper(Algorithm a, const Hyper& from) {
+  const AlgorithmSpec& spec = algorithm_spec(a);
+  Hyper h = from;
+  h.lr = from.lr * 0.5f;
+  h.weight_decay = from.weight_decay + 0.02f;
+  for (const HyperUse& use : spec.numbers) {
+    const HyperField* f = find_hyper_field(use.name);
+    float& v = h.*f->number;
+    switch (use.range) {
+      case HyperRange::kBeta: case HyperRange::kUnit: case HyperRange::kOpenUnit: v = v > 0.0f ? v * 0.95f : 0.1f; break;
+      case HyperRange::kPositive: case HyperRange::kNonNegative: v = v > 0.0f ? v * 1.5f : 0.25f; break;
+      case HyperRange::kFinite: v = v * 1.1f + 0.01f; break;
+      case HyperRange::kDecayRate: v = v == -0.7f ? -0.6f : -0.7f; break;
+      case HyperRange::kStepCount: v = v == 4.0f ? 5.0f : 4.0f; break;
+      case HyperRange::kPower: case HyperRange::kSignedPower: v += 0.5f; break;
+      case HyperRange::kChoice: v = std::fmod(v + 1.0f, static_cast<float>(f->choices.size())); break;
+    }
+  }
+  for (std::string_view name : spec.flags) {
+    if (name == "amsgrad" || name == "first_moment") continue;
+    Hyper toggled = h;
+    toggled.*find_hyper_field(name)->flag = !(h.*find_hyper_field(name)->flag);
+    try {
+      validate_hyper(a, toggled);
+      h = toggled;
+    } catch (const InvalidArgument&) {  // e.g. SGD's nesterov without momentum
+    }
+  }
+  validate_hyper(a, h);
+  return h;
+}
+
+class HyperChange : public ::testing::TestWithParam<Algorithm> {};
+
+TEST_P(HyperChange, SetHyperEqualsAnOptimizerMadeWithTheNewValues) {
+  // An optimizer whose hyperparameters change after three steps continues as one made with the
+  // new values and loaded with its state: every field the algorithm reads, every precision.
+  TempDir dir;
+  for (Precision precision : all_precisions()) {
+    RunSetup setup;
+    setup.algorithm = GetParam();
+    setup.precision = precision;
+    SCOPED_TRACE(label(setup));
+    const Hyper before = rich_hyper(setup.algorithm), after = moved_hyper(setup.algorithm, before);
+    auto a = make_run(setup, initial_params(setup.shapes, 9));
+    for (int it = 0; it < 3; ++it) advance(*a, it);
+    a->opt->save(dir / "three.safetensors");
+    auto unchanged = make_run(setup, a->p);  // control: continues with the old values
+    unchanged->opt->load(dir / "three.safetensors");
+    a->opt->set_hyper(after);
+    EXPECT_EQ(a->opt->hyper().lr, after.lr);
+    RunSetup made = setup;
+    made.hyper = after;
+    auto b = make_run(made, a->p);
+    b->opt->load(dir / "three.safetensors");
+    for (int it = 3; it < 7; ++it) {
+      advance(*a, it);
+      advance(*b, it);
+      advance(*unchanged, it);
+    }
+    EXPECT_TRUE(identical(*a, *b));
+    bool differs = false;
+    for (std::size_t i = 0; i < a->p.size(); ++i) differs = differs || !same_bits(a->p[i], unchanged->p[i]);
+    EXPECT_TRUE(differs) << "the new hyperparameters changed nothing";
+    // A save records the values in use.
+    a->opt->save(dir / "a.safetensors");
+    b->opt->save(dir / "b.safetensors");
+    EXPECT_TRUE(read_bytes(dir / "a.safetensors") == read_bytes(dir / "b.safetensors"));
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(AllAlgorithms, HyperChange, ::testing::ValuesIn(all_algorithms()),
+                         [](const ::testing::TestParamInfo<Algorithm>& info) {
+                           return std::string(algorithm_name(info.param));
+                         });
+
+TEST(HyperChange, GroupsKeepTheirOwnRatesAndExemptTensorsStayUndecayed) {
+  // Group 0 sets its own lr and weight decay, group 1 takes the optimizer's; "b" is exempt from
+  // weight decay by name. After set_hyper only group 1's rates follow.
+  struct Setup {
+    std::vector<float> w0 = std::vector<float>(24, 0.5f), w1 = std::vector<float>(24, 0.5f), b = std::vector<float>(6, 0.5f);
+    std::vector<float> g0 = std::vector<float>(24, 0.1f), g1 = std::vector<float>(24, -0.2f), gb = std::vector<float>(6, 0.3f);
+    std::unique_ptr<Optimizer> opt;
+    explicit Setup(const Hyper& hyper) {
+      ParamGroup own, shared;
+      own.params.push_back({"w0", {4, 6}, w0.data(), g0.data()});
+      own.lr = 0.01f;
+      own.weight_decay = 0.5f;
+      shared.params.push_back({"w1", {4, 6}, w1.data(), g1.data()});
+      shared.params.push_back({"b", {6}, b.data(), gb.data()});
+      OptimizerOptions o;
+      o.algorithm = Algorithm::kAdamW;
+      o.hyper = hyper;
+      o.no_decay_names = {"b"};
+      opt = std::make_unique<Optimizer>(std::vector<ParamGroup>{own, shared}, o);
+    }
+  };
+  Hyper before = default_hyper(Algorithm::kAdamW), after = before;
+  after.lr = 0.2f;
+  after.weight_decay = 0.3f;
+  Setup changed(before), made(after), own_only(before);
+  changed.opt->set_hyper(after);
+  for (int it = 0; it < 3; ++it) {
+    changed.opt->step();
+    made.opt->step();
+    own_only.opt->step();
+  }
+  EXPECT_TRUE(same_bits(changed.w0, own_only.w0)) << "group 0's own lr and weight decay were replaced";
+  EXPECT_TRUE(same_bits(changed.w1, made.w1));
+  EXPECT_TRUE(same_bits(changed.b, made.b));
+  // The exempt tensor stays undecayed: its weight decay is not the new 0.3.
+  Hyper undecayed = after;
+  undecayed.weight_decay = 0.0f;
+  Setup no_decay(undecayed);
+  for (int it = 0; it < 3; ++it) no_decay.opt->step();
+  EXPECT_TRUE(same_bits(changed.b, no_decay.b));
+  EXPECT_FALSE(same_bits(changed.w1, no_decay.w1));
+}
+
+TEST(HyperChange, RefusedChangesNameTheFieldAndChangeNothing) {
+  struct Case {
+    Algorithm algorithm;
+    std::function<void(Hyper&)> tweak;
+    std::vector<std::string> mentions;
+    bool eval = false;
+  };
+  const std::vector<Case> cases = {
+      {Algorithm::kAdam, [](Hyper& h) { h.amsgrad = !h.amsgrad; }, {"adam", "amsgrad", "state"}},
+      {Algorithm::kAdafactor, [](Hyper& h) { h.first_moment = !h.first_moment; }, {"adafactor", "first_moment"}},
+      {Algorithm::kAdamW, [](Hyper& h) { h.beta1 = 1.0f; }, {"adamw", "beta1", "1"}},
+      {Algorithm::kAdamW, [](Hyper& h) { h.eps = kNaN; }, {"eps", "nan"}},
+      {Algorithm::kLion, [](Hyper& h) { h.beta2 = -0.5f; }, {"lion", "beta2", "-0.5"}},
+      {Algorithm::kMuon, [](Hyper& h) { h.ns_steps = 2.5f; }, {"muon", "ns_steps", "2.5"}},
+      {Algorithm::kSgd, [](Hyper& h) { h.amsgrad = true; }, {"amsgrad"}},
+      {Algorithm::kAdamWScheduleFree, [](Hyper& h) { h.beta1 = 0.8f; }, {"beta1", "eval mode", "train"}, true},
+  };
+  for (const Case& c : cases) {
+    RunSetup setup;
+    setup.algorithm = c.algorithm;
+    setup.precision = Precision::kInt8;
+    SCOPED_TRACE(label(setup) + " " + c.mentions.front());
+    auto a = make_run(setup, initial_params(setup.shapes, 3));
+    auto twin = make_run(setup, a->p);
+    for (int it = 0; it < 2; ++it) {
+      advance(*a, it);
+      advance(*twin, it);
+    }
+    if (c.eval) a->opt->eval();
+    Hyper h = a->opt->hyper();
+    c.tweak(h);
+    const Hyper held = a->opt->hyper();
+    const std::string m = thrown_message<InvalidArgument>([&] { a->opt->set_hyper(h); }, "set_hyper");
+    for (const std::string& part : c.mentions) expect_mentions(m, {part}, "set_hyper");
+    EXPECT_EQ(std::memcmp(&held, &a->opt->hyper(), sizeof(Hyper)), 0) << "a refused set_hyper changed hyper()";
+    if (c.eval) {  // the twin takes the same (rounding) round trip through x
+      a->opt->train();
+      twin->opt->eval();
+      twin->opt->train();
+    }
+    for (int it = 2; it < 4; ++it) {
+      advance(*a, it);
+      advance(*twin, it);
+    }
+    EXPECT_TRUE(identical(*a, *twin));
+  }
+  // In train mode schedule-free AdamW's beta1 may change; eval() and train() then use the new one.
+  RunSetup sf;
+  sf.algorithm = Algorithm::kAdamWScheduleFree;
+  auto a = make_run(sf, initial_params(sf.shapes, 4));
+  for (int it = 0; it < 2; ++it) advance(*a, it);
+  Hyper h = a->opt->hyper();
+  h.beta1 = 0.8f;
+  a->opt->set_hyper(h);
+  const Arrays y = a->p;
+  a->opt->eval();
+  a->opt->train();
+  for (std::size_t i = 0; i < y.size(); ++i)
+    for (std::size_t e = 0; e < y[i].size(); ++e) ASSERT_NEAR(a->p[i][e], y[i][e], 1e-6f) << "parameter " << i;
 }
 
 }  // namespace

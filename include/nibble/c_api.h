@@ -133,6 +133,12 @@ NIBBLE_C_EXPORT int nibble_set_running_sums(nibble_optimizer* optimizer, const d
  * is queued on it and becomes the optimizer's stream, as with nibble_set_grads. */
 NIBBLE_C_EXPORT int nibble_update_hessian(nibble_optimizer* optimizer, const float* const* estimates, int64_t count,
                                           void* stream);
+/* Changes hyperparameters between steps (Optimizer::set_hyper): `hyper_json` is an object of the
+ * fields to change, as in the options' "hyper" ({"beta1": 0.85, "weight_decay": 0.05}); the others
+ * keep their current values. Refused, with nothing changed, for a bad value or a field that decides
+ * which state is kept (amsgrad, first_moment). cuda: `stream` (NULL: the optimizer's) becomes the
+ * optimizer's stream first, and the change is ordered on it before the next step. */
+NIBBLE_C_EXPORT int nibble_set_hyper(nibble_optimizer* optimizer, const char* hyper_json, void* stream);
 /* Schedule-free AdamW: parameters to y (train) or to the averaged x (eval); no-ops in that mode
  * already and for other algorithms. nibble_training sets *train to 1 in train mode, else 0. */
 NIBBLE_C_EXPORT int nibble_train(nibble_optimizer* optimizer);

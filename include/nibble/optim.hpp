@@ -189,6 +189,15 @@ class Optimizer {
   void eval();
   bool training() const;
 
+  // Changes the hyperparameters between steps, as torch.optim lets a scheduler or a script change a
+  // group's values (OneCycleLR cycling beta1, a weight-decay schedule): later steps use `hyper`,
+  // the state is kept. It is checked as the constructor checks it, and refused (InvalidArgument,
+  // nothing changed) if a field that decides which state is kept changes (amsgrad, Adafactor's
+  // first_moment) or, for schedule-free AdamW in eval mode, if beta1 changes. Groups that set their
+  // own lr or weight_decay keep them; the other tensors take the new values. CUDA: applied on the
+  // optimizer's stream, before steps queued later; a CUDA graph captured before replays the values
+  // it captured.
+  void set_hyper(const Hyper& hyper);
   const OptimizerOptions& options() const;  // hyper filled in
   const Hyper& hyper() const;
   std::int64_t step_count() const;

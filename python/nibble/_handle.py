@@ -65,7 +65,8 @@ class GroupHandle:
         gradient norm."""
         self.handle: Optional[int] = None
         self.device = device
-        self.options = options  # everything but lr, fixed at creation
+        self.options = options  # everything but lr; its hyperparameters change by set_hyper
+        self.torch_names = torch_names
         self.grad_dtypes = grad_dtypes
         self.grads: list[Optional[int]] = []
         self.views: Optional[dict[str, torch.Tensor]] = None
@@ -231,6 +232,12 @@ class GroupHandle:
         if self.device.type == "cuda":
             torch.cuda.current_stream(self.device).synchronize()
         _lib.check((_lib.lib.nibble_train if train else _lib.lib.nibble_eval)(self.handle))
+
+    def set_hyper(self, values: dict) -> None:
+        """Changes these hyperparameters (nibble's names) for later steps; the state stays. On CUDA
+        the change is ordered on torch's current stream, before the step queued next."""
+        _check(_lib.lib.nibble_set_hyper(self.handle, json.dumps(values).encode(), self.stream()),
+               self.options.get("algorithm", ""), self.torch_names)
 
     def training(self) -> bool:
         train = ctypes.c_int32()

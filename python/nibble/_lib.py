@@ -97,6 +97,7 @@ def _load() -> ctypes.CDLL:
         "nibble_set_step_counts": ([vp, ctypes.POINTER(i64), i64, i64, i64], ctypes.c_int),
         "nibble_set_running_sums": ([vp, ctypes.POINTER(ctypes.c_double), ctypes.POINTER(ctypes.c_double), i64],
                                     ctypes.c_int),
+        "nibble_set_hyper": ([vp, ctypes.c_char_p, vp], ctypes.c_int),
         "nibble_train": ([vp], ctypes.c_int),
         "nibble_eval": ([vp], ctypes.c_int),
         "nibble_training": ([vp, ctypes.POINTER(i32)], ctypes.c_int),

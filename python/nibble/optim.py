@@ -265,14 +265,7 @@ class NibbleOptimizer(torch.optim.Optimizer):
             return made
         options = self._options(group, existing.device)
         if existing.options != options:
-            changed = self._changed(existing.options, options)
-            hint = ""
-            if {"beta1", "momentum"} & set(changed):
-                hint = ("; a scheduler that cycles momentum (OneCycleLR, CyclicLR) needs cycle_momentum=False "
-                        "with nibble's optimizers")
-            names = ", ".join(self._torch_names.get(name, name) for name in changed)
-            raise ValueError(f"parameter group {index}: only lr may change after the first step; {names} "
-                             f"changed{hint}")
+            self._change_hyper(index, existing, options)
         if existing.identity[0] != identity[0]:
             held, now = existing.identity[0], identity[0]
             what = (f"it held {len(held)} parameters and holds {len(now)}" if len(held) != len(now) else
@@ -285,6 +278,24 @@ class NibbleOptimizer(torch.optim.Optimizer):
             return self._move(index, existing, group)
         existing.key = key
         return existing
+
+    def _change_hyper(self, index: int, existing: _handle.GroupHandle, options: dict) -> None:
+        """A group whose settings changed after its first step (a scheduler cycling betas or
+        momentum, a weight-decay schedule): its hyperparameters change in the library, its state
+        stays. Settings that decide which state is kept (precision, amsgrad, ...) are refused, and
+        then nothing changes."""
+        fixed = [k for k in options if k != "hyper" and existing.options.get(k) != options.get(k)]
+        if fixed:
+            names = ", ".join(fixed)
+            raise ValueError(f"parameter group {index}: {names} changed after its first step; it decides the state "
+                             "nibble keeps and is fixed once the group has stepped (hyperparameters such as lr, "
+                             "betas, momentum and weight_decay may change): make a new optimizer to change it")
+        changed = {k: v for k, v in options["hyper"].items() if existing.options["hyper"].get(k) != v}
+        try:
+            existing.set_hyper(changed)
+        except ValueError as e:
+            raise ValueError(f"parameter group {index}: {e}") from None
+        existing.options = options
 
     def _move(self, index: int, existing: _handle.GroupHandle, group: dict) -> _handle.GroupHandle:
         """A group whose parameters' data moved after its first step (p.data = ..., model.to(),
@@ -340,11 +351,6 @@ class NibbleOptimizer(torch.optim.Optimizer):
         made.key = key
         made.identity = self._identity(params)
         return made
-
-    @staticmethod
-    def _changed(old: dict, new: dict) -> list[str]:
-        keys = [k for k in new if k != "hyper" and old.get(k) != new.get(k)]
-        return keys + [k for k in new["hyper"] if old["hyper"].get(k) != new["hyper"].get(k)]
 
     def _set_grads(self, index: int, made: _handle.GroupHandle) -> None:
         grads = []

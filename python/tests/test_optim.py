@@ -638,6 +638,32 @@ def test_step_scalars_and_counts_the_library_cannot_use_are_refused():
     assert opt.counters() == [(1, 0)]
 
 
+def test_set_hyper_through_the_c_interface_refuses_bad_input_and_changes_nothing():
+    net, twin = model(), model()
+    opt, ref = nibble.AdamW(net.parameters()), nibble.AdamW(twin.parameters())
+    train(net, opt, 1)
+    train(twin, ref, 1)
+    handle = opt._groups[0].handle
+    for text, message in [(b"[1]", r"nibble_set_hyper: expected a JSON object, got \[1\]"),
+                          (b"{", "nibble_set_hyper: the hyperparameters are not valid JSON"),
+                          (b'{"betta1": 0.5}', "hyper.betta1 is not a nibble hyperparameter"),
+                          (b'{"beta1": "0.5"}', 'hyper.beta1 must be a number, got "0.5"'),
+                          (b'{"amsgrad": 1}', "hyper.amsgrad must be true or false, got 1"),
+                          (b'{"eps": -1}', "adamw: eps must be > 0, got -1")]:
+        with pytest.raises(ValueError, match=message):
+            _lib.check(_lib.lib.nibble_set_hyper(handle, text, None))
+    with pytest.raises(ValueError, match="nibble_set_hyper: a stream was given to an optimizer on the CPU"):
+        _lib.check(_lib.lib.nibble_set_hyper(handle, b'{"beta1": 0.5}', ctypes.c_void_p(0x1000)))
+    train(net, opt, 2, seed=2)
+    train(twin, ref, 2, seed=2)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    _lib.check(_lib.lib.nibble_set_hyper(handle, b'{"beta1": 0.5}', None))
+    train(net, opt, 1, seed=3)
+    train(twin, ref, 1, seed=3)
+    assert not all(torch.equal(p, q) for p, q in zip(net.parameters(), twin.parameters()))
+
+
 def test_a_state_load_would_refuse_is_not_saved_over_a_good_file(tmp_path):
     # check_finite off lets a NaN gradient into the state; saving it would replace the last good
     # checkpoint with one no load accepts.
@@ -655,28 +681,80 @@ def test_a_state_load_would_refuse_is_not_saved_over_a_good_file(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["opt.safetensors"]
 
 
-def test_a_scheduler_cycling_momentum_is_refused_with_the_fix():
-    net = model()
-    opt = nibble.AdamW(net.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10)
-    train(net, opt, 1, scheduler=sched)
-    with pytest.raises(ValueError, match=r"betas\[0\] changed; a scheduler that cycles momentum \(OneCycleLR, "
-                                         r"CyclicLR\) needs cycle_momentum=False"):
-        train(net, opt, 1, scheduler=sched)
-    net = model()
-    opt = nibble.AdamW(net.parameters(), lr=1e-2)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-2, total_steps=10, cycle_momentum=False)
+@pytest.mark.parametrize("name, kwargs, schedule", [
+    ("AdamW", dict(lr=1e-2, weight_decay=0.1),
+     lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=1e-2, total_steps=12)),
+    ("SGD", dict(lr=1e-2, momentum=0.9, nesterov=True),
+     lambda o: torch.optim.lr_scheduler.OneCycleLR(o, max_lr=5e-2, total_steps=12)),
+    ("SGD", dict(lr=1e-2, momentum=0.9),
+     lambda o: torch.optim.lr_scheduler.CyclicLR(o, base_lr=1e-3, max_lr=1e-2, step_size_up=3)),
+], ids=["adamw-onecycle", "sgd-nesterov-onecycle", "sgd-cyclic"])
+@pytest.mark.parametrize("device", DEVICES)
+def test_schedulers_that_cycle_momentum_match_torch(name, kwargs, schedule, device):
+    # OneCycleLR and CyclicLR set betas[0] (or momentum) before every step, as well as lr.
+    net, ref_net = model(device=device), model(device=device)
+    opt = getattr(nibble, name)(net.parameters(), **kwargs)
+    ref = getattr(torch.optim, name)(ref_net.parameters(), **kwargs)
+    sched, ref_sched = schedule(opt), schedule(ref)
     train(net, opt, 10, scheduler=sched)
+    train(ref_net, ref, 10, scheduler=ref_sched)
+    assert_close_models(net, ref_net)
+    key = "momentum" if name == "SGD" else "betas"
+    assert opt.param_groups[0][key] == ref.param_groups[0][key] != kwargs.get(key, (0.9, 0.999))
     assert opt.counters() == [(10, 0)]
 
 
-def test_changing_a_fixed_hyperparameter_after_stepping_is_refused():
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_hyperparameters_changed_between_steps_are_used_and_the_state_kept(precision):
+    # A script that edits a group's betas, eps and weight decay after some steps: nibble steps as
+    # torch.optim does (fp32), and as a nibble optimizer made with the new values and given the
+    # old state (every precision).
+    net, ref_net, twin = model(), model(), model()
+    opt = nibble.AdamW(net.parameters(), lr=1e-2, weight_decay=0.01, precision=precision)
+    ref = torch.optim.AdamW(ref_net.parameters(), lr=1e-2, weight_decay=0.01)
+    train(net, opt, 3)
+    train(ref_net, ref, 3)
+    new = dict(betas=(0.8, 0.99), eps=1e-6, weight_decay=0.2)
+    made = nibble.AdamW(twin.parameters(), lr=1e-2, precision=precision, **new)
+    twin.load_state_dict(net.state_dict())
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(new)  # made with the new values, around the old state
+    made.load_state_dict(saved)
+    for o in (opt, ref):
+        o.param_groups[0].update(new)
+    train(net, opt, 3, seed=2)
+    train(ref_net, ref, 3, seed=2)
+    train(twin, made, 3, seed=2)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+    if precision == "fp32":
+        assert_close_models(net, ref_net)
+    assert opt.counters() == [(6, 0)]
+
+
+def test_settings_that_decide_the_state_are_refused_after_stepping_and_change_nothing():
     net = model()
+    params = list(net.parameters())
     opt = nibble.AdamW(net.parameters())
     train(net, opt, 1)
-    opt.param_groups[0]["weight_decay"] = 0.5
-    with pytest.raises(ValueError, match="weight_decay"):
+    before = [p.detach().clone() for p in params]
+    opt.param_groups[0]["amsgrad"] = True
+    with pytest.raises(ValueError, match="parameter group 0: adamw: amsgrad cannot change after the optimizer is "
+                                         "made \\(false to true\\): it decides which state is kept"):
         train(net, opt, 1)
+    opt.param_groups[0]["amsgrad"] = False
+    opt.param_groups[0]["precision"] = "8bit"
+    with pytest.raises(ValueError, match="parameter group 0: precision changed after its first step; it decides the "
+                                         "state nibble keeps"):
+        train(net, opt, 1)
+    opt.param_groups[0]["precision"] = "fp32"
+    opt.param_groups[0]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match=r"parameter group 0: adamw: betas\[1\] \(beta2\) must be in \[0, 1\), got 1.5"):
+        train(net, opt, 1)
+    assert all(torch.equal(p.detach(), q) for p, q in zip(params, before))
+    opt.param_groups[0]["betas"] = (0.9, 0.999)
+    train(net, opt, 1)
+    assert opt.counters() == [(2, 0)]
 
 
 def test_sixteen_bit_parameters_need_cuda():
@@ -767,9 +845,8 @@ def test_a_refused_step_steps_no_group():
     opt = nibble.AdamW([{"params": params[:2]}, {"params": params[2:], "lr": 0.2}], lr=0.1)
     train(net, opt, 1)
     before = [p.clone() for p in params]
-    opt.param_groups[1]["weight_decay"] = 0.0
-    with pytest.raises(ValueError, match="parameter group 1: only lr may change after the first step; "
-                                         "weight_decay changed"):
+    opt.param_groups[1]["amsgrad"] = True
+    with pytest.raises(ValueError, match="parameter group 1: adamw: amsgrad cannot change"):
         train(net, opt, 1)
     assert all(torch.equal(p, q) for p, q in zip(params, before))
     assert opt.counters() == [(1, 0), (1, 0)]

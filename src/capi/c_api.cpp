@@ -522,6 +522,25 @@ int nibble_eval(nibble_optimizer* optimizer) {
     optimizer->optimizer.eval();
   });
 }
+int nibble_set_hyper(nibble_optimizer* optimizer, const char* hyper_json, void* stream) {
+  return guarded([&] {
+    require(optimizer, "optimizer");
+    require(hyper_json, "hyper_json");
+    nibble::Optimizer& opt = optimizer->optimizer;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(hyper_json);
+    } catch (const nlohmann::json::exception& e) {
+      throw nibble::InvalidArgument(fmt::format("nibble_set_hyper: the hyperparameters are not valid JSON: {}", e.what()));
+    }
+    if (!j.is_object()) throw nibble::InvalidArgument(fmt::format("nibble_set_hyper: expected a JSON object, got {}", j.dump()));
+    nibble::Hyper hyper = opt.hyper();
+    read_hyper(j, hyper);
+    use_stream(opt, stream, "nibble_set_hyper");
+    opt.set_hyper(hyper);
+  });
+}
+
 int nibble_training(nibble_optimizer* optimizer, int32_t* train) {
   return guarded([&] {
     require(optimizer, "optimizer");

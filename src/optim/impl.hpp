@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -54,8 +55,10 @@ struct TensorState {
   std::int64_t cols = 1;
   Precision precision = Precision::kFp32;
   int block = kFullPrecisionBlock;
-  float lr = 0.0f;
+  float lr = 0.0f;            // what it steps with: its group's, else the optimizer's (assign_rates)
   float weight_decay = 0.0f;
+  std::optional<float> group_lr, group_weight_decay;  // its group's own, when the group set them
+  bool decays = true;         // false: exempt from weight decay by name or rank (no_decay_*)
   std::int64_t step = 0;  // steps this tensor has taken (a tensor without a gradient does not step)
   // Sums an algorithm keeps across this tensor's steps, in double (schedule-free AdamW: lr_max and
   // weight_sum); they advance with `step` and are saved with it.
@@ -167,6 +170,8 @@ class Backend {
   // Folds the estimates into the Hessian EMA; throws InvalidArgument naming the first tensor whose
   // estimate holds inf or NaN, with nothing applied.
   virtual void update_hessian(Optimizer::Impl& impl, std::span<const float* const> estimates) = 0;
+  // After impl.hyper and the tensors' lr and weight decay changed (set_hyper): later steps read them.
+  virtual void hyper_changed(Optimizer::Impl& impl) = 0;
   // Brings impl's step counters up to date with the device's.
   virtual void refresh_counters(Optimizer::Impl& impl) = 0;
   virtual HostState host_state(Optimizer::Impl& impl) = 0;

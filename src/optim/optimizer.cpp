@@ -3,6 +3,7 @@
 #include <omp.h>
 
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <map>
@@ -163,6 +164,37 @@ void check_no_overlap(const std::vector<TensorState>& tensors) {
                                         *ranges[i - 1].name, *ranges[i].name));
 }
 
+// A tensor's lr and weight decay: its group's when the group set them, else the optimizer's (Muon's
+// AdamW fallback has its own); no weight decay for a tensor exempted by name or rank.
+void assign_rates(TensorState& t, const AlgorithmSpec& spec, const Hyper& hyper) {
+  const bool fallback = spec.orthogonalises_matrices && !t.orthogonalised;
+  t.lr = t.group_lr.value_or(fallback ? hyper.adamw_lr : hyper.lr);
+  t.weight_decay = t.decays ? t.group_weight_decay.value_or(fallback ? hyper.adamw_weight_decay : hyper.weight_decay)
+                            : 0.0f;
+}
+
+// Whether a tensor keeps the same state slots (names, signs, fp32-only) under both hyperparameters.
+bool same_slots(const AlgorithmSpec& spec, const TensorState& t, const Hyper& a, const Hyper& b) {
+  StateSlot x[kMaxStateSlots], y[kMaxStateSlots];
+  const bool matrix = t.factored || t.orthogonalised;
+  const int n = spec.slots(a, matrix, x);
+  if (spec.slots(b, matrix, y) != n) return false;
+  for (int j = 0; j < n; ++j)
+    if (x[j].name != y[j].name || x[j].is_signed != y[j].is_signed || x[j].always_fp32 != y[j].always_fp32)
+      return false;
+  return true;
+}
+
+bool same_field(const HyperField& f, const Hyper& a, const Hyper& b) {
+  if (f.number != nullptr) return std::bit_cast<std::uint32_t>(a.*f.number) == std::bit_cast<std::uint32_t>(b.*f.number);
+  return a.*f.flag == b.*f.flag;
+}
+
+std::string field_value(const HyperField& f, const Hyper& h) {
+  if (f.number != nullptr) return fmt::format("{}", h.*f.number);
+  return h.*f.flag ? "true" : "false";
+}
+
 }  // namespace
 
 OptimizerOptions resolve_options(OptimizerOptions options) {
@@ -262,12 +294,10 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
       t.offset = im.total_numel;
       im.total_numel += t.numel;
       plan_tensor_state(t, spec, hyper, group.precision, options, global);
-      // Muon's AdamW fallback has an lr and a weight decay of its own.
-      const bool fallback = spec.orthogonalises_matrices && !t.orthogonalised;
-      t.lr = group.lr.value_or(fallback ? hyper.adamw_lr : hyper.lr);
-      t.weight_decay = group.weight_decay.value_or(fallback ? hyper.adamw_weight_decay : hyper.weight_decay);
-      if (name_contains_any(param.name, options.no_decay_names) || (options.no_decay_vectors && global_rank < 2))
-        t.weight_decay = 0.0f;
+      t.group_lr = group.lr;
+      t.group_weight_decay = group.weight_decay;
+      t.decays = !name_contains_any(param.name, options.no_decay_names) && !(options.no_decay_vectors && global_rank < 2);
+      assign_rates(t, spec, hyper);
       check_split(t, spec, global_rank, options.rank1_second_moment);
       if (spec.reduction == Reduction::kProjection && global_rank >= 2) {
         // The dot products: per row, or per fixed segment of the tensor.
@@ -357,6 +387,37 @@ void Optimizer::eval() {
 }
 
 bool Optimizer::training() const { return impl_->train_mode; }
+
+void Optimizer::set_hyper(const Hyper& requested) {
+  Impl& im = *impl_;
+  const AlgorithmSpec& spec = algorithm_spec(im.options.algorithm);
+  Hyper hyper = requested;
+  if (spec.always_decoupled) hyper.decoupled_weight_decay = true;
+  validate_hyper(im.options.algorithm, hyper);
+  for (const HyperField& f : hyper_fields()) {
+    if (same_field(f, im.hyper, hyper)) continue;
+    // A field whose change alone changes a tensor's state slots is fixed at construction: the state
+    // is laid out once (amsgrad's v_max, Adafactor's first moment).
+    Hyper alone = im.hyper;
+    if (f.number != nullptr) alone.*f.number = hyper.*f.number;
+    else alone.*f.flag = hyper.*f.flag;
+    for (const TensorState& t : im.tensors)
+      if (!same_slots(spec, t, im.hyper, alone))
+        throw InvalidArgument(fmt::format("{}: {} cannot change after the optimizer is made ({} to {}): it decides "
+                                          "which state is kept; make a new optimizer",
+                                          spec.name, f.name, field_value(f, im.hyper), field_value(f, hyper)));
+  }
+  // Eval mode's parameters are x, reached from y with beta1: train() returns to y with the same one.
+  if (!im.train_mode && hyper.beta1 != im.hyper.beta1)
+    throw InvalidArgument(fmt::format("{}: beta1 cannot change in eval mode ({} to {}): the parameters hold the "
+                                      "average x, which train() turns back into y with the beta1 eval() used; "
+                                      "change it in train mode",
+                                      spec.name, im.hyper.beta1, hyper.beta1));
+  im.hyper = hyper;
+  im.options.hyper = hyper;
+  for (TensorState& t : im.tensors) assign_rates(t, spec, hyper);
+  im.backend->hyper_changed(im);
+}
 
 double Optimizer::grad_square_sum(std::span<const std::uint8_t> counted) const {
   Impl& im = *impl_;

@@ -1,7 +1,8 @@
 // The CUDA optimizer backend against the CPU backend, which is its specification: every algorithm
 // x state precision on odd sizes, 16-bit parameters and gradients, master weights, CUDA graph
 // capture against eager steps, state saved on one device and loaded on the other, skipped steps,
-// SophiaG's Hessian, schedule-free AdamW's train/eval, and a tensor above 2^31 elements. Label
+// SophiaG's Hessian, schedule-free AdamW's train/eval, hyperparameters changed between steps, and a
+// tensor above 2^31 elements. Label
 // `gpu`: every test skips, saying why, on a machine without a CUDA device.
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
@@ -313,6 +314,50 @@ TEST(CudaMuon, GraphReplayEqualsEagerSteps) {
   for (std::size_t i = 0; i < eager_twin.shapes.size(); ++i)
     EXPECT_EQ(compare(graph_twin.dev_p[i]->download(), eager_twin.dev_p[i]->download(), 0.0, 0.0).count, 0)
         << "tensor " << i;
+}
+
+// set_hyper between steps on the GPU equals it on the CPU: new betas, lr and weight decay reach
+// the step configuration and the tensor table (bit for bit for algorithms without reductions);
+// Muon's new shape factor and fallback lr reach its matrices (within its bf16 tolerance above).
+TEST(CudaMatchesCpu, HyperparametersChangedBetweenSteps) {
+  NIBBLE_REQUIRE_GPU();
+  const std::vector<Case> cases = {{Algorithm::kAdamW, Precision::kInt8}, {Algorithm::kLion, Precision::kFp32},
+                                   {Algorithm::kAdEMAMix, Precision::kFp8}, {Algorithm::kSgd, Precision::kBf16},
+                                   {Algorithm::kMuon, Precision::kFp32}};
+  for (const auto& [algorithm, precision] : cases) {
+    SCOPED_TRACE(std::string(algorithm_name(algorithm)) + "/" + std::string(precision_name(precision)));
+    const bool muon = algorithm == Algorithm::kMuon;
+    Twin twin(muon ? muon_shapes() : odd_shapes());
+    Optimizer cpu({twin.host_group()}, options_for(algorithm, precision, Device::kCpu));
+    Optimizer gpu({twin.device_group()}, options_for(algorithm, precision, Device::kCuda));
+    const std::vector<std::vector<float>> start = twin.host_p;
+    for (int step = 0; step < 5; ++step) {
+      if (step == 2) {
+        Hyper h = cpu.hyper();
+        h.lr *= 0.5f;
+        h.weight_decay = 0.05f;
+        h.beta1 = 0.8f;
+        h.momentum = 0.7f;
+        h.adjust_lr = 1.0f;  // Muon: match_rms_adamw
+        h.adamw_lr = 1e-3f;
+        cpu.set_hyper(h);
+        gpu.set_hyper(h);
+      }
+      twin.new_grads();
+      cpu.step();
+      gpu.step();
+    }
+    for (std::size_t i = 0; i < twin.shapes.size(); ++i) {
+      SCOPED_TRACE("tensor " + std::to_string(i));
+      const std::vector<float> got = twin.dev_p[i]->download();
+      if (muon && twin.shapes[i].size() >= 2) {
+        const double moved = max_abs_diff(twin.host_p[i], start[i]);
+        EXPECT_LE(max_abs_diff(got, twin.host_p[i]), 0.05 * moved) << "moved " << moved;
+      } else {
+        EXPECT_EQ(compare(got, twin.host_p[i], 0.0, 0.0).count, 0);
+      }
+    }
+  }
 }
 
 // Options that change the kernels' paths: AMSGrad (a third slot), Adafactor's first moment,

@@ -77,6 +77,7 @@ class CpuBackend final : public Backend {
     cpu::update_hessian(im, estimates);
   }
 
+  void hyper_changed(Optimizer::Impl&) override {}  // each step reads impl.hyper and the tensors' rates
   void refresh_counters(Optimizer::Impl&) override {}
   HostState host_state(Optimizer::Impl& im) override {
     HostState state;

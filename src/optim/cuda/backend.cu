@@ -206,6 +206,13 @@ std::byte* allocate_arena(Optimizer::Impl& impl, DeviceState& ds, std::int64_t b
   return ds.arena;
 }
 
+// Muon: the lr factor of an orthogonalised matrix, of its (shape[0], rest) view.
+float muon_factor(const Hyper& hyper, const TensorState& t) {
+  const std::int64_t rows = t.param.shape[0];
+  return static_cast<float>(math::muon_lr_factor(hyper.adjust_lr, static_cast<double>(rows),
+                                                 static_cast<double>(t.numel / rows)));
+}
+
 // Muon: an fp32 update buffer for every orthogonalised matrix (in ds.tensors), and its matrices
 // grouped by shape into batches with their bf16 Newton-Schulz operands: the bytes
 // muon_scratch_bytes counts.
@@ -228,11 +235,9 @@ void create_muon(const Optimizer::Impl& impl, DeviceState& ds) {
     const TensorState& t = impl.tensors[i];
     if (!t.orthogonalised || t.numel == 0) continue;
     DTensor& d = ds.tensors[i];
-    const std::int64_t rows = t.param.shape[0], cols = t.numel / rows;
     d.muon_update = updates + offset;
-    d.muon_cols = cols;
-    d.muon_factor = static_cast<float>(math::muon_lr_factor(impl.hyper.adjust_lr, static_cast<double>(rows),
-                                                            static_cast<double>(cols)));
+    d.muon_cols = t.numel / t.param.shape[0];
+    d.muon_factor = muon_factor(impl.hyper, t);
     offset += t.numel;
   }
   for (const auto& [shape, members] : shapes) {
@@ -483,6 +488,20 @@ void push_counters(Optimizer::Impl& impl) {
   copy_and_wait(ds, ds.tb.scalars, &sc, sizeof sc, cudaMemcpyHostToDevice);
 }
 
+// set_hyper: the step configuration, and every tensor's rates and Muon lr factor in the table.
+void hyper_changed(Optimizer::Impl& impl) {
+  DeviceState& ds = state(impl);
+  ds.cfg.hyper = impl.hyper;
+  for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
+    const TensorState& t = impl.tensors[i];
+    DTensor& d = ds.tensors[i];
+    d.lr = t.lr;
+    d.weight_decay = t.weight_decay;
+    if (d.muon_update != nullptr) d.muon_factor = muon_factor(impl.hyper, t);
+  }
+  upload_tensor_table(ds);
+}
+
 void set_grad(Optimizer::Impl& impl, std::size_t index) {
   DeviceState& ds = state(impl);
   const TensorState& t = impl.tensors[index];
@@ -577,6 +596,7 @@ class CudaBackend final : public Backend {
     if (const std::int64_t bad = cuda::update_hessian(impl, estimates); bad >= 0)
       throw InvalidArgument("Hessian estimate of '" + impl.tensors[bad].param.name + "' holds inf or NaN");
   }
+  void hyper_changed(Optimizer::Impl& impl) override { cuda::hyper_changed(impl); }
   void refresh_counters(Optimizer::Impl& impl) override { pull_counters(impl, impl.tensors); }
 
   HostState host_state(Optimizer::Impl& impl) override {
