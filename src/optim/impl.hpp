@@ -96,8 +96,9 @@ struct Optimizer::Impl {
   std::vector<float> thread_scratch;     // rank-1 column maxima, one row per thread
   std::vector<double> column_partials;   // CPU Adafactor: column sums of fixed row groups
   std::vector<float> column_factors;     // CPU Adafactor: the stepped tensor's column factors
-  // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace.
-  std::vector<float> ns_scratch;
+  // Muon on the CPU: the largest orthogonalised matrix's update and its Newton-Schulz workspace
+  // (floats), in a Buffer so that the host memory counters see it as the memory plan does.
+  Buffer ns_scratch;
   std::int64_t scratch_bytes = 0;  // beside the state: muon_scratch_bytes (state_layout.hpp)
   std::int64_t max_cols = 0;
   int threads = 1;

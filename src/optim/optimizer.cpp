@@ -314,7 +314,7 @@ Optimizer::Optimizer(std::vector<ParamGroup> groups, OptimizerOptions options) :
   if (im.tensors.empty()) throw InvalidArgument("optimizer: the parameter list is empty");
   check_no_overlap(im.tensors);
   im.scratch_bytes = muon_scratch_bytes(im.tensors, options.device);
-  if (!on_cuda) im.ns_scratch.resize(static_cast<std::size_t>(im.scratch_bytes / 4));
+  if (!on_cuda && im.scratch_bytes > 0) im.ns_scratch = Buffer(static_cast<std::size_t>(im.scratch_bytes));
 
   // Lay out all state in one arena: first measure, then carve.
   for (int pass = 0; pass < 2; ++pass) {

@@ -823,7 +823,7 @@ void muon_matrices(Optimizer::Impl& impl, BlockRule<math::MuonRule, false>& rule
   for (std::size_t i = 0; i < impl.tensors.size(); ++i) {
     TensorState& t = impl.tensors[i];
     if (!t.orthogonalised || t.param.grad == nullptr || t.numel == 0) continue;
-    float* u = impl.ns_scratch.data();
+    float* u = reinterpret_cast<float*>(impl.ns_scratch.data());
     rule.muon_update = u;
     parallel_chunks_of(impl, [&](int index) { return static_cast<std::size_t>(index) == i; },
                        [&](std::int64_t, const Chunk& ch, TensorState& tc, BlockScratch& scratch) {
