@@ -221,6 +221,9 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
     for index, (saved, group) in enumerate(zip(groups, updated)):
         if not group["params"]:
             continue
+        if "nibble" not in saved:
+            fresh[index] = _from_torch(opt, index, saved, group, state_dict.get("state", {}))
+            continue
         tensors: dict[str, torch.Tensor] = dict(saved.get("nibble_codebooks", {}))
         steps = []
         for i, key in enumerate(saved["params"]):
@@ -245,6 +248,55 @@ def load_state_dict(opt: "NibbleOptimizer", state_dict: dict) -> None:
             os.unlink(path)
         fresh[index] = made
     _swap_in(opt, updated, fresh)
+
+
+def _from_torch(opt: "NibbleOptimizer", index: int, saved: dict, group: dict, state: dict) -> GroupHandle:
+    """A group of a torch.optim state_dict (no "nibble" section): a nibble optimizer over the group
+    whose state tensors take the saved fp32 ones of the same names (exp_avg, exp_avg_sq,
+    max_exp_avg_sq, momentum_buffer, ...), quantized to the group's precision, and whose step counts
+    take the saved steps. A parameter without an entry has not stepped (zero state, step 0). The
+    entries must hold exactly the state this optimizer keeps: another algorithm's is refused by name."""
+    if opt.algorithm == "adamw_schedulefree":
+        raise ValueError(f"parameter group {index} of the state_dict has no nibble section: schedule-free "
+                         "AdamW's averaging weights are not in a torch.optim-style state_dict, so only nibble's "
+                         "own state_dict loads")
+    made = opt._create(index, group)
+    layout = json.loads(made.save()[1]["layout"])
+    tensor_steps = []
+    for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
+        where = f"parameter {key!r} (group {index}, position {i})"
+        entry = {name: t for name, t in state.get(key, {}).items() if t is not None}  # SGD: momentum_buffer None
+        if not entry:
+            tensor_steps.append(0)
+            continue
+        names = [name for name in _state_names(layout[i]) if name != "master"]  # master: the parameter itself
+        if opt.algorithm == "sgd" and "step" not in entry:
+            # torch.optim.SGD counts no steps; a parameter with a momentum buffer has taken at least
+            # one, and SGD's math after its first step does not depend on the count.
+            entry["step"] = 1
+        found = sorted(name for name in entry if name != "step")
+        if "step" not in entry or found != sorted(names):
+            raise ValueError(f"{where}: the state_dict holds {sorted(entry)}, this optimizer ({opt.algorithm}) "
+                             f"keeps {sorted(['step', *names])}")
+        step = entry["step"]
+        step = float(step.item() if isinstance(step, torch.Tensor) else step)
+        if step != int(step) or step < 0:
+            raise ValueError(f"{where}: the state_dict's step is {step}, not a whole number >= 0")
+        tensor_steps.append(int(step))
+        for name in names:
+            t = entry[name]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise ValueError(f"{where}: state {name!r} is {type(t).__name__ if not isinstance(t, torch.Tensor) else t.dtype}, "
+                                 "not a floating-point tensor")
+            if t.numel() != local(p).numel():
+                raise ValueError(f"{where}: state {name!r} has shape {list(t.shape)}, the parameter "
+                                 f"{list(p.shape)}")
+            try:
+                made.set_state_values(i, name, t.detach().to(device="cpu", dtype=torch.float32).contiguous())
+            except ValueError as e:
+                raise ValueError(f"{where}: {e}") from None
+    made.set_step_counts(tensor_steps, max(tensor_steps, default=0), 0)
+    return made
 
 
 def _saved_settings(opt: "NibbleOptimizer", groups: list) -> list[dict]:

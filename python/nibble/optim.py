@@ -596,6 +596,20 @@ def _settings(precision: Optional[str], block_size: int, min_quant_size: int, ma
 _BETAS = {"beta1": "betas[0]", "beta2": "betas[1]"}
 
 
+def _implementation(foreach: Optional[bool], fused: Optional[bool], capturable: bool, differentiable: bool,
+                    **more: Any) -> dict:
+    """torch.optim's choices of implementation, taken so that a script written for torch's class
+    runs unchanged, and kept in the groups as torch keeps them. nibble has one implementation: a
+    fused multi-tensor step that is capturable in CUDA graphs (with lr as a CUDA tensor), so foreach,
+    fused and capturable change nothing; differentiable=True (autograd through the step) is refused."""
+    if foreach and fused:
+        raise ValueError("foreach and fused cannot both be True (as in torch.optim); nibble's step is always fused")
+    if differentiable:
+        raise ValueError("differentiable=True is not supported: nibble's step runs outside autograd "
+                         "(the library updates the parameters and the state in place)")
+    return dict(foreach=foreach, fused=fused, capturable=bool(capturable), differentiable=False, **more)
+
+
 class SGD(NibbleOptimizer):
     """SGD with momentum, dampening and Nesterov, as torch.optim.SGD."""
 
@@ -603,10 +617,13 @@ class SGD(NibbleOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, momentum: float = 0.0, dampening: float = 0.0,
                  weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: Optional[bool] = None, differentiable: bool = False, fused: Optional[bool] = None,
                  precision: Optional[str] = None, block_size: int = 0, min_quant_size: int = 4096,
                  master_weights: bool = False, stochastic_rounding: bool = False, seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
+        implementation = _implementation(foreach, fused, False, differentiable)
+        del implementation["capturable"]  # torch.optim.SGD has none
         super().__init__(params, dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                                      nesterov=nesterov, maximize=maximize),
+                                      nesterov=nesterov, maximize=maximize, **implementation),
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
@@ -624,19 +641,30 @@ class Adam(NibbleOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  eps: float = 1e-8, weight_decay: Optional[float] = None, amsgrad: bool = False, *,
-                 maximize: bool = False, precision: Optional[str] = None, block_size: int = 0,
+                 maximize: bool = False, foreach: Optional[bool] = None, capturable: bool = False,
+                 differentiable: bool = False, fused: Optional[bool] = None, decoupled_weight_decay: Optional[bool] = None,
+                 precision: Optional[str] = None, block_size: int = 0,
                  min_quant_size: int = 4096, master_weights: bool = False, stochastic_rounding: bool = False,
                  seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
         wd = self.default_weight_decay if weight_decay is None else weight_decay
+        # torch.optim.Adam(decoupled_weight_decay=True) is AdamW; AdamW always decouples.
+        decoupled = self.algorithm == "adamw" if decoupled_weight_decay is None else bool(decoupled_weight_decay)
+        if self.algorithm == "adamw" and not decoupled:
+            raise ValueError("AdamW always decouples weight decay; decoupled_weight_decay=False is nibble.Adam")
+        more = {"decoupled_weight_decay": decoupled}
         super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=wd, amsgrad=amsgrad,
-                                      maximize=maximize),
+                                      maximize=maximize,
+                                      **_implementation(foreach, fused, capturable, differentiable, **more)),
                          **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
 
     def _hyper(self, g: dict) -> dict:
         b1, b2 = _pair("betas", g["betas"])
-        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
-                "weight_decay": _number("weight_decay", g["weight_decay"]), "amsgrad": bool(g["amsgrad"]),
-                "maximize": bool(g["maximize"])}
+        hyper = {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                 "weight_decay": _number("weight_decay", g["weight_decay"]), "amsgrad": bool(g["amsgrad"]),
+                 "maximize": bool(g["maximize"])}
+        if self.algorithm == "adam":
+            hyper["decoupled_weight_decay"] = bool(g.get("decoupled_weight_decay", False))
+        return hyper
 
 
 class AdamW(Adam):

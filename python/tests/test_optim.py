@@ -757,6 +757,49 @@ def test_settings_that_decide_the_state_are_refused_after_stepping_and_change_no
     assert opt.counters() == [(2, 0)]
 
 
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW"])
+def test_torch_implementation_arguments_are_taken_and_grouped_as_torch_groups_them(name):
+    # A script written for torch's class passes foreach / fused / capturable; nibble's groups hold
+    # every key torch's do, with torch's values, so code that reads them finds them.
+    kwargs = dict(momentum=0.9) if name == "SGD" else {}
+    net, ref_net = model(), model()
+    ref = getattr(torch.optim, name)(ref_net.parameters(), lr=1e-2, fused=True, **kwargs)
+    opt = getattr(nibble, name)(net.parameters(), lr=1e-2, fused=True, **kwargs)
+    theirs, ours = ref.param_groups[0], opt.param_groups[0]
+    assert set(theirs) - set(ours) == set()
+    assert {k: ours[k] for k in theirs if k != "params"} == {k: v for k, v in theirs.items() if k != "params"}
+    train(net, opt, 3)
+    train(ref_net, ref, 3)
+    assert_close_models(net, ref_net)
+    for bad, message in [(dict(differentiable=True), "differentiable=True is not supported: nibble's step runs "
+                                                      "outside autograd"),
+                         (dict(foreach=True, fused=True), "foreach and fused cannot both be True")]:
+        with pytest.raises(ValueError, match=message):
+            getattr(nibble, name)(net.parameters(), **bad)
+
+
+def test_adam_with_decoupled_weight_decay_is_adamw_as_in_torch():
+    net, ref_net, coupled_net = model(), model(), model()
+    opt = nibble.Adam(net.parameters(), lr=1e-2, weight_decay=0.3, decoupled_weight_decay=True, precision="8bit")
+    ref = nibble.AdamW(ref_net.parameters(), lr=1e-2, weight_decay=0.3, precision="8bit")
+    coupled = nibble.Adam(coupled_net.parameters(), lr=1e-2, weight_decay=0.3, precision="8bit")
+    for n, o in ((net, opt), (ref_net, ref), (coupled_net, coupled)):
+        train(n, o, 3)
+    for p, q in zip(net.parameters(), ref_net.parameters()):
+        assert torch.equal(p, q)
+    assert max_diff(net, coupled_net) > 1e-4
+    torch_net = model()
+    torch_opt = torch.optim.Adam(torch_net.parameters(), lr=1e-2, weight_decay=0.3, decoupled_weight_decay=True)
+    fp32_net = model()
+    fp32 = nibble.Adam(fp32_net.parameters(), lr=1e-2, weight_decay=0.3, decoupled_weight_decay=True)
+    train(torch_net, torch_opt, 3)
+    train(fp32_net, fp32, 3)
+    assert_close_models(fp32_net, torch_net)
+    with pytest.raises(ValueError, match="AdamW always decouples weight decay; decoupled_weight_decay=False is "
+                                         "nibble.Adam"):
+        nibble.AdamW(net.parameters(), decoupled_weight_decay=False)
+
+
 def test_sixteen_bit_parameters_need_cuda():
     net = model().to(torch.bfloat16)
     with pytest.raises(ValueError, match="parameter 0: the CPU backend steps float32 parameters, got torch.bfloat16"):
@@ -864,22 +907,83 @@ def test_a_refused_state_dict_leaves_groups_and_state_as_they_were():
     bad_betas["param_groups"][1]["betas"] = (0.9, 1.5)
     other = model()
     other_params = list(other.parameters())
-    torch_opt = torch.optim.AdamW([{"params": other_params[:2]}, {"params": other_params[2:], "lr": 0.2}], lr=0.1)
+    torch_opt = torch.optim.SGD([{"params": other_params[:2]}, {"params": other_params[2:], "lr": 0.2}], lr=0.1,
+                                momentum=0.9)  # torch.optim's layout of another algorithm's state
     train(other, torch_opt, 1)
+    settings = [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups]
     for wrong, match in ((swapped, "parameter group 0 of the state_dict"),
                          (bad_betas, r"parameter group 1 of the state_dict: adamw: betas\[1\] \(beta2\)"),
-                         (torch_opt.state_dict(), "parameter group 0 of the state_dict")):
+                         (torch_opt.state_dict(), r"parameter 0 \(group 0, position 0\): the state_dict holds "
+                                                  r"\['momentum_buffer'\], this optimizer \(adamw\) keeps")):
         with pytest.raises(ValueError, match=match):
             opt.load_state_dict(wrong)
         after = opt.state_dict()
         assert [g["lr"] for g in opt.param_groups] == [0.1, 0.2]
         assert opt.param_groups[1]["betas"] == (0.9, 0.999)
-        assert "foreach" not in opt.param_groups[0]
+        assert [{k: v for k, v in g.items() if k != "params"} for g in opt.param_groups] == settings
         assert opt.counters() == [(2, 0), (2, 0)]
         for key, entry in before["state"].items():
             for name, value in entry.items():
                 assert torch.equal(value, after["state"][key][name]), (key, name)
     train(net, opt, 1)  # and it still steps
+
+
+@pytest.mark.parametrize("name, kwargs", [("SGD", dict(momentum=0.9, nesterov=True)), ("Adam", dict(amsgrad=True)),
+                                          ("AdamW", dict(weight_decay=0.1))])
+def test_a_torch_optim_state_dict_loads_and_the_run_continues(name, kwargs):
+    # A run begun with torch.optim continues with nibble from torch's checkpoint: exactly at fp32,
+    # within the quantization of the state at 8 bits (memory saved from the resume on).
+    torch_net = model()
+    torch_opt = getattr(torch.optim, name)(torch_net.parameters(), lr=1e-2, **kwargs)
+    train(torch_net, torch_opt, 3)
+    saved = torch_opt.state_dict()
+    resumed = {}
+    for precision in ("fp32", "8bit"):
+        net = model()
+        net.load_state_dict(torch_net.state_dict())
+        opt = getattr(nibble, name)(net.parameters(), lr=1e-2, precision=precision, min_quant_size=0, **kwargs)
+        opt.load_state_dict(saved)
+        # torch.optim.SGD counts no steps: a parameter with a momentum buffer has taken at least one.
+        assert opt.counters() == [(1 if name == "SGD" else 3, 0)] and opt.param_groups[0]["precision"] == precision
+        train(net, opt, 3, seed=2)
+        resumed[precision] = net
+    fresh_net = model()
+    fresh_net.load_state_dict(torch_net.state_dict())
+    fresh = getattr(nibble, name)(fresh_net.parameters(), lr=1e-2, **kwargs)
+    train(fresh_net, fresh, 3, seed=2)
+    train(torch_net, torch_opt, 3, seed=2)
+    assert_close_models(resumed["fp32"], torch_net)
+    assert max_diff(fresh_net, torch_net) > 1e-4  # the loaded state mattered
+    assert max_diff(resumed["8bit"], torch_net) < 0.1 * max_diff(fresh_net, torch_net)
+
+
+def test_a_torch_optim_state_dict_of_other_state_is_refused_and_changes_nothing():
+    torch_net = model()
+    torch_opt = torch.optim.AdamW(torch_net.parameters(), lr=1e-2)
+    train(torch_net, torch_opt, 2)
+    net, twin = model(), model()
+    opt, ref = nibble.Lion(net.parameters(), lr=1e-3), nibble.Lion(twin.parameters(), lr=1e-3)
+    train(net, opt, 1)
+    train(twin, ref, 1)
+    with pytest.raises(ValueError, match=r"parameter 0 \(group 0, position 0\): the state_dict holds \['exp_avg', "
+                                         r"'exp_avg_sq', 'step'\], this optimizer \(lion\) keeps \['exp_avg', 'step'\]"):
+        opt.load_state_dict(torch_opt.state_dict())
+    adamw = nibble.AdamW(net.parameters(), lr=1e-2)
+    bad_shape = copy.deepcopy(torch_opt.state_dict())  # torch's entries are its live state dicts
+    bad_shape["state"][1]["exp_avg"] = bad_shape["state"][1]["exp_avg"][:5]
+    with pytest.raises(ValueError, match=r"parameter 1 \(group 0, position 1\): state 'exp_avg' has shape \[5\], the "
+                                         r"parameter \[129\]"):
+        adamw.load_state_dict(bad_shape)
+    negative = copy.deepcopy(torch_opt.state_dict())
+    negative["state"][2]["exp_avg_sq"][0, 0] = -1.0
+    with pytest.raises(ValueError, match=r"parameter 2 \(group 0, position 2\): parameter 'param.2': state 'exp_avg_sq' "
+                                         r"holds -1 at element 0; it must be >= 0"):
+        adamw.load_state_dict(negative)
+    assert adamw.counters() == []  # no group took any state
+    train(net, opt, 2, seed=3)
+    train(twin, ref, 2, seed=3)
+    for p, q in zip(net.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_a_plain_number_step_loads():
