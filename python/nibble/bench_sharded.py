@@ -149,10 +149,14 @@ def _worker(args: argparse.Namespace) -> None:
             print(f"  world {world}, {name}: {what[0]}", flush=True)
     with open(out, "w") as f:
         json.dump(rows, f)
-    # Every rank reaches here before any tears its group down: a rank that exited while another
-    # still had gloo work in flight was seen to abort that one ("terminate called").
+    # NOTE: every rank has written its rows and passed the barrier, so no collective is left in
+    # flight; the process then ends without tearing the group down. torch's gloo teardown
+    # (destroy_process_group, or the interpreter's exit) was seen to abort a rank now and then with
+    # "terminate called without an active exception" after its rows were complete.
     dist.barrier()
-    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def _launch(world: int, argv: list[str], timeout: float, folder: Path) -> list[dict]:

@@ -111,7 +111,8 @@ def run_rank(rank: int, world: int, store: str, out_file: str,
     """Joins the process group of `world` ranks (gloo on the CPU; NCCL, GPU `rank`, on "cuda"),
     runs every case of `cases(mesh)` (mesh: all ranks, one dimension) with a barrier after each,
     and writes {case: {"ok", "note"}} to `out_file`: a case returns its note or raises, and then its
-    note is the traceback."""
+    note is the traceback. It does not return: the rank's process ends (exit status 0) once the file
+    is written."""
     from torch.distributed.device_mesh import init_device_mesh
 
     torch.set_num_threads(1)
@@ -131,7 +132,12 @@ def run_rank(rank: int, world: int, store: str, out_file: str,
         dist.barrier()
     with open(out_file, "w") as f:
         json.dump(results, f)
-    dist.destroy_process_group()
+    # Every case ended with a barrier, so no collective is in flight: the rank ends here without
+    # tearing the group down, which in torch's gloo backend was seen to abort a rank now and then
+    # ("terminate called without an active exception") after its results were written.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def mlp() -> torch.nn.Module:
