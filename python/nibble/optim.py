@@ -125,10 +125,26 @@ class NibbleOptimizer(torch.optim.Optimizer):
         self._constructed = False
         self.last_grad_norm = float("nan")
         super().__init__(params, defaults)  # validates every group in add_param_group
-        self.state = _StateView(dict)
         self._constructed = True
         self._check_devices()
         self._create_sharded()
+
+    @property
+    def state(self) -> _StateView:
+        """torch's `optimizer.state`: see _StateView."""
+        return self._state_view
+
+    @state.setter
+    def state(self, value: Any) -> None:
+        """torch.optim.Optimizer.__init__ sets it (an empty view). A script that assigns a new
+        mapping afterwards (`optimizer.state = defaultdict(dict)`) resets the state, as it does with
+        torch.optim: every group starts afresh (zero state, step 0) at its next step, and entries the
+        mapping holds are loaded as entries assigned to `state[param]` are."""
+        view = _StateView(dict)
+        view.update(value)
+        if getattr(self, "_constructed", False):
+            self._groups.clear()
+        self._state_view = view
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's add_param_group, then nibble's checks; a refused group leaves the optimizer as
@@ -567,8 +583,8 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, saved: dict) -> None:
         nibble_state = saved.pop("_nibble_state", None)
-        super().__setstate__({"defaults": saved["defaults"], "state": _StateView(dict),
-                              "param_groups": saved["param_groups"]})
+        super().__setstate__({"defaults": saved["defaults"], "param_groups": saved["param_groups"]})
+        self._state_view = _StateView(dict)
         self._settings = saved["_settings"]
         self._groups, self._mesh, self._layout_ids = {}, None, {}
         self._constructed = True

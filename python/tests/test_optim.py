@@ -4,6 +4,7 @@ state_dict round trips, LR schedulers, GradScaler, and bad arguments. CUDA varia
 a GPU is visible."""
 from __future__ import annotations
 
+import collections
 import copy
 import ctypes
 import io
@@ -984,6 +985,31 @@ def test_a_torch_optim_state_dict_of_other_state_is_refused_and_changes_nothing(
     train(twin, ref, 2, seed=3)
     for p, q in zip(net.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "8bit"])
+def test_assigning_a_new_state_mapping_resets_the_state_as_in_torch(precision):
+    # optimizer.state = defaultdict(dict) forgets every moment and step count in torch.optim; the
+    # run goes on as a fresh optimizer started from the parameters of that moment.
+    net, torch_net = model(), model()
+    opt = nibble.AdamW(net.parameters(), lr=1e-2, precision=precision, min_quant_size=0)
+    ref = torch.optim.AdamW(torch_net.parameters(), lr=1e-2)
+    train(net, opt, 3)
+    train(torch_net, ref, 3)
+    fresh_net = model()
+    fresh_net.load_state_dict(net.state_dict())
+    fresh = nibble.AdamW(fresh_net.parameters(), lr=1e-2, precision=precision, min_quant_size=0)
+    opt.state = collections.defaultdict(dict)
+    ref.state = collections.defaultdict(dict)
+    assert not opt.state and opt.counters() == []
+    train(net, opt, 3, seed=2)
+    train(torch_net, ref, 3, seed=2)
+    train(fresh_net, fresh, 3, seed=2)
+    for p, q in zip(net.parameters(), fresh_net.parameters()):
+        assert torch.equal(p, q)
+    assert opt.counters() == [(3, 0)]
+    if precision == "fp32":
+        assert_close_models(net, torch_net)
 
 
 def test_a_plain_number_step_loads():
