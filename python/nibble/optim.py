@@ -395,6 +395,9 @@ class NibbleOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer ------------------------------------------------------------------
 
+    # NOTE: under torch.compile the step runs eagerly (one graph break, no tracing of its Python):
+    # it is one call into the library per group through ctypes, which Dynamo cannot trace.
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         loss = None
@@ -947,6 +950,7 @@ class AdamWScheduleFree(NibbleOptimizer):
         """The parameters to x, the average to evaluate and save (no-op in eval mode)."""
         self._set_mode(False)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], Any]] = None) -> Any:
         if not all(group["train_mode"] for group in self.param_groups):

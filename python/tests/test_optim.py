@@ -10,6 +10,7 @@ import ctypes
 import io
 import json
 import math
+import warnings
 
 import pytest
 import torch
@@ -1010,6 +1011,33 @@ def test_assigning_a_new_state_mapping_resets_the_state_as_in_torch(precision):
     assert opt.counters() == [(3, 0)]
     if precision == "fp32":
         assert_close_models(net, torch_net)
+
+
+def test_a_compiled_training_step_runs_the_step_eagerly_without_warnings():
+    # torch.compile over forward, backward and step: Dynamo leaves nibble's step to run eagerly (one
+    # graph break) instead of trying, and warning about, its ctypes calls. "eager" compiles the
+    # graphs Dynamo captures without generating code, so the test stays quick.
+    def run(compiled: bool) -> tuple[list[float], list]:
+        net = model()
+        opt = nibble.AdamW8bit(net.parameters(), lr=1e-2, min_quant_size=0)
+
+        def step(x: torch.Tensor) -> torch.Tensor:
+            loss = net(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad()
+            return loss
+
+        fn = torch.compile(step, backend="eager") if compiled else step
+        gen = torch.Generator().manual_seed(1)
+        return [fn(torch.randn(16, 32, generator=gen)).item() for _ in range(4)], opt.counters()
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled = run(True)
+    assert [str(w.message) for w in caught if "Dynamo" in str(w.message)] == []
+    assert compiled == run(False)
 
 
 def test_a_plain_number_step_loads():
