@@ -61,6 +61,25 @@ def test_rows_figures_and_update_errors(tmp_path: Path, capsys: pytest.CaptureFi
     assert all(float(r["step_ms_median"]) > 0 and r["config"] == "tiny" for r in csv_rows)
 
 
+@needs_nibble
+def test_bitsandbytes_and_torchao_are_rows_beside_nibble(tmp_path: Path) -> None:
+    # The real packages (scripts/python-setup installs them), stepped on the same parameters and
+    # gradients as nibble in the same process: their 8-bit state is the size of nibble's, and their
+    # updates as far from torch's as quantized state puts them.
+    pytest.importorskip("bitsandbytes")
+    pytest.importorskip("torchao.optim")
+    path = tmp_path / "rows.json"
+    assert main(ARGV + ["--optimizers", "torch-fused,nibble-8bit,bnb-8bit,torchao-8bit", "--json", str(path)]) == 0
+    report = json.loads(path.read_text())
+    assert report["skipped"] == []
+    rows = {r["optimizer"]: r for r in report["rows"]}
+    for name in ("bnb-8bit", "torchao-8bit"):
+        assert rows[name]["status"] == "ok", rows[name]
+        assert rows[name]["step_ms_median"] > 0
+        assert 0 < rows[name]["update_error"] < 0.1
+        assert rows[name]["state_mib"] == pytest.approx(rows["nibble-8bit"]["state_mib"], rel=0.25)
+
+
 def test_failures_are_rows_and_the_run_goes_on(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def fail_with(error: Exception) -> bench_torch.OptimizerSpec:
         def build(params: list[torch.nn.Parameter], device: torch.device) -> tuple[torch.optim.Optimizer, str]:
