@@ -266,6 +266,8 @@ def _from_torch(opt: "NibbleOptimizer", index: int, saved: dict, group: dict, st
     for i, (key, p) in enumerate(zip(saved["params"], group["params"])):
         where = f"parameter {key!r} (group {index}, position {i})"
         entry = {name: t for name, t in state.get(key, {}).items() if t is not None}  # SGD: momentum_buffer None
+        if _BNB_STATE in entry or "state1" in entry:
+            entry = _from_bitsandbytes(opt.algorithm, entry, where)
         if not entry:
             tensor_steps.append(0)
             continue
@@ -299,12 +301,60 @@ def _from_torch(opt: "NibbleOptimizer", index: int, saved: dict, group: dict, st
     return made
 
 
+# NOTE: bitsandbytes' optimizers keep per parameter "step" and state1 / state2 (under
+# "__bnb_optimizer_quant_state__" in its state_dicts): uint8 codes of their maps qmap1 / qmap2
+# with one absmax per block of 256 elements in absmax1 / absmax2, or fp32 values for tensors kept
+# at 32 bits. Its dynamic maps are nibble's 8-bit tree maps, so the dequantized values re-encode to
+# the same codes wherever the block's absmax comes back the same.
+_BNB_STATE = "__bnb_optimizer_quant_state__"
+_BNB_NAMES = {"adam": ("exp_avg", "exp_avg_sq"), "adamw": ("exp_avg", "exp_avg_sq"), "lion": ("exp_avg",),
+              "sgd": ("momentum_buffer",)}
+_BNB_BLOCK = 256
+
+
+def _from_bitsandbytes(algorithm: str, entry: dict, where: str) -> dict:
+    """A bitsandbytes state entry as a torch.optim one: "step" and the fp32 state under nibble's
+    (and torch's) names."""
+    if algorithm not in _BNB_NAMES:
+        raise ValueError(f"{where}: the state_dict holds bitsandbytes state; nibble reads it for "
+                         f"{', '.join(sorted(_BNB_NAMES))}, not {algorithm}")
+    quant = dict(entry.get(_BNB_STATE, {}), **{k: v for k, v in entry.items() if k not in ("step", _BNB_STATE)})
+    out: dict[str, Any] = {"step": entry["step"]} if "step" in entry else {}
+    names = _BNB_NAMES[algorithm]
+    for n, name in enumerate(names, start=1):
+        values = quant.get(f"state{n}")
+        if not isinstance(values, torch.Tensor):
+            raise ValueError(f"{where}: the bitsandbytes state has no tensor state{n} ({name})")
+        if values.dtype == torch.uint8:
+            qmap, absmax = quant.get(f"qmap{n}"), quant.get(f"absmax{n}")
+            blocks = (values.numel() + _BNB_BLOCK - 1) // _BNB_BLOCK
+            if not isinstance(qmap, torch.Tensor) or qmap.numel() != 256:
+                raise ValueError(f"{where}: bitsandbytes' 8-bit state{n} needs qmap{n} of 256 values")
+            if not isinstance(absmax, torch.Tensor) or absmax.numel() != blocks:
+                raise ValueError(f"{where}: bitsandbytes' 8-bit state{n} of {values.numel()} elements needs "
+                                 f"absmax{n} of {blocks} blocks of {_BNB_BLOCK}, got "
+                                 f"{absmax.numel() if isinstance(absmax, torch.Tensor) else absmax!r}")
+            codes = values.reshape(-1).to("cpu").long()
+            scales = absmax.reshape(-1).to("cpu", torch.float32).repeat_interleave(_BNB_BLOCK)[:codes.numel()]
+            values = qmap.reshape(-1).to("cpu", torch.float32)[codes] * scales
+        out[name] = values
+    unknown = sorted(k for k in quant if not any(k == f"{kind}{n}" for kind in ("state", "qmap", "absmax")
+                                               for n in range(1, len(names) + 1)))
+    if unknown:
+        raise ValueError(f"{where}: the bitsandbytes state holds {unknown}, which nibble's {algorithm} does not keep")
+    return out
+
+
 def _saved_settings(opt: "NibbleOptimizer", groups: list) -> list[dict]:
-    """Each group's settings as the state_dict gives them (its parameters as they are), checked."""
+    """Each group's settings as the state_dict gives them (its parameters as they are), checked.
+    The state_dict of another library (torch.optim, bitsandbytes) sets the settings nibble's group
+    has (lr, betas, ...) and no others."""
     updated = []
     for index, (saved, group) in enumerate(zip(groups, opt.param_groups)):
         merged = dict(group)
-        merged.update({k: v for k, v in saved.items() if k not in ("params", "nibble", "nibble_codebooks")})
+        foreign = "nibble" not in saved
+        merged.update({k: v for k, v in saved.items()
+                       if k not in ("params", "nibble", "nibble_codebooks") and (k in group or not foreign)})
         try:
             opt._check_group(merged)
         except ValueError as e:
