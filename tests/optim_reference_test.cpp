@@ -532,6 +532,13 @@ std::vector<Setting> settings_for(Algorithm a) {
               // Still warming up at the last step; an unweighted average (ckp1 = 1 / step).
               {"long_warmup_unweighted", with(a, [](Hyper& h) {
                  h.lr = 5e-3f; h.eps = 1e-6f; h.warmup_steps = 25.0f; h.weight_lr_power = 0.0f; })}};
+    case A::kRAdam:
+      // rho_t passes 5 at step 6 with beta2 0.999 and 0.99 alike: the run takes five unrectified
+      // steps, then rectified ones.
+      return {{"l2", with(a, [](Hyper& h) { h.weight_decay = 1e-2f; })},
+              {"decoupled_maximize", with(a, [](Hyper& h) {
+                 h.lr = 2e-3f; h.beta1 = 0.8f; h.beta2 = 0.99f; h.weight_decay = 0.1f;
+                 h.decoupled_weight_decay = true; h.maximize = true; })}};
     case A::kMuon:
       // The fallback's lr raised to Muon's scale so that its steps show beside Muon's.
       return {{"default", with(a, [](Hyper& h) { h.adamw_lr = 1e-3f; h.adamw_weight_decay = 0.05f; })},

@@ -92,6 +92,7 @@ class RefOptimizer {
         case Algorithm::kSgd: sgd(t, g, lr); break;
         case Algorithm::kAdam:
         case Algorithm::kAdamW: adam(t, g, lr); break;
+        case Algorithm::kRAdam: radam(t, g, lr); break;
         case Algorithm::kLion: lion(t, g, lr); break;
         case Algorithm::kQhm: qhm(t, g, lr); break;
         case Algorithm::kSophiaG: sophia(t, g, lr); break;
@@ -149,6 +150,7 @@ class RefOptimizer {
         if (h_.amsgrad) add("max_exp_avg_sq", t.numel);
         break;
       case Algorithm::kAdamP:
+      case Algorithm::kRAdam:
         add("exp_avg", t.numel);
         add("exp_avg_sq", t.numel);
         break;
@@ -232,6 +234,31 @@ class RefOptimizer {
       double second = v[e];
       if (vmax) second = (*vmax)[e] = std::max((*vmax)[e], v[e]);
       p -= lr / bc1 * m[e] / (std::sqrt(second) / std::sqrt(bc2) + eps);
+    }
+  }
+
+  // torch.optim.RAdam, written from the paper's algorithm: the unrectified step while rho_t <= 5.
+  void radam(RefTensor& t, const std::vector<double>& g0, double lr) {
+    const double b1 = h_.beta1, b2 = h_.beta2, eps = h_.eps, wd = t.weight_decay;
+    const double n = static_cast<double>(t.step);
+    const double bc1 = 1.0 - std::pow(b1, n), bc2 = 1.0 - std::pow(b2, n);
+    const double rho_inf = 2.0 / (1.0 - b2) - 1.0, rho_t = rho_inf - 2.0 * n * std::pow(b2, n) / bc2;
+    std::vector<double>& m = t.get("exp_avg");
+    std::vector<double>& v = t.get("exp_avg_sq");
+    for (std::int64_t e = 0; e < t.numel; ++e) {
+      double& p = t.p[e];
+      double g = g0[e];
+      if (h_.decoupled_weight_decay) p *= 1.0 - lr * wd;
+      else g += wd * p;
+      m[e] = b1 * m[e] + (1.0 - b1) * g;
+      v[e] = b2 * v[e] + (1.0 - b2) * g * g;
+      const double m_hat = m[e] / bc1;
+      if (rho_t > 5.0) {
+        const double r = std::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
+        p -= lr * m_hat * r * std::sqrt(bc2) / (std::sqrt(v[e]) + eps);
+      } else {
+        p -= lr * m_hat;
+      }
     }
   }
 

@@ -8,7 +8,7 @@ namespace nibble {
 
 enum class Algorithm : std::uint8_t {
   kSgd, kAdam, kAdamW, kLion, kAdafactor, kAdamP, kQhm, kSophiaG, kAdopt, kAdEMAMix, kAdamWScheduleFree,
-  kMuon
+  kMuon, kRAdam
 };
 enum class Precision : std::uint8_t { kFp32, kBf16, kInt8, kInt4, kFp8 };
 // Muon's learning-rate factor for a matrix of shape (A, B): sqrt(max(1, A/B)) (Keller Jordan's),
@@ -21,7 +21,7 @@ enum class AdjustLr : std::uint8_t { kOriginal, kMatchRmsAdamW, kSpectralUnclamp
 struct Hyper {
   float lr = 1e-3f;
   float weight_decay = 0.0f;
-  float beta1 = 0.9f;           // Adam*, Lion, AdamP, SophiaG; Adafactor's first moment
+  float beta1 = 0.9f;           // Adam*, RAdam, Lion, AdamP, SophiaG; Adafactor's first moment
   float beta2 = 0.999f;         // Adam*, Lion, AdamP, SophiaG (Hessian EMA)
   float eps = 1e-8f;            // Adam*, AdamP; Adafactor's eps1 (added to g^2)
   float momentum = 0.0f;        // SGD; QHM's beta

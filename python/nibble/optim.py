@@ -13,7 +13,7 @@ from . import _dtensor, _handle, _lib, _safetensors, _state
 from . import _ops  # noqa: F401  (registers torch.ops.nibble.step and step_device)
 
 # The public classes, exported by the package as they are listed here.
-__all__ = ["SGD", "Adam", "AdamW", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
+__all__ = ["SGD", "Adam", "AdamW", "RAdam", "Lion", "Adafactor", "AdamP", "QHM", "SophiaG", "ADOPT", "AdEMAMix",
            "Adam8bit", "Adam4bit", "AdamW8bit", "AdamW4bit", "Lion8bit", "AdEMAMix8bit", "NibbleOptimizer",
            "AdamFp8", "AdamWFp8", "LionFp8", "AdEMAMixFp8", "AdamWScheduleFree", "AdamWScheduleFree8bit", "Muon",
            "Muon8bit"]
@@ -691,6 +691,33 @@ class AdamW(Adam):
 
     algorithm = "adamw"
     default_weight_decay = 1e-2
+
+
+class RAdam(NibbleOptimizer):
+    """RAdam (Liu et al. 2020): Adam with its adaptive rate rectified, and plain momentum steps
+    while the rate's variance is intractable, as torch.optim.RAdam."""
+
+    algorithm = "radam"
+    _torch_names = _BETAS
+
+    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, decoupled_weight_decay: bool = False, *,
+                 foreach: Optional[bool] = None, maximize: bool = False, capturable: bool = False,
+                 differentiable: bool = False, precision: Optional[str] = None, block_size: int = 0,
+                 min_quant_size: int = 4096, master_weights: bool = False, stochastic_rounding: bool = False,
+                 seed: int = 0, max_grad_norm: float = 0.0, check_finite: bool = True) -> None:
+        implementation = _implementation(foreach, None, capturable, differentiable)
+        del implementation["fused"]  # torch.optim.RAdam has none
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                      decoupled_weight_decay=bool(decoupled_weight_decay), maximize=maximize,
+                                      **implementation),
+                         **_settings(precision, block_size, min_quant_size, master_weights, stochastic_rounding, seed, max_grad_norm, check_finite))
+
+    def _hyper(self, g: dict) -> dict:
+        b1, b2 = _pair("betas", g["betas"])
+        return {"beta1": b1, "beta2": b2, "eps": _number("eps", g["eps"]),
+                "weight_decay": _number("weight_decay", g["weight_decay"]),
+                "decoupled_weight_decay": bool(g["decoupled_weight_decay"]), "maximize": bool(g["maximize"])}
 
 
 class Lion(NibbleOptimizer):

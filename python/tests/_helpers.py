@@ -31,6 +31,7 @@ ALGORITHMS = {
     "sgd": (nibble.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     "adam": (nibble.Adam, dict(lr=1e-2, weight_decay=1e-2)),
     "adamw": (nibble.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "radam": (nibble.RAdam, dict(lr=1e-2, weight_decay=1e-2)),
     "lion": (nibble.Lion, dict(lr=1e-3, weight_decay=0.1)),
     "qhm": (nibble.QHM, dict(lr=0.05)),
     "sophiag": (nibble.SophiaG, dict(lr=1e-3)),

@@ -58,6 +58,10 @@ RTOL, ATOL = 5 * 1.3e-6, 5 * 1e-5
     (nibble.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3)),
     (nibble.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, nesterov=True)),
     (nibble.SGD, torch.optim.SGD, dict(lr=0.05, momentum=0.9, dampening=0.1, maximize=True)),
+    # RAdam's first five steps are unrectified (rho_t <= 5), the rest rectified.
+    (nibble.RAdam, torch.optim.RAdam, dict(lr=1e-2, weight_decay=0.01)),
+    (nibble.RAdam, torch.optim.RAdam, dict(lr=1e-2, betas=(0.8, 0.99), weight_decay=0.1, decoupled_weight_decay=True,
+                                           maximize=True)),
 ])
 def test_fp32_matches_torch_optim(device, ours, theirs, kwargs):
     assert_trains_alike(device, ours, theirs, kwargs)
@@ -931,7 +935,8 @@ def test_a_refused_state_dict_leaves_groups_and_state_as_they_were():
 
 
 @pytest.mark.parametrize("name, kwargs", [("SGD", dict(momentum=0.9, nesterov=True)), ("Adam", dict(amsgrad=True)),
-                                          ("AdamW", dict(weight_decay=0.1))])
+                                          ("AdamW", dict(weight_decay=0.1)),
+                                          ("RAdam", dict(weight_decay=0.1, decoupled_weight_decay=True))])
 def test_a_torch_optim_state_dict_loads_and_the_run_continues(name, kwargs):
     # A run begun with torch.optim continues with nibble from torch's checkpoint: exactly at fp32,
     # within the quantization of the state at 8 bits (memory saved from the resume on).

@@ -343,6 +343,36 @@ struct AdamRule : RuleDefaults {
   }
 };
 
+// RAdam (Liu et al., ICLR 2020), as torch.optim.RAdam: Adam's moments; while the variance of the
+// adaptive rate is intractable (rho_t <= 5, the first steps) the step is lr m / bc1, after it
+// lr r_t sqrt(bc2) m / (bc1 (sqrt(v) + eps)) with the rectification r_t. Both are Adam's update with
+// other constants: the first with denominator 0 * sqrt(v) + 1. Scalars in double, as torch's.
+struct RAdamRule : RuleDefaults {
+  static constexpr int read_slots(bool) { return 2; }
+  NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kRAdam; }
+  NIBBLE_HD static const AdamStep& constants(const StepConstants& k) { return k.adam; }
+  NIBBLE_HD static void fill(StepConstants& k, const Hyper& h, const StepInputs& in) {
+    const bool decoupled = h.decoupled_weight_decay;
+    const double beta2 = h.beta2, beta2_t = ::pow(beta2, in.step);
+    const double bc1 = 1.0 - ::pow(static_cast<double>(h.beta1), in.step), bc2 = 1.0 - beta2_t;
+    const double rho_inf = 2.0 / (1.0 - beta2) - 1.0;
+    const double rho_t = rho_inf - 2.0 * in.step * beta2_t / bc2;
+    float step_size = static_cast<float>(in.lr / bc1), inv_bc2_sqrt = 0.0f, eps = 1.0f;
+    if (rho_t > 5.0) {
+      const double rect = ::sqrt((rho_t - 4.0) * (rho_t - 2.0) * rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0) * rho_t));
+      step_size = static_cast<float>(in.lr * rect * ::sqrt(bc2) / bc1);
+      inv_bc2_sqrt = 1.0f;
+      eps = h.eps;
+    }
+    k.adam = {h.beta1, 1.0f - h.beta1, h.beta2, 1.0f - h.beta2, step_size, inv_bc2_sqrt, eps,
+              decoupled ? 0.0f : in.wd, decoupled ? 1.0f - in.lr * in.wd : 1.0f, in.grad_mul};
+  }
+  template <bool>
+  NIBBLE_HD static void update(float& p, float g, float& s0, float& s1, float& s2, const AdamStep& k) {
+    adam_update<false>(p, g, s0, s1, s2, k);
+  }
+};
+
 struct LionRule : RuleDefaults {
   static constexpr int read_slots(bool) { return 1; }
   NIBBLE_HD static bool handles(Algorithm a) { return a == Algorithm::kLion; }
@@ -482,7 +512,7 @@ template <class... R>
 struct RuleList {};
 // Every algorithm's rule: the backends instantiate these and nothing else.
 using Rules = RuleList<SgdRule, AdamRule, LionRule, QhmRule, SophiaRule, AdoptRule, AdemamixRule, AdamPRule,
-                       AdafactorRule, ScheduleFreeRule, MuonRule>;
+                       AdafactorRule, ScheduleFreeRule, MuonRule, RAdamRule>;
 
 // Fills k from the rule that handles `algorithm`.
 template <class... R>

@@ -106,6 +106,7 @@ constexpr std::string_view kAdamPFlags[] = {"nesterov", "bias_correction"};
 constexpr std::string_view kQhmFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdoptFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kAdemamixFlags[] = {"bias_correction"};
+constexpr std::string_view kRAdamFlags[] = {"decoupled_weight_decay"};
 constexpr std::string_view kMuonFlags[] = {"nesterov", "bias_correction"};  // bias_correction: the AdamW fallback's
 
 void check_range(std::string_view algo, std::string_view what, float v, HyperRange range);
@@ -337,6 +338,16 @@ constexpr std::array kAlgorithmSpecs = {
         .orthogonalises_matrices = true,
         .split_refusal_matrix = "muon orthogonalises the whole matrix (Newton-Schulz); its AdamW fallback tensors "
                                 "may be split",
+    },
+    AlgorithmSpec{
+        .id = Algorithm::kRAdam,
+        .name = "radam",
+        .title = "RAdam (Liu et al., 2020; torch.optim.RAdam semantics)",
+        .defaults = Hyper{},
+        .numbers = kAdamNumbers,
+        .flags = kRAdamFlags,
+        .slots = adam_slots,
+        .state_note = adam_note,
     },
 };
 
