@@ -226,15 +226,23 @@ class RefOptimizer {
     std::vector<double>* vmax = h_.amsgrad ? &t.get("max_exp_avg_sq") : nullptr;
     for (std::int64_t e = 0; e < t.numel; ++e) {
       double& p = t.p[e];
-      double g = g0[e];
-      if (h_.decoupled_weight_decay) p *= 1.0 - lr * wd;
-      else g += wd * p;
+      const double g = decayed(p, g0[e], lr, wd);
       m[e] = b1 * m[e] + (1.0 - b1) * g;
       v[e] = b2 * v[e] + (1.0 - b2) * g * g;
       double second = v[e];
       if (vmax) second = (*vmax)[e] = std::max((*vmax)[e], v[e]);
       p -= lr / bc1 * m[e] / (std::sqrt(second) / std::sqrt(bc2) + eps);
     }
+  }
+
+  // Weight decay as torch.optim applies it: decoupled, p shrinks by lr * wd before the update;
+  // coupled (L2), wd * p joins the gradient, which is returned.
+  double decayed(double& p, double g, double lr, double wd) const {
+    if (h_.decoupled_weight_decay) {
+      p *= 1.0 - lr * wd;
+      return g;
+    }
+    return g + wd * p;
   }
 
   // torch.optim.RAdam, written from the paper's algorithm: the unrectified step while rho_t <= 5.
@@ -247,9 +255,7 @@ class RefOptimizer {
     std::vector<double>& v = t.get("exp_avg_sq");
     for (std::int64_t e = 0; e < t.numel; ++e) {
       double& p = t.p[e];
-      double g = g0[e];
-      if (h_.decoupled_weight_decay) p *= 1.0 - lr * wd;
-      else g += wd * p;
+      const double g = decayed(p, g0[e], lr, wd);
       m[e] = b1 * m[e] + (1.0 - b1) * g;
       v[e] = b2 * v[e] + (1.0 - b2) * g * g;
       const double m_hat = m[e] / bc1;
@@ -278,9 +284,7 @@ class RefOptimizer {
     std::vector<double>& buf = t.get("momentum_buffer");
     for (std::int64_t e = 0; e < t.numel; ++e) {
       double& p = t.p[e];
-      double g = g0[e];
-      if (h_.decoupled_weight_decay) p *= 1.0 - lr * wd;
-      else g += wd * p;
+      const double g = decayed(p, g0[e], lr, wd);
       buf[e] = beta * buf[e] + (1.0 - beta) * g;
       p -= lr * ((1.0 - nu) * g + nu * buf[e]);
     }
