@@ -50,6 +50,17 @@ def max_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
 RTOL, ATOL = 5 * 1.3e-6, 5 * 1e-5
 
 
+def assert_close_models(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+
+
+def assert_same_models(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    """Every parameter of a equals b's bit for bit."""
+    for i, (p, q) in enumerate(zip(a.parameters(), b.parameters())):
+        assert torch.equal(p, q), f"parameter {i} differs"
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ours,theirs,kwargs", [
     (nibble.AdamW, torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
@@ -72,8 +83,7 @@ def assert_trains_alike(device: str, ours: type, theirs: type, kwargs: dict) -> 
     a, b = model(device=device), model(device=device)
     train(a, ours(a.parameters(), **kwargs), 20)
     train(b, theirs(b.parameters(), **kwargs), 20)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert_close_models(a, b)
     assert max_diff(a, model(device=device)) > 1e-3, "the run did not move the parameters"
 
 
@@ -262,8 +272,7 @@ def test_muon_matches_torch_muons_math_and_adamw_on_the_rest(kwargs):
     scheds_b = [torch.optim.lr_scheduler.StepLR(o, step_size=7, gamma=0.5) for o in (plain, torch_adamw)]
     train_pair(a, [ours], scheds_a, 20)
     train_pair(b, [plain, torch_adamw], scheds_b, 20)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert_close_models(a, b)
     assert max_diff(a, model()) > 1e-3, "the run did not move the parameters"
 
 
@@ -297,8 +306,7 @@ def test_muon_groups_choose_muon_or_adamw():
     torch_adamw = torch.optim.AdamW([b[0].bias, b[2].bias], lr=5e-3, betas=(0.9, 0.95), eps=1e-10, weight_decay=0.02)
     train_pair(a, [ours], [], 15)
     train_pair(b, [plain, torch_adamw], [], 15)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert_close_models(a, b)
     names = [sorted(e) for e in ours.state_dict()["state"].values()]
     assert names == [["momentum_buffer", "step"]] * 2 + [["exp_avg", "exp_avg_sq", "step"]] * 2
     net = model()
@@ -321,8 +329,7 @@ def test_muon_fallback_lr_resumes_after_an_lr_changed_by_hand():
     opt_b.load_state_dict(state)
     train(a, opt_a, 2, seed=3)
     train(b, opt_b, 2, seed=3)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 def test_muon_state_dict_round_trip_continues_in_lockstep():
@@ -337,8 +344,7 @@ def test_muon_state_dict_round_trip_continues_in_lockstep():
     opt_b.load_state_dict(state)
     train(a, opt_a, 5, seed=3)
     train(b, opt_b, 5, seed=3)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -452,8 +458,7 @@ def test_state_dict_round_trip_continues_in_lockstep(precision, tmp_path):
     assert opt_b.counters() == [(10, 0)]
     train(a, opt_a, 10, seed=5)
     train(b, opt_b, 10, seed=5)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 def test_state_dict_of_another_shape_is_refused_and_leaves_the_state():
@@ -490,8 +495,7 @@ def test_state_assigned_per_parameter_is_loaded_before_the_next_step():
     opt_b.state[params[3]] = saved[3]
     train(a, opt_a, 4, seed=5)
     train(b, opt_b, 4, seed=5)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 def test_state_assigned_that_does_not_fit_is_refused_at_every_step():
@@ -518,8 +522,7 @@ def test_lr_scheduler_changes_the_step_like_torch():
     train(a, opt_a, 12, scheduler=torch.optim.lr_scheduler.StepLR(opt_a, step_size=3, gamma=0.5))
     train(b, opt_b, 12, scheduler=torch.optim.lr_scheduler.StepLR(opt_b, step_size=3, gamma=0.5))
     assert opt_a.param_groups[0]["lr"] == opt_b.param_groups[0]["lr"] == pytest.approx(1e-2 / 16)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert_close_models(a, b)
 
 
 def test_grad_scaler_unscales_in_the_step_and_skips_inf():
@@ -540,8 +543,7 @@ def test_grad_scaler_unscales_in_the_step_and_skips_inf():
             scaler.update()
     assert opt_a.counters() == [(5, 1)]
     assert scaler_a.get_scale() == scaler_b.get_scale() == 512.0
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
+    assert_close_models(a, b)
 
 
 @pytest.mark.parametrize("make,match", [
@@ -662,8 +664,7 @@ def test_set_hyper_through_the_c_interface_refuses_bad_input_and_changes_nothing
         _lib.check(_lib.lib.nibble_set_hyper(handle, b'{"beta1": 0.5}', ctypes.c_void_p(0x1000)))
     train(net, opt, 2, seed=2)
     train(twin, ref, 2, seed=2)
-    for p, q in zip(net.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, twin)
     _lib.check(_lib.lib.nibble_set_hyper(handle, b'{"beta1": 0.5}', None))
     train(net, opt, 1, seed=3)
     train(twin, ref, 1, seed=3)
@@ -731,8 +732,7 @@ def test_hyperparameters_changed_between_steps_are_used_and_the_state_kept(preci
     train(net, opt, 3, seed=2)
     train(ref_net, ref, 3, seed=2)
     train(twin, made, 3, seed=2)
-    for p, q in zip(net.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, twin)
     if precision == "fp32":
         assert_close_models(net, ref_net)
     assert opt.counters() == [(6, 0)]
@@ -791,8 +791,7 @@ def test_adam_with_decoupled_weight_decay_is_adamw_as_in_torch():
     coupled = nibble.Adam(coupled_net.parameters(), lr=1e-2, weight_decay=0.3, precision="8bit")
     for n, o in ((net, opt), (ref_net, ref), (coupled_net, coupled)):
         train(n, o, 3)
-    for p, q in zip(net.parameters(), ref_net.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, ref_net)
     assert max_diff(net, coupled_net) > 1e-4
     torch_net = model()
     torch_opt = torch.optim.Adam(torch_net.parameters(), lr=1e-2, weight_decay=0.3, decoupled_weight_decay=True)
@@ -819,11 +818,6 @@ def twins(precision: str = "fp32"):
     torch within RTOL/ATOL)."""
     a, b = model(), model()
     return a, nibble.AdamW(a.parameters(), lr=1e-2, precision=precision), b, torch.optim.AdamW(b.parameters(), lr=1e-2)
-
-
-def assert_close_models(a: torch.nn.Module, b: torch.nn.Module) -> None:
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=RTOL, atol=ATOL)
 
 
 def test_replaced_parameter_storage_is_stepped_with_its_state():
@@ -989,8 +983,7 @@ def test_a_torch_optim_state_dict_of_other_state_is_refused_and_changes_nothing(
     assert adamw.counters() == []  # no group took any state
     train(net, opt, 2, seed=3)
     train(twin, ref, 2, seed=3)
-    for p, q in zip(net.parameters(), twin.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, twin)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "8bit"])
@@ -1011,8 +1004,7 @@ def test_assigning_a_new_state_mapping_resets_the_state_as_in_torch(precision):
     train(net, opt, 3, seed=2)
     train(torch_net, ref, 3, seed=2)
     train(fresh_net, fresh, 3, seed=2)
-    for p, q in zip(net.parameters(), fresh_net.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, fresh_net)
     assert opt.counters() == [(3, 0)]
     if precision == "fp32":
         assert_close_models(net, torch_net)
@@ -1058,8 +1050,7 @@ def test_a_plain_number_step_loads():
     opt_b.load_state_dict(state)
     train(a, opt_a, 2, seed=6)
     train(b, opt_b, 2, seed=6)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 def test_state_dict_hooks_run_as_torch_optims_do():
@@ -1087,8 +1078,7 @@ def test_a_copied_optimizer_continues_in_lockstep_with_the_original(how):
     assert opt_copy.counters() == [(3, 0)]
     train(net, opt, 3, seed=7)
     train(net_copy, opt_copy, 3, seed=7)
-    for p, q in zip(net.parameters(), net_copy.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(net, net_copy)
 
 
 def test_settings_may_change_until_the_first_step():
@@ -1204,8 +1194,7 @@ def test_cuda_graph_capture_equals_eager():
         opt_a.step()
         graph.replay()
     torch.cuda.synchronize()
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 @pytest.mark.skipif(not CUDA, reason="no CUDA device")

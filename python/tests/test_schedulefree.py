@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import nibble
+from test_optim import assert_same_models
 
 schedulefree = pytest.importorskip("schedulefree")
 
@@ -97,8 +98,7 @@ def test_state_dict_round_trip_in_either_mode(mode, precision):
     opt_b.train()
     train(a, opt_a, 10, seed=5)
     train(b, opt_b, 10, seed=5)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p, q)
+    assert_same_models(a, b)
 
 
 def test_the_8bit_alias_keeps_z_fp32():
